@@ -1,0 +1,274 @@
+"""The ``robustlab`` command line: each command a few lines over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import RobustlabError
+
+
+def _write_json(path: str | None, record: Any) -> None:
+    if path:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _common(p: argparse.ArgumentParser, json_out: bool = True) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    if json_out:
+        p.add_argument("--json", metavar="PATH", help="write the result record as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the registered architectures with their parameter counts."""
+    from .models import ARCHITECTURES, build_model, count_parameters
+
+    rows: list[dict[str, Any]] = []
+    for name in sorted(ARCHITECTURES):
+        m = build_model(name, args.in_channels, args.num_classes, args.image_size)
+        rows.append(
+            {
+                "arch": name,
+                "parameters": count_parameters(m),
+                "description": ARCHITECTURES[name].description,
+            }
+        )
+    width = max(len(r["arch"]) for r in rows)
+    print(
+        f"{'architecture':<{width}}  {'parameters':>10}  description"
+        f"   (for {args.in_channels}x{args.image_size}x{args.image_size}, {args.num_classes} classes)"
+    )
+    for r in rows:
+        print(f"{r['arch']:<{width}}  {r['parameters']:>10,}  {r['description']}")
+    _write_json(args.json, rows)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model with a method and write its checkpoint."""
+    from .models.checkpoint import MANIFEST
+    from .train import TrainConfig, train
+    from .train.loop import RESUME
+
+    out = Path(args.out)
+    if (out / MANIFEST).exists() and not (out / RESUME).exists() and not args.overwrite:
+        raise RobustlabError(
+            f"{out} already holds a trained checkpoint; pass --overwrite or choose another --out"
+        )
+    cfg = TrainConfig(
+        arch=args.arch,
+        data=args.data,
+        method=args.method,
+        eps=args.eps,
+        norm=args.norm,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        steps=args.steps,
+        beta=args.beta,
+        seed=args.seed,
+    )
+    result = train(cfg, out, device=args.device, progress=not args.no_progress)
+    acc = result.manifest["metrics"]["clean_accuracy"]
+    print(
+        f"trained {cfg.arch} ({cfg.method}) in {result.manifest['train_time_s']:.0f} s: "
+        f"clean test accuracy {100 * acc:.2f} %; checkpoint in {out}"
+    )
+    _write_json(args.json, result.manifest)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Clean and robust accuracy of a checkpoint under an attack."""
+    from .attacks import PGD
+    from .data import load_data
+    from .evaluate import evaluate
+    from .models.checkpoint import load_checkpoint
+    from .utils import resolve_device
+
+    if args.attack != "pgd":
+        raise RobustlabError(f"unknown attack '{args.attack}'; available: pgd")
+    attack = PGD(
+        norm=args.norm,
+        eps=args.eps,
+        steps=args.steps,
+        alpha=args.alpha,
+        restarts=args.restarts,
+        seed=args.seed,
+    )
+    ckpt = load_checkpoint(args.model)
+    device = resolve_device(args.device)
+    splits = load_data(args.data)
+    _check_fit(ckpt.manifest, splits)
+    record = evaluate(
+        ckpt.model.to(device),
+        splits.test,
+        attack,
+        n=args.n,
+        batch_size=args.batch_size,
+        device=device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        model_info={
+            "path": str(ckpt.path),
+            "sha256": ckpt.manifest["weights"]["sha256"],
+            "arch": ckpt.manifest["model"]["arch"],
+        },
+    )
+    print(
+        f"{record.n} points, {attack.norm} eps={attack.eps}: clean {100 * record.clean_accuracy:.2f} %, "
+        f"robust {100 * record.robust_accuracy:.2f} % ({record.elapsed_s:.1f} s)"
+    )
+    _write_json(args.json, record.to_dict())
+    if args.store:
+        from .store import ResultStore
+
+        ResultStore(args.store).add(record.to_dict(), label=args.label or Path(args.model).name)
+    return 0
+
+
+def _check_fit(manifest: dict[str, Any], splits: Any) -> None:
+    m = manifest["model"]
+    want = (int(m["in_channels"]), int(m["image_size"]))
+    have = (splits.in_channels, splits.image_size)
+    if want != have:
+        raise RobustlabError(
+            f"the model takes {want[0]}x{want[1]}x{want[1]} inputs but {splits.name} has "
+            f"{have[0]}x{have[1]}x{have[1]} images"
+        )
+    if int(splits.num_classes) > int(m["num_classes"]):
+        raise RobustlabError(
+            f"{splits.name} has {splits.num_classes} classes but the model predicts {m['num_classes']}"
+        )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train (or reuse) a standard and a PGD-AT model, evaluate both, write an HTML report."""
+    from .demo import run_demo
+
+    report = run_demo(
+        out=Path(args.out),
+        cache=Path(args.cache) if args.cache else None,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Render the HTML report of a results store."""
+    from .report import render_report
+    from .store import ResultStore
+
+    if not Path(args.store).exists():
+        raise RobustlabError(f"results store {args.store} does not exist")
+    out = render_report(ResultStore(args.store), args.out, title=args.title)
+    print(f"report: {out.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="robustlab",
+        description="Attack, defend and audit the adversarial robustness of image classifiers.",
+    )
+    parser.add_argument("--version", action="version", version=f"robustlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the registered architectures")
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--json", metavar="PATH", help="write the list as JSON here")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "train", help="train a model (standard, pgd-at, trades) and write a checkpoint"
+    )
+    p.add_argument("--arch", default="resnet8", help="architecture (see `robustlab models`)")
+    p.add_argument(
+        "--data", default="mnist5k", help="mnist5k, digits, npz:PATH, folder:PATH, torchvision:NAME"
+    )
+    p.add_argument("--method", default="standard", help="standard, pgd-at or trades")
+    p.add_argument("--eps", type=float, help="perturbation budget of adversarial training")
+    p.add_argument("--norm", default="linf", help="linf or l2")
+    p.add_argument("--epochs", type=int, help="epochs (default: the method's recipe)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--steps", type=int, help="inner attack steps of adversarial training")
+    p.add_argument("--beta", type=float, default=6.0, help="TRADES beta")
+    p.add_argument(
+        "--out", required=True, help="checkpoint folder (an interrupted run there resumes)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a finished checkpoint in --out"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="clean and robust accuracy of a checkpoint under an attack")
+    p.add_argument("--model", required=True, help="checkpoint folder or manifest")
+    p.add_argument("--data", default="mnist5k")
+    p.add_argument("--attack", default="pgd", help="attack name (pgd)")
+    p.add_argument("--norm", default="linf", help="linf or l2")
+    p.add_argument("--eps", type=float, required=True)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--alpha", type=float, help="step size (default 2.5 * eps / steps)")
+    p.add_argument("--n", type=int, default=1000, help="number of test points (default 1000)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--store", help="also append the record to this SQLite results store")
+    p.add_argument("--label", help="name of the model in the store and reports")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job on the built-in data, end to end, offline")
+    p.add_argument("--out", default="robustlab-demo", help="folder for the report and results")
+    p.add_argument(
+        "--cache", help="folder of trained models to reuse (default: ROBUSTLAB_CACHE/demo)"
+    )
+    _common(p, json_out=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="render the HTML report of a results store")
+    p.add_argument("--store", required=True, help="SQLite results store")
+    p.add_argument("--out", default="report.html")
+    p.add_argument("--title", default="robustlab report")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a command; user errors print one sentence and exit non-zero."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return int(args.func(args))
+    except RobustlabError as exc:
+        print(f"robustlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "robustlab: interrupted (finished epochs/batches are kept; run again to resume)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Loaders for user files: a numpy .npz archive or a folder of images, one sub-folder per class."""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import RobustlabError
+from .datasets import Dataset, LoadedData
+from .validate import (
+    check_all_classes,
+    check_images,
+    check_labels,
+    check_value_range,
+    count_classes,
+)
+
+UNSPLIT_KEYS = ("x", "y")
+SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _read_npz(path: Path, where: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive (no pickles), or a clear error."""
+    if not path.exists():
+        raise RobustlabError(f"{where} does not exist")
+    if not path.is_file():
+        raise RobustlabError(f"{where} is not a file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise RobustlabError(f"{where} is not an .npz archive (it holds a single array)")
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except READ_ERRORS as exc:
+        raise RobustlabError(
+            f"{where} is not a valid .npz archive (numpy could not read it: {exc})"
+        ) from exc
+
+
+def _array_pair(
+    arrays: dict[str, np.ndarray],
+    x_key: str,
+    y_key: str,
+    where: str,
+    value_range: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Checked float32 NCHW images and int64 labels for one x/y pair of the archive."""
+    x = check_images(arrays[x_key], where, value_range=value_range, name=x_key)
+    y = check_labels(arrays[y_key], x.shape[0], where, name=y_key)
+    return x, y
+
+
+def _dataset(x: np.ndarray, y: np.ndarray, num_classes: int, name: str) -> Dataset:
+    """A Dataset over checked numpy arrays."""
+    return Dataset(x=torch.from_numpy(x), y=torch.from_numpy(y), num_classes=num_classes, name=name)
+
+
+def load_npz(path: Path, spec: str) -> LoadedData:
+    """An .npz with x and y (split 80/20 later) or x_train, y_train, x_test, y_test."""
+    where = f"npz file {path}"
+    arrays = _read_npz(path, where)
+    value_range = (
+        check_value_range(arrays["value_range"], where) if "value_range" in arrays else None
+    )
+    if all(key in arrays for key in SPLIT_KEYS):
+        x_train, y_train = _array_pair(arrays, "x_train", "y_train", where, value_range)
+        x_test, y_test = _array_pair(arrays, "x_test", "y_test", where, value_range)
+        if x_train.shape[1:] != x_test.shape[1:]:
+            raise RobustlabError(
+                f"{where}: x_train images are {x_train.shape[1:]} (C, H, W) but x_test images "
+                f"are {x_test.shape[1:]}"
+            )
+        num_classes = count_classes([y_train, y_test], where, "y_train or y_test")
+        check_all_classes(y_train, num_classes, where, "y_train (it appears in y_test)")
+        train = _dataset(x_train, y_train, num_classes, f"{spec}/train")
+        test = _dataset(x_test, y_test, num_classes, f"{spec}/test")
+        return LoadedData(train=train, test=test, class_names=_numbered(num_classes))
+    if all(key in arrays for key in UNSPLIT_KEYS):
+        x, y = _array_pair(arrays, "x", "y", where, value_range)
+        num_classes = count_classes([y], where, "y")
+        full = _dataset(x, y, num_classes, spec)
+        return LoadedData(train=full, test=None, class_names=_numbered(num_classes))
+    found = ", ".join(sorted(arrays)) or "no arrays"
+    raise RobustlabError(
+        f"{where} must hold arrays x and y, or x_train, y_train, x_test and y_test; found: {found}"
+    )
+
+
+def _numbered(num_classes: int) -> tuple[str, ...]:
+    """Class names '0', '1', ... for sources without names."""
+    return tuple(str(c) for c in range(num_classes))
+
+
+def _class_folders(root: Path, where: str) -> list[Path]:
+    """The sorted, non-hidden sub-folders of an image folder (one per class)."""
+    if not root.exists():
+        raise RobustlabError(f"{where} does not exist")
+    if not root.is_dir():
+        raise RobustlabError(f"{where} is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise RobustlabError(
+            f"{where} has no class sub-folders (expected one sub-folder of images per class)"
+        )
+    return folders
+
+
+def _image_files(folder: Path, where: str) -> list[Path]:
+    """The sorted image files directly inside one class folder."""
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise RobustlabError(
+            f"{where}: class folder {folder.name!r} has no images (png, jpg, jpeg, bmp or gif)"
+        )
+    return files
+
+
+def _read_image(path: Path, where: str) -> tuple[np.ndarray, bool]:
+    """One image as a uint8 array (H, W) if grayscale else (H, W, 3), and whether it is gray."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = img.mode in GRAY_MODES
+            pixels = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise RobustlabError(f"{where}: cannot read image file {path} ({exc})") from exc
+    return pixels, gray
+
+
+def load_folder(root: Path, spec: str) -> LoadedData:
+    """A folder with one sub-folder of images per class (labels = sorted folder order)."""
+    where = f"image folder {root}"
+    folders = _class_folders(root, where)
+    pictures: list[np.ndarray] = []
+    grays: list[bool] = []
+    labels: list[int] = []
+    first: Path | None = None
+    for label, folder in enumerate(folders):
+        for path in _image_files(folder, where):
+            pixels, gray = _read_image(path, where)
+            if first is None:
+                first = path
+            elif pixels.shape[:2] != pictures[0].shape[:2]:
+                h, w = pixels.shape[:2]
+                h0, w0 = pictures[0].shape[:2]
+                raise RobustlabError(
+                    f"{where}: all images must have the same size, but {path} is {w}x{h} "
+                    f"while {first} is {w0}x{h0} (width x height)"
+                )
+            pictures.append(pixels)
+            grays.append(gray)
+            labels.append(label)
+    if all(grays):
+        x = np.stack(pictures)
+    else:
+        x = np.stack(
+            [
+                np.repeat(p[:, :, None], 3, axis=2) if g else p
+                for p, g in zip(pictures, grays, strict=True)
+            ]
+        )
+        x = np.moveaxis(x, 3, 1)
+    images = check_images(x, where)
+    y = np.asarray(labels, dtype=np.int64)
+    full = _dataset(images, y, len(folders), spec)
+    return LoadedData(train=full, test=None, class_names=tuple(f.name for f in folders))

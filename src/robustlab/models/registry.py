@@ -1,0 +1,147 @@
+"""The architecture registry: build any zoo model by name for a given input shape."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import RobustlabError
+from .blocks import Normalize
+from .densenet import DenseNet
+from .mlp import MLP
+from .preact_resnet import PreActResNet
+from .resnet import ResNet
+from .vgg import VGG
+from .vit import ViT
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered architecture: its builder, the arguments it fixes, and one line on it."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def _generic_name(self) -> str:
+        """The registered name of this builder without fixed arguments (e.g. resnet for resnet8)."""
+        for arch in ARCHITECTURES.values():
+            if arch.builder is self.builder and not arch.fixed:
+                return arch.name
+        return self.name
+
+    def arguments(self, **overrides: Any) -> dict[str, Any]:
+        """The full keyword arguments (defaults, then fixed, then overrides) of this architecture."""
+        params = inspect.signature(self.builder).parameters
+        shape_args = {"in_channels", "num_classes", "image_size"}
+        known = {k: p.default for k, p in params.items() if k not in shape_args}
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise RobustlabError(
+                f"architecture '{self.name}' has no option {', '.join(unknown)}; "
+                f"its options are {', '.join(sorted(known)) or 'none'}"
+            )
+        for key, value in overrides.items():
+            if key in self.fixed and value != self.fixed[key]:
+                raise RobustlabError(
+                    f"architecture '{self.name}' fixes {key}={self.fixed[key]}; "
+                    f"build '{self._generic_name()}' with {key}={value} instead"
+                )
+            default = known[key]
+            wants_int = isinstance(default, int) and not isinstance(default, bool)
+            if wants_int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise RobustlabError(
+                    f"option {key} of architecture '{self.name}' must be an integer, got {value!r}"
+                )
+        return {**known, **self.fixed, **overrides}
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> None:
+    """Add an architecture to the registry (later issues and users add their own)."""
+    ARCHITECTURES[arch.name] = arch
+
+
+for _arch in (
+    Architecture("resnet8", ResNet, {"depth": 8}, "ResNet, 3 BasicBlocks (1 per stage)"),
+    Architecture("resnet14", ResNet, {"depth": 14}, "ResNet, 6 BasicBlocks"),
+    Architecture("resnet20", ResNet, {"depth": 20}, "ResNet, 9 BasicBlocks"),
+    Architecture("resnet", ResNet, {}, "ResNet with BasicBlocks, depth 6n+2 (default 20)"),
+    Architecture(
+        "preact_resnet", PreActResNet, {}, "pre-activation ResNet, depth 6n+2 (default 20)"
+    ),
+    Architecture("preact_resnet8", PreActResNet, {"depth": 8}, "pre-activation ResNet, 3 blocks"),
+    Architecture("vgg", VGG, {}, "plain VGG-style CNN without skip connections (default depth 8)"),
+    Architecture("vgg11", VGG, {"depth": 11}, "VGG-11-style CNN"),
+    Architecture("densenet", DenseNet, {}, "small DenseNet-BC, 3 dense stages"),
+    Architecture("vit", ViT, {}, "tiny ViT, residual attention and MLP sub-blocks"),
+    Architecture("mlp", MLP, {}, "fully connected network on flattened pixels"),
+):
+    register(_arch)
+
+
+def get_architecture(name: str) -> Architecture:
+    """Look up a registered architecture, with a clear error for unknown names."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise RobustlabError(
+            f"unknown architecture '{name}'; known: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+def build_model(
+    arch: str,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    image_size: int = 28,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **options: Any,
+) -> nn.Sequential:
+    """Build ``Normalize(mean, std)`` followed by the named network; it takes [0,1] inputs."""
+    spec = get_architecture(arch)
+    kwargs = spec.arguments(**options)
+    for label, value in (
+        ("in_channels", in_channels),
+        ("num_classes", num_classes),
+        ("image_size", image_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise RobustlabError(f"{label} must be a positive integer, got {value!r}")
+    try:
+        mean = [float(m) for m in mean] if mean is not None else [0.0] * in_channels
+        std = [float(s) for s in std] if std is not None else [1.0] * in_channels
+    except (TypeError, ValueError):
+        raise RobustlabError(
+            f"normalisation mean and std must be sequences of numbers, got {mean!r} and {std!r}"
+        ) from None
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise RobustlabError(
+            f"normalisation needs one mean and std per channel ({in_channels}), "
+            f"got {len(mean)} and {len(std)}"
+        )
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise RobustlabError(f"normalisation std must be positive and finite, got {std}")
+    if not all(math.isfinite(m) for m in mean):
+        raise RobustlabError(f"normalisation mean must be finite, got {mean}")
+    try:
+        body = spec.builder(in_channels, num_classes, image_size, **kwargs)
+    except ValueError as exc:
+        raise RobustlabError(f"cannot build '{arch}': {exc}") from None
+    return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=body))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

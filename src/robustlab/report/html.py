@@ -1,0 +1,133 @@
+"""The HTML report: rendered from the results store, never from in-memory state."""
+
+from __future__ import annotations
+
+import base64
+import html
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_text
+from ..store import ResultStore
+from .plots import robustness_curve
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:960px;margin:2em auto;
+padding:0 1em;color:#1d2430;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #dde;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px solid #ccd;padding:.3em .6em;text-align:right}
+th{background:#f1f3f8} td.l,th.l{text-align:left} .muted{color:#667;font-size:.9em}
+img{max-width:100%;border:1px solid #eee}
+"""
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * float(v):.1f} %" if isinstance(v, (int, float)) else "–"
+
+
+def _curves(evals: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Per model label: (eps, robust accuracy) points; the latest record wins per eps."""
+    latest: dict[str, dict[float, float]] = defaultdict(dict)
+    for r in evals:
+        eps = float(r["threat_model"]["eps"])
+        latest[r.get("label") or "model"][eps] = float(r["robust_accuracy"])
+    return {label: sorted(points.items()) for label, points in latest.items()}
+
+
+def _models_table(trains: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in trains:
+        t = r.get("training", {})
+        rows.append(
+            "<tr>"
+            f"<td class=l>{html.escape(str(r.get('label')))}</td>"
+            f"<td class=l>{html.escape(str(r.get('model', {}).get('arch', '')))}</td>"
+            f"<td class=l>{html.escape(str(t.get('method', '')))}</td>"
+            f"<td>{html.escape(str(t.get('eps') if t.get('eps') is not None else '–'))}</td>"
+            f"<td>{html.escape(str(t.get('epochs', '')))}</td>"
+            f"<td>{_pct(r.get('metrics', {}).get('clean_accuracy'))}</td>"
+            f"<td>{float(r.get('train_time_s', 0)):.0f} s</td>"
+            f"<td class=l><code>{html.escape(str(r.get('weights', {}).get('sha256', ''))[:12])}</code></td>"
+            "</tr>"
+        )
+    head = (
+        "<tr><th class=l>model</th><th class=l>architecture</th><th class=l>training</th>"
+        "<th>eps</th><th>epochs</th><th>clean test acc.</th><th>training time</th>"
+        "<th class=l>weights sha256</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _eval_table(evals: list[dict[str, Any]]) -> str:
+    curves = _curves(evals)
+    eps_all = sorted({e for pts in curves.values() for e, _ in pts})
+    head = "<tr><th class=l>model</th>" + "".join(f"<th>eps {e:g}</th>" for e in eps_all) + "</tr>"
+    body = []
+    for label, pts in curves.items():
+        got = dict(pts)
+        cells = "".join(f"<td>{_pct(got.get(e))}</td>" for e in eps_all)
+        body.append(f"<tr><td class=l>{html.escape(label)}</td>{cells}</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _attack_note(evals: list[dict[str, Any]]) -> str:
+    configs = {
+        str(sorted((k, str(v)) for k, v in r["attack"].items() if k != "eps")) for r in evals
+    }
+    if not evals:
+        return ""
+    a = evals[-1]["attack"]
+    desc = ", ".join(f"{k}={v}" for k, v in a.items() if k not in ("eps", "alpha"))
+    more = "" if len(configs) == 1 else f" ({len(configs)} different attack configurations)"
+    n = evals[-1].get("n")
+    return (
+        f"<p class=muted>Attack: {html.escape(desc)}{more}; step size 2.5·eps/steps; "
+        f"{n} test points; a point is robust only if classified correctly clean and under attack.</p>"
+    )
+
+
+def _timing_table(timings: list[dict[str, Any]]) -> str:
+    if not timings:
+        return ""
+    rows = "".join(
+        f"<tr><td class=l>{html.escape(str(t.get('step')))}</td><td>{float(t.get('seconds', 0)):.1f} s</td></tr>"
+        for t in timings
+    )
+    return f"<h2>Time per step</h2><table><tr><th class=l>step</th><th>time</th></tr>{rows}</table>"
+
+
+def render_report(store: ResultStore, out: str | Path, *, title: str = "robustlab report") -> Path:
+    """Write a self-contained HTML report (plot embedded) of everything in the store."""
+    evals = store.records(kind="eval")
+    trains = store.records(kind="train")
+    timings = store.records(kind="timing")
+    out_path = Path(out)
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    data_names = sorted({str(r.get("data")) for r in evals})
+    if data_names:
+        parts.append(f"<p class=muted>data: {html.escape(', '.join(data_names))}</p>")
+    if trains:
+        parts.append("<h2>Models</h2>" + _models_table(trains))
+    if evals:
+        with tempfile.TemporaryDirectory() as tmp:
+            png = robustness_curve(
+                _curves(evals),
+                Path(tmp) / "curve.png",
+                xlabel=f"{evals[-1]['threat_model']['norm']} eps",
+            )
+            b64 = base64.b64encode(png.read_bytes()).decode()
+        parts.append("<h2>Robustness curve</h2>")
+        parts.append(f'<img alt="accuracy vs eps" src="data:image/png;base64,{b64}">')
+        parts.append(_eval_table(evals))
+        parts.append(_attack_note(evals))
+    parts.append(_timing_table(timings))
+    doc = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
+    atomic_write_text(out_path, doc)
+    return out_path

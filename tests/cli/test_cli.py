@@ -1,0 +1,178 @@
+"""The command line: each command end to end on real data, and one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from robustlab.cli import main
+from robustlab.demo import run_demo
+from robustlab.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "mlp"
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "mlp",
+                "--data",
+                "digits",
+                "--epochs",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_models_lists_every_architecture(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["models", "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "m.json").read_text())
+    for name in ("resnet8", "resnet20", "preact_resnet", "vgg", "densenet", "vit", "mlp"):
+        assert name in out and any(r["arch"] == name and r["parameters"] > 0 for r in rows)
+
+
+def test_train_then_eval_writes_the_record(
+    digits_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "e.json"
+    store = tmp_path / "s.sqlite"
+    args = [
+        "eval",
+        "--model",
+        str(digits_ckpt),
+        "--data",
+        "digits",
+        "--attack",
+        "pgd",
+        "--norm",
+        "linf",
+        "--eps",
+        "0.1",
+        "--steps",
+        "5",
+        "--n",
+        "100",
+        "--json",
+        str(out),
+        "--store",
+        str(store),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    rec = json.loads(out.read_text())
+    assert rec["n"] == 100 and rec["threat_model"] == {"norm": "linf", "eps": 0.1}
+    assert rec["attack"]["name"] == "pgd" and rec["attack"]["random_start"] is True
+    manifest = json.loads((digits_ckpt / "manifest.json").read_text())
+    assert rec["model"]["sha256"] == manifest["weights"]["sha256"]
+    assert 0 <= rec["robust_accuracy"] <= rec["clean_accuracy"] <= 1 and rec["elapsed_s"] > 0
+    assert "robust" in capsys.readouterr().out
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "r.html")]) == 0
+    assert "Robustness curve" in (tmp_path / "r.html").read_text()
+
+
+def test_train_refuses_to_overwrite_a_checkpoint(
+    digits_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--arch", "mlp", "--data", "digits", "--out", str(digits_ckpt)]) == 2
+    assert "already holds a trained checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["eval", "--model", "{ckpt}", "--data", "digits", "--eps", "-1"],
+            "eps must be a finite number >= 0",
+        ),
+        (
+            ["eval", "--model", "{ckpt}", "--data", "digits", "--eps", "0.1", "--norm", "l5"],
+            "unknown norm 'l5'",
+        ),
+        (
+            ["eval", "--model", "{ckpt}", "--data", "digits", "--eps", "0.1", "--attack", "magic"],
+            "unknown attack 'magic'",
+        ),
+        (["eval", "--model", "/nonexistent/ckpt", "--eps", "0.1"], "does not exist"),
+        (
+            ["eval", "--model", "{ckpt}", "--data", "mnist5k", "--eps", "0.1"],
+            "the model takes 1x8x8 inputs but mnist5k has 1x28x28",
+        ),
+        (
+            ["eval", "--model", "{ckpt}", "--data", "nope", "--eps", "0.1"],
+            "unknown dataset spec 'nope'",
+        ),
+        (
+            ["eval", "--model", "{ckpt}", "--data", "digits", "--eps", "0.1", "--n", "5000"],
+            "asked for n=5000",
+        ),
+        (["train", "--arch", "resnet99", "--out", "{tmp}/x"], "unknown architecture 'resnet99'"),
+        (["train", "--method", "pgd-at", "--data", "digits", "--out", "{tmp}/y"], "needs --eps"),
+        (
+            ["train", "--data", "digits", "--device", "cuda", "--out", "{tmp}/z"],
+            "CUDA is not available",
+        ),
+        (["report", "--store", "{tmp}/none.sqlite"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(
+    args: list[str],
+    message: str,
+    digits_ckpt: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [a.replace("{ckpt}", str(digits_ckpt)).replace("{tmp}", str(tmp_path)) for a in args]
+    assert main([*argv, "--no-progress"] if argv[0] in ("eval", "train") else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustlab: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_runs_and_fails_cleanly(tmp_path: Path) -> None:
+    exe = shutil.which("robustlab", path=str(Path(sys.executable).parent))
+    assert exe is not None, "the robustlab console script is not installed beside this python"
+    ok = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "robustlab" in ok.stdout
+    bad = subprocess.run(
+        [exe, "eval", "--model", str(tmp_path / "missing"), "--eps", "0.1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+
+
+def test_demo_pipeline_end_to_end_in_small(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's own code path, with tiny models: trains, reuses from cache, reports."""
+    models = {
+        "standard mlp": TrainConfig(arch="mlp", method="standard", epochs=1),
+        "PGD-AT mlp": TrainConfig(arch="mlp", method="pgd-at", eps=0.3, epochs=1, steps=2),
+    }
+    kwargs = {"models": models, "eps_grid": (0.0, 0.1, 0.3), "n": 50, "steps": 3, "progress": False}
+    report = run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)  # type: ignore[arg-type]
+    first = capsys.readouterr().err
+    assert "train standard mlp" in first and "render report" in first
+    html = report.read_text()
+    assert "standard mlp" in html and "PGD-AT mlp" in html and "data:image/png;base64," in html
+    run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)  # type: ignore[arg-type]
+    second = capsys.readouterr().err
+    assert "reuse standard mlp" in second and "train standard mlp" not in second
