@@ -54,6 +54,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings to a dict, values read as JSON where they parse (numbers, booleans)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RobustlabError(f"option '{item}' must look like KEY=VALUE")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model with a method and write its checkpoint."""
     from .models.checkpoint import MANIFEST
@@ -76,7 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         steps=args.steps,
         beta=args.beta,
+        eps_warmup=args.eps_warmup,
         seed=args.seed,
+        arch_options=_parse_options(args.arch_option),
     )
     result = train(cfg, out, device=args.device, progress=not args.no_progress)
     acc = result.manifest["metrics"]["clean_accuracy"]
@@ -210,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--steps", type=int, help="inner attack steps of adversarial training")
     p.add_argument("--beta", type=float, default=6.0, help="TRADES beta")
+    p.add_argument("--eps-warmup", type=float, help="fraction of training over which eps ramps up")
+    p.add_argument(
+        "--arch-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture option, e.g. width=32 (repeatable)",
+    )
     p.add_argument(
         "--out", required=True, help="checkpoint folder (an interrupted run there resumes)"
     )

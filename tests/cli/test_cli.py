@@ -129,6 +129,40 @@ def test_train_refuses_to_overwrite_a_checkpoint(
             "CUDA is not available",
         ),
         (["report", "--store", "{tmp}/none.sqlite"], "does not exist"),
+        (
+            ["train", "--data", "digits", "--arch-option", "width", "--out", "{tmp}/w"],
+            "must look like KEY=VALUE",
+        ),
+        (
+            [
+                "train",
+                "--arch",
+                "mlp",
+                "--data",
+                "digits",
+                "--arch-option",
+                "dept=3",
+                "--out",
+                "{tmp}/v",
+            ],
+            "has no option dept",
+        ),
+        (
+            [
+                "train",
+                "--method",
+                "pgd-at",
+                "--eps",
+                "0.1",
+                "--eps-warmup",
+                "1.5",
+                "--data",
+                "digits",
+                "--out",
+                "{tmp}/u",
+            ],
+            "eps warm-up must be a fraction",
+        ),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(

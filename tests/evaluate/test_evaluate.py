@@ -12,7 +12,7 @@ from torch import nn
 from robustlab.attacks import PGD
 from robustlab.data import Dataset
 from robustlab.errors import RobustlabError
-from robustlab.evaluate import evaluate
+from robustlab.evaluate import evaluate, evaluate_curve
 from robustlab.report import render_report
 from robustlab.store import ResultStore
 
@@ -128,3 +128,27 @@ def test_store_refuses_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
     bad.write_text("hello, I am not a database" * 100)
     with pytest.raises(RobustlabError, match="is not a robustlab results store"):
         ResultStore(bad)
+
+
+def test_curve_is_per_sample_worst_case_along_eps() -> None:
+    model, data = _toy()
+    grid = [0.2, 0.0, 0.05, 0.1]  # any order; records come back in the order given
+    records = evaluate_curve(model, data, [PGD(eps=e, steps=5) for e in grid], progress=False)
+    assert [r.threat_model["eps"] for r in records] == grid
+    by_eps = sorted((r.threat_model["eps"], r.robust_accuracy) for r in records)  # type: ignore[type-var]
+    accs = [a for _, a in by_eps]
+    assert accs == sorted(accs, reverse=True)  # never rises with eps
+    assert accs[0] == records[1].clean_accuracy  # eps 0 is the clean accuracy
+    alone = evaluate(model, data, PGD(eps=0.05, steps=5), progress=False)
+    first_attacked = evaluate_curve(
+        model, data, [PGD(eps=0.05, steps=5), PGD(eps=0.1, steps=5)], progress=False
+    )
+    assert first_attacked[0].robust_accuracy == alone.robust_accuracy
+
+
+def test_curve_needs_one_norm_and_some_attack() -> None:
+    model, data = _toy()
+    with pytest.raises(RobustlabError, match="needs one norm"):
+        evaluate_curve(model, data, [PGD(eps=0.1), PGD(norm="l2", eps=0.5)], progress=False)
+    with pytest.raises(RobustlabError, match="no attack"):
+        evaluate_curve(model, data, [], progress=False)

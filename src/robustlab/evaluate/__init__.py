@@ -1,5 +1,5 @@
 """Evaluation protocols and their result records."""
 
-from .robust import EvalRecord, check_inputs, evaluate
+from .robust import EvalRecord, check_inputs, evaluate, evaluate_curve
 
-__all__ = ["EvalRecord", "check_inputs", "evaluate"]
+__all__ = ["EvalRecord", "check_inputs", "evaluate", "evaluate_curve"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -77,13 +77,49 @@ def evaluate(
     model_info: dict[str, object] | None = None,
     seed: int = 0,
     progress: bool = True,
-    on_batch: Callable[[int, int], None] | None = None,
 ) -> EvalRecord:
     """Clean and robust accuracy of ``model`` on the first ``n`` points of ``data``.
 
     A point counts as robust only if it is classified correctly both clean and under attack;
     every adversarial example is checked to lie inside the attack's threat model.
     """
+    return evaluate_curve(
+        model,
+        data,
+        [attack],
+        n=n,
+        batch_size=batch_size,
+        device=device,
+        model_info=model_info,
+        seed=seed,
+        progress=progress,
+    )[0]
+
+
+def evaluate_curve(
+    model: nn.Module,
+    data: Dataset,
+    attacks: Sequence[Attack],
+    *,
+    n: int | None = None,
+    batch_size: int = 250,
+    device: str = "cpu",
+    model_info: dict[str, object] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[EvalRecord]:
+    """One record per attack, for attacks of one norm at growing eps (a robustness curve).
+
+    Per-sample worst case along the curve: an example that breaks a point at a smaller eps
+    also lies in every larger ball, so that point stays broken and is not attacked again.
+    Robust accuracy therefore never rises with eps, and the curve costs less than separate runs.
+    """
+    if not attacks:
+        raise RobustlabError("no attack to evaluate")
+    norms = {a.threat.norm for a in attacks}
+    if len(norms) > 1:
+        raise RobustlabError(f"a robustness curve needs one norm, got {', '.join(sorted(norms))}")
+    order = sorted(range(len(attacks)), key=lambda i: attacks[i].threat.eps)
     total = len(data) if n is None else n
     if total < 1:
         raise RobustlabError(f"n must be >= 1, got {total}")
@@ -92,15 +128,16 @@ def evaluate(
     if batch_size < 1:
         raise RobustlabError(f"batch size must be >= 1, got {batch_size}")
     check_inputs(data.x[:total])
-    threat = attack.threat
-    t0 = time.perf_counter()
-    clean_ok = robust_ok = 0
+    clean_ok = 0
+    robust_ok = [0] * len(attacks)
+    seconds = [0.0] * len(attacks)
     torch.manual_seed(seed)
+    name = attacks[0].config().get("name")
     with (
         frozen_eval(model),
         tqdm(
-            total=total,
-            desc=f"eval {attack.config().get('name')}",
+            total=total * len(attacks),
+            desc=f"eval {name}",
             disable=not progress,
             file=sys.stderr,
             unit="pt",
@@ -108,31 +145,37 @@ def evaluate(
         ) as bar,
     ):
         for start in range(0, total, batch_size):
+            t0 = time.perf_counter()
             x = data.x[start : min(total, start + batch_size)].to(device)
             y = data.y[start : min(total, start + batch_size)].to(device)
             with torch.no_grad():
-                correct = model(x).argmax(1) == y
+                alive = model(x).argmax(1) == y
+            clean_ok += int(alive.sum())
             x_adv = x.clone()
-            if correct.any():
-                x_adv[correct] = attack.run(model, x[correct], y[correct])
-            inside = threat.contains(x, x_adv)
-            if not bool(inside.all()):
-                raise RuntimeError(f"attack {attack.config()} left its threat model: this is a bug")
-            with torch.no_grad():
-                robust = correct & (model(x_adv).argmax(1) == y)
-            clean_ok += int(correct.sum())
-            robust_ok += int(robust.sum())
-            bar.update(len(x))
-            if on_batch is not None:
-                on_batch(start + len(x), total)
-    return EvalRecord(
-        clean_accuracy=clean_ok / total,
-        robust_accuracy=robust_ok / total,
-        n=total,
-        threat_model=threat.as_dict(),
-        attack=attack.config(),
-        model=dict(model_info or {}),
-        data=data.name,
-        elapsed_s=round(time.perf_counter() - t0, 3),
-        seed=seed,
-    )
+            share = (time.perf_counter() - t0) / len(attacks)
+            for i in order:
+                t1 = time.perf_counter()
+                attack = attacks[i]
+                if alive.any():
+                    x_adv[alive] = attack.run(model, x[alive], y[alive])
+                if not bool(attack.threat.contains(x, x_adv).all()):
+                    raise RuntimeError(f"attack {attack.config()} left its threat model: a bug")
+                with torch.no_grad():
+                    alive &= model(x_adv).argmax(1) == y
+                robust_ok[i] += int(alive.sum())
+                seconds[i] += time.perf_counter() - t1 + share
+                bar.update(len(x))
+    return [
+        EvalRecord(
+            clean_accuracy=clean_ok / total,
+            robust_accuracy=robust_ok[i] / total,
+            n=total,
+            threat_model=attack.threat.as_dict(),
+            attack=attack.config(),
+            model=dict(model_info or {}),
+            data=data.name,
+            elapsed_s=round(seconds[i], 3),
+            seed=seed,
+        )
+        for i, attack in enumerate(attacks)
+    ]

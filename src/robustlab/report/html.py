@@ -47,7 +47,8 @@ def _models_table(trains: list[dict[str, Any]]) -> str:
             f"<td class=l>{html.escape(str(t.get('method', '')))}</td>"
             f"<td>{html.escape(str(t.get('eps') if t.get('eps') is not None else '–'))}</td>"
             f"<td>{html.escape(str(t.get('epochs', '')))}</td>"
-            f"<td>{_pct(r.get('metrics', {}).get('clean_accuracy'))}</td>"
+            f"<td>{_pct(r.get('metrics', {}).get('clean_accuracy'))}"
+            f" <span class=muted>({r.get('metrics', {}).get('test_samples', '?')} pts)</span></td>"
             f"<td>{float(r.get('train_time_s', 0)):.0f} s</td>"
             f"<td class=l><code>{html.escape(str(r.get('weights', {}).get('sha256', ''))[:12])}</code></td>"
             "</tr>"
@@ -98,13 +99,17 @@ def _timing_table(timings: list[dict[str, Any]]) -> str:
     return f"<h2>Time per step</h2><table><tr><th class=l>step</th><th>time</th></tr>{rows}</table>"
 
 
-def render_report(store: ResultStore, out: str | Path, *, title: str = "robustlab report") -> Path:
+def render_report(
+    store: ResultStore, out: str | Path, *, title: str = "robustlab report", intro: str = ""
+) -> Path:
     """Write a self-contained HTML report (plot embedded) of everything in the store."""
     evals = store.records(kind="eval")
     trains = store.records(kind="train")
     timings = store.records(kind="timing")
     out_path = Path(out)
     parts = [f"<h1>{html.escape(title)}</h1>"]
+    if intro:
+        parts.append(f"<p>{html.escape(intro)}</p>")
     data_names = sorted({str(r.get("data")) for r in evals})
     if data_names:
         parts.append(f"<p class=muted>data: {html.escape(', '.join(data_names))}</p>")

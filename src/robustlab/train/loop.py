@@ -42,7 +42,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float | None = None
     steps: int | None = None
-    eps_warmup_epochs: int | None = None
+    eps_warmup: float | None = None
     beta: float = 6.0
     seed: int = 0
     channels_last: bool = True
@@ -70,7 +70,7 @@ class TrainConfig:
             eps=self.eps,
             norm=self.norm,
             steps=self.steps or 10,
-            eps_warmup_epochs=self.eps_warmup_epochs or 0,
+            eps_warmup=self.eps_warmup or 0.0,
             **({"beta": self.beta} if self.method == "trades" else {}),
         )
 
@@ -133,17 +133,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_path = out_dir / RESUME
     splits = splits if splits is not None else load_data(cfg.data, seed=0)
-    model = build_model(
-        cfg.arch,
-        in_channels=splits.in_channels,
-        num_classes=splits.num_classes,
-        image_size=splits.image_size,
-        mean=splits.mean,
-        std=splits.std,
-        **cfg.arch_options,
-    )
     torch.manual_seed(cfg.seed)
-    model = build_model(  # rebuilt after seeding so initial weights depend only on the seed
+    model = build_model(  # after seeding: the initial weights depend only on the seed
         cfg.arch,
         in_channels=splits.in_channels,
         num_classes=splits.num_classes,
@@ -203,26 +194,27 @@ def train(
                 group["lr"] = lr_at(epoch * batches + b, total, cfg.lr)
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             x = x_train[idx].contiguous(memory_format=memory_format)
-            loss = method.loss(model, x, y_train[idx], epoch, attack_gen)
+            step = epoch * batches + b
+            loss = method.loss(model, x, y_train[idx], (step + 1) / total, attack_gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             running += loss.detach()
             bar.update(1)
-        elapsed += time.perf_counter() - t0
         bar.set_postfix(epoch=epoch + 1, loss=f"{float(running) / batches:.3f}")
         _save_resume(
             resume_path,
             {
                 "config": _config_key(cfg),
                 "epoch": epoch + 1,
-                "elapsed": elapsed,
+                "elapsed": elapsed + time.perf_counter() - t0,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "gen": gen.get_state(),
                 "attack_gen": attack_gen.get_state(),
             },
         )
+        elapsed += time.perf_counter() - t0  # the resume state is part of the cost of training
     bar.close()
     model.eval()
     if end_epoch < cfg.epochs:

@@ -14,13 +14,18 @@ from ..errors import RobustlabError
 
 
 class Method(Protocol):
-    """A training method: the loss of one batch in a given epoch."""
+    """A training method: the loss of one batch at a point of training (progress in [0,1))."""
 
     @property
     def name(self) -> str: ...
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int, gen: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        progress: float,
+        gen: torch.Generator,
     ) -> torch.Tensor: ...
 
     def config(self) -> dict[str, object]: ...
@@ -33,7 +38,12 @@ class Standard:
     name: str = "standard"
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int, gen: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        progress: float,
+        gen: torch.Generator,
     ) -> torch.Tensor:
         """Cross-entropy on the clean batch."""
         return F.cross_entropy(model(x), y)
@@ -51,7 +61,7 @@ class _Adversarial:
     norm: str = "linf"
     steps: int = 10
     alpha_ratio: float = 2.5
-    eps_warmup_epochs: int = 0
+    eps_warmup: float = 0.0
 
     def __post_init__(self) -> None:
         ThreatModel(self.norm, self.eps)
@@ -59,13 +69,16 @@ class _Adversarial:
             raise RobustlabError("adversarial training needs eps > 0 (use --method standard)")
         if self.steps < 1:
             raise RobustlabError("adversarial training needs at least one inner step")
+        if not 0 <= self.eps_warmup < 1:
+            raise RobustlabError(
+                f"eps warm-up must be a fraction of training in [0, 1), got {self.eps_warmup}"
+            )
 
-    def threat_at(self, epoch: int) -> ThreatModel:
-        """The threat model trained against in this epoch (eps grows linearly during warm-up)."""
-        if self.eps_warmup_epochs <= 0:
+    def threat_at(self, progress: float) -> ThreatModel:
+        """The threat model trained against now: eps grows linearly over the warm-up fraction."""
+        if self.eps_warmup <= 0:
             return ThreatModel(self.norm, self.eps)
-        frac = min(1.0, (epoch + 1) / self.eps_warmup_epochs)
-        return ThreatModel(self.norm, self.eps * frac)
+        return ThreatModel(self.norm, self.eps * min(1.0, progress / self.eps_warmup))
 
     def inner(
         self,
@@ -104,10 +117,15 @@ class PGDAT(_Adversarial):
     name: str = "pgd-at"
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int, gen: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        progress: float,
+        gen: torch.Generator,
     ) -> torch.Tensor:
         """Cross-entropy on the PGD examples of the batch."""
-        threat = self.threat_at(epoch)
+        threat = self.threat_at(progress)
         x_adv = self.inner(model, x, threat.random_start(x, gen), threat, None, y)
         return F.cross_entropy(model(x_adv), y)
 
@@ -119,7 +137,7 @@ class PGDAT(_Adversarial):
             "norm": self.norm,
             "steps": self.steps,
             "alpha": self.alpha_ratio * self.eps / self.steps,
-            "eps_warmup_epochs": self.eps_warmup_epochs,
+            "eps_warmup": self.eps_warmup,
         }
 
 
@@ -142,10 +160,15 @@ class TRADES(_Adversarial):
     name: str = "trades"
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int, gen: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        progress: float,
+        gen: torch.Generator,
     ) -> torch.Tensor:
         """The TRADES objective on the batch."""
-        threat = self.threat_at(epoch)
+        threat = self.threat_at(progress)
         with torch.no_grad():
             was_training = model.training
             model.eval()
@@ -166,7 +189,7 @@ class TRADES(_Adversarial):
             "steps": self.steps,
             "alpha": self.alpha_ratio * self.eps / self.steps,
             "beta": self.beta,
-            "eps_warmup_epochs": self.eps_warmup_epochs,
+            "eps_warmup": self.eps_warmup,
         }
 
 
