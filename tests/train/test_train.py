@@ -12,7 +12,7 @@ from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import evaluate
 from robustlab.models.checkpoint import load_checkpoint
-from robustlab.train import TrainConfig, lr_at, make_method, train
+from robustlab.train import RECIPES, TrainConfig, lr_at, make_method, train
 
 FAST = {"arch": "resnet8", "data": "digits", "epochs": 2, "arch_options": {"width": 8}}
 
@@ -62,7 +62,7 @@ def test_manifest_describes_the_run_and_reloads(tmp_path: Path, digits: DataSpli
     assert m["model"]["arch"] == "resnet8" and m["model"]["options"] == {"width": 8}
     assert m["dataset"]["name"] == "digits"
     assert m["training"]["method"] == "standard" and m["training"]["epochs"] == 2
-    assert m["training"]["lr"] == 0.1  # filled from the recipe
+    assert m["training"]["lr"] == RECIPES["standard"]["lr"]  # filled from the recipe
     assert 0.5 < m["metrics"]["clean_accuracy"] <= 1.0
     assert m["train_time_s"] > 0 and len(m["weights"]["sha256"]) == 64
     loaded = load_checkpoint(tmp_path)
