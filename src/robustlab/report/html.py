@@ -74,18 +74,26 @@ def _eval_table(evals: list[dict[str, Any]]) -> str:
 
 
 def _attack_note(evals: list[dict[str, Any]]) -> str:
-    configs = {
-        str(sorted((k, str(v)) for k, v in r["attack"].items() if k != "eps")) for r in evals
-    }
     if not evals:
         return ""
+    per_eps = ("eps", "alpha")  # these change along a curve by design
+    configs = {
+        str(sorted((k, str(v)) for k, v in r["attack"].items() if k not in per_eps)) for r in evals
+    }
     a = evals[-1]["attack"]
-    desc = ", ".join(f"{k}={v}" for k, v in a.items() if k not in ("eps", "alpha"))
+    desc = ", ".join(f"{k}={v}" for k, v in a.items() if k not in per_eps)
     more = "" if len(configs) == 1 else f" ({len(configs)} different attack configurations)"
+    steps = {
+        f"{float(r['attack']['alpha']) / float(r['attack']['eps']):.3g}·eps"
+        for r in evals
+        if r["attack"].get("alpha") and r["attack"].get("eps")
+    }
+    step_note = f"; step size {', '.join(sorted(steps))}" if steps else ""
     n = evals[-1].get("n")
     return (
-        f"<p class=muted>Attack: {html.escape(desc)}{more}; step size 2.5·eps/steps; "
-        f"{n} test points; a point is robust only if classified correctly clean and under attack.</p>"
+        f"<p class=muted>Attack: {html.escape(desc)}{more}{step_note}; "
+        f"{n} test points; a point is robust only if classified correctly clean and under attack, "
+        "and a point broken at a smaller eps counts as broken at every larger one.</p>"
     )
 
 
