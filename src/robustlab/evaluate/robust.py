@@ -7,28 +7,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
+from ..attacks.base import Attack
 from ..attacks.guard import frozen_eval
-from ..attacks.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
-
-
-class Attack(Protocol):
-    """What evaluation needs of an attack: its threat model, its config, and a run method."""
-
-    @property
-    def threat(self) -> ThreatModel: ...
-
-    def config(self) -> dict[str, object]: ...
-
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
@@ -74,6 +74,10 @@ class _Adversarial:
                 f"eps warm-up must be a fraction of training in [0, 1), got {self.eps_warmup}"
             )
 
+    def config(self) -> dict[str, object]:
+        """JSON-able description, with the step size actually used."""
+        return {**asdict(self), "alpha": self.alpha_ratio * self.eps / self.steps}
+
     def threat_at(self, progress: float) -> ThreatModel:
         """The threat model trained against now: eps grows linearly over the warm-up fraction."""
         if self.eps_warmup <= 0:
@@ -129,17 +133,6 @@ class PGDAT(_Adversarial):
         x_adv = self.inner(model, x, threat.random_start(x, gen), threat, None, y)
         return F.cross_entropy(model(x_adv), y)
 
-    def config(self) -> dict[str, object]:
-        """JSON-able description."""
-        return {
-            "name": self.name,
-            "eps": self.eps,
-            "norm": self.norm,
-            "steps": self.steps,
-            "alpha": self.alpha_ratio * self.eps / self.steps,
-            "eps_warmup": self.eps_warmup,
-        }
-
 
 class _KLToClean(nn.Module):
     """Summed KL(p_clean || p_adv): the TRADES inner objective."""
@@ -179,18 +172,6 @@ class TRADES(_Adversarial):
         clean, adv = model(x), model(x_adv)
         robust = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
         return F.cross_entropy(clean, y) + self.beta * robust
-
-    def config(self) -> dict[str, object]:
-        """JSON-able description."""
-        return {
-            "name": self.name,
-            "eps": self.eps,
-            "norm": self.norm,
-            "steps": self.steps,
-            "alpha": self.alpha_ratio * self.eps / self.steps,
-            "beta": self.beta,
-            "eps_warmup": self.eps_warmup,
-        }
 
 
 METHODS = ("standard", "pgd-at", "trades")

@@ -1,0 +1,75 @@
+"""Per-sample attack objectives to maximise: cross-entropy, CW margin, DLR and targeted DLR.
+
+Every loss takes ``(logits, y, targets)`` and returns one value per sample; larger is better
+for the attacker. With ``targets`` the loss rewards moving toward the target class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import RobustlabError
+
+Loss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _other_max(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """max_{i != y} z_i per sample."""
+    masked = logits.scatter(1, y[:, None], float("-inf"))
+    return masked.amax(dim=1)
+
+
+def cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CE(y) untargeted; -CE(target) targeted."""
+    if targets is None:
+        return F.cross_entropy(logits, y, reduction="none")
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def cw_margin(
+    logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Carlini-Wagner margin: max_{i != y} z_i - z_y, or z_t - z_y when targeted."""
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    if targets is None:
+        return _other_max(logits, y) - z_y
+    return logits.gather(1, targets[:, None])[:, 0] - z_y
+
+
+def dlr(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Difference of logits ratio (Croce & Hein 2020); the targeted form when targets are given.
+
+    Untargeted: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12).
+    Targeted: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12).
+    """
+    if logits.shape[1] < (3 if targets is None else 4):
+        raise RobustlabError(
+            f"the DLR loss needs at least {3 if targets is None else 4} classes, "
+            f"the model has {logits.shape[1]}"
+        )
+    srt = logits.sort(dim=1, descending=True).values
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    if targets is None:
+        return -(z_y - _other_max(logits, y)) / (srt[:, 0] - srt[:, 2] + 1e-12)
+    z_t = logits.gather(1, targets[:, None])[:, 0]
+    return -(z_y - z_t) / (srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) + 1e-12)
+
+
+LOSSES: dict[str, Loss] = {"ce": cross_entropy, "cw": cw_margin, "dlr": dlr}
+
+
+def get_loss(loss: str | Loss) -> Loss:
+    """A loss by name (ce, cw, dlr) or a user-supplied callable ``(logits, y, targets)``."""
+    if callable(loss):
+        return loss
+    try:
+        return LOSSES[loss]
+    except KeyError:
+        raise RobustlabError(
+            f"unknown loss '{loss}'; use one of {', '.join(LOSSES)} or a callable"
+        ) from None
