@@ -104,52 +104,193 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Clean and robust accuracy of a checkpoint under an attack."""
-    from .attacks import PGD
+def _eps_list(text: str) -> list[float]:
+    """'0.1,0.2' -> [0.1, 0.2], with a clear error for anything else."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RobustlabError(
+            f"--eps must be a number or a comma-separated list, got '{text}'"
+        ) from None
+    if not values:
+        raise RobustlabError("--eps needs at least one value")
+    return values
+
+
+def _attack_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The attack options the user set on the command line (unset ones keep the defaults)."""
+    opts: dict[str, Any] = {
+        "steps": args.steps,
+        "restarts": args.restarts,
+        "alpha": args.alpha,
+        "queries": args.queries,
+        "loss": args.loss,
+        "version": args.version,
+        "seed": args.seed,
+    }
+    if args.attacks:
+        opts["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+        opts.setdefault("version", None)
+        opts["version"] = opts["version"] or "custom"
+    return opts
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, object]]:
+    """Load the checkpoint and the data, check they fit, pick the device."""
     from .data import load_data
-    from .evaluate import evaluate
     from .models.checkpoint import load_checkpoint
     from .utils import resolve_device
 
-    if args.attack != "pgd":
-        raise RobustlabError(f"unknown attack '{args.attack}'; available: pgd")
-    attack = PGD(
-        norm=args.norm,
-        eps=args.eps,
-        steps=args.steps,
-        alpha=args.alpha,
-        restarts=args.restarts,
-        seed=args.seed,
-    )
     ckpt = load_checkpoint(args.model)
     device = resolve_device(args.device)
     splits = load_data(args.data)
     _check_fit(ckpt.manifest, splits)
-    record = evaluate(
-        ckpt.model.to(device),
+    info = {
+        "path": str(ckpt.path),
+        "sha256": ckpt.manifest["weights"]["sha256"],
+        "arch": ckpt.manifest["model"]["arch"],
+    }
+    return ckpt.model.to(device), splits, device, info
+
+
+def _write_samples(path: Path, records: list[Any]) -> None:
+    import csv
+    import io
+
+    from .io import atomic_write_text
+
+    buf = io.StringIO()
+    cols = [
+        "eps",
+        "index",
+        "label",
+        "clean_pred",
+        "final_pred",
+        "robust",
+        "broken_by",
+        "perturbation_norm",
+    ]
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    for rec in records:
+        for row in rec.samples:
+            writer.writerow({"eps": rec.threat_model["eps"], **row})
+    atomic_write_text(path, buf.getvalue())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Clean and robust accuracy of a checkpoint under an attack, at one or several eps."""
+    from .attacks.registry import make_attack
+    from .evaluate import evaluate_curve
+
+    options = _attack_options(args)
+    attacks = [make_attack(args.attack, args.norm, eps, **options) for eps in _eps_list(args.eps)]
+    model, splits, device, info = _setup(args)
+    resume = None
+    if args.json and not args.no_resume:
+        resume = Path(args.json + ".progress.jsonl")
+    records = evaluate_curve(
+        model,
         splits.test,
-        attack,
+        attacks,
         n=args.n,
         batch_size=args.batch_size,
         device=device,
         seed=args.seed,
         progress=not args.no_progress,
-        model_info={
-            "path": str(ckpt.path),
-            "sha256": ckpt.manifest["weights"]["sha256"],
-            "arch": ckpt.manifest["model"]["arch"],
-        },
+        model_info=info,
+        resume=resume,
     )
-    print(
-        f"{record.n} points, {attack.norm} eps={attack.eps}: clean {100 * record.clean_accuracy:.2f} %, "
-        f"robust {100 * record.robust_accuracy:.2f} % ({record.elapsed_s:.1f} s)"
-    )
-    _write_json(args.json, record.to_dict())
+    for rec in records:
+        eps = rec.threat_model["eps"]
+        print(
+            f"{rec.n} points, {args.norm} eps={eps}: clean {100 * rec.clean_accuracy:.2f} %, "
+            f"robust {100 * rec.robust_accuracy:.2f} % ({rec.elapsed_s:.1f} s)"
+        )
+        for step in rec.per_attack:
+            print(
+                f"    after {step['attack']}: {100 * float(step['robust_accuracy_after']):.2f} % "  # type: ignore[arg-type]
+                f"({step['seconds']} s)"
+            )
+        for warning in rec.warnings:
+            print(f"    warning: {warning}")
+    dicts = [r.to_dict() for r in records]
+    if args.json:
+        samples = (
+            Path(args.samples) if args.samples else Path(args.json).with_suffix(".samples.csv")
+        )
+        for d in dicts:
+            d["samples_file"] = str(samples)
+        _write_samples(samples, records)
+    elif args.samples:
+        _write_samples(Path(args.samples), records)
+    _write_json(args.json, dicts[0] if len(dicts) == 1 else {"records": dicts})
     if args.store:
         from .store import ResultStore
 
-        ResultStore(args.store).add(record.to_dict(), label=args.label or Path(args.model).name)
+        store = ResultStore(args.store)
+        for d in dicts:
+            store.add(d, label=args.label or Path(args.model).name)
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Run an attack on test points and save the adversarial examples as .npz."""
+    import numpy as np
+    import torch
+
+    from .attacks.registry import make_attack
+    from .io import atomic_write
+
+    eps = _eps_list(args.eps)
+    if len(eps) != 1:
+        raise RobustlabError("robustlab attack takes one eps; use robustlab eval for a curve")
+    attack = make_attack(args.attack, args.norm, eps[0], **_attack_options(args))
+    model, splits, device, info = _setup(args)
+    test = splits.test
+    n = len(test) if args.n is None else args.n
+    if not 1 <= n <= len(test):
+        raise RobustlabError(f"n must be between 1 and {len(test)}, got {n}")
+    xs, clean, adv = [], [], []
+    for start in range(0, n, args.batch_size):
+        x = test.x[start : min(n, start + args.batch_size)].to(device)
+        y = test.y[start : min(n, start + args.batch_size)].to(device)
+        x_adv = attack(model, x, y)
+        with torch.no_grad():
+            clean.append(model(x).argmax(1).cpu())
+            adv.append(model(x_adv).argmax(1).cpu())
+        xs.append(x_adv.cpu())
+    x_all, y_all = torch.cat(xs), test.y[:n]
+    c, a = torch.cat(clean), torch.cat(adv)
+    arrays = {
+        "x_adv": x_all.numpy().astype(np.float32),
+        "y": y_all.numpy(),
+        "index": np.arange(n),
+        "clean_pred": c.numpy(),
+        "adv_pred": a.numpy(),
+    }
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would append .npz to a path
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(Path(args.save), write)
+    robust = float(((c == y_all) & (a == y_all)).float().mean())
+    print(
+        f"saved {n} adversarial examples to {args.save}: clean {100 * float((c == y_all).float().mean()):.2f} %, "
+        f"robust {100 * robust:.2f} %"
+    )
+    _write_json(
+        args.json,
+        {
+            "kind": "attack",
+            "attack": attack.config(),
+            "model": info,
+            "n": n,
+            "robust_accuracy": robust,
+            "saved": str(args.save),
+        },
+    )
     return 0
 
 
@@ -243,21 +384,47 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="clean and robust accuracy of a checkpoint under an attack")
-    p.add_argument("--model", required=True, help="checkpoint folder or manifest")
-    p.add_argument("--data", default="mnist5k")
-    p.add_argument("--attack", default="pgd", help="attack name (pgd)")
-    p.add_argument("--norm", default="linf", help="linf or l2")
-    p.add_argument("--eps", type=float, required=True)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--alpha", type=float, help="step size (default 2.5 * eps / steps)")
-    p.add_argument("--n", type=int, default=1000, help="number of test points (default 1000)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--store", help="also append the record to this SQLite results store")
-    p.add_argument("--label", help="name of the model in the store and reports")
-    _common(p)
-    p.set_defaults(func=cmd_eval)
+    for command, helptext in (
+        ("eval", "clean and robust accuracy of a checkpoint under an attack (one eps or a curve)"),
+        ("attack", "run an attack on test points and save the adversarial examples"),
+    ):
+        p = sub.add_parser(command, help=helptext)
+        p.add_argument("--model", required=True, help="checkpoint folder or manifest")
+        p.add_argument("--data", default="mnist5k")
+        p.add_argument(
+            "--attack",
+            default="pgd",
+            help="pgd, fgsm, bim, mifgsm, difgsm, tifgsm, cw, apgd-ce, apgd-dlr, apgd-t, fab, "
+            "fab-t, square, autoattack",
+        )
+        p.add_argument("--norm", default="linf", help="linf, l2 or l1")
+        p.add_argument("--eps", required=True, help="budget; eval takes a comma-separated list")
+        p.add_argument("--steps", type=int, help="iterations (default: the attack's published one)")
+        p.add_argument("--restarts", type=int, help="random restarts (default: the attack's)")
+        p.add_argument("--alpha", type=float, help="step size of pgd-like attacks")
+        p.add_argument("--queries", type=int, help="query budget of square")
+        p.add_argument("--loss", help="loss of pgd/apgd: ce, cw or dlr")
+        p.add_argument("--version", help="AutoAttack version: standard, plus, rand")
+        p.add_argument("--attacks", help="AutoAttack sub-attacks to run, e.g. apgd-ce,apgd-t")
+        p.add_argument(
+            "--n",
+            type=int,
+            default=1000 if command == "eval" else None,
+            help="number of test points (eval default 1000; attack default all)",
+        )
+        p.add_argument("--batch-size", type=int, default=250)
+        if command == "eval":
+            p.add_argument("--samples", help="per-sample CSV (default: beside --json)")
+            p.add_argument(
+                "--no-resume", action="store_true", help="do not checkpoint per batch beside --json"
+            )
+            p.add_argument("--store", help="also append the records to this SQLite results store")
+            p.add_argument("--label", help="name of the model in the store and reports")
+            p.set_defaults(func=cmd_eval)
+        else:
+            p.add_argument("--save", required=True, help="where to write the .npz")
+            p.set_defaults(func=cmd_attack)
+        _common(p)
 
     p = sub.add_parser("demo", help="the main job on the built-in data, end to end, offline")
     p.add_argument("--out", default="robustlab-demo", help="folder for the report and results")

@@ -210,3 +210,120 @@ def test_demo_pipeline_end_to_end_in_small(
     run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)  # type: ignore[arg-type]
     second = capsys.readouterr().err
     assert "reuse standard mlp" in second and "train standard mlp" not in second
+
+
+def test_eval_curve_writes_records_and_per_sample_table(digits_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "curve.json"
+    args = [
+        "eval",
+        "--model",
+        str(digits_ckpt),
+        "--data",
+        "digits",
+        "--eps",
+        "0.05,0.1,0.2",
+        "--steps",
+        "5",
+        "--n",
+        "120",
+        "--batch-size",
+        "50",
+        "--json",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["threat_model"]["eps"] for r in records] == [0.05, 0.1, 0.2]
+    accs = [r["robust_accuracy"] for r in records]
+    assert accs == sorted(accs, reverse=True)
+    table = (tmp_path / "curve.samples.csv").read_text().splitlines()
+    assert table[0] == "eps,index,label,clean_pred,final_pred,robust,broken_by,perturbation_norm"
+    assert len(table) == 1 + 3 * 120
+    assert not (tmp_path / "curve.json.progress.jsonl").exists()  # removed once finished
+    robust_at_02 = sum(
+        line.split(",")[5] == "True" for line in table[1:] if line.startswith("0.2,")
+    )
+    assert robust_at_02 == round(records[2]["robust_accuracy"] * 120)
+
+
+def test_killed_evaluation_resumes_to_the_same_result(digits_ckpt: Path, tmp_path: Path) -> None:
+    """A real process killed mid-run; the second run skips finished batches, same numbers."""
+    exe = shutil.which("robustlab", path=str(Path(sys.executable).parent))
+    assert exe is not None
+    common = [
+        "eval",
+        "--model",
+        str(digits_ckpt),
+        "--data",
+        "digits",
+        "--eps",
+        "0.1",
+        "--steps",
+        "200",
+        "--n",
+        "300",
+        "--batch-size",
+        "20",
+        "--no-progress",
+    ]
+    whole = tmp_path / "whole.json"
+    assert main([*common, "--json", str(whole)]) == 0
+    cut = tmp_path / "cut.json"
+    progress = tmp_path / "cut.json.progress.jsonl"
+    proc = subprocess.Popen(
+        [exe, *common, "--json", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and len(progress.read_text().splitlines()) >= 4:  # key + 3 batches
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not cut.exists(), "the run finished before it could be killed; make it longer"
+    finished = len(progress.read_text().splitlines()) - 1
+    assert main([*common, "--json", str(cut)]) == 0
+    a, b = json.loads(whole.read_text()), json.loads(cut.read_text())
+    assert b["resumed_batches"] >= min(finished, 3) and a["resumed_batches"] == 0
+    for key in ("clean_accuracy", "robust_accuracy", "n"):
+        assert a[key] == b[key]
+    assert (tmp_path / "whole.samples.csv").read_text() == (
+        tmp_path / "cut.samples.csv"
+    ).read_text()
+
+
+def test_attack_saves_adversarial_examples(digits_ckpt: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    out = tmp_path / "adv.npz"
+    args = [
+        "attack",
+        "--model",
+        str(digits_ckpt),
+        "--data",
+        "digits",
+        "--attack",
+        "pgd",
+        "--eps",
+        "0.1",
+        "--steps",
+        "5",
+        "--n",
+        "40",
+        "--save",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    with np.load(out) as z:
+        x_adv, y = z["x_adv"], z["y"]
+        assert x_adv.shape == (40, 1, 8, 8) and y.shape == (40,)
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (z["adv_pred"] != z["clean_pred"]).any()
+    from robustlab.data import load_data
+
+    x = load_data("digits").test.x[:40].numpy()
+    assert np.abs(x_adv - x).max() <= 0.1 + 1e-6

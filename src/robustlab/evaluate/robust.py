@@ -1,12 +1,21 @@
-"""Robust accuracy of a model under one attack, as a typed, JSON-able record."""
+"""Robust accuracy of a model under an attack or ensemble, as typed, JSON-able records.
+
+One run can cover several eps of one norm (a robustness curve, per-sample worst case along
+it), keeps a per-sample table, and can checkpoint per batch so that a killed evaluation
+resumes without redoing finished batches.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +27,7 @@ from ..attacks.base import Attack
 from ..attacks.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
+from .checks import black_box_warning, masking_checks
 
 
 @dataclass
@@ -33,15 +43,21 @@ class EvalRecord:
     data: str
     elapsed_s: float
     seed: int
+    per_attack: list[dict[str, object]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    resumed_batches: int = 0
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
     robustlab_version: str = __version__
     kind: str = "eval"
+    samples: list[dict[str, object]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return asdict(self)
+        """JSON-able form (without the per-sample table, which is written beside it)."""
+        d = asdict(self)
+        d.pop("samples")
+        return d
 
 
 def check_inputs(x: torch.Tensor) -> None:
@@ -51,7 +67,8 @@ def check_inputs(x: torch.Tensor) -> None:
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
         raise RobustlabError(
-            f"inputs must lie in [0,1] (normalisation belongs inside the model); got [{lo:.3g}, {hi:.3g}]"
+            "inputs must lie in [0,1] (normalisation belongs inside the model); "
+            f"got [{lo:.3g}, {hi:.3g}]"
         )
 
 
@@ -66,6 +83,7 @@ def evaluate(
     model_info: dict[str, object] | None = None,
     seed: int = 0,
     progress: bool = True,
+    resume: str | Path | None = None,
 ) -> EvalRecord:
     """Clean and robust accuracy of ``model`` on the first ``n`` points of ``data``.
 
@@ -82,7 +100,70 @@ def evaluate(
         model_info=model_info,
         seed=seed,
         progress=progress,
+        resume=resume,
     )[0]
+
+
+def _run(
+    attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, list[str | None], dict[str, float]]:
+    """Adversarial examples, the sub-attack that broke each point, and seconds per sub-attack."""
+    t0 = time.perf_counter()
+    detailed = getattr(attack, "run_detailed", None)
+    if detailed is not None:
+        res = detailed(model, x, y)
+        return res.x_adv, res.broken_by, res.seconds
+    x_adv = attack.run(model, x, y)
+    with torch.no_grad():
+        hit = model(x_adv).argmax(1) != y
+    names: list[str | None] = [attack.name if h else None for h in hit.tolist()]
+    return x_adv, names, {attack.name: time.perf_counter() - t0}
+
+
+def _run_key(
+    attacks: Sequence[Attack],
+    data: Dataset,
+    total: int,
+    batch_size: int,
+    seed: int,
+    model_info: dict[str, object] | None,
+) -> str:
+    blob = json.dumps(
+        [[a.config() for a in attacks], data.name, total, batch_size, seed, model_info or {}],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_progress(path: Path, key: str) -> dict[int, dict[str, Any]]:
+    """Finished batches of an earlier run with the same key (a torn last line is ignored)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        head = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        head = {}
+    if head.get("key") != key:
+        raise RobustlabError(
+            f"{path} holds progress of a different evaluation; delete it or use another --json"
+        )
+    done: dict[int, dict[str, Any]] = {}
+    for line in lines[1:]:
+        try:
+            batch = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the run was killed while writing this line: redo that batch
+        done[int(batch["start"])] = batch
+    return done
+
+
+def _append(path: Path, obj: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def evaluate_curve(
@@ -96,12 +177,15 @@ def evaluate_curve(
     model_info: dict[str, object] | None = None,
     seed: int = 0,
     progress: bool = True,
+    resume: str | Path | None = None,
 ) -> list[EvalRecord]:
     """One record per attack, for attacks of one norm at growing eps (a robustness curve).
 
     Per-sample worst case along the curve: an example that breaks a point at a smaller eps
     also lies in every larger ball, so that point stays broken and is not attacked again.
     Robust accuracy therefore never rises with eps, and the curve costs less than separate runs.
+    With ``resume`` (a file path), each finished batch is recorded there; a run started again
+    with the same settings skips those batches and gives the same result.
     """
     if not attacks:
         raise RobustlabError("no attack to evaluate")
@@ -117,15 +201,19 @@ def evaluate_curve(
     if batch_size < 1:
         raise RobustlabError(f"batch size must be >= 1, got {batch_size}")
     check_inputs(data.x[:total])
-    clean_ok = 0
-    robust_ok = [0] * len(attacks)
-    seconds = [0.0] * len(attacks)
-    torch.manual_seed(seed)
+    progress_path = Path(resume) if resume is not None else None
+    key = _run_key(attacks, data, total, batch_size, seed, model_info)
+    done = _read_progress(progress_path, key) if progress_path else {}
+    resumed = len(done)
+    if progress_path and not progress_path.exists():
+        progress_path.parent.mkdir(parents=True, exist_ok=True)
+        _append(progress_path, {"key": key})
+    warnings: list[str] = []
     name = attacks[0].config().get("name")
     with (
         frozen_eval(model),
         tqdm(
-            total=total * len(attacks),
+            total=total,
             desc=f"eval {name}",
             disable=not progress,
             file=sys.stderr,
@@ -133,38 +221,147 @@ def evaluate_curve(
             leave=False,
         ) as bar,
     ):
+        first = slice(0, min(total, batch_size))
+        warnings += masking_checks(model, data.x[first].to(device), data.y[first].to(device))
         for start in range(0, total, batch_size):
-            t0 = time.perf_counter()
-            x = data.x[start : min(total, start + batch_size)].to(device)
-            y = data.y[start : min(total, start + batch_size)].to(device)
-            with torch.no_grad():
-                alive = model(x).argmax(1) == y
-            clean_ok += int(alive.sum())
-            x_adv = x.clone()
-            share = (time.perf_counter() - t0) / len(attacks)
-            for i in order:
-                t1 = time.perf_counter()
-                attack = attacks[i]
-                if alive.any():
-                    x_adv[alive] = attack.run(model, x[alive], y[alive])
-                if not bool(attack.threat.contains(x, x_adv).all()):
-                    raise RuntimeError(f"attack {attack.config()} left its threat model: a bug")
-                with torch.no_grad():
-                    alive &= model(x_adv).argmax(1) == y
-                robust_ok[i] += int(alive.sum())
-                seconds[i] += time.perf_counter() - t1 + share
-                bar.update(len(x))
-    return [
-        EvalRecord(
-            clean_accuracy=clean_ok / total,
-            robust_accuracy=robust_ok[i] / total,
-            n=total,
-            threat_model=attack.threat.as_dict(),
-            attack=attack.config(),
-            model=dict(model_info or {}),
-            data=data.name,
-            elapsed_s=round(seconds[i], 3),
-            seed=seed,
+            if start not in done:
+                torch.manual_seed(seed + start)
+                batch = _attack_batch(
+                    model, data, attacks, order, start, min(total, start + batch_size), device
+                )
+                done[start] = batch
+                if progress_path:
+                    _append(progress_path, batch)
+            bar.update(min(total, start + batch_size) - start)
+    records = _records(attacks, done, total, data, model_info, seed, warnings)
+    for rec in records:
+        rec.resumed_batches = resumed
+    if progress_path:
+        progress_path.unlink(missing_ok=True)
+    return records
+
+
+def _attack_batch(
+    model: nn.Module,
+    data: Dataset,
+    attacks: Sequence[Attack],
+    order: list[int],
+    start: int,
+    end: int,
+    device: str,
+) -> dict[str, Any]:
+    """Attack one batch at every eps (smallest first); per-sample rows and timings per eps."""
+    t0 = time.perf_counter()
+    x = data.x[start:end].to(device)
+    y = data.y[start:end].to(device)
+    with torch.no_grad():
+        clean_pred = model(x).argmax(1)
+    alive = clean_pred == y
+    x_adv = x.clone()
+    broken: list[str | None] = [None] * len(x)
+    share = (time.perf_counter() - t0) / len(attacks)
+    out: dict[str, Any] = {"start": start, "per_eps": {}}
+    for i in order:
+        attack = attacks[i]
+        t1 = time.perf_counter()
+        seconds: dict[str, float] = {}
+        idx = alive.nonzero().flatten()
+        if len(idx):
+            adv, names, seconds = _run(attack, model, x[idx], y[idx])
+            for k, (j, who) in enumerate(zip(idx.tolist(), names, strict=True)):
+                if who is not None:
+                    x_adv[j] = adv[k]
+                    broken[j] = f"{who}@{attack.threat.eps:g}" if len(attacks) > 1 else who
+        if not bool(attack.threat.contains(x, x_adv).all()):
+            raise RuntimeError(f"attack {attack.config()} left its threat model: a bug")
+        with torch.no_grad():
+            final_pred = model(x_adv).argmax(1)
+        alive &= final_pred == y
+        norms = attack.threat.norms(x_adv - x)
+        rows = [
+            {
+                "index": start + j,
+                "label": int(y[j]),
+                "clean_pred": int(clean_pred[j]),
+                "final_pred": int(final_pred[j]),
+                "robust": bool(alive[j]),
+                "broken_by": broken[j],
+                "perturbation_norm": round(float(norms[j]), 6),
+            }
+            for j in range(len(x))
+        ]
+        out["per_eps"][str(i)] = {
+            "rows": rows,
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
+            "total_s": round(time.perf_counter() - t1 + share, 4),
+        }
+    return out
+
+
+def _records(
+    attacks: Sequence[Attack],
+    done: dict[int, dict[str, Any]],
+    total: int,
+    data: Dataset,
+    model_info: dict[str, object] | None,
+    seed: int,
+    warnings: list[str],
+) -> list[EvalRecord]:
+    records = []
+    for i, attack in enumerate(attacks):
+        rows = [r for s in sorted(done) for r in done[s]["per_eps"][str(i)]["rows"]]
+        clean = sum(r["clean_pred"] == r["label"] for r in rows)
+        robust = sum(bool(r["robust"]) for r in rows)
+        elapsed = sum(done[s]["per_eps"][str(i)]["total_s"] for s in done)
+        seconds: dict[str, float] = {}
+        for s in done:
+            for k, v in done[s]["per_eps"][str(i)]["seconds"].items():
+                seconds[k] = seconds.get(k, 0.0) + v
+        eps = attack.threat.eps
+        here = (
+            [
+                r
+                for r in rows
+                if r["broken_by"] is not None and str(r["broken_by"]).endswith(f"@{eps:g}")
+            ]
+            if len(attacks) > 1
+            else rows
         )
-        for i, attack in enumerate(attacks)
-    ]
+        broken_here: dict[str, int] = {}
+        for r in here:
+            if r["broken_by"] is not None:
+                sub = str(r["broken_by"]).split("@")[0]
+                broken_here[sub] = broken_here.get(sub, 0) + 1
+        before = robust + sum(broken_here.values())
+        per_attack = []
+        for sub in seconds:
+            before -= broken_here.get(sub, 0)
+            per_attack.append(
+                {
+                    "attack": sub,
+                    "robust_accuracy_after": before / total,
+                    "broken": broken_here.get(sub, 0),
+                    "seconds": round(seconds[sub], 3),
+                }
+            )
+        notes = list(warnings)
+        bb = black_box_warning(sum(broken_here.get(b, 0) for b in ("square",)), total)
+        if bb and len(seconds) > 1:
+            notes.append(bb)
+        records.append(
+            EvalRecord(
+                clean_accuracy=clean / total,
+                robust_accuracy=robust / total,
+                n=total,
+                threat_model=attack.threat.as_dict(),
+                attack=attack.config(),
+                model=dict(model_info or {}),
+                data=data.name,
+                elapsed_s=round(elapsed, 3),
+                seed=seed,
+                per_attack=per_attack,
+                warnings=notes,
+                samples=rows,
+            )
+        )
+    return records
