@@ -1,0 +1,397 @@
+"""Auto-PGD (Croce & Hein, ICML 2020): APGD with any loss, and APGD-T on the targeted DLR loss.
+
+One run of APGD from a random start ``x0`` with ``N = steps`` iterations::
+
+    x1      = P(x0 + eta * s(g0))                       # g: gradient, s: steepest_step
+    z       = P(xk + eta * s(gk))                       # k >= 1
+    x_{k+1} = P(xk + a * (z - xk) + (1 - a) * (xk - x_{k-1}))    # a = momentum = 0.75
+
+with ``P`` the exact projection of the threat model. ``eta`` starts at ``2 * eps`` (linf,
+l2) or ``eps`` (l1, as l1-APGD, Croce & Hein, ICML 2021, for the sparse step of
+:meth:`ThreatModel.steepest_step`). Checkpoints ``w_j = ceil(p_j * N)`` with ``p_0 = 0``,
+``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (exact hundredths; for
+N = 100: 22, 41, 57, 70, 80, 87, 93, 99). Once ``x_{w_j}`` is evaluated, per sample, the
+step size is halved and the next step starts from the highest-loss point ``x_max`` (with its
+gradient; the momentum term then is ``x_max - x_{w_j - 1}``) when
+
+1. fewer than ``rho * (w_j - w_{j-1})`` of the steps since the last checkpoint increased the
+   loss (``f(x_{i+1}) > f(x_i)`` for ``w_{j-1} <= i < w_j``, ``x_i`` being the point the step
+   started from), or
+2. the step size was not halved at ``w_{j-1}`` (``w_0 = 0`` counts as not halved) and the
+   best loss ``f_max`` did not increase since ``w_{j-1}``.
+
+Every bookkeeping value (step size, counters, best point, best loss) is per sample. A sample
+stops being iterated once it is successful (misclassified, or at its target); a run returns
+per sample the successful point if one was found, else its highest-loss point. Restarts run
+only on samples not yet successful. With ``eot_iter = m`` the gradient and the loss are the
+means over ``m`` forward/backward passes (randomised defences), and a point counts as
+successful only if all ``m`` passes say so.
+
+Differences to the reference code (fra31/auto-attack), all following the paper: condition 1
+is strict (``<``), compares with ``f(x0)`` at the first checkpoint and with ``f(x_max)``
+after a restart; condition 2 may fire at the first checkpoint; the random start is uniform
+in the ball (:meth:`ThreatModel.random_start`); for l1 the adaptive sparsity of l1-APGD is
+not used (the sparsity is the threat model's), only its initial step size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import RobustlabError
+from .base import Attack, success
+from .losses import Loss, dlr, get_loss
+from .threat import ThreatModel
+
+P1, DECAY, MIN_GAP = 22, 3, 6  # p_1 = 0.22, the 0.03 decrease and the 0.06 floor, in hundredths
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The iterations ``w_1 < w_2 < ... <= steps`` at which APGD may halve its step size."""
+    marks: list[int] = []
+    prev, cur = 0, P1
+    while cur <= 100:
+        w = -(-cur * steps // 100)  # ceil(p_j * steps) in integers
+        if w >= 1 and (not marks or w > marks[-1]):
+            marks.append(w)
+        prev, cur = cur, cur + max(cur - prev - DECAY, MIN_GAP)
+    return marks
+
+
+def _whole(name: str, value: object, low: int, attack: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RobustlabError(f"{attack} needs {name} >= {low} (a whole number), got {value!r}")
+
+
+def _fraction(name: str, value: float, attack: str, closed_top: bool = False) -> None:
+    ok = 0 < value <= 1 if closed_top else 0 < value < 1
+    if not ok:
+        where = "in (0, 1]" if closed_top else "strictly between 0 and 1"
+        raise RobustlabError(f"{attack} needs {name} {where}, got {value!r}")
+
+
+def _loss_name(loss: str | Loss) -> str:
+    return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+
+
+@dataclass(frozen=True)
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein 2020) with the published defaults: 100 steps, rho = momentum = 0.75.
+
+    ``loss`` is ce, dlr, cw or a callable ``(logits, y, targets) -> per-sample loss``;
+    ``momentum`` is the weight of the new step (``1 - momentum`` goes to the previous one);
+    ``eot_iter > 1`` averages that many gradients per step (AutoAttack's 'rand' version).
+    With ``targets`` the loss is the targeted one and success means reaching the target.
+    """
+
+    norm: str = "linf"
+    eps: float = 0.3
+    steps: int = 100
+    restarts: int = 1
+    loss: str | Loss = "ce"
+    rho: float = 0.75
+    momentum: float = 0.75
+    eot_iter: int = 1
+    seed: int = 0
+
+    name: ClassVar[str] = "apgd"
+
+    def __post_init__(self) -> None:
+        ThreatModel(self.norm, self.eps)
+        _whole("steps", self.steps, 1, "apgd")
+        _whole("restarts", self.restarts, 1, "apgd")
+        _whole("eot_iter", self.eot_iter, 1, "apgd")
+        _fraction("rho", self.rho, "apgd")
+        _fraction("momentum", self.momentum, "apgd", closed_top=True)
+        get_loss(self.loss)
+
+    def config(self) -> dict[str, Any]:
+        """The full configuration, for result records."""
+        return {**super().config(), "loss": _loss_name(self.loss)}
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """APGD on a model already in the state to attack (eval mode, frozen parameters)."""
+        engine = _Engine(
+            self.threat, self.steps, self.rho, self.momentum, self.eot_iter, self.seed, x
+        )
+        loss_fn = get_loss(self.loss)
+        best, best_loss, done = _start(model, x, y, targets)
+        for _ in range(self.restarts):
+            todo = (~done).nonzero().flatten()
+            if len(todo) == 0:
+                break
+            ts = None if targets is None else targets[todo]
+            found = engine.run(model, x[todo], y[todo], ts, ts, loss_fn)
+            _merge(best, best_loss, done, todo, *found)
+        return best
+
+
+@dataclass(frozen=True)
+class APGDT(Attack):
+    """APGD-T: APGD on the targeted DLR loss, target by target (published defaults).
+
+    Untargeted use (``targets=None``): for k = 1 .. n_target_classes (at most the number of
+    other classes), target the k-th largest non-true logit at the clean input, on the
+    samples not yet misclassified; success means misclassified. With explicit ``targets``,
+    exactly those are attacked and success means classified as the target.
+    """
+
+    norm: str = "linf"
+    eps: float = 0.3
+    steps: int = 100
+    restarts: int = 1
+    n_target_classes: int = 9
+    rho: float = 0.75
+    momentum: float = 0.75
+    eot_iter: int = 1
+    seed: int = 0
+
+    name: ClassVar[str] = "apgd-t"
+
+    def __post_init__(self) -> None:
+        ThreatModel(self.norm, self.eps)
+        _whole("steps", self.steps, 1, "apgd-t")
+        _whole("restarts", self.restarts, 1, "apgd-t")
+        _whole("n_target_classes", self.n_target_classes, 1, "apgd-t")
+        _whole("eot_iter", self.eot_iter, 1, "apgd-t")
+        _fraction("rho", self.rho, "apgd-t")
+        _fraction("momentum", self.momentum, "apgd-t", closed_top=True)
+
+    def config(self) -> dict[str, Any]:
+        """The full configuration, for result records."""
+        return {**super().config(), "loss": "dlr-targeted"}
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """APGD-T on a model already in the state to attack (eval mode, frozen parameters)."""
+        engine = _Engine(
+            self.threat, self.steps, self.rho, self.momentum, self.eot_iter, self.seed, x
+        )
+        best, best_loss = x.clone(), torch.full((len(x),), float("-inf"), device=x.device)
+        if len(x) == 0:
+            return best
+        with torch.no_grad():
+            logits = model(x)
+        done = success(logits, y, targets)
+        classes = logits.shape[1]
+        if classes < 4:
+            raise RobustlabError(
+                f"apgd-t uses the targeted DLR loss, which needs at least 4 classes; "
+                f"the model has {classes}"
+            )
+        if targets is None:
+            # non-true classes by clean logit, largest first
+            masked = logits.scatter(1, y[:, None], float("-inf"))
+            ranked = masked.sort(dim=1, descending=True, stable=True).indices
+            rounds = min(self.n_target_classes, classes - 1)
+        else:
+            ranked, rounds = targets[:, None], 1
+        for k in range(rounds):
+            for _ in range(self.restarts):
+                todo = (~done).nonzero().flatten()
+                if len(todo) == 0:
+                    return best
+                goal = ranked[todo, k]
+                hit_goal = None if targets is None else goal
+                found = engine.run(model, x[todo], y[todo], goal, hit_goal, dlr)
+                _merge(best, best_loss, done, todo, *found)
+        return best
+
+
+def _start(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clean inputs as the answer so far; samples already successful are done."""
+    with torch.no_grad():
+        done = success(model(x), y, targets) if len(x) else y.new_zeros(0, dtype=torch.bool)
+    best_loss = torch.full((len(x),), float("-inf"), device=x.device)
+    return x.clone(), best_loss, done
+
+
+def _merge(
+    best: torch.Tensor,
+    best_loss: torch.Tensor,
+    done: torch.Tensor,
+    todo: torch.Tensor,
+    adv: torch.Tensor,
+    hit: torch.Tensor,
+    loss: torch.Tensor,
+) -> None:
+    """Per sample: a successful point wins, else the highest loss over runs is kept."""
+    better = hit | (loss.to(best_loss.dtype) > best_loss[todo])
+    idx = todo[better]
+    best[idx] = adv[better]
+    best_loss[idx] = torch.where(hit[better], float("inf"), loss[better].to(best_loss.dtype))
+    done[todo] |= hit
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass
+class _State:
+    """Per-sample state of the samples still iterated; ``keep`` drops the others."""
+
+    pos: torch.Tensor  # position in the run's batch
+    x: torch.Tensor
+    y: torch.Tensor
+    goal: torch.Tensor | None  # targets of the loss
+    hit_goal: torch.Tensor | None  # targets of the success test (None: misclassified)
+    cur: torch.Tensor
+    prev: torch.Tensor
+    grad: torch.Tensor
+    last_loss: torch.Tensor  # f at the point the next step starts from
+    eta: torch.Tensor
+    best_x: torch.Tensor
+    best_loss: torch.Tensor
+    best_grad: torch.Tensor
+    ups: torch.Tensor  # loss increases since the last checkpoint
+    check_best: torch.Tensor  # f_max at the last checkpoint
+    halved: torch.Tensor  # step size halved at the last checkpoint
+
+    def keep(self, mask: torch.Tensor) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                setattr(self, f.name, value[mask])
+
+
+class _Engine:
+    """One APGD run at a time; the random starts of successive runs come from one generator."""
+
+    def __init__(
+        self,
+        threat: ThreatModel,
+        steps: int,
+        rho: float,
+        momentum: float,
+        eot_iter: int,
+        seed: int,
+        like: torch.Tensor,
+    ) -> None:
+        self.threat, self.steps, self.rho = threat, steps, rho
+        self.momentum, self.eot_iter = momentum, eot_iter
+        self.generator = torch.Generator(device=like.device).manual_seed(seed)
+        marks = checkpoints(steps)
+        self.gaps = {w: w - v for w, v in zip(marks, [0, *marks[:-1]], strict=True)}
+        self.eta0 = (1.0 if threat.norm == "l1" else 2.0) * threat.eps
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        goal: torch.Tensor | None,
+        hit_goal: torch.Tensor | None,
+        loss_fn: Loss,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sample: (successful or highest-loss point, successful, its loss)."""
+        threat = self.threat
+        x0 = threat.random_start(x, self.generator)
+        loss0, grad0, hit0 = self._evaluate(model, x0, y, goal, hit_goal, loss_fn, True)
+        out, out_hit, out_loss = x0.clone(), hit0.clone(), loss0.clone()
+        s = _State(
+            pos=torch.arange(len(x), device=x.device),
+            x=x,
+            y=y,
+            goal=goal,
+            hit_goal=hit_goal,
+            cur=x0,
+            prev=x0,
+            grad=grad0,
+            last_loss=loss0,
+            eta=torch.full((len(x),), self.eta0, dtype=x.dtype, device=x.device),
+            best_x=x0,
+            best_loss=loss0,
+            best_grad=grad0,
+            ups=torch.zeros(len(x), dtype=torch.long, device=x.device),
+            check_best=loss0,
+            halved=torch.zeros(len(x), dtype=torch.bool, device=x.device),
+        )
+        s.keep(~hit0)
+        for i in range(self.steps):
+            if len(s.pos) == 0:
+                break
+            with torch.no_grad():
+                z = threat.project(s.x, s.cur + _col(s.eta, s.x) * threat.steepest_step(s.grad))
+                if i > 0:
+                    a = self.momentum
+                    z = threat.project(s.x, s.cur + a * (z - s.cur) + (1 - a) * (s.cur - s.prev))
+            s.prev, s.cur = s.cur, z
+            last = i + 1 == self.steps
+            loss, grad, hit = self._evaluate(
+                model, s.cur, s.y, s.goal, s.hit_goal, loss_fn, not last
+            )
+            with torch.no_grad():
+                s.ups = s.ups + (loss > s.last_loss).long()
+                better = loss > s.best_loss
+                s.best_x = torch.where(_col(better, s.cur), s.cur, s.best_x)
+                s.best_grad = torch.where(_col(better, grad), grad, s.best_grad)
+                s.best_loss = torch.where(better, loss, s.best_loss)
+                s.grad, s.last_loss = grad, loss
+                any_hit = bool(hit.any())
+                if any_hit:  # a successful point is final
+                    won = s.pos[hit]
+                    out[won], out_hit[won], out_loss[won] = s.cur[hit], True, loss[hit]
+                if (i + 1) in self.gaps and not last:
+                    self._checkpoint(s, self.gaps[i + 1])
+                if any_hit:  # early stop
+                    s.keep(~hit)
+        out[s.pos], out_loss[s.pos] = s.best_x, s.best_loss
+        return out, out_hit, out_loss
+
+    def _checkpoint(self, s: _State, gap: int) -> None:
+        """Halve the step size and restart from the best point where progress stalled."""
+        stalled = s.ups < self.rho * gap  # condition 1
+        stuck = ~s.halved & (s.best_loss <= s.check_best)  # condition 2
+        halve = stalled | stuck
+        s.eta = torch.where(halve, s.eta / 2, s.eta)
+        s.cur = torch.where(_col(halve, s.cur), s.best_x, s.cur)
+        s.grad = torch.where(_col(halve, s.grad), s.best_grad, s.grad)
+        s.last_loss = torch.where(halve, s.best_loss, s.last_loss)
+        s.halved, s.check_best = halve, s.best_loss
+        s.ups = torch.zeros_like(s.ups)
+
+    def _evaluate(
+        self,
+        model: nn.Module,
+        x_adv: torch.Tensor,
+        y: torch.Tensor,
+        goal: torch.Tensor | None,
+        hit_goal: torch.Tensor | None,
+        loss_fn: Loss,
+        need_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean loss and gradient over ``eot_iter`` passes, and success on every pass."""
+        total = torch.zeros(len(x_adv), device=x_adv.device)
+        grad = torch.zeros_like(x_adv)
+        hit = torch.ones(len(x_adv), dtype=torch.bool, device=x_adv.device)
+        for _ in range(self.eot_iter):
+            with torch.set_grad_enabled(need_grad):
+                xg = x_adv.detach().requires_grad_(need_grad)
+                logits = model(xg)
+                losses = loss_fn(logits, y, goal)
+                if need_grad and losses.requires_grad:
+                    g = torch.autograd.grad(losses.sum(), xg, allow_unused=True)[0]
+                    if g is not None:
+                        grad += g
+            total += losses.detach().float()
+            hit &= success(logits.detach(), y, hit_goal)
+        grad = torch.nan_to_num(grad / self.eot_iter, nan=0.0, posinf=0.0, neginf=0.0)
+        return total / self.eot_iter, grad, hit

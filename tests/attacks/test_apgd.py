@@ -1,0 +1,555 @@
+"""APGD and APGD-T: exact robust sets of linear models, invariants, schedule, model guard."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch import nn
+
+import robustlab.attacks.apgd as apgd_module
+from robustlab.attacks import PGD, ThreatModel
+from robustlab.attacks.apgd import APGD, APGDT, _Engine, _State, checkpoints
+from robustlab.data import DataSplits
+from robustlab.errors import RobustlabError
+from robustlab.models.mlp import MLP
+
+NORMS = ["linf", "l2", "l1"]
+EPS = {"linf": (0.01, 0.05), "l2": (0.1, 0.3), "l1": (0.1, 0.3)}
+
+# --- linear models whose logits depend on x through one scalar s = w . (x - 0.5) -----------
+
+
+class Linear1D(nn.Module):
+    """Logits ``slopes * s + offsets``: class regions are intervals of s, robustness is exact."""
+
+    def __init__(self, w: torch.Tensor, slopes: list[float], offsets: list[float]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.flatten().clone())
+        self.slopes = nn.Parameter(torch.tensor(slopes))
+        self.offsets = nn.Parameter(torch.tensor(offsets))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x.flatten(1) - 0.5) @ self.w
+        return s[:, None] * self.slopes + self.offsets
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W, b of the equivalent z = W x + b."""
+        w, k = self.w.detach(), self.slopes.detach()
+        return k[:, None] * w, self.offsets.detach() - 0.5 * k * w.sum()
+
+
+def _weight() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(36, generator=g).sign() * (0.5 + torch.rand(36, generator=g))
+    w[7] = 2.0 * w[7].sign()  # a clear largest |w_i| (the l1 optimum puts all eps there)
+    return w
+
+
+def _dual(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """||v||_* of the rows of v: l1 for linf, l2 for l2, linf for l1."""
+    if norm == "linf":
+        return v.abs().sum(-1)
+    return v.norm(dim=-1) if norm == "l2" else v.abs().amax(-1)
+
+
+def _reach(w: torch.Tensor, norm: str) -> torch.Tensor:
+    """|delta_i| of the unit-norm perturbation that moves w . delta the most."""
+    if norm == "linf":
+        return torch.ones_like(w)
+    if norm == "l2":
+        return w.abs() / w.norm()
+    return F.one_hot(w.abs().argmax(), len(w)).to(w.dtype)
+
+
+def _points(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Inputs near 0.5 with w . (x - 0.5) == s exactly (shifted along sign(w))."""
+    g = torch.Generator().manual_seed(2)
+    x = 0.5 + 0.02 * (2 * torch.rand(len(s), 36, generator=g) - 1)
+    x = x + ((s - (x - 0.5) @ w) / w.abs().sum())[:, None] * w.sign()
+    return x.view(-1, 1, 6, 6)
+
+
+def _exact_robust(
+    model: Linear1D, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Robust iff (w_y - w_j) . x + b_y - b_j > eps ||w_y - w_j||_* for all j != y (box free).
+
+    Also the samples to keep: no class within 1e-3 of its threshold.
+    """
+    big_w, b = model.weights()
+    flat = x.flatten(1)
+    diff = big_w[y][:, None, :] - big_w[None, :, :]  # (n, classes, d)
+    margin = (diff * flat[:, None, :]).sum(-1) + (b[y][:, None] - b[None, :])
+    need = eps * _dual(diff, norm)
+    other = F.one_hot(y, len(b)) == 0
+    robust = ((margin > need) | ~other).all(1)
+    keep = (((margin - need).abs() > 1e-3 * need.clamp_min(1.0)) | ~other).all(1)
+    reach = eps * _reach(model.w.detach(), norm)
+    assert bool(((flat - reach >= 0) & (flat + reach <= 1)).all())  # the box never binds
+    return robust, keep
+
+
+def _two_class(norm: str, eps: float) -> tuple[Linear1D, torch.Tensor, torch.Tensor]:
+    """Logits [0, s]; s uniform in [-2D, 2D] with D = eps ||w||_*."""
+    w = _weight()
+    reach = eps * float(_dual(w, norm))
+    s = reach * (4 * torch.rand(200, generator=torch.Generator().manual_seed(3)) - 2)
+    return Linear1D(w, [0.0, 1.0], [0.0, 0.0]).eval(), _points(w, s), (s > 0).long()
+
+
+def _three_class(norm: str, eps: float) -> tuple[Linear1D, torch.Tensor, torch.Tensor]:
+    """Logits [0, s - A, -s - A], A = 4D: points near s = +-A see one reachable boundary each."""
+    w = _weight()
+    reach = eps * float(_dual(w, norm))
+    g = torch.Generator().manual_seed(4)
+    side = torch.randint(0, 2, (200,), generator=g) * 2 - 1
+    s = side * (4 * reach + reach * (4 * torch.rand(200, generator=g) - 2))
+    model = Linear1D(w, [0.0, 1.0, -1.0], [0.0, -4 * reach, -4 * reach]).eval()
+    with torch.no_grad():
+        y = model(_points(w, s)).argmax(1)
+    return model, _points(w, s), y
+
+
+def _four_class(norm: str, eps: float, near: str) -> tuple[Linear1D, torch.Tensor, torch.Tensor]:
+    """Logits [0, s, -s - 2A, -C], A = 2D: class 1 for s > 0, class 2 for s < -2A, else 0."""
+    w = _weight()
+    reach = eps * float(_dual(w, norm))
+    g = torch.Generator().manual_seed(5)
+    u = reach * 2 * torch.rand(200, generator=g)
+    if near == "zero":  # both sides of s = 0
+        s = u * (torch.randint(0, 2, (200,), generator=g) * 2 - 1)
+    else:  # class 0 only, half near s = 0, half near s = -2A
+        s = torch.where(torch.arange(200) % 2 == 0, -u, -4 * reach + u)
+    model = Linear1D(w, [0.0, 1.0, -1.0, 0.0], [0.0, 0.0, -4 * reach, -20 * reach]).eval()
+    with torch.no_grad():
+        y = model(_points(w, s)).argmax(1)
+    return model, _points(w, s), y
+
+
+def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+# --- exactness on linear models -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+def test_apgd_finds_the_exact_robust_set_of_a_two_class_linear_model(norm: str, loss: str) -> None:
+    for eps in EPS[norm]:
+        model, x, y = _two_class(norm, eps)
+        exact, keep = _exact_robust(model, x, y, eps, norm)
+        x_adv = APGD(norm=norm, eps=eps, loss=loss)(model, x, y)
+        assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
+        assert torch.equal(_robust(model, x_adv, y)[keep], exact[keep])
+        assert 0 < int(exact[keep].sum()) < int(keep.sum())  # not trivial either way
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("loss", ["ce", "dlr", "cw"])
+def test_apgd_finds_the_exact_robust_set_of_a_three_class_linear_model(
+    norm: str, loss: str
+) -> None:
+    for eps in EPS[norm]:
+        model, x, y = _three_class(norm, eps)
+        exact, keep = _exact_robust(model, x, y, eps, norm)
+        x_adv = APGD(norm=norm, eps=eps, loss=loss)(model, x, y)
+        assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
+        assert torch.equal(_robust(model, x_adv, y)[keep], exact[keep])
+        assert 0 < int(exact[keep].sum()) < int(keep.sum())
+        assert set(y.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_apgd_t_finds_the_exact_robust_set_of_a_four_class_linear_model(norm: str) -> None:
+    eps = EPS[norm][1]
+    model, x, y = _four_class(norm, eps, near="zero")
+    exact, keep = _exact_robust(model, x, y, eps, norm)
+    x_adv = APGDT(norm=norm, eps=eps)(model, x, y)  # 9 targets asked, 3 exist
+    assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
+    assert torch.equal(_robust(model, x_adv, y)[keep], exact[keep])
+    assert 0 < int(exact[keep].sum()) < int(keep.sum())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_apgd_t_reaches_explicit_targets_exactly_when_reachable(norm: str) -> None:
+    eps = EPS[norm][1]
+    model, x, y = _four_class(norm, eps, near="both")
+    assert bool((y == 0).all())
+    targets = 1 + torch.randint(0, 3, (len(y),), generator=torch.Generator().manual_seed(6))
+    reach = eps * float(_dual(model.w.detach(), norm))
+    with torch.no_grad():
+        s = (x.flatten(1) - 0.5) @ model.w
+    a2 = 4 * reach
+    reachable = ((targets == 1) & (s + reach > 0)) | ((targets == 2) & (s - reach < -a2))
+    keep = ((s + reach).abs() > 1e-3 * reach) & ((s - reach + a2).abs() > 1e-3 * reach)
+    x_adv = APGDT(norm=norm, eps=eps)(model, x, y, targets)
+    assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
+    with torch.no_grad():
+        hit = model(x_adv).argmax(1) == targets
+    assert torch.equal(hit[keep], reachable[keep])
+    assert 0 < int(reachable[keep].sum()) < int(keep.sum())
+
+
+# --- invariants --------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    norm=st.sampled_from(NORMS),
+    eps=st.floats(0.0, 2.0),
+    batch=st.integers(1, 6),
+    channels=st.sampled_from([1, 3]),
+    size=st.integers(2, 7),
+    seed=st.integers(0, 10_000),
+    restarts=st.integers(1, 2),
+    steps=st.integers(1, 6),
+    kind=st.sampled_from(["ce", "dlr", "cw", "apgd-t"]),
+)
+def test_every_example_lies_inside_its_threat_model(
+    norm: str,
+    eps: float,
+    batch: int,
+    channels: int,
+    size: int,
+    seed: int,
+    restarts: int,
+    steps: int,
+    kind: str,
+) -> None:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(channels * size * size, 16), nn.ReLU(), nn.Linear(16, 5)
+    ).eval()
+    x = torch.rand(batch, channels, size, size)
+    y = torch.randint(0, 5, (batch,))
+    if kind == "apgd-t":
+        attack: APGD | APGDT = APGDT(norm=norm, eps=eps, steps=steps, restarts=restarts, seed=seed)
+    else:
+        attack = APGD(norm=norm, eps=eps, steps=steps, restarts=restarts, loss=kind, seed=seed)
+    x_adv = attack(model, x, y)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
+
+
+def test_zero_eps_and_misclassified_inputs_come_back_unchanged() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.rand(6, 1, 4, 4)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert torch.equal(APGD(eps=0.0, steps=3)(model, x, pred), x)
+    wrong = (pred + 1) % 5  # every input is already misclassified
+    assert torch.equal(APGD(eps=0.5, steps=3)(model, x, wrong), x)
+    assert torch.equal(APGDT(eps=0.5, steps=3)(model, x, wrong), x)
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_more_restarts_never_weaken_the_attack(loss: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.rand(200, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every point starts correctly classified
+    fooled = {}
+    for r in (1, 3):
+        x_adv = APGD(eps=0.02, steps=10, restarts=r, loss=loss, seed=7)(model, x, y)
+        fooled[r] = ~_robust(model, x_adv, y)
+    assert bool((fooled[3] | ~fooled[1]).all())  # whatever 1 restart broke, 3 restarts broke
+    assert 0 < int(fooled[1].sum()) < len(y)
+
+
+def test_successful_points_stop_being_iterated() -> None:
+    model, x, y = _two_class("linf", 0.05)
+    counter = Counting(model)
+    x_adv = APGD(norm="linf", eps=0.3)(counter, x, y)  # eps far beyond every margin
+    assert not bool(_robust(model, x_adv, y).any())
+    assert counter.rows < 4 * len(x)  # instead of (1 + 101) * len(x) without early stopping
+
+
+def test_eot_averages_that_many_passes_per_iteration() -> None:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.rand(4, 1, 4, 4)
+    with torch.no_grad():
+        y = body(x).argmax(1)
+    for eot in (1, 3):
+        counter = Counting(body)
+        APGD(eps=0.0, steps=10, eot_iter=eot)(counter, x, y)  # nothing can succeed at eps 0
+        assert counter.calls == 1 + 11 * eot  # clean check, start point, 10 iterates
+    # identical passes: averaging changes nothing
+    one = APGD(eps=0.1, steps=20, eot_iter=1)(body, x, y)
+    three = APGD(eps=0.1, steps=20, eot_iter=3)(body, x, y)
+    assert torch.allclose(one, three, atol=1e-6)
+
+
+def test_eot_runs_on_a_randomised_model() -> None:
+    torch.manual_seed(0)
+    model = Noisy(nn.Sequential(nn.Flatten(), nn.Linear(16, 5)))
+    x = torch.rand(8, 1, 4, 4)
+    y = torch.randint(0, 5, (8,))
+    x_adv = APGD(eps=0.1, steps=5, eot_iter=4, loss="dlr")(model, x, y)
+    assert bool(ThreatModel("linf", 0.1).contains(x, x_adv).all())
+
+
+class Counting(nn.Module):
+    """Counts forward calls and rows."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.calls = self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.rows += len(x)
+        return self.body(x)
+
+
+class Noisy(nn.Module):
+    """A randomised defence: Gaussian noise on the input at every pass."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x + 0.05 * torch.randn_like(x))
+
+
+# --- APGD-T target selection --------------------------------------------------------------------
+
+
+def test_apgd_t_targets_the_largest_other_logits_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6)).eval()
+    x = torch.rand(5, 1, 4, 4)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    seen: list[torch.Tensor] = []
+    real = apgd_module.dlr
+
+    def spy(z: torch.Tensor, yy: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        assert t is not None
+        seen.append(t.clone())
+        return real(z, yy, t)
+
+    monkeypatch.setattr(apgd_module, "dlr", spy)
+    APGDT(eps=0.0, steps=1, n_target_classes=3)(model, x, y)  # eps 0: every run sees all
+    ranked = logits.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
+    assert len(seen) == 3 * 2  # 3 targets, each: start point and one iterate
+    for k in range(3):
+        assert torch.equal(seen[2 * k], ranked[:, k])
+        assert bool((seen[2 * k] != y).all())
+
+
+def test_apgd_t_uses_all_other_classes_when_there_are_fewer_than_asked() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.rand(30, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    many = APGDT(eps=0.05, steps=5, n_target_classes=9)(model, x, y)
+    four = APGDT(eps=0.05, steps=5, n_target_classes=4)(model, x, y)
+    assert torch.equal(many, four)
+    small = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    with pytest.raises(RobustlabError, match="at least 4 classes"):
+        APGDT(eps=0.05, steps=5)(small, x, torch.zeros(30, dtype=torch.long))
+
+
+# --- the schedule ----------------------------------------------------------------------------------
+
+
+def test_checkpoints_follow_the_published_schedule() -> None:
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(1000) == [220, 410, 570, 700, 800, 870, 930, 990]
+    assert checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]  # w_j = ceil(p_j * N), duplicates merged
+    for n in range(1, 300):
+        marks = checkpoints(n)
+        assert marks == sorted(set(marks)) and marks[0] >= 1 and marks[-1] <= n
+
+
+def _state(ups: list[int], halved: list[bool], best: list[float], check: list[float]) -> _State:
+    n = len(ups)
+    cur, best_x = torch.zeros(n, 1), torch.ones(n, 1)
+    return _State(
+        pos=torch.arange(n),
+        x=cur,
+        y=torch.zeros(n, dtype=torch.long),
+        goal=None,
+        hit_goal=None,
+        cur=cur,
+        prev=cur,
+        grad=cur,
+        last_loss=torch.zeros(n),
+        eta=torch.full((n,), 0.4),
+        best_x=best_x,
+        best_loss=torch.tensor(best),
+        best_grad=best_x,
+        ups=torch.tensor(ups),
+        check_best=torch.tensor(check),
+        halved=torch.tensor(halved),
+    )
+
+
+def test_checkpoint_conditions_are_per_sample() -> None:
+    engine = _Engine(ThreatModel("linf", 0.2), 100, 0.75, 0.75, 1, 0, torch.zeros(1))
+    assert engine.eta0 == pytest.approx(0.4)
+    assert engine.gaps[22] == 22 and engine.gaps[41] == 19
+    # gap 20, rho 0.75: 15 increases are enough, 14 are not (condition 1, strict)
+    # sample 2: enough increases, not halved before, best loss unchanged (condition 2)
+    # sample 3: like 2 but halved at the previous checkpoint: no condition holds
+    s = _state(
+        [14, 15, 20, 20], [True, True, False, True], [1.0, 2.0, 1.0, 1.0], [0.5] * 2 + [1.0] * 2
+    )
+    engine._checkpoint(s, 20)
+    assert s.eta.tolist() == pytest.approx([0.2, 0.4, 0.2, 0.4])
+    assert s.cur[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]  # halved samples restart at the best
+    assert s.last_loss.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert s.halved.tolist() == [True, False, True, False]
+    assert s.ups.tolist() == [0, 0, 0, 0] and s.check_best.tolist() == [1.0, 2.0, 1.0, 1.0]
+
+
+def test_l1_starts_with_step_eps() -> None:
+    assert _Engine(ThreatModel("l1", 3.0), 100, 0.75, 0.75, 1, 0, torch.zeros(1)).eta0 == 3.0
+    assert _Engine(ThreatModel("l2", 3.0), 100, 0.75, 0.75, 1, 0, torch.zeros(1)).eta0 == 6.0
+
+
+# --- a trained model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_mlp(digits: DataSplits) -> nn.Module:
+    """A small MLP trained for a few epochs on sklearn digits (~95 % clean accuracy)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = MLP(1, 10, 8, depth=1, width=64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = digits.train.x, digits.train.y
+    for _ in range(15):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 128):
+            idx = order[i : i + 128]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])
+def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_budget(
+    digits_mlp: nn.Module, digits: DataSplits, norm: str, eps: float
+) -> None:
+    x, y = digits.test.x, digits.test.y
+    clean = float(_robust(digits_mlp, x, y).float().mean())
+    x_apgd = APGD(norm=norm, eps=eps, steps=100, loss="ce")(digits_mlp, x, y)
+    x_pgd = PGD(norm=norm, eps=eps, steps=100)(digits_mlp, x, y)
+    tm = ThreatModel(norm, eps)
+    assert bool(tm.contains(x, x_apgd).all()) and bool(tm.contains(x, x_pgd).all())
+    apgd_acc = float(_robust(digits_mlp, x_apgd, y).float().mean())
+    pgd_acc = float(_robust(digits_mlp, x_pgd, y).float().mean())
+    assert clean > 0.9
+    assert 0.1 < apgd_acc <= pgd_acc < clean
+
+
+# --- the model guard and the configuration ------------------------------------------------------------
+
+
+class Flaky(nn.Module):
+    """A model whose forward raises on the n-th call: attacks must still restore it."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 5)
+        )
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("boom")
+        return self.body(x)
+
+
+@pytest.mark.parametrize("fail_at", [0, 3])
+@pytest.mark.parametrize("make", [APGD, APGDT])
+def test_attacks_leave_the_callers_model_as_it_was(fail_at: int, make: type[APGD]) -> None:
+    model = Flaky(fail_at)
+    model.train()
+    model.body[1].weight.requires_grad_(False)  # a caller's own choice must survive
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 5, (8,))
+    attack = make(eps=0.1, steps=5)
+    if fail_at:
+        with (
+            pytest.raises(RuntimeError, match="boom"),
+            pytest.warns(UserWarning, match="train mode"),
+        ):
+            attack(model, x, y)
+    else:
+        with pytest.warns(UserWarning, match="train mode"):
+            attack(model, x, y)
+    assert model.training and all(m.training for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
+    assert all(p.grad is None for p in model.parameters())
+
+
+class NoModeSwitch(nn.Module):
+    """A model that refuses train()/eval(): run() itself must never switch modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+
+    def train(self, mode: bool = True) -> NoModeSwitch:
+        raise AssertionError("run() switched the model's mode")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("make", [APGD, APGDT])
+def test_run_does_not_switch_modes(make: type[APGD]) -> None:
+    x, y = torch.rand(4, 1, 4, 4), torch.randint(0, 5, (4,))
+    make(eps=0.1, steps=3).run(NoModeSwitch(), x, y)
+
+
+def test_config_is_json_able() -> None:
+    assert APGD(loss="dlr").config()["loss"] == "dlr"
+    cfg = APGD().config()
+    assert (cfg["name"], cfg["steps"], cfg["rho"], cfg["momentum"]) == ("apgd", 100, 0.75, 0.75)
+    cfg = APGDT().config()
+    assert (cfg["name"], cfg["n_target_classes"], cfg["steps"]) == ("apgd-t", 9, 100)
+    assert cfg["loss"] == "dlr-targeted"
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "message"),
+    [
+        (APGD, {"steps": 0}, "steps >= 1"),
+        (APGD, {"restarts": 0}, "restarts >= 1"),
+        (APGD, {"eot_iter": 0}, "eot_iter >= 1"),
+        (APGD, {"steps": 2.5}, "steps >= 1"),
+        (APGD, {"rho": 0.0}, "rho strictly between 0 and 1"),
+        (APGD, {"rho": 1.0}, "rho strictly between 0 and 1"),
+        (APGD, {"momentum": 1.5}, "momentum in"),
+        (APGD, {"loss": "hinge"}, "unknown loss 'hinge'"),
+        (APGD, {"norm": "l3"}, "unknown norm 'l3'"),
+        (APGD, {"eps": -1.0}, "eps must be a finite number >= 0"),
+        (APGDT, {"steps": 0}, "steps >= 1"),
+        (APGDT, {"rho": 1.2}, "rho strictly between 0 and 1"),
+        (APGDT, {"n_target_classes": 0}, "n_target_classes >= 1"),
+    ],
+)
+def test_bad_attack_configuration(
+    make: type[APGD], kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(RobustlabError, match=message):
+        make(**kwargs)  # type: ignore[arg-type]
