@@ -1,0 +1,155 @@
+"""AutoAttack (Croce & Hein, ICML 2020): a fixed ensemble, per-sample worst case.
+
+Each sub-attack runs only on the points still robust after the ones before it, and a point
+is robust only if every sub-attack failed. Versions ``standard``, ``plus`` and ``rand`` follow
+the reference implementation's settings; a custom list runs the named sub-attacks in order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import RobustlabError
+from .apgd import APGD, APGDT
+from .base import Attack, success
+from .fab import FAB
+from .square import Square
+from .threat import ThreatModel
+
+VERSIONS = ("standard", "plus", "rand", "custom")
+SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+BLACK_BOX = ("square",)
+
+
+@dataclass
+class EnsembleResult:
+    """Per-sample outcome of an ensemble run on one batch."""
+
+    x_adv: torch.Tensor
+    broken_by: list[str | None]  # the sub-attack that broke each point (None: robust / wrong)
+    seconds: dict[str, float] = field(default_factory=dict)
+    robust_after: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AutoAttack(Attack):
+    """The AutoAttack ensemble as one attack; ``attacks`` overrides the version's list."""
+
+    norm: str = "linf"
+    eps: float = 0.3
+    version: str = "standard"
+    attacks: tuple[str, ...] = ()
+    seed: int = 0
+
+    name: ClassVar[str] = "autoattack"
+
+    def __post_init__(self) -> None:
+        ThreatModel(self.norm, self.eps)
+        if self.version not in VERSIONS:
+            raise RobustlabError(
+                f"unknown AutoAttack version '{self.version}'; use one of {', '.join(VERSIONS)}"
+            )
+        unknown = [a for a in self.attacks if a not in SUB_ATTACKS]
+        if unknown:
+            raise RobustlabError(
+                f"unknown AutoAttack sub-attack {', '.join(unknown)}; "
+                f"use any of {', '.join(SUB_ATTACKS)}"
+            )
+        if self.version == "custom" and not self.attacks:
+            raise RobustlabError("a custom AutoAttack needs a list of sub-attacks")
+        self.components()  # refuses unsupported norm / sub-attack pairs early
+
+    def names(self) -> tuple[str, ...]:
+        """The sub-attacks that run, in order."""
+        if self.attacks:
+            return self.attacks
+        if self.version == "plus":
+            return ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+        if self.version == "rand":
+            return ("apgd-ce", "apgd-dlr")
+        return ("apgd-ce", "apgd-t", "fab-t", "square")
+
+    def components(self) -> list[tuple[str, Attack]]:
+        """The configured sub-attacks, with the reference implementation's budgets."""
+        n, e, s = self.norm, self.eps, self.seed
+        plus = self.version == "plus"
+        eot = 20 if self.version == "rand" else 1
+        l1 = n == "l1"
+        restarts = 5 if (plus or l1) else 1
+        targets = 5 if (l1 and not plus) else 9
+        made: list[tuple[str, Attack]] = []
+        for name in self.names():
+            if name in ("fab", "fab-t", "square") and l1:
+                raise RobustlabError(
+                    f"{name} is not available for the l1 norm here; "
+                    "run a custom list such as --attacks apgd-ce,apgd-t"
+                )
+            if name == "apgd-ce":
+                made.append(
+                    (name, APGD(norm=n, eps=e, loss="ce", restarts=restarts, eot_iter=eot, seed=s))
+                )
+            elif name == "apgd-dlr":
+                made.append(
+                    (name, APGD(norm=n, eps=e, loss="dlr", restarts=restarts, eot_iter=eot, seed=s))
+                )
+            elif name == "apgd-t":
+                made.append((name, APGDT(norm=n, eps=e, n_target_classes=targets, seed=s)))
+            elif name == "fab":
+                made.append(
+                    (name, FAB(norm=n, eps=e, restarts=5 if plus else 1, targeted=False, seed=s))
+                )
+            elif name == "fab-t":
+                made.append((name, FAB(norm=n, eps=e, targeted=True, n_target_classes=9, seed=s)))
+            elif name == "square":
+                made.append((name, Square(norm=n, eps=e, queries=5000, seed=s)))
+        return made
+
+    def config(self) -> dict[str, Any]:
+        """The ensemble and the full configuration of every sub-attack."""
+        return {
+            **super().config(),
+            "attacks": list(self.names()),
+            "components": {name: a.config() for name, a in self.components()},
+        }
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The per-sample worst case over the ensemble."""
+        if targets is not None:
+            raise RobustlabError(
+                "AutoAttack is untargeted; its targeted parts pick their own targets"
+            )
+        return self.run_detailed(model, x, y).x_adv
+
+    def run_detailed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EnsembleResult:
+        """Run the ensemble and say which sub-attack broke each point and what each cost."""
+        x_adv = x.clone()
+        with torch.no_grad():
+            alive = ~success(model(x), y, None)
+        broken_by: list[str | None] = [None] * len(x)
+        result = EnsembleResult(x_adv, broken_by)
+        for name, attack in self.components():
+            t0 = time.perf_counter()
+            idx = alive.nonzero().flatten()
+            if len(idx):
+                candidate = attack.run(model, x[idx], y[idx])
+                with torch.no_grad():
+                    hit = success(model(candidate), y[idx], None)
+                won = idx[hit]
+                x_adv[won] = candidate[hit]
+                alive[won] = False
+                for i in won.tolist():
+                    broken_by[i] = name
+            result.seconds[name] = time.perf_counter() - t0
+            result.robust_after[name] = int(alive.sum())
+        return result

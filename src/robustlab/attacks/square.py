@@ -1,0 +1,350 @@
+"""Square Attack (Andriushchenko et al., ECCV 2020): score-based random search, no gradients.
+
+Each iteration changes one random square window of the current best perturbation and keeps
+the proposal per sample only if it lowers that sample's loss (or already fools the model).
+The window side follows a piecewise-constant schedule for p, the fraction of pixels changed:
+p_init is halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of a
+10,000-query run; for another budget the iteration index is rescaled to ``it / queries *
+10000`` first (as in the reference code and AutoAttack). The side is round(sqrt(p * h * w)).
+
+* linf: start from vertical stripes of +-eps (one sign per column and channel); a proposal
+  sets a window (side >= 1) of every channel to x +- eps, one random sign per channel.
+  As in the authors' code, signs are redrawn until the proposal differs from the current
+  point, so no query is spent on an unchanged input.
+* l2: start from a grid of signed "two-windows" bumps of side max(min(h, w) // 5, 1)
+  (5 x 5 bumps on 32 x 32 images), scaled to norm eps; a proposal
+  (side >= 3 and odd) moves the perturbation mass of a second random window into the first
+  window as a new signed bump, then rescales the whole perturbation to norm eps.
+
+Both are followed by clipping to [0,1] (and, for l2, ``ThreatModel.project`` as a safety
+net). Windows, signs and bump orientations are drawn per sample from a seeded
+``torch.Generator``; window positions are uniform over all positions where the window fits.
+Samples stop being queried as soon as they are misclassified (or hit their target), and each
+restart only attacks samples no earlier restart broke; a sample never broken gets the
+lowest-loss point of all restarts (AutoAttack returns the clean input there). The budget ``queries`` counts every
+model evaluation of a perturbed input, the initial point included, per sample and restart;
+the single forward pass on the clean inputs is not counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import RobustlabError
+from .base import Attack, check_batch, success
+from .guard import frozen_eval
+from .threat import ThreatModel
+
+SQUARE_NORMS = ("linf", "l2")
+SQUARE_LOSSES = ("margin", "ce")
+# iterations (of a 10,000-query run) after which p is halved
+P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+_MAX_REDRAWS = 64  # linf: redraws of the signs of a proposal that would not change anything
+
+
+def p_selection(p_init: float, it: int, queries: int) -> float:
+    """The fraction of pixels changed at iteration ``it`` (0-based) of a ``queries`` budget."""
+    scaled = int(it / queries * 10000)
+    return p_init / 2 ** sum(scaled > bound for bound in P_SCHEDULE)
+
+
+@dataclass(frozen=True)
+class Square(Attack):
+    """Square Attack for linf and l2; ``loss`` is "margin" or "ce" (both minimised).
+
+    Untargeted: margin z_y - max_{i != y} z_i, or -CE(y). Targeted: margin
+    max_{i != t} z_i - z_t, or CE(t) (the authors' and AutoAttack's choice for targeted runs).
+    """
+
+    norm: str = "linf"
+    eps: float = 0.3
+    queries: int = 5000
+    p_init: float = 0.8
+    restarts: int = 1
+    seed: int = 0
+    loss: str = "margin"
+
+    name: ClassVar[str] = "square"
+
+    def __post_init__(self) -> None:
+        if self.norm not in SQUARE_NORMS:
+            raise RobustlabError(f"Square supports linf and l2 only, got norm '{self.norm}'")
+        ThreatModel(self.norm, self.eps)
+        if self.queries < 1 or self.restarts < 1:
+            raise RobustlabError("square needs queries >= 1 and restarts >= 1")
+        if not 0 < self.p_init <= 1:
+            raise RobustlabError(f"square needs p_init in (0, 1], got {self.p_init}")
+        if self.loss not in SQUARE_LOSSES:
+            raise RobustlabError(
+                f"unknown square loss '{self.loss}'; use one of {', '.join(SQUARE_LOSSES)}"
+            )
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Square Attack on a model already in eval mode with frozen parameters."""
+        return self._attack(model, x, y, targets)[0]
+
+    def run_with_stats(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like calling the attack, plus the number of queries spent on each sample (int64)."""
+        check_batch(x, y, targets)
+        with frozen_eval(model):
+            return self._attack(model, x, y, targets)
+
+    def _objective(
+        self, logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-sample loss to minimise."""
+        if targets is None:
+            if self.loss == "ce":
+                return -F.cross_entropy(logits, y, reduction="none")
+            return _margin(logits, y)
+        if self.loss == "ce":
+            return F.cross_entropy(logits, targets, reduction="none")
+        return -_margin(logits, targets)
+
+    def _attack(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 4:
+            raise RobustlabError(
+                f"square needs image batches (N, C, H, W), got shape {tuple(x.shape)}"
+            )
+        with torch.no_grad():
+            n = len(x)
+            best = x.clone()
+            queries = torch.zeros(n, dtype=torch.long, device=x.device)
+            if n == 0:
+                return best, queries
+            done = success(model(x), y, targets)
+            if self.eps == 0:  # nothing to search: the inputs are the only admissible points
+                return best, queries
+            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            best_loss = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
+            for _ in range(self.restarts):
+                todo = (~done).nonzero().flatten()
+                if len(todo) == 0:
+                    break
+                ts = None if targets is None else targets[todo]
+                x_run, loss_run, hit, used = self._single_run(
+                    model, x[todo], y[todo], ts, generator
+                )
+                queries[todo] += used
+                better = hit | (loss_run < best_loss[todo])
+                idx = todo[better]
+                best[idx] = x_run[better]
+                best_loss[idx] = torch.where(hit, float("-inf"), loss_run)[better]
+                done[todo] |= hit
+        return best, queries
+
+    def _single_run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None,
+        gen: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One run from a fresh start: best points, their losses, success flags, queries."""
+        x_best = self._init_linf(x, gen) if self.norm == "linf" else self._init_l2(x, gen)
+        logits = model(x_best)
+        loss_min = self._objective(logits, y, targets)
+        hit = success(logits, y, targets)
+        used = torch.ones(len(x), dtype=torch.long, device=x.device)
+        for it in range(self.queries - 1):
+            act = (~hit).nonzero().flatten()
+            if len(act) == 0:
+                break
+            xa, xb = x[act], x_best[act]
+            p = p_selection(self.p_init, it, self.queries)
+            if self.norm == "linf":
+                x_new = self._propose_linf(xa, xb, p, gen)
+            else:
+                x_new = self._propose_l2(xa, xb, p, gen)
+            ta = None if targets is None else targets[act]
+            logits = model(x_new)
+            loss = self._objective(logits, y[act], ta)
+            hit_new = success(logits, y[act], ta)
+            accept = hit_new | (loss < loss_min[act])
+            idx = act[accept]
+            x_best[idx] = x_new[accept]
+            loss_min[idx] = loss[accept]
+            hit[idx] = hit_new[accept]
+            used[act] += 1
+        return x_best, loss_min, hit, used
+
+    # -- linf -----------------------------------------------------------------------------
+
+    def _init_linf(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, c, _, w = x.shape
+        stripes = _signs((n, c, 1, w), gen, x)
+        return (x + self.eps * stripes).clamp(0.0, 1.0)
+
+    def _propose_linf(
+        self, x: torch.Tensor, x_best: torch.Tensor, p: float, gen: torch.Generator
+    ) -> torch.Tensor:
+        m, c, h, w = x.shape
+        side = min(max(round(math.sqrt(p * h * w)), 1), h, w)
+        window = _window_mask(*_positions(m, side, h, w, gen, x.device), side, h, w)
+        signs = _signs((m, c, 1, 1), gen, x)
+        x_new = torch.where(window, (x + self.eps * signs).clamp(0.0, 1.0), x_best)
+        for _ in range(_MAX_REDRAWS):  # redraw signs where the proposal changes nothing
+            same = (x_new == x_best).flatten(1).all(dim=1).nonzero().flatten()
+            if len(same) == 0:
+                break
+            signs = _signs((len(same), c, 1, 1), gen, x)
+            cand = (x[same] + self.eps * signs).clamp(0.0, 1.0)
+            x_new[same] = torch.where(window[same], cand, x_best[same])
+        return x_new
+
+    # -- l2 -------------------------------------------------------------------------------
+
+    def _init_l2(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, c, h, w = x.shape
+        side = max(min(h, w) // 5, 1)
+        start_h, start_w = max((h - 5 * side) // 2, 0), max((w - 5 * side) // 2, 0)
+        delta = torch.zeros_like(x)
+        bump = _eta(side, x)
+        for i in range(h // side):
+            vh = start_h + i * side
+            for j in range(w // side):
+                vw = start_w + j * side
+                if vh + side > h or vw + side > w:
+                    continue
+                flip = bool(torch.rand(1, generator=gen, device=x.device) > 0.5)
+                b = bump.T if flip else bump
+                delta[:, :, vh : vh + side, vw : vw + side] += b * _signs((n, c, 1, 1), gen, x)
+        return self._to_ball(x, delta)
+
+    def _propose_l2(
+        self, x: torch.Tensor, x_best: torch.Tensor, p: float, gen: torch.Generator
+    ) -> torch.Tensor:
+        m, c, h, w = x.shape
+        side = max(round(math.sqrt(p * h * w)), 3)
+        side = min(side + 1 if side % 2 == 0 else side, h, w)
+        vh, vw = _positions(m, side, h, w, gen, x.device)
+        vh2, vw2 = _positions(m, side, h, w, gen, x.device)
+        win1 = _window_mask(vh, vw, side, h, w)
+        win2 = _window_mask(vh2, vw2, side, h, w)
+        delta = x_best - x
+        norm_win1 = (delta * win1).square().sum(dim=(2, 3), keepdim=True).sqrt()
+        norm_img = delta.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()
+        norm_wins = (delta * (win1 | win2)).square().sum(dim=(2, 3), keepdim=True).sqrt()
+        # a fresh bump per sample (random orientation and per-channel sign) ...
+        bump = _eta(side, x)
+        flip = (torch.rand(m, generator=gen, device=x.device) > 0.5).view(m, 1, 1, 1)
+        new = torch.where(flip, bump.T, bump) * _signs((m, c, 1, 1), gen, x)
+        # ... added to the normalised old content of window 1, which takes the mass of both
+        # windows plus the unused budget; window 2 is emptied
+        new = new + _patch(delta, vh, vw, side) / (1e-12 + norm_win1)
+        budget = (torch.clamp(self.eps**2 - norm_img**2, min=0.0) / c + norm_wins**2).sqrt()
+        new = new / (1e-12 + new.square().sum(dim=(2, 3), keepdim=True).sqrt()) * budget
+        delta = delta * ~win2
+        _put_patch(delta, vh, vw, new)
+        return self._to_ball(x, delta)
+
+    def _to_ball(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """x + delta rescaled to l2 norm eps, clipped to the box, projected as a safety net."""
+        norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        x_new = (x + delta / (norm + 1e-12) * self.eps).clamp(0.0, 1.0)
+        threat = self.threat
+        over = threat.norms(x_new - x) > self.eps  # only float rounding can get here
+        if bool(over.any()):
+            x_new[over] = threat.project(x[over], x_new[over])
+        return x_new
+
+
+def _margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """z_label - max_{i != label} z_i per sample."""
+    z = logits.gather(1, label[:, None])[:, 0]
+    return z - logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
+
+
+def _signs(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniform random +-1 values."""
+    bits = torch.randint(0, 2, shape, generator=gen, device=like.device)
+    return (2 * bits - 1).to(like.dtype)
+
+
+def _positions(
+    m: int, side: int, h: int, w: int, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left corners of ``m`` windows, uniform over every position where they fit."""
+    vh = torch.randint(0, h - side + 1, (m,), generator=gen, device=device)
+    vw = torch.randint(0, w - side + 1, (m,), generator=gen, device=device)
+    return vh, vw
+
+
+def _window_mask(vh: torch.Tensor, vw: torch.Tensor, side: int, h: int, w: int) -> torch.Tensor:
+    """Boolean (m, 1, h, w) masks of the windows."""
+    rows = torch.arange(h, device=vh.device)[None, :]
+    cols = torch.arange(w, device=vw.device)[None, :]
+    in_rows = (rows >= vh[:, None]) & (rows < vh[:, None] + side)
+    in_cols = (cols >= vw[:, None]) & (cols < vw[:, None] + side)
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+
+def _patch_index(
+    vh: torch.Tensor, vw: torch.Tensor, side: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    offsets = torch.arange(side, device=vh.device)
+    rows = (vh[:, None] + offsets)[:, :, None]
+    cols = (vw[:, None] + offsets)[:, None, :]
+    return torch.arange(len(vh), device=vh.device)[:, None, None], rows, cols
+
+
+def _patch(t: torch.Tensor, vh: torch.Tensor, vw: torch.Tensor, side: int) -> torch.Tensor:
+    """The (m, c, side, side) windows of ``t`` at per-sample positions."""
+    return t.permute(0, 2, 3, 1)[_patch_index(vh, vw, side)].permute(0, 3, 1, 2)
+
+
+def _put_patch(t: torch.Tensor, vh: torch.Tensor, vw: torch.Tensor, value: torch.Tensor) -> None:
+    """Write (m, c, side, side) windows into ``t`` in place."""
+    t.permute(0, 2, 3, 1)[_patch_index(vh, vw, value.shape[-1])] = value.permute(0, 2, 3, 1)
+
+
+def _rectangles(rows: int, cols: int) -> torch.Tensor:
+    """Nested centred rectangles with weights 1/(k+1)^2, unit l2 norm (a pseudo-Gaussian)."""
+    bump = torch.zeros(rows, cols, dtype=torch.float64)
+    if bump.numel() == 0:
+        return bump
+    r0, c0 = rows // 2, cols // 2
+    for k in range(max(rows // 2, cols // 2) + 1):
+        bump[max(r0 - k, 0) : min(r0 + k + 1, rows), max(c0 - k, 0) : min(c0 + k + 1, cols)] += (
+            1.0 / (k + 1) ** 2
+        )
+    return bump / bump.norm()
+
+
+def _eta(side: int, like: torch.Tensor) -> torch.Tensor:
+    """The l2 update shape: a positive bump on the top half, a negative one below, unit norm."""
+    return _eta_cached(side).to(dtype=like.dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _eta_cached(side: int) -> torch.Tensor:
+    """Never modified in place: callers only read it."""
+    top = side // 2
+    bump = torch.cat([_rectangles(top, side), -_rectangles(side - top, side)])
+    return bump / bump.norm()
