@@ -66,7 +66,7 @@ def _linear_case(
 @pytest.mark.parametrize("classes", [2, 3])
 def test_fab_finds_the_minimal_perturbation_of_a_linear_model(norm: str, classes: int) -> None:
     model, x, y, dist = _linear_case(classes, norm, n=150)
-    x_adv = FAB(norm=norm, eps=100.0, eta=1.001, steps=30)(model, x, y)
+    x_adv = FAB(norm=norm, eps=100.0, eta=1.001, steps=30, early_stop=False)(model, x, y)
     assert float(x_adv.min()) > 0 and float(x_adv.max()) < 1  # the box does not bind
     with torch.no_grad():
         assert bool((model(x_adv).argmax(1) != y).all())
@@ -74,7 +74,7 @@ def test_fab_finds_the_minimal_perturbation_of_a_linear_model(norm: str, classes
     assert float(ratio.min()) >= 1 - 1e-4
     assert float(ratio.max()) <= 1 + 1e-3
     # AutoAttack's overshoot eta = 1.05 settles ~0.5 % above the boundary of a linear model
-    x_adv = FAB(norm=norm, eps=100.0, steps=30)(model, x, y)
+    x_adv = FAB(norm=norm, eps=100.0, steps=30, early_stop=False)(model, x, y)
     ratio = _norms(x_adv - x, norm) / dist
     assert float(ratio.min()) >= 1 - 1e-4 and float(ratio.max()) <= 1.01
 
@@ -100,7 +100,9 @@ def test_robust_accuracy_of_a_linear_model_matches_the_closed_form(
 def test_fab_t_with_explicit_targets_reaches_them() -> None:
     model, x, y, _ = _linear_case(3, "linf", n=60, seed=3)
     targets = (y + 1 + torch.randint(0, 2, y.shape)) % 3
-    x_adv = FAB(norm="linf", eps=100.0, targeted=True, eta=1.001)(model, x, y, targets)
+    x_adv = FAB(norm="linf", eps=100.0, targeted=True, eta=1.001, early_stop=False)(
+        model, x, y, targets
+    )
     with torch.no_grad():
         assert torch.equal(model(x_adv).argmax(1), targets)
     # the smallest linf step into the target's polyhedron, by linear programming
@@ -310,3 +312,15 @@ def test_fab_leaves_the_callers_model_as_it_was(fail_at: int, targeted: bool) ->
 def test_bad_fab_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(RobustlabError, match=message):
         FAB(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_early_stop_changes_cost_not_the_robust_set(norm: str) -> None:
+    model, x, y, dist = _linear_case(3, norm, n=120, seed=5)
+    eps = float(dist.median())
+    outs = {}
+    for early in (True, False):
+        attack = FAB(norm=norm, eps=eps, steps=30, restarts=2, early_stop=early)
+        with torch.no_grad():
+            outs[early] = model(attack(model, x, y)).argmax(1) == y
+    assert torch.equal(outs[True], outs[False])

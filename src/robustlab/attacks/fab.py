@@ -47,6 +47,8 @@ class FAB(Attack):
     eta: float = 1.05
     beta: float = 0.9
     seed: int = 0
+    early_stop: bool = True  # stop a point once it has an example inside eps (False: keep
+    # shrinking it, as minimum-norm FAB does; robust accuracy is the same either way)
 
     def __post_init__(self) -> None:
         if self.norm == "l1":
@@ -168,29 +170,43 @@ class FAB(Attack):
         adv = x0.clone()
         adv_norm = torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
         flat0 = x0.flatten(1)
+        active = torch.arange(len(x0), device=x0.device)
         for _ in range(self.steps):
-            df, dg = _boundary(model, x1, y, aim, targets, self.norm)
+            if self.early_stop:  # a point with an example inside eps needs no more steps
+                active = active[adv_norm[active] > self.eps]
+                if len(active) == 0:
+                    break
+            xa, xo = x1[active], x0[active]
+            df, dg = _boundary(
+                model,
+                xa,
+                y[active],
+                None if aim is None else aim[active],
+                None if targets is None else targets[active],
+                self.norm,
+            )
             w = dg.flatten(1)
-            flat1 = x1.flatten(1)
+            flat1, flat0 = xa.flatten(1), xo.flatten(1)
             # the hyperplane w . (z - x1) + df = 0, as the change of w . z it asks for
             need1 = -df
             need0 = -df + (w * (flat1 - flat0)).sum(1)
             d = project_hyperplane_box(
                 torch.cat((flat1, flat0)), torch.cat((w, w)), torch.cat((need1, need0)), self.norm
             )
-            d1, d0 = d[: len(x0)].view_as(x0), d[len(x0) :].view_as(x0)
+            d1, d0 = d[: len(xa)].view_as(xa), d[len(xa) :].view_as(xa)
             n = threat.norms(d).clamp_min(1e-8)
-            n1, n0 = n[: len(x0)], n[len(x0) :]
+            n1, n0 = n[: len(xa)], n[len(xa) :]
             alpha = (n1 / (n1 + n0)).clamp(0.0, self.alpha_max).view(shape)
-            x1 = ((1 - alpha) * (x1 + self.eta * d1) + alpha * (x0 + self.eta * d0)).clamp(0, 1)
+            xa = ((1 - alpha) * (xa + self.eta * d1) + alpha * (xo + self.eta * d0)).clamp(0, 1)
             with torch.no_grad():
-                hit = _hit(model(x1), y, targets)
+                hit = _hit(model(xa), y[active], None if targets is None else targets[active])
             if bool(hit.any()):
-                norms = threat.norms(x1 - x0)
-                better = hit & (norms < adv_norm)
-                adv[better] = x1[better]
-                adv_norm[better] = norms[better]
-                x1[hit] = x0[hit] + self.beta * (x1[hit] - x0[hit])
+                norms = threat.norms(xa - xo)
+                better = hit & (norms < adv_norm[active])
+                adv[active[better]] = xa[better]
+                adv_norm[active[better]] = norms[better]
+                xa[hit] = xo[hit] + self.beta * (xa[hit] - xo[hit])
+            x1[active] = xa
         return adv, adv_norm
 
 
