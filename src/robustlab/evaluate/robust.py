@@ -7,6 +7,7 @@ resumes without redoing finished batches.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -178,6 +179,7 @@ def evaluate_curve(
     seed: int = 0,
     progress: bool = True,
     resume: str | Path | None = None,
+    channels_last: bool | None = None,
 ) -> list[EvalRecord]:
     """One record per attack, for attacks of one norm at growing eps (a robustness curve).
 
@@ -210,6 +212,7 @@ def evaluate_curve(
         _append(progress_path, {"key": key})
     warnings: list[str] = []
     name = attacks[0].config().get("name")
+    model = _fast_copy(model, data, device, channels_last)
     with (
         frozen_eval(model),
         tqdm(
@@ -241,6 +244,25 @@ def evaluate_curve(
     return records
 
 
+def _is_channels_last(model: nn.Module) -> bool:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _fast_copy(
+    model: nn.Module, data: Dataset, device: str, channels_last: bool | None
+) -> nn.Module:
+    """A private channels_last copy of a convolutional model on CPU (faster passes; the
+    caller's model is never converted). ``None`` decides by device and architecture."""
+    if channels_last is None:
+        has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        channels_last = device == "cpu" and has_conv and data.x.dim() == 4
+    if not channels_last:
+        return model
+    fast = copy.deepcopy(model)
+    return fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
+
+
 def _attack_batch(
     model: nn.Module,
     data: Dataset,
@@ -253,6 +275,8 @@ def _attack_batch(
     """Attack one batch at every eps (smallest first); per-sample rows and timings per eps."""
     t0 = time.perf_counter()
     x = data.x[start:end].to(device)
+    if _is_channels_last(model):
+        x = x.contiguous(memory_format=torch.channels_last)
     y = data.y[start:end].to(device)
     with torch.no_grad():
         clean_pred = model(x).argmax(1)
