@@ -114,3 +114,15 @@ def test_standard_mnist5k_resnet_is_broken_by_autoattack(tmp_path: Path) -> None
     rec = evaluate(result.model, splits.test, AutoAttack(norm="linf", eps=0.3), progress=False)
     assert rec.clean_accuracy >= 0.98
     assert rec.robust_accuracy <= 0.01
+
+
+def test_run_detailed_guards_the_model_too() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(10, 1, 4, 4), torch.randint(0, 4, (10,))
+    with pytest.warns(UserWarning, match="train mode"):
+        AutoAttack(norm="linf", eps=0.1, attacks=("apgd-ce",)).run_detailed(model, x, y)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

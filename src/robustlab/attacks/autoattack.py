@@ -18,6 +18,7 @@ from ..errors import RobustlabError
 from .apgd import APGD, APGDT
 from .base import Attack, success
 from .fab import FAB
+from .guard import frozen_eval
 from .square import Square
 from .threat import ThreatModel
 
@@ -133,6 +134,10 @@ class AutoAttack(Attack):
 
     def run_detailed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EnsembleResult:
         """Run the ensemble and say which sub-attack broke each point and what each cost."""
+        with frozen_eval(model):  # a no-op when called from __call__ or evaluate
+            return self._run_detailed(model, x, y)
+
+    def _run_detailed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EnsembleResult:
         x_adv = x.clone()
         with torch.no_grad():
             alive = ~success(model(x), y, None)
