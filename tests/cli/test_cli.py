@@ -327,3 +327,32 @@ def test_attack_saves_adversarial_examples(digits_ckpt: Path, tmp_path: Path) ->
 
     x = load_data("digits").test.x[:40].numpy()
     assert np.abs(x_adv - x).max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "mifgsm", "cw", "apgd-ce"])
+def test_eval_runs_attacks_with_and_without_a_seed(
+    attack: str, digits_ckpt: Path, tmp_path: Path
+) -> None:
+    norm = "l2" if attack == "cw" else "linf"
+    args = [
+        "eval",
+        "--model",
+        str(digits_ckpt),
+        "--data",
+        "digits",
+        "--attack",
+        attack,
+        "--norm",
+        norm,
+        "--eps",
+        "0.1",
+        "--n",
+        "20",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--no-progress",
+    ]
+    if attack == "apgd-ce":
+        args += ["--steps", "5"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["attack"]["eps"] == 0.1

@@ -45,6 +45,8 @@ def make_attack(name: str, norm: str, eps: float, **options: Any) -> Attack:
     cls = attack_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     given = {k: v for k, v in options.items() if v is not None}
+    if "seed" not in fields:  # a deterministic attack has no seed to set
+        given.pop("seed", None)
     unknown = sorted(set(given) - fields)
     if unknown:
         raise RobustlabError(
