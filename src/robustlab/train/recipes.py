@@ -14,7 +14,7 @@ from ..errors import RobustlabError
 _SGD = {"batch_size": 64, "lr": 0.05, "weight_decay": 5e-4}
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "standard": {"epochs": 15, **_SGD},
+    "standard": {"epochs": 20, **_SGD},
     "pgd-at": {"epochs": 15, "steps": 10, "eps_warmup": 0.3, **_SGD},
     "trades": {"epochs": 15, "steps": 10, "eps_warmup": 0.3, **_SGD},
 }
