@@ -439,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report.html")
     p.add_argument("--title", default="robustlab report")
     p.set_defaults(func=cmd_report)
+
+    # Commands registered from robustlab.commands: one line each, in CLI order.
+    # (transfer)
+    # (exits, sloth)
     return parser
 
 

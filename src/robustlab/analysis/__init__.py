@@ -1,0 +1,1 @@
+"""Audits of a model: FLOPs and early-exit efficiency, transfer matrices, compressibility."""

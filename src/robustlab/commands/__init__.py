@@ -1,0 +1,1 @@
+"""Commands of the CLI that live beside their subject: each module has ``register(sub)``."""
