@@ -1,0 +1,544 @@
+"""Gradient transforms for transfer attacks: SGM (``skip_gradient``) and LinBP (``linbp``).
+
+Both are context managers over a model: inside the ``with`` block, every backward pass
+through the model is changed, the forward pass is bit-for-bit the same, and on exit (also
+after an exception) every hook they added is removed, so the model is exactly as before.
+Any gradient attack composes with them::
+
+    with skip_gradient(model, gamma=0.2):
+        x_adv = MIFGSM(eps=0.1)(model, x, y)
+
+**Where the residual blocks are.** Blocks are found by structure, never by module name:
+
+- robustlab's :class:`~robustlab.models.blocks.ResidualBlock` and ``DenseLayer`` expose
+  their residual branch as ``.branch``;
+- torchvision ResNets (``BasicBlock``, ``Bottleneck``), DenseNets (``_DenseLayer``) and
+  ViTs (``EncoderBlock``), and timm ResNets, DenseNets and ViTs, are recognised when those
+  libraries are installed and imported;
+- any other model's blocks are declared with one call to :func:`declare_residual`.
+
+A model with none of these gets a :class:`~robustlab.errors.RobustlabError`, never a silent
+no-op.
+
+**What SGM scales (Wu et al., ICLR 2020).** For ``z' = skip(z) + f(z)`` the gradient
+leaving the branch output ``f(z)`` is multiplied by a factor in the backward pass; the
+skip path keeps its gradient. The backward pass of a branch is linear in the gradient it
+receives (ReLU masks, eval-mode batch norm and convolutions are fixed in the backward
+pass), so scaling the branch output is exactly scaling anywhere along a chain-shaped
+branch. The conventions:
+
+- ResNet and pre-activation ResNet blocks: ``gamma`` per block.
+- DenseNet dense layers: the paper puts ``sqrt(gamma)`` on each of the layer's two ReLUs;
+  both lie on the (chain-shaped) branch, so this is the same as ``gamma`` on the layer's
+  new features, which is what is done here (a test checks the equivalence).
+- Transformer layers (blocks whose branch normalises with ``LayerNorm``, i.e. the
+  attention and the MLP sub-blocks of a pre-norm ViT): ``sqrt(gamma)`` per sub-block, so a
+  whole layer is scaled by ``gamma``.
+
+Nothing else is scaled: in particular not the ReLU after the addition of a post-activation
+ResNet block (a trap of the name-based reference code), and the forward values are copied
+unchanged, so in-place ReLUs anywhere in the model are harmless.
+
+**LinBP (Guo et al., NeurIPS 2020).** From a chosen residual block on, the backward pass
+treats the activations inside residual branches (ReLU family and GELU) as the identity,
+and (by default) rescales each branch's linearised input gradient, per sample, to the l2
+norm the true gradient through that branch would have. The renormalisation runs each
+such branch a second time (a forward and a backward pass of the branch only).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import RobustlabError
+from ..models.blocks import ResidualBlock
+
+BranchSpec = str | Sequence[str] | Callable[[nn.Module], nn.Module | Sequence[nn.Module]]
+
+#: Activations that LinBP treats as the identity in the backward pass.
+LINEARISED: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU)
+
+
+@dataclass(frozen=True, eq=False)
+class ResidualSite:
+    """One residual block: the modules whose outputs are its branch, and how gamma applies.
+
+    ``ends`` are the modules whose outputs are the residual branch's output(s) (the values
+    the skip path is added to or concatenated with); each is scaled by ``gamma ** power``.
+    ``branch`` is the whole branch as one module taking the block's input, when known
+    (LinBP needs it); ``None`` when only the branch's last layer is known.
+    """
+
+    block: nn.Module
+    ends: tuple[nn.Module, ...]
+    power: float = 1.0
+    branch: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class _Declaration:
+    """How to find the branch of a declared residual block."""
+
+    branch: BranchSpec
+    power: float
+    whole_branch: bool
+    origin: str = "declared"
+
+
+_BY_TYPE: dict[type[nn.Module], _Declaration] = {}
+_BY_INSTANCE: weakref.WeakKeyDictionary[nn.Module, _Declaration] = weakref.WeakKeyDictionary()
+
+
+def declare_residual(
+    target: type[nn.Module] | nn.Module,
+    branch: BranchSpec,
+    *,
+    power: float = 1.0,
+    whole_branch: bool = False,
+) -> Callable[[], None]:
+    """Mark a block class (or one block) of a foreign model as residual; returns an undo function.
+
+    ``branch`` names the submodule(s) whose output is the residual branch's output, the
+    value the skip path is added to: a dotted attribute path (``"bn2"`` for a torchvision
+    ``BasicBlock``, whose ``out += identity`` follows ``bn2``), several paths (a block with
+    two branches), or a function of the block returning the module(s) (``lambda b: b`` when
+    the block's whole output is its branch, as a DenseNet layer). SGM scales each of these
+    outputs' gradient by ``gamma ** power`` (``power=0.5`` for the two sub-blocks of a
+    transformer layer). ``whole_branch=True`` says the named module computes the entire
+    branch from the block's input, which lets LinBP linearise and renormalise it.
+    """
+    if not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
+        raise RobustlabError(f"declare_residual: power must be a positive number, got {power!r}")
+    if isinstance(branch, str):
+        branch_spec: BranchSpec = branch
+    elif callable(branch):
+        branch_spec = branch
+    else:
+        paths = tuple(branch)
+        if not paths or not all(isinstance(p, str) for p in paths):
+            raise RobustlabError(
+                "declare_residual: branch must be an attribute path, a list of them, "
+                "or a function of the block returning its branch module(s)"
+            )
+        branch_spec = paths
+    if whole_branch and not isinstance(branch_spec, str) and not callable(branch_spec):
+        raise RobustlabError("declare_residual: whole_branch needs exactly one branch module")
+    decl = _Declaration(branch_spec, float(power), whole_branch)
+    if isinstance(target, nn.Module):
+        _BY_INSTANCE[target] = decl
+        ref = weakref.ref(target)
+
+        def undo_instance() -> None:
+            obj = ref()
+            if obj is not None and _BY_INSTANCE.get(obj) is decl:
+                del _BY_INSTANCE[obj]
+
+        return undo_instance
+    if not (isinstance(target, type) and issubclass(target, nn.Module)):
+        raise RobustlabError(
+            f"declare_residual needs an nn.Module subclass or instance, got {target!r}"
+        )
+    _BY_TYPE[target] = decl
+    cls = target
+
+    def undo_type() -> None:
+        if _BY_TYPE.get(cls) is decl:
+            del _BY_TYPE[cls]
+
+    return undo_type
+
+
+def _last_present(*names: str) -> Callable[[nn.Module], nn.Module]:
+    """The last of the named submodules that exists and is not None (timm's optional layers)."""
+
+    def pick(block: nn.Module) -> nn.Module:
+        for name in reversed(names):
+            found = getattr(block, name, None)
+            if isinstance(found, nn.Module):
+                return found
+        raise RobustlabError(
+            f"{type(block).__name__} has none of {', '.join(names)}; "
+            "declare its residual branch with declare_residual"
+        )
+
+    return pick
+
+
+def _whole(block: nn.Module) -> nn.Module:
+    """The block itself: its whole output is the residual branch (DenseNet layers)."""
+    return block
+
+
+def _adapter_declarations() -> dict[type[nn.Module], _Declaration]:
+    """Residual blocks of torchvision and timm models, for those of them already imported."""
+    found: dict[type[nn.Module], _Declaration] = {}
+
+    def add(module: str, cls: str, decl: _Declaration) -> None:
+        mod = sys.modules.get(module)
+        found_cls = getattr(mod, cls, None) if mod is not None else None
+        if isinstance(found_cls, type) and issubclass(found_cls, nn.Module):
+            found[found_cls] = decl
+
+    tv, tm = "torchvision", "timm"
+    add("torchvision.models.resnet", "BasicBlock", _Declaration("bn2", 1.0, False, tv))
+    add("torchvision.models.resnet", "Bottleneck", _Declaration("bn3", 1.0, False, tv))
+    add("torchvision.models.densenet", "_DenseLayer", _Declaration(_whole, 1.0, False, tv))
+    add(
+        "torchvision.models.vision_transformer",
+        "EncoderBlock",
+        _Declaration(("dropout", "mlp"), 0.5, False, tv),
+    )
+    add(
+        "timm.models.resnet",
+        "BasicBlock",
+        _Declaration(_last_present("bn2", "se", "drop_path"), 1.0, False, tm),
+    )
+    add(
+        "timm.models.resnet",
+        "Bottleneck",
+        _Declaration(_last_present("bn3", "se", "drop_path"), 1.0, False, tm),
+    )
+    add("timm.models.densenet", "DenseLayer", _Declaration(_whole, 1.0, False, tm))
+    add(
+        "timm.models.vision_transformer",
+        "Block",
+        _Declaration(("drop_path1", "drop_path2"), 0.5, False, tm),
+    )
+    return found
+
+
+def _resolve(block: nn.Module, decl: _Declaration) -> ResidualSite:
+    """The site of a declared block: look its branch module(s) up."""
+    spec = decl.branch
+    modules: list[nn.Module] = []
+    if isinstance(spec, str) or (not callable(spec) and isinstance(spec, Sequence)):
+        for path in [spec] if isinstance(spec, str) else list(spec):
+            try:
+                modules.append(block.get_submodule(path))
+            except AttributeError:
+                raise RobustlabError(
+                    f"{type(block).__name__} was declared residual with branch '{path}', "
+                    "but it has no such submodule"
+                ) from None
+    else:
+        got = spec(block)
+        modules = [got] if isinstance(got, nn.Module) else list(got)
+    if not modules or not all(isinstance(m, nn.Module) for m in modules):
+        raise RobustlabError(
+            f"the declared branch of {type(block).__name__} is not a module (or list of modules)"
+        )
+    whole = modules[0] if decl.whole_branch and len(modules) == 1 else None
+    return ResidualSite(block, tuple(modules), decl.power, whole)
+
+
+def _is_transformer_branch(branch: nn.Module) -> bool:
+    """A pre-norm transformer sub-block normalises its branch input with LayerNorm."""
+    return any(isinstance(m, (nn.LayerNorm, nn.MultiheadAttention)) for m in branch.modules())
+
+
+def find_residual_sites(model: nn.Module) -> list[ResidualSite]:
+    """Every residual block of a model, found by structure, in module order."""
+    adapters = _adapter_declarations()
+    sites: list[ResidualSite] = []
+    for module in model.modules():
+        decl = _BY_INSTANCE.get(module)
+        if decl is None:
+            for cls in type(module).__mro__:
+                decl = _BY_TYPE.get(cls) or adapters.get(cls)  # type: ignore[arg-type]
+                if decl is not None:
+                    break
+        if decl is not None:
+            sites.append(_resolve(module, decl))
+        elif isinstance(module, ResidualBlock):
+            power = 0.5 if _is_transformer_branch(module.branch) else 1.0
+            sites.append(ResidualSite(module, (module.branch,), power, module.branch))
+    return sites
+
+
+def check_gamma(gamma: float) -> float:
+    """Validate an SGM decay factor: a number in (0, 1]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise RobustlabError(f"gamma must be a number in (0, 1], got {gamma!r}")
+    if not (math.isfinite(gamma) and 0 < gamma <= 1):
+        raise RobustlabError(f"gamma must lie in (0, 1] (1 keeps the plain gradient), got {gamma}")
+    return float(gamma)
+
+
+def _no_blocks(model: nn.Module, what: str) -> RobustlabError:
+    """The error for a model without residual blocks."""
+    inner = model[-1] if isinstance(model, nn.Sequential) and len(model) else model
+    return RobustlabError(
+        f"{what} needs residual blocks, but {type(inner).__name__} has none that robustlab "
+        "recognises; mark them with robustlab.attacks.transforms.declare_residual"
+    )
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward (a copy, so in-place ops after it are safe); gradient times ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def _map_outputs(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to the tensor(s) a module returned that carry a gradient; None if none do."""
+    if isinstance(output, torch.Tensor):
+        return fn(output) if output.requires_grad else None
+    if isinstance(output, (tuple, list)):
+        if not any(isinstance(o, torch.Tensor) and o.requires_grad for o in output):
+            return None
+        mapped = [fn(o) if isinstance(o, torch.Tensor) and o.requires_grad else o for o in output]
+        return type(output)(mapped) if isinstance(output, list) else tuple(mapped)
+    return None
+
+
+def _scaling_hook(scale: float) -> Callable[[nn.Module, Any, Any], Any]:
+    """A forward hook that scales the gradient of a module's output(s) by ``scale``."""
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return None
+        return _map_outputs(output, lambda t: _ScaleGrad.apply(t, scale))
+
+    return hook
+
+
+@contextmanager
+def _removing(handles: list[RemovableHandle]) -> Iterator[None]:
+    """Remove every hook handle on exit, also after an exception."""
+    try:
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+        handles.clear()
+
+
+@contextmanager
+def skip_gradient(
+    model: nn.Module, gamma: float, *, sites: Sequence[ResidualSite] | None = None
+) -> Iterator[list[ResidualSite]]:
+    """SGM: scale the backward gradient through every residual branch of ``model`` by ``gamma``.
+
+    ``gamma`` lies in (0, 1]; 1 gives exactly the plain gradient. ``sites`` restricts the
+    transform to chosen blocks (default: all, see :func:`find_residual_sites`). Yields the
+    sites it acts on. Nested uses multiply. See the module docstring for the conventions.
+    """
+    g = check_gamma(gamma)
+    chosen = find_residual_sites(model) if sites is None else list(sites)
+    if not chosen:
+        raise _no_blocks(model, "skip_gradient (SGM)")
+    handles: list[RemovableHandle] = []
+    with _removing(handles):
+        for site in chosen:
+            scale = g**site.power
+            for end in dict.fromkeys(site.ends):
+                handles.append(end.register_forward_hook(_scaling_hook(scale)))
+        yield chosen
+
+
+# ---- LinBP -------------------------------------------------------------------------------
+
+
+class _LinearThrough(torch.autograd.Function):
+    """Forward: the activation's output; backward: the gradient passed to its input unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@dataclass
+class _BranchPass:
+    """One call of a branch under LinBP: its detached input, the true graph, the output grad."""
+
+    x_true: torch.Tensor | None = None
+    out_true: torch.Tensor | None = None
+    grad_out: torch.Tensor | None = None
+
+
+class _RenormIn(torch.autograd.Function):
+    """At a branch input: rescale the linearised gradient to the true gradient's norm."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, state: _BranchPass) -> torch.Tensor:
+        ctx.state = state
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        state: _BranchPass = ctx.state
+        if state.grad_out is None or state.out_true is None or state.x_true is None:
+            return grad, None
+        with torch.enable_grad():
+            (true,) = torch.autograd.grad(
+                state.out_true, state.x_true, state.grad_out, retain_graph=True, allow_unused=True
+            )
+        if true is None:
+            return grad, None
+        dims = [1] * (grad.dim() - 1)
+        ratio = true.flatten(1).norm(dim=1) / grad.flatten(1).norm(dim=1).clamp_min(1e-30)
+        return grad * ratio.view(-1, *dims).to(grad.dtype), None
+
+
+class _CaptureOut(torch.autograd.Function):
+    """At a branch output: remember the gradient arriving there, for :class:`_RenormIn`."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, state: _BranchPass) -> torch.Tensor:
+        ctx.state = state
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.state.grad_out = grad
+        return grad, None
+
+
+@dataclass
+class _LinBPState:
+    """Hook state shared by one ``linbp`` context (a re-run of a branch bypasses the hooks)."""
+
+    bypass: bool = False
+    pending: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
+    passes: dict[int, list[_BranchPass | None]] = field(default_factory=dict)
+
+
+def _activation_hooks(
+    state: _LinBPState,
+) -> tuple[Callable[[nn.Module, Any], Any], Callable[[nn.Module, Any, Any], Any]]:
+    """Forward pre-hook and hook making an activation's backward pass the identity."""
+
+    def pre(module: nn.Module, args: Any) -> Any:
+        stack = state.pending.setdefault(id(module), [])
+        x = args[0] if args else None
+        active = (
+            not state.bypass
+            and torch.is_grad_enabled()
+            and isinstance(x, torch.Tensor)
+            and x.requires_grad
+        )
+        if not active or x is None:
+            stack.append(None)
+            return None
+        # an in-place activation overwrites its input: keep a graph-connected copy of it
+        stack.append(x.clone() if getattr(module, "inplace", False) else x)
+        return None
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        pre_act = state.pending[id(module)].pop()
+        if pre_act is None or not isinstance(output, torch.Tensor):
+            return None
+        return _LinearThrough.apply(pre_act, output)
+
+    return pre, hook
+
+
+def _branch_hooks(
+    state: _LinBPState, branch: nn.Module
+) -> tuple[Callable[[nn.Module, Any], Any], Callable[[nn.Module, Any, Any], Any]]:
+    """Forward pre-hook and hook renormalising a linearised branch's input gradient."""
+
+    def pre(module: nn.Module, args: Any) -> Any:
+        stack = state.passes.setdefault(id(module), [])
+        x = args[0] if args else None
+        if (
+            state.bypass
+            or not torch.is_grad_enabled()
+            or not isinstance(x, torch.Tensor)
+            or not x.requires_grad
+        ):
+            stack.append(None)
+            return None
+        run = _BranchPass(x_true=x.detach().requires_grad_(True))
+        stack.append(run)
+        return (_RenormIn.apply(x, run), *args[1:])
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        run = state.passes[id(module)].pop()
+        if run is None or not isinstance(output, torch.Tensor):
+            return None
+        state.bypass = True
+        try:
+            with torch.enable_grad():
+                run.out_true = branch.forward(run.x_true, *args[1:])  # no hooks of this module
+        finally:
+            state.bypass = False
+        return _CaptureOut.apply(output, run)
+
+    return pre, hook
+
+
+@contextmanager
+def linbp(
+    model: nn.Module,
+    start_block: int = 0,
+    *,
+    renormalize: bool = True,
+) -> Iterator[list[ResidualSite]]:
+    """LinBP: from residual block ``start_block`` on, backpropagate through branch activations as identity.
+
+    ``start_block`` indexes :func:`find_residual_sites` (module order; negative counts from
+    the end, so ``-2`` linearises the last two blocks). With ``renormalize`` each branch's
+    linearised input gradient is rescaled, per sample, to the l2 norm of the true one.
+    Composes with :func:`skip_gradient` in either nesting order. Yields the blocks changed.
+    """
+    all_sites = find_residual_sites(model)
+    if not all_sites:
+        raise _no_blocks(model, "linbp")
+    n = len(all_sites)
+    if isinstance(start_block, bool) or not isinstance(start_block, int):
+        raise RobustlabError(f"linbp start_block must be an integer, got {start_block!r}")
+    if not -n <= start_block < n:
+        raise RobustlabError(
+            f"linbp start_block {start_block} is out of range: the model has {n} residual blocks"
+        )
+    chosen = all_sites[start_block:]
+    branches: list[nn.Module] = []
+    for site in chosen:
+        if site.branch is None:
+            raise RobustlabError(
+                f"linbp needs the whole residual branch of {type(site.block).__name__} as one "
+                "module; declare it with declare_residual(..., whole_branch=True)"
+            )
+        branches.append(site.branch)
+    activations = [m for branch in branches for m in branch.modules() if isinstance(m, LINEARISED)]
+    if not activations:
+        raise RobustlabError(
+            f"linbp found no ReLU or GELU inside the residual branches from block {start_block} "
+            "on, so it would change nothing"
+        )
+    state = _LinBPState()
+    handles: list[RemovableHandle] = []
+    with _removing(handles):
+        for act in dict.fromkeys(activations):
+            pre, hook = _activation_hooks(state)
+            handles.append(act.register_forward_pre_hook(pre))
+            handles.append(act.register_forward_hook(hook))
+        if renormalize:
+            for branch in dict.fromkeys(branches):
+                pre, hook = _branch_hooks(state, branch)
+                # run first: the capture must sit under other transforms' output wrappers
+                handles.append(branch.register_forward_pre_hook(pre, prepend=True))
+                handles.append(branch.register_forward_hook(hook, prepend=True))
+        yield chosen
