@@ -1,0 +1,458 @@
+"""Transfer matrices: craft adversarial examples on each source once, evaluate them on every target.
+
+A matrix of S sources, T targets and A attacks costs S x A attack generations (one per
+source and attack, over all samples) and T x (1 + S x A) forward passes of the targets
+(a clean pass, then one per crafted set), never S x T x A generations. The result records
+both costs.
+
+Success-rate conventions (both are recorded in every cell):
+
+- ``success_rate``: over the samples the *target* classifies correctly when clean, the
+  fraction it misclassifies (untargeted) or assigns to the target label (targeted) on the
+  adversarial example. This is the convention of the SGM paper; ``n`` counts those samples.
+- ``success_rate_all``: the same fraction over all ``n_all`` samples (for untargeted
+  attacks: one minus the target's accuracy under attack).
+
+A cell is marked ``white_box`` when the target is the source model itself (or one of the
+members of a source ensemble): the attacker had its gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..attacks.base import Attack
+from ..attacks.iterative import IterativeAttack
+from ..attacks.surrogate import on_surrogate
+from ..attacks.threat import ThreatModel
+from ..attacks.transforms import check_gamma, find_residual_sites, linbp, skip_gradient
+from ..data import Dataset
+from ..errors import RobustlabError
+from ..models.blocks import DenseLayer
+
+#: Base attacks (the gradient step) and the modifiers that can be joined to them with "+".
+BASES = ("pgd", "ifgsm", "bim", "fgsm")
+MODIFIERS = ("mi", "di", "ti", "sgm", "linbp")
+ALIASES = {"mifgsm": "mi", "difgsm": "di", "tifgsm": "ti", "i-fgsm": "ifgsm"}
+DEFAULT_STEPS = 10
+DEFAULT_LINBP_BLOCK = -2
+
+
+def default_gamma(model: nn.Module) -> float:
+    """SGM's published default for a source, from its structure.
+
+    0.2 for ResNets, 0.5 for DenseNets (dense layers), 0.6 for transformers (sub-blocks
+    scaled by sqrt(gamma) each); 0.2 for anything else with residual blocks.
+    """
+    sites = find_residual_sites(model)
+    if any(isinstance(s.block, DenseLayer) for s in sites):
+        return 0.5
+    if sites and all(s.power == 0.5 for s in sites):
+        return 0.6
+    return 0.2
+
+
+@dataclass(frozen=True)
+class TransferAttack:
+    """One attack of a matrix: an FGSM-family configuration plus the gradient transforms around it.
+
+    ``sgm`` turns on SGM with ``gamma`` (None: each source's default, see
+    :func:`default_gamma`); ``linbp_block`` turns on LinBP from that residual block on.
+    """
+
+    label: str
+    attack: Attack
+    sgm: bool = False
+    gamma: float | None = None
+    linbp_block: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.gamma is not None:
+            check_gamma(self.gamma)
+
+    def gamma_for(self, model: nn.Module) -> float | None:
+        """The SGM gamma used on a source (None when SGM is off)."""
+        if not self.sgm:
+            return None
+        return self.gamma if self.gamma is not None else default_gamma(model)
+
+    @contextmanager
+    def transforms(self, model: nn.Module) -> Iterator[None]:
+        """The gradient transforms of this attack, installed on a source."""
+        with ExitStack() as stack:
+            gamma = self.gamma_for(model)
+            if gamma is not None:
+                stack.enter_context(skip_gradient(model, gamma))
+            if self.linbp_block is not None:
+                stack.enter_context(linbp(model, self.linbp_block))
+            yield
+
+    def craft(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Adversarial examples on a source, under this attack's transforms."""
+        with self.transforms(model):
+            return self.attack(model, x, y, targets)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description: label, the engine configuration, the transforms."""
+        return {
+            "label": self.label,
+            "engine": self.attack.config(),
+            "sgm": self.sgm,
+            "gamma": self.gamma,
+            "linbp_block": self.linbp_block,
+        }
+
+
+def parse_attack(
+    name: str,
+    norm: str,
+    eps: float,
+    *,
+    steps: int = DEFAULT_STEPS,
+    alpha: float | None = None,
+    gamma: float | None = None,
+    linbp_block: int = DEFAULT_LINBP_BLOCK,
+    loss: str = "ce",
+    seed: int = 0,
+) -> TransferAttack:
+    """A transfer attack from a name such as ``pgd``, ``mi``, ``sgm+mi+di`` or ``fgsm+sgm``.
+
+    Parts joined with ``+``: at most one base step (``pgd``/``ifgsm``/``bim``: iterative,
+    the default; ``fgsm``: one step of eps) and any of ``mi`` (momentum 1.0), ``di`` (input
+    diversity, p = 0.5), ``ti`` (7x7 Gaussian gradient smoothing), ``sgm`` and ``linbp``.
+    All share the same steps and step size (default 2.5 * eps / steps, no random start, the
+    last iterate), so cells differ only by the techniques named.
+    """
+    ThreatModel(norm, eps)
+    parts = [ALIASES.get(p.strip().lower(), p.strip().lower()) for p in name.split("+")]
+    known = ", ".join(BASES + MODIFIERS)
+    for part in parts:
+        if part not in BASES and part not in MODIFIERS:
+            raise RobustlabError(
+                f"unknown transfer attack '{part or name}' in '{name}'; "
+                f"join these with '+': {known}"
+            )
+    bases = [p for p in parts if p in BASES]
+    if len(bases) > 1:
+        raise RobustlabError(f"'{name}' names more than one base attack ({', '.join(bases)})")
+    if len(set(parts)) != len(parts):
+        raise RobustlabError(f"'{name}' names a technique twice")
+    if steps < 1:
+        raise RobustlabError(f"transfer attacks need steps >= 1, got {steps}")
+    one_step = bases == ["fgsm"]
+    n_steps = 1 if one_step else steps
+    step = eps if one_step else (alpha if alpha is not None else 2.5 * eps / n_steps)
+    engine = IterativeAttack(
+        norm=norm,
+        eps=eps,
+        steps=n_steps,
+        alpha=step if step > 0 else None,
+        decay=1.0 if "mi" in parts else 0.0,
+        diversity_prob=0.5 if "di" in parts else 0.0,
+        ti_kernel=7 if "ti" in parts else 0,
+        random_start=False,
+        loss=loss,
+        seed=seed,
+    )
+    return TransferAttack(
+        label=name,
+        attack=on_surrogate(engine),
+        sgm="sgm" in parts,
+        gamma=gamma if "sgm" in parts else None,
+        linbp_block=linbp_block if "linbp" in parts else None,
+    )
+
+
+def gamma_sweep(attack: TransferAttack, gammas: Sequence[float]) -> list[TransferAttack]:
+    """One copy of an SGM attack per gamma (the attack must use SGM)."""
+    if not attack.sgm:
+        raise RobustlabError(
+            f"a gamma sweep needs an SGM attack; '{attack.label}' does not use sgm"
+        )
+    if not gammas:
+        raise RobustlabError("a gamma sweep needs at least one gamma")
+    return [replace(attack, gamma=check_gamma(g)) for g in gammas]
+
+
+@dataclass(frozen=True)
+class TransferCell:
+    """One (source, target, attack) result of a transfer matrix."""
+
+    source: str
+    target: str
+    attack: str
+    gamma: float | None
+    success_rate: float
+    n: int
+    success_rate_all: float
+    n_all: int
+    target_clean_accuracy: float
+    target_adversarial_accuracy: float
+    source_success_rate: float
+    white_box: bool
+    convention: str = "over samples the target classifies correctly when clean"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TransferMatrix:
+    """A whole transfer matrix: its cells, what was run, and what it cost."""
+
+    cells: list[TransferCell]
+    sources: list[str]
+    targets: list[str]
+    attacks: list[dict[str, Any]]
+    threat_model: dict[str, Any]
+    n: int
+    targeted: bool
+    seed: int
+    data: str
+    generations: int
+    target_forwards: int
+    craft_seconds: dict[str, float]
+    elapsed_s: float
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record (``kind`` = "transfer"; ``cells`` is one record per cell)."""
+        record = asdict(self)
+        record["kind"] = "transfer"
+        record["cells"] = [c.to_dict() for c in self.cells]
+        return record
+
+    def cell(
+        self, source: str, target: str, attack: str, gamma: float | None = None
+    ) -> TransferCell:
+        """The cell of one (source, target, attack[, gamma])."""
+        for c in self.cells:
+            if (c.source, c.target, c.attack) == (source, target, attack) and (
+                gamma is None or c.gamma == gamma
+            ):
+                return c
+        raise KeyError((source, target, attack, gamma))
+
+    def table(self) -> str:
+        """A plain-text table: one row per source and attack, one column per target (%, * white-box)."""
+        rows: dict[tuple[str, str, float | None], dict[str, TransferCell]] = {}
+        for cell in self.cells:
+            rows.setdefault((cell.source, cell.attack, cell.gamma), {})[cell.target] = cell
+        head = ["source", "attack"] + self.targets
+        lines = [head]
+        for (source, attack, gamma), by_target in rows.items():
+            label = attack if gamma is None else f"{attack} (gamma {gamma:g})"
+            line = [source, label]
+            for t in self.targets:
+                c = by_target.get(t)
+                line.append(
+                    "-" if c is None else f"{100 * c.success_rate:.1f}{'*' if c.white_box else ''}"
+                )
+            lines.append(line)
+        widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+        text = [
+            "  ".join(
+                v.ljust(w) if i < 2 else v.rjust(w)
+                for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            )
+            for r in lines
+        ]
+        return "\n".join(text)
+
+
+def random_targets(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """A random target label per sample, different from its true label (seeded)."""
+    if num_classes < 2:
+        raise RobustlabError("targeted attacks need at least two classes")
+    g = torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, num_classes, y.shape, generator=g)
+    return (y.cpu() + shift) % num_classes
+
+
+def _probe(name: str, role: str, model: nn.Module, x: torch.Tensor, num_classes: int) -> None:
+    """Check that a model takes the data's inputs and predicts enough classes."""
+    try:
+        with torch.inference_mode():
+            out = model(x[:1])
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or ["shape mismatch"])[0][:160]
+        raise RobustlabError(
+            f"{role} '{name}' does not accept inputs of shape {tuple(x.shape[1:])} "
+            f"(those of the data and the other models): {first}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < num_classes:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RobustlabError(
+            f"{role} '{name}' must return (N, classes) logits for {num_classes} classes, got {got}"
+        )
+
+
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Predicted labels of a model, in batches, in eval mode (its mode restored)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            preds = [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    finally:
+        for m, training in modes:
+            m.training = training
+    return torch.cat(preds)
+
+
+def _hits(pred: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """Per sample: misclassified (untargeted) or classified as its target (targeted)."""
+    return pred != y if targets is None else pred == targets
+
+
+def _rate(hits: torch.Tensor, over: torch.Tensor) -> float:
+    """Fraction of ``hits`` among the samples selected by ``over`` (NaN when there are none)."""
+    count = int(over.sum())
+    return float((hits & over).sum()) / count if count else math.nan
+
+
+def _contains(source: nn.Module, target: nn.Module) -> bool:
+    """Whether the target is the source or one of its submodules (an ensemble member)."""
+    return any(m is target for m in source.modules())
+
+
+def transfer_matrix(
+    sources: Mapping[str, nn.Module],
+    targets: Mapping[str, nn.Module],
+    attacks: Sequence[TransferAttack],
+    data: Dataset,
+    *,
+    n: int | None = None,
+    batch_size: int = 250,
+    targeted: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    white_box: Callable[[str, str], bool] | None = None,
+    on_cell: Callable[[TransferCell], None] | None = None,
+) -> TransferMatrix:
+    """Craft each source's examples once per attack and evaluate them on every target.
+
+    Models must already be on ``device``; the data is moved there. The first ``n`` samples
+    of ``data`` (default all) are used. ``white_box(source, target)`` overrides which cells
+    are white-box (default: the target is the source model or one of its members).
+    ``on_cell`` is called with each cell as soon as it is known.
+    """
+    if not sources or not targets or not attacks:
+        raise RobustlabError("a transfer matrix needs at least one source, target and attack")
+    if batch_size < 1:
+        raise RobustlabError(f"batch size must be >= 1, got {batch_size}")
+    total = len(data)
+    count = total if n is None else n
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= total:
+        raise RobustlabError(f"n must be a whole number between 1 and {total}, got {n!r}")
+    norms = {(a.attack.norm, a.attack.eps) for a in attacks}
+    if len(norms) != 1:
+        raise RobustlabError("all attacks of one matrix must share the threat model (norm, eps)")
+    norm, eps = norms.pop()
+    start = time.perf_counter()
+    x = data.x[:count].to(device)
+    y = data.y[:count].to(device)
+    goal = random_targets(y, data.num_classes, seed).to(device) if targeted else None
+    for role, models in (("source", sources), ("target", targets)):
+        for name, model in models.items():
+            _probe(name, role, model, x, data.num_classes)
+    for a in attacks:
+        for name, model in sources.items():
+            if a.sgm or a.linbp_block is not None:
+                try:
+                    with a.transforms(model):
+                        pass
+                except RobustlabError as exc:
+                    raise RobustlabError(f"attack '{a.label}' on source '{name}': {exc}") from None
+
+    everyone = torch.ones(count, dtype=torch.bool, device=x.device)
+    clean: dict[str, torch.Tensor] = {}
+    forwards = 0
+    for name, model in targets.items():
+        clean[name] = _predict(model, x, batch_size) == y
+        forwards += 1
+    source_clean = {
+        name: (clean[name] if name in targets and targets[name] is model else None)
+        for name, model in sources.items()
+    }
+    cells: list[TransferCell] = []
+    craft_seconds: dict[str, float] = {}
+    generations = 0
+    jobs = [(s, a) for s in sources for a in attacks]
+    bar = tqdm(jobs, desc="transfer", unit="craft", disable=not progress, leave=False)
+    for source_name, spec in bar:
+        model = sources[source_name]
+        bar.set_postfix_str(f"{spec.label} on {source_name}")
+        t0 = time.perf_counter()
+        pieces = []
+        for i in range(0, count, batch_size):
+            t = None if goal is None else goal[i : i + batch_size]
+            pieces.append(spec.craft(model, x[i : i + batch_size], y[i : i + batch_size], t))
+        x_adv = torch.cat(pieces)
+        gamma = spec.gamma_for(model)
+        key = f"{source_name} | {spec.label}" + ("" if gamma is None else f" | gamma {gamma:g}")
+        craft_seconds[key] = round(time.perf_counter() - t0, 3)
+        generations += 1
+        own = source_clean[source_name]
+        if own is None:
+            own = _predict(model, x, batch_size) == y
+            source_clean[source_name] = own
+        source_hits = _hits(_predict(model, x_adv, batch_size), y, goal)
+        for target_name, target in targets.items():
+            pred = _predict(target, x_adv, batch_size)
+            forwards += 1
+            hits = _hits(pred, y, goal)
+            correct = clean[target_name]
+            is_white = (
+                white_box(source_name, target_name)
+                if white_box is not None
+                else _contains(model, target)
+            )
+            cell = TransferCell(
+                source=source_name,
+                target=target_name,
+                attack=spec.label,
+                gamma=gamma,
+                success_rate=_rate(hits, correct),
+                n=int(correct.sum()),
+                success_rate_all=_rate(hits, everyone),
+                n_all=count,
+                target_clean_accuracy=float(correct.float().mean()),
+                target_adversarial_accuracy=float((pred == y).float().mean()),
+                source_success_rate=_rate(source_hits, own),
+                white_box=is_white,
+            )
+            cells.append(cell)
+            if on_cell is not None:
+                on_cell(cell)
+    bar.close()
+    return TransferMatrix(
+        cells=cells,
+        sources=list(sources),
+        targets=list(targets),
+        attacks=[a.config() for a in attacks],
+        threat_model={"norm": norm, "eps": eps},
+        n=count,
+        targeted=targeted,
+        seed=seed,
+        data=data.name,
+        generations=generations,
+        target_forwards=forwards,
+        craft_seconds=craft_seconds,
+        elapsed_s=round(time.perf_counter() - start, 3),
+    )

@@ -1,0 +1,106 @@
+"""Plots of transfer matrices: a success-rate heatmap and SGM's success against gamma."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _cells(result: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The cells (as dicts) and the target order of a TransferMatrix or its stored record."""
+    record = result.to_dict() if hasattr(result, "to_dict") else result
+    if not isinstance(record, Mapping) or not isinstance(record.get("cells"), Sequence):
+        raise ValueError("expected a TransferMatrix or a transfer record with 'cells'")
+    cells = [dict(c) for c in record["cells"]]
+    targets = list(record.get("targets") or dict.fromkeys(c["target"] for c in cells))
+    return cells, targets
+
+
+def _row_label(cell: Mapping[str, Any]) -> str:
+    """'source: attack' (with gamma for SGM rows)."""
+    gamma = cell.get("gamma")
+    attack = cell["attack"] if gamma is None else f"{cell['attack']} γ={gamma:g}"
+    return f"{cell['source']}: {attack}"
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write a figure as PNG (creating the folder) and close it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def transfer_heatmap(
+    result: Any,
+    path: str | Path,
+    *,
+    title: str = "Transfer success rate (%)",
+    key: str = "success_rate",
+) -> Path:
+    """Heatmap of success rates: one row per source and attack, one column per target; * marks white-box."""
+    cells, targets = _cells(result)
+    rows = list(dict.fromkeys(_row_label(c) for c in cells))
+    grid = [[math.nan] * len(targets) for _ in rows]
+    white = [[False] * len(targets) for _ in rows]
+    for c in cells:
+        i, j = rows.index(_row_label(c)), targets.index(c["target"])
+        value = c.get(key)
+        grid[i][j] = math.nan if value is None else 100 * float(value)
+        white[i][j] = bool(c.get("white_box"))
+    width = max(5.0, 1.2 + 0.9 * len(targets) + 0.08 * max(len(r) for r in rows))
+    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.45 * len(rows)), dpi=110)
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(targets)):
+            v = grid[i][j]
+            text = "-" if math.isnan(v) else f"{v:.0f}{'*' if white[i][j] else ''}"
+            ax.text(j, i, text, ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
+    ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("target (* white-box)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def gamma_sweep_plot(
+    result: Any,
+    path: str | Path,
+    *,
+    title: str = "SGM: transfer success vs gamma",
+) -> Path:
+    """Success rate against gamma, one line per (source, target, attack) with SGM cells."""
+    cells, targets = _cells(result)
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for c in cells:
+        if c.get("gamma") is None or c.get("white_box"):
+            continue
+        label = f"{c['source']} → {c['target']}"
+        if len({d["attack"] for d in cells if d.get("gamma") is not None}) > 1:
+            label += f" ({c['attack']})"
+        lines.setdefault(label, []).append((float(c["gamma"]), 100 * float(c["success_rate"])))
+    if not lines:
+        raise ValueError("the result has no SGM cells on black-box targets to plot against gamma")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    markers = "osD^v<>p"
+    for i, (label, points) in enumerate(lines.items()):
+        pts = sorted(points)
+        ax.plot([g for g, _ in pts], [s for _, s in pts], marker=markers[i % 8], label=label)
+    ax.set_xlabel("gamma (1 = plain gradient)")
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

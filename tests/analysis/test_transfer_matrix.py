@@ -1,0 +1,247 @@
+"""Transfer matrices: one generation per source and attack, both conventions, records, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+from robustlab.analysis.transfer import (
+    TransferAttack,
+    default_gamma,
+    gamma_sweep,
+    parse_attack,
+    transfer_matrix,
+)
+from robustlab.attacks.base import Attack
+from robustlab.attacks.iterative import IterativeAttack
+from robustlab.attacks.surrogate import Ensemble
+from robustlab.data import DataSplits
+from robustlab.errors import RobustlabError
+from robustlab.models import build_model
+from robustlab.report.transfer_plots import gamma_sweep_plot, transfer_heatmap
+from robustlab.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained(digits: DataSplits, tmp_path_factory: pytest.TempPathFactory) -> dict[str, nn.Module]:
+    """A ResNet and an MLP trained briefly on digits."""
+    out = tmp_path_factory.mktemp("transfer-models")
+    models = {}
+    for arch, epochs in (("resnet8", 2), ("mlp", 3)):
+        cfg = TrainConfig(arch=arch, data="digits", epochs=epochs)
+        models[arch] = train(cfg, out / arch, splits=digits, progress=False).model.eval()
+    return models
+
+
+@dataclass(frozen=True)
+class Counting(Attack):
+    """Moves every pixel by +eps (clipped) and counts its calls."""
+
+    norm: str = "linf"
+    eps: float = 0.2
+    calls: ClassVar[list[int]] = []
+
+    name: ClassVar[str] = "counting"
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.calls.append(len(x))
+        return (x + self.eps).clamp(0, 1)
+
+
+class CountForward(nn.Module):
+    """Wraps a model and counts its forward passes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+def _untrained(arch: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(arch, image_size=8).eval()
+
+
+def test_cost_is_one_generation_per_source_and_attack(digits: DataSplits) -> None:
+    Counting.calls.clear()
+    sources = {"s1": _untrained("mlp", 1), "s2": _untrained("mlp", 2)}
+    targets = {f"t{i}": CountForward(_untrained("mlp", 10 + i)) for i in range(3)}
+    attacks = [TransferAttack("a", Counting()), TransferAttack("b", Counting())]
+    result = transfer_matrix(sources, targets, attacks, digits.test, n=50, batch_size=64)
+    s, t, a = len(sources), len(targets), len(attacks)
+    assert len(Counting.calls) == s * a  # not s * t * a
+    assert result.generations == s * a
+    assert result.target_forwards == t * (1 + s * a)
+    for target in targets.values():
+        assert target.calls == 1 + 1 + s * a  # input check, clean pass, one per crafted set
+    assert len(result.cells) == s * t * a
+
+
+def test_both_conventions_are_recorded_and_consistent(digits: DataSplits) -> None:
+    target = _untrained("mlp", 4)
+    result = transfer_matrix(
+        {"src": _untrained("mlp", 3)},
+        {"tgt": target, "src-again": target},
+        [TransferAttack("shift", Counting())],
+        digits.test,
+        n=120,
+    )
+    cell = result.cell("src", "tgt", "shift")
+    x, y = digits.test.x[:120], digits.test.y[:120]
+    with torch.no_grad():
+        clean_ok = target(x).argmax(1) == y
+        adv_wrong = target((x + 0.2).clamp(0, 1)).argmax(1) != y
+    assert cell.n == int(clean_ok.sum()) and cell.n_all == 120
+    assert math.isclose(cell.success_rate, float((adv_wrong & clean_ok).sum()) / cell.n)
+    assert math.isclose(cell.success_rate_all, float(adv_wrong.sum()) / 120)
+    assert math.isclose(cell.target_adversarial_accuracy, 1 - cell.success_rate_all, rel_tol=1e-6)
+    assert math.isclose(cell.target_clean_accuracy, float(clean_ok.sum()) / 120, rel_tol=1e-6)
+    assert not cell.white_box and cell.gamma is None
+
+
+def test_real_matrix_with_sgm_marks_white_box_and_writes_json(
+    digits: DataSplits, trained: dict[str, nn.Module], tmp_path: Path
+) -> None:
+    attacks = [parse_attack(a, "linf", 0.2, steps=5) for a in ("pgd", "sgm", "sgm+mi+di")]
+    seen: list[str] = []
+    result = transfer_matrix(
+        {"resnet8": trained["resnet8"]},
+        dict(trained),
+        attacks,
+        digits.test,
+        n=100,
+        on_cell=lambda c: seen.append(c.target),
+    )
+    assert len(result.cells) == len(seen) == 6
+    white = result.cell("resnet8", "resnet8", "pgd")
+    assert white.white_box and white.success_rate > 0.9
+    assert math.isclose(white.source_success_rate, white.success_rate)
+    assert not result.cell("resnet8", "mlp", "pgd").white_box
+    assert result.cell("resnet8", "mlp", "sgm").gamma == 0.2  # the ResNet default
+    for c in result.cells:
+        assert 0 <= c.success_rate <= 1 and c.n > 80
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["kind"] == "transfer"
+    for c in record["cells"]:
+        assert {"source", "target", "attack", "success_rate", "n"} <= set(c)
+    assert "*" in result.table() and "sgm+mi+di" in result.table()
+    heat = transfer_heatmap(result, tmp_path / "heat.png")
+    assert heat.exists() and heat.stat().st_size > 1000
+
+
+def test_gamma_sweep_records_each_gamma(digits: DataSplits, trained: dict[str, nn.Module]) -> None:
+    gammas = [0.1, 0.5, 1.0]
+    sweep = gamma_sweep(parse_attack("sgm", "linf", 0.2, steps=3), gammas)
+    result = transfer_matrix(
+        {"r": trained["resnet8"]}, {"m": trained["mlp"]}, sweep, digits.test, n=60
+    )
+    assert [c.gamma for c in result.cells] == gammas
+    assert result.generations == len(gammas)
+    with pytest.raises(RobustlabError, match="needs an SGM attack"):
+        gamma_sweep(parse_attack("mi", "linf", 0.2), gammas)
+    with pytest.raises(RobustlabError, match=r"gamma must lie in \(0, 1\]"):
+        gamma_sweep(parse_attack("sgm", "linf", 0.2), [0.5, 1.2])
+
+
+def test_gamma_sweep_plot(digits: DataSplits, tmp_path: Path) -> None:
+    sweep = gamma_sweep(parse_attack("sgm", "linf", 0.2, steps=1), [0.2, 1.0])
+    result = transfer_matrix(
+        {"r": _untrained("resnet8", 0)}, {"m": _untrained("mlp", 1)}, sweep, digits.test, n=20
+    )
+    out = gamma_sweep_plot(result, tmp_path / "sweep.png")
+    assert out.exists() and out.stat().st_size > 1000
+
+
+def test_targeted_matrix_counts_hits_on_the_target_label(
+    digits: DataSplits, trained: dict[str, nn.Module]
+) -> None:
+    attack = parse_attack("mi", "linf", 0.3, steps=5)
+    result = transfer_matrix(
+        {"r": trained["resnet8"]},
+        {"r": trained["resnet8"]},
+        [attack],
+        digits.test,
+        n=60,
+        targeted=True,
+    )
+    cell = result.cell("r", "r", "mi")
+    assert result.targeted and cell.white_box and cell.success_rate > 0.5
+
+
+def test_ensemble_source(digits: DataSplits, trained: dict[str, nn.Module]) -> None:
+    ens = Ensemble([trained["resnet8"], trained["mlp"]]).eval()
+    result = transfer_matrix(
+        {"ens": ens},
+        dict(trained),
+        [parse_attack("sgm+mi", "linf", 0.2, steps=3)],
+        digits.test,
+        n=40,
+    )
+    assert all(c.white_box for c in result.cells)  # both targets are members
+
+
+def test_parse_attack() -> None:
+    a = parse_attack("sgm+mi+di", "linf", 0.1)
+    engine = a.attack
+    assert isinstance(engine, IterativeAttack)
+    assert a.sgm and a.gamma is None and a.linbp_block is None
+    assert engine.decay == 1.0 and engine.diversity_prob == 0.5
+    assert engine.steps == 10 and math.isclose(engine.step_size, 0.025)
+    f = parse_attack("fgsm+sgm", "l2", 1.0, gamma=0.5)
+    assert isinstance(f.attack, IterativeAttack)
+    assert f.attack.steps == 1 and f.gamma == 0.5
+    assert parse_attack("pgd+linbp", "linf", 0.1).linbp_block == -2
+    assert parse_attack("mifgsm", "linf", 0.1).label == "mifgsm"
+    with pytest.raises(RobustlabError, match="unknown transfer attack 'foo'"):
+        parse_attack("sgm+foo", "linf", 0.1)
+    with pytest.raises(RobustlabError, match="more than one base"):
+        parse_attack("pgd+fgsm", "linf", 0.1)
+    with pytest.raises(RobustlabError, match="twice"):
+        parse_attack("mi+mi", "linf", 0.1)
+    with pytest.raises(RobustlabError, match="norm"):
+        parse_attack("pgd", "l3", 0.1)
+    with pytest.raises(RobustlabError, match="gamma"):
+        parse_attack("sgm", "linf", 0.1, gamma=0.0)
+
+
+def test_default_gamma_follows_the_architecture() -> None:
+    assert default_gamma(_untrained("resnet8", 0)) == 0.2
+    assert default_gamma(_untrained("preact_resnet8", 0)) == 0.2
+    assert default_gamma(_untrained("densenet", 0)) == 0.5
+    assert default_gamma(_untrained("vit", 0)) == 0.6
+
+
+def test_bad_matrices(digits: DataSplits) -> None:
+    mlp = _untrained("mlp", 0)
+    pgd = [parse_attack("pgd", "linf", 0.1, steps=1)]
+    big = build_model("mlp", image_size=16)
+    with pytest.raises(RobustlabError, match="target 'big' does not accept inputs of shape"):
+        transfer_matrix({"m": mlp}, {"big": big}, pgd, digits.test, n=5)
+    with pytest.raises(RobustlabError, match="attack 'sgm' on source 'm'.*residual blocks"):
+        transfer_matrix(
+            {"m": mlp}, {"m": mlp}, [parse_attack("sgm", "linf", 0.1)], digits.test, n=5
+        )
+    with pytest.raises(RobustlabError, match="n must be"):
+        transfer_matrix({"m": mlp}, {"m": mlp}, pgd, digits.test, n=100_000)
+    mixed = pgd + [parse_attack("pgd", "linf", 0.2)]
+    with pytest.raises(RobustlabError, match="share the threat model"):
+        transfer_matrix({"m": mlp}, {"m": mlp}, mixed, digits.test, n=5)
+    with pytest.raises(RobustlabError, match="at least one"):
+        transfer_matrix({}, {"m": mlp}, pgd, digits.test, n=5)
