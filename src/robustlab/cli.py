@@ -442,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands registered from robustlab.commands: one line each, in CLI order.
     # (transfer)
-    # (exits, sloth)
+    from .commands import exits
+
+    exits.register(sub)
     return parser
 
 

@@ -155,7 +155,13 @@ def load_checkpoint(path: str | Path, **legacy: Any) -> Checkpoint:
         raise RobustlabError(
             f"weights {weights_path} do not match the hash in its manifest (corrupted or replaced)"
         )
-    model = build_from_config(manifest.get("model", {}))
+    config = manifest.get("model", {})
+    if isinstance(config, dict) and "multi_exit" in config:  # exits over a zoo backbone
+        from .multiexit import multiexit_from_config
+
+        model: nn.Module = multiexit_from_config(config)
+    else:
+        model = build_from_config(config)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:

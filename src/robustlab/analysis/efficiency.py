@@ -1,0 +1,251 @@
+"""Early-exit efficiency: exit distribution, average FLOPs, efficacy and measured latency.
+
+Efficacy (DeepSloth, Hong et al. 2021) is the area under the curve "fraction of inputs that
+have exited" against "cost paid, as a fraction of the cost of the full multi-exit network".
+With the exact (step) curve, an input leaving at normalised cost c contributes (1 - c), so
+
+    efficacy = sum_k fraction_k * (1 - cost_k / cost_final) = 1 - average cost / cost_final,
+
+in [0, 1]: 0 when every input runs to the final exit, 1 - c_1 when all leave at the first IC.
+The reference code joins the points (0, 0), (c_k, cumulative fraction_k) with straight lines
+(trapezoids) instead; that value is reported as ``efficacy_trapezoid`` for comparison with
+published numbers (it is 0.5 * (1 - c_{K-1}) rather than 0 when no input exits early).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import RobustlabError
+from ..models.multiexit import MultiExitNetwork, check_rule, check_threshold
+
+
+def exit_fractions(exits: torch.Tensor, num_exits: int) -> list[float]:
+    """Fraction of inputs leaving at each exit (ICs in order, the final exit last)."""
+    if len(exits) == 0:
+        raise RobustlabError("no inputs to compute an exit distribution from")
+    counts = torch.bincount(exits.flatten().cpu(), minlength=num_exits)[:num_exits]
+    return [float(c) / len(exits) for c in counts]
+
+
+def _check_curve(fractions: Sequence[float], costs: Sequence[float]) -> None:
+    """Refuse an exit distribution and cost list that do not describe one network."""
+    if len(fractions) != len(costs) or not fractions:
+        raise RobustlabError(
+            f"need one fraction per exit cost, got {len(fractions)} fractions and {len(costs)} costs"
+        )
+    if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise RobustlabError(f"exit fractions must be >= 0 and sum to 1, got {list(fractions)}")
+    if any(c <= 0 for c in costs) or any(b < a for a, b in zip(costs, costs[1:], strict=False)):
+        raise RobustlabError(f"exit costs must be positive and non-decreasing, got {list(costs)}")
+
+
+def efficacy(fractions: Sequence[float], costs: Sequence[float], method: str = "step") -> float:
+    """Area under fraction-exited vs normalised-cost, in [0, 1] (see the module docstring).
+
+    ``costs`` are the cumulative costs of the exits (any unit; the last is the full network);
+    ``method`` is ``step`` (exact, = 1 - mean normalised cost) or ``trapezoid`` (reference code).
+    """
+    _check_curve(fractions, costs)
+    c = [x / costs[-1] for x in costs]
+    if method == "step":
+        return float(sum(f * (1 - ck) for f, ck in zip(fractions, c, strict=True)))
+    if method == "trapezoid":
+        xs, ys, running = [0.0], [0.0], 0.0
+        for f, ck in zip(fractions, c, strict=True):
+            running += f
+            xs.append(ck)
+            ys.append(running)
+        ys[-1] = 1.0
+        return float(sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)))
+    raise RobustlabError(f"unknown efficacy method '{method}'; use step or trapezoid")
+
+
+def efficacy_curve(
+    fractions: Sequence[float], costs: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """The step curve's corners: normalised cost (x) and cumulative fraction exited (y)."""
+    _check_curve(fractions, costs)
+    xs, ys, running = [0.0], [0.0], 0.0
+    for f, cost in zip(fractions, costs, strict=True):
+        xs += [cost / costs[-1], cost / costs[-1]]
+        ys += [running, running + f]
+        running += f
+    return xs, ys
+
+
+@dataclass
+class EfficiencyRecord:
+    """How a multi-exit network spends its computation on a set of inputs."""
+
+    n: int
+    rule: str
+    threshold: float
+    exit_names: list[str]
+    exit_counts: list[int]
+    exit_fractions: list[float]
+    exit_flops: list[int]
+    avg_flops: float
+    backbone_flops: int
+    flops_saving: float
+    efficacy: float
+    efficacy_trapezoid: float
+    accuracy_final: float
+    accuracy_early_exit: float
+    latency_ms: float
+    latency_full_ms: float
+    latency_saving: float
+    latency_samples: int
+    latency_batch_size: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+@torch.inference_mode()
+def early_exit_all(
+    model: MultiExitNetwork,
+    x: torch.Tensor,
+    threshold: float | None = None,
+    rule: str | None = None,
+    batch_size: int = 250,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Early-exit predictions, exits taken and final-exit predictions for ``x``, in batches."""
+    device = next(model.parameters()).device
+    preds, exits, finals = [], [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(device)
+        out = model.early_exit(xb, threshold, rule)
+        preds.append(out.logits.argmax(1).cpu())
+        exits.append(out.exits.cpu())
+        finals.append(model.final(xb).argmax(1).cpu())
+    return torch.cat(preds), torch.cat(exits), torch.cat(finals)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op CPU threads (None: leave as is), restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: MultiExitNetwork,
+    x: torch.Tensor,
+    threshold: float | None = None,
+    rule: str | None = None,
+    batch_size: int = 1,
+    full: bool = False,
+    *,
+    warmup: int = 5,
+    repeats: int = 3,
+    threads: int | None = 1,
+) -> float:
+    """Wall-clock milliseconds per input of early-exit inference (or of the backbone alone).
+
+    The median over ``repeats`` passes over ``x``. By default on one CPU thread: batch-1
+    inference of small networks is fastest there, and stable on a shared machine (several
+    threads spin-wait for each other when the cores are busy).
+    """
+    if len(x) == 0:
+        raise RobustlabError("no inputs to time")
+    device = next(model.parameters()).device
+    batches = [x[i : i + batch_size].to(device) for i in range(0, len(x), batch_size)]
+
+    def run(xb: torch.Tensor) -> None:
+        if full:
+            model.final(xb)
+        else:
+            model.early_exit(xb, threshold, rule)
+
+    times = []
+    with _threads(threads if device.type == "cpu" else None):
+        for xb in batches[:warmup]:
+            run(xb)
+        for _ in range(max(1, repeats)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for xb in batches:
+                run(xb)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(1000 * (time.perf_counter() - t0) / len(x))
+    return float(statistics.median(times))
+
+
+def measure_efficiency(
+    model: MultiExitNetwork,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threshold: float | None = None,
+    rule: str | None = None,
+    *,
+    batch_size: int = 250,
+    latency_samples: int = 200,
+    latency_batch_size: int = 1,
+) -> EfficiencyRecord:
+    """Exit distribution, FLOPs, efficacy, accuracies and latency of early exit on ``(x, y)``.
+
+    The model's modes are restored afterwards. ``latency_samples`` = 0 skips the timing.
+    """
+    if len(x) == 0 or len(x) != len(y):
+        raise RobustlabError(f"need inputs with one label each, got {len(x)} and {len(y)}")
+    q = model.threshold if threshold is None else check_threshold(threshold)
+    rule = model.rule if rule is None else check_rule(rule)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        preds, exits, finals = early_exit_all(model, x, q, rule, batch_size)
+        latency = latency_full = 0.0
+        timed = x[: max(0, latency_samples)]
+        if len(timed):
+            latency = measure_latency(model, timed, q, rule, latency_batch_size)
+            latency_full = measure_latency(model, timed, q, rule, latency_batch_size, full=True)
+    finally:
+        for m, training in modes:
+            m.training = training
+    from .flops import head_flops, unit_flops
+
+    costs = model.exit_costs()
+    backbone = sum(unit_flops(model)) + head_flops(model)
+    fractions = exit_fractions(exits, model.num_exits)
+    counts = [int(c) for c in torch.bincount(exits, minlength=model.num_exits)]
+    avg = float(sum(f * c for f, c in zip(fractions, costs, strict=True)))
+    y = y.cpu()
+    return EfficiencyRecord(
+        n=len(x),
+        rule=rule,
+        threshold=q,
+        exit_names=model.exit_names(),
+        exit_counts=counts,
+        exit_fractions=fractions,
+        exit_flops=costs,
+        avg_flops=avg,
+        backbone_flops=backbone,
+        flops_saving=1 - avg / backbone,
+        efficacy=efficacy(fractions, costs),
+        efficacy_trapezoid=efficacy(fractions, costs, "trapezoid"),
+        accuracy_final=float((finals == y).float().mean()),
+        accuracy_early_exit=float((preds == y).float().mean()),
+        latency_ms=latency,
+        latency_full_ms=latency_full,
+        latency_saving=1 - latency / latency_full if latency_full > 0 else 0.0,
+        latency_samples=len(timed),
+        latency_batch_size=latency_batch_size,
+    )

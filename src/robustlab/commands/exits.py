@@ -1,0 +1,216 @@
+"""``robustlab exits``: attach SDN exits to a trained backbone, train and calibrate them.
+
+Reads a backbone checkpoint, holds a calibration split out of the training data, attaches
+internal classifiers (default: at about 15/30/45/60/75/90 % of the backbone's FLOPs),
+trains them, picks the early-exit thresholds on the calibration split for the allowed
+relative accuracy drops, measures the efficiency on the test split, and writes a multi-exit
+checkpoint that ``robustlab.load`` rebuilds and every other command accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import RobustlabError
+
+
+def _ints(text: str, what: str) -> list[int]:
+    """'1,3,5' -> [1, 3, 5], with a clear error for anything else."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RobustlabError(
+            f"{what} must be comma-separated whole numbers, got '{text}'"
+        ) from None
+
+
+def _floats(text: str, what: str) -> list[float]:
+    """'0.05,0.15' -> [0.05, 0.15], with a clear error for anything else."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RobustlabError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    if not values:
+        raise RobustlabError(f"{what} needs at least one value")
+    return values
+
+
+def _write_json(path: str | None, record: Any) -> None:
+    if path:
+        from ..io import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_exits(args: argparse.Namespace) -> int:
+    """Attach, train and calibrate exits on a backbone checkpoint; write the multi-exit one."""
+    import torch
+
+    from .. import __version__
+    from ..analysis.efficiency import measure_efficiency
+    from ..data import load_data
+    from ..models.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
+    from ..models.multiexit import (
+        MultiExitNetwork,
+        attach_exits,
+        calibrate,
+        check_rule,
+        check_threshold,
+    )
+    from ..report.exit_plots import efficacy_curves, exit_histogram
+    from ..train.sdn import SDNConfig, exit_accuracies, train_exits
+    from ..utils import resolve_device
+
+    out = Path(args.out)
+    if (out / MANIFEST).exists() and not args.overwrite:
+        raise RobustlabError(
+            f"{out} already holds a checkpoint; pass --overwrite or choose another --out"
+        )
+    drops = _floats(args.drops, "--drops")
+    if args.drop not in drops:
+        drops = [args.drop, *drops]
+    for d in drops:
+        if not 0 <= d < 1:
+            raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
+    check_rule(args.rule)
+    positions = None if args.exits == "auto" else _ints(args.exits, "--exits")
+    cfg = SDNConfig(
+        mode=args.mode,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        adversary=args.adv,
+        adv_norm=args.adv_norm,
+        adv_eps=args.adv_eps or 0.0,
+        adv_steps=args.adv_steps,
+        seed=args.seed,
+    )
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.model)
+    if isinstance(ckpt.model, MultiExitNetwork) or "multi_exit" in ckpt.manifest["model"]:
+        raise RobustlabError(f"{args.model} already has exits; give the backbone's checkpoint")
+    if args.calibration < 1:
+        raise RobustlabError(
+            "the calibration split is empty: pass --calibration N with N >= 1 held-out samples "
+            "(thresholds are never chosen on the test set)"
+        )
+    splits = load_data(args.data, calibration=args.calibration, seed=args.data_seed)
+    config = ckpt.manifest["model"]
+    shape = (splits.in_channels, splits.image_size, splits.image_size)
+    if (int(config["in_channels"]), int(config["image_size"])) != shape[:2]:
+        raise RobustlabError(
+            f"the model takes {config['in_channels']}x{config['image_size']}x"
+            f"{config['image_size']} inputs but {splits.name} has {shape[0]}x{shape[1]}x{shape[2]}"
+        )
+    if splits.num_classes > int(config["num_classes"]):
+        raise RobustlabError(
+            f"{splits.name} has {splits.num_classes} classes but the model predicts "
+            f"{config['num_classes']}"
+        )
+    torch.manual_seed(args.seed)
+    model = attach_exits(
+        ckpt.model.to(device), shape, int(config["num_classes"]), positions, rule=args.rule
+    )
+    _say(
+        f"exits after units {model.positions} of {len(model.plan.units)} "
+        f"({', '.join(model.exit_names()[:-1])}); training {cfg.mode} on {len(splits.train)} samples"
+    )
+    record = train_exits(model, splits.train, cfg, device=device, progress=not args.no_progress)
+    calib = calibrate(model, splits.calibration, drops, args.rule)
+    model.threshold = check_threshold(calib.thresholds[f"{100 * args.drop:g}%"])
+    test_acc = exit_accuracies(model, splits.test)
+    metrics: dict[str, Any] = {"exit_accuracy_test": test_acc}
+    per_drop: dict[str, Any] = {}
+    for key, q in calib.thresholds.items():
+        rec = measure_efficiency(
+            model, splits.test.x, splits.test.y, q, args.rule, latency_samples=args.latency_samples
+        )
+        per_drop[key] = rec.to_dict()
+        _say(
+            f"  drop <= {key} on calibration (q={q:.4f}): test accuracy "
+            f"{100 * rec.accuracy_early_exit:.2f} % (final exit {100 * rec.accuracy_final:.2f} %), "
+            f"FLOPs saved {100 * rec.flops_saving:.1f} %, efficacy {rec.efficacy:.3f}, "
+            f"latency {rec.latency_ms:.2f} ms vs {rec.latency_full_ms:.2f} ms per input"
+        )
+    metrics["early_exit_test"] = per_drop
+    manifest = {
+        "model": {**config, "multi_exit": {**model.config(), "exit_costs": model.exit_costs()}},
+        "dataset": splits.info(),
+        "training": {"backbone": ckpt.manifest.get("training", {}), "exits": record},
+        "calibration": calib.as_dict(),
+        "metrics": metrics,
+        "backbone": {"path": str(ckpt.path), "sha256": ckpt.manifest["weights"]["sha256"]},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "robustlab_version": __version__,
+    }
+    save_checkpoint(model, out, manifest)
+    records = {f"drop {k}": v for k, v in per_drop.items()}
+    exit_histogram(records, out / "exit_histogram.png", title="Where test inputs exit")
+    efficacy_curves(records, out / "efficacy_curve.png")
+    print(
+        f"multi-exit checkpoint in {out}: {len(model.positions)} ICs, threshold "
+        f"{model.threshold:.4f} ({args.rule}, <= {100 * args.drop:g} % drop on calibration); "
+        f"test FLOPs saved {100 * per_drop[f'{100 * args.drop:g}%']['flops_saving']:.1f} %"
+    )
+    _write_json(args.json, json.loads((out / MANIFEST).read_text()))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``robustlab exits`` to the CLI's subcommands."""
+    p = sub.add_parser(
+        "exits", help="attach, train and calibrate early exits (SDN) on a trained backbone"
+    )
+    p.add_argument("--model", required=True, help="backbone checkpoint folder or manifest")
+    p.add_argument("--data", default="mnist5k", help="dataset the backbone was trained on")
+    p.add_argument("--out", required=True, help="folder for the multi-exit checkpoint and plots")
+    p.add_argument(
+        "--exits",
+        default="auto",
+        help="units to put exits after, e.g. 1,3,5 (default auto: ~15/30/45/60/75/90 %% of FLOPs)",
+    )
+    p.add_argument("--mode", default="ic-only", help="ic-only (backbone frozen) or end-to-end")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, help="default 1e-3 (ic-only, Adam), 0.05 (end-to-end)")
+    p.add_argument("--rule", default="max_softmax", help="exit rule: max_softmax or entropy")
+    p.add_argument(
+        "--calibration",
+        type=int,
+        default=500,
+        help="samples held out of the training split to choose thresholds (default 500)",
+    )
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the calibration split")
+    p.add_argument(
+        "--drops",
+        default="0.05,0.15",
+        help="relative accuracy drops to calibrate thresholds for (default 0.05,0.15)",
+    )
+    p.add_argument(
+        "--drop", type=float, default=0.05, help="the drop whose threshold the checkpoint uses"
+    )
+    p.add_argument("--adv", default="none", help="adversarial exit training: none, pgd, deepsloth")
+    p.add_argument("--adv-eps", type=float, help="budget of the adversarial exit training")
+    p.add_argument("--adv-norm", default="linf", help="linf, l2 or l1")
+    p.add_argument("--adv-steps", type=int, default=5)
+    p.add_argument(
+        "--latency-samples",
+        type=int,
+        default=200,
+        help="test inputs timed one by one for the latency (0: skip)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--json", metavar="PATH", help="write the result record as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_exits)

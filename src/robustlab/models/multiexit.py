@@ -1,0 +1,590 @@
+"""Multi-exit networks (Shallow-Deep Networks, Kaya et al. 2019) over any zoo backbone.
+
+A :class:`MultiExitNetwork` keeps the backbone (``Normalize`` + zoo net, as ``build_model``
+makes it) untouched under ``backbone`` and cuts its forward pass into *units* by structure:
+the stem, then each block (a residual block, a VGG conv layer, a dense layer, a transformer
+layer, a hidden layer of an MLP). Internal classifiers (ICs, :class:`ExitHead`) read the
+features after chosen units; the backbone's own head is the final exit.
+
+Its ``forward`` returns plain logits so that every other command accepts it:
+``output="final"`` (default) runs the backbone alone, ``output="early"`` returns the logits of
+the exit each input leaves at, ``output="all"`` returns the list of every exit's logits (ICs
+first, the final exit last). :meth:`MultiExitNetwork.early_exit` is batched early-exit
+inference: inputs leave the batch at the first IC whose confidence reaches the threshold,
+and the rest of the network runs on the remaining inputs only.
+
+Confidence is ``max softmax`` (rule ``max_softmax``) or ``1 - entropy / log(classes)`` (rule
+``entropy``); an input exits where its confidence is >= the threshold q in (0, 1].
+Thresholds are calibrated on a held-out calibration split (:func:`calibrate`), never on test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import RobustlabError
+from .blocks import Normalize
+from .densenet import DenseNet
+from .mlp import MLP
+from .preact_resnet import PreActResNet
+from .resnet import ResNet
+from .vgg import VGG
+from .vit import ViT
+
+if TYPE_CHECKING:
+    from ..data import Dataset
+
+RULES = ("max_softmax", "entropy")
+OUTPUTS = ("final", "early", "all")
+DEFAULT_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
+HEAD_SIZE = 4  # ICs pool feature maps to 4x4, as in SDN
+
+Step = tuple[str, str]  # (operation, submodule path): "call", "tokens" (ViT embedding), "cls"
+
+
+def check_rule(rule: str) -> str:
+    """Refuse an unknown exit rule with one sentence."""
+    if rule not in RULES:
+        raise RobustlabError(f"unknown exit rule '{rule}'; use one of {', '.join(RULES)}")
+    return rule
+
+
+def check_threshold(q: float) -> float:
+    """Refuse an exit threshold outside (0, 1] with one sentence."""
+    if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0 < float(q) <= 1:
+        raise RobustlabError(f"an exit threshold must lie in (0, 1], got {q!r}")
+    return float(q)
+
+
+def confidence(logits: torch.Tensor, rule: str = "max_softmax") -> torch.Tensor:
+    """Per-sample exit confidence in [0, 1]: max softmax, or 1 - normalised entropy."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    if rule == "max_softmax":
+        return logp.amax(dim=1).exp()
+    if rule == "entropy":
+        k = logits.shape[1]
+        if k < 2:
+            return torch.ones(len(logits), device=logits.device)
+        entropy = -(logp.exp() * logp).sum(dim=1)
+        return (1 - entropy / math.log(k)).clamp(0.0, 1.0)
+    raise RobustlabError(f"unknown exit rule '{rule}'; use one of {', '.join(RULES)}")
+
+
+def first_exit(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per sample, the first IC (column of ``scores``, N x E) reaching ``threshold``; E if none."""
+    hit = scores >= threshold
+    first = hit.to(torch.uint8).argmax(dim=1)
+    return torch.where(hit.any(dim=1), first, torch.full_like(first, scores.shape[1]))
+
+
+class ExitHead(nn.Module):
+    """An SDN internal classifier: alpha*maxpool + (1-alpha)*avgpool to 4x4, flatten, linear.
+
+    Feature maps already at most 4x4 are not pooled; token sequences (ViT) are read at the
+    class token after a LayerNorm; flat features go straight to the linear layer. alpha is
+    learnt (a sigmoid of one parameter, so it stays in [0, 1]).
+    """
+
+    def __init__(self, feature_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.feature_shape = tuple(int(s) for s in feature_shape)
+        self.pool = False
+        self.norm: nn.Module = nn.Identity()
+        if len(self.feature_shape) == 3:
+            c, h, w = self.feature_shape
+            self.pool = h > HEAD_SIZE or w > HEAD_SIZE
+            features = c * (min(h, HEAD_SIZE) * min(w, HEAD_SIZE) if self.pool else h * w)
+        elif len(self.feature_shape) == 2:
+            features = self.feature_shape[1]
+            self.norm = nn.LayerNorm(features)
+        elif len(self.feature_shape) == 1:
+            features = self.feature_shape[0]
+        else:
+            raise RobustlabError(f"an exit cannot read features of shape {self.feature_shape}")
+        self.alpha_logit = nn.Parameter(torch.zeros(1))
+        self.fc = nn.Linear(features, num_classes)
+
+    @property
+    def alpha(self) -> float:
+        """The current max-pool weight of the blend."""
+        return float(torch.sigmoid(self.alpha_logit.detach()))
+
+    def blend(self, h: torch.Tensor) -> torch.Tensor:
+        """The pooled features (alpha*max + (1-alpha)*avg to 4x4) or the features as they are."""
+        if not self.pool:
+            return h
+        a = torch.sigmoid(self.alpha_logit)
+        size = (min(h.shape[2], HEAD_SIZE), min(h.shape[3], HEAD_SIZE))
+        return a * F.adaptive_max_pool2d(h, size) + (1 - a) * F.adaptive_avg_pool2d(h, size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of this exit from the features after its block."""
+        if len(self.feature_shape) == 2:
+            return self.fc(self.norm(h[:, 0]))
+        return self.fc(self.blend(h).flatten(1))
+
+    def flops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """Cost of the pooling blend (the linear layer and norm are counted on their own)."""
+        if not self.pool:
+            return 0
+        n = (
+            inp.shape[0]
+            * inp.shape[1]
+            * min(inp.shape[2], HEAD_SIZE)
+            * min(inp.shape[3], HEAD_SIZE)
+        )
+        return 2 * inp.numel() + 2 * n
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to run a backbone unit by unit: the steps of each unit and of the final head."""
+
+    units: tuple[tuple[Step, ...], ...]
+    names: tuple[str, ...]
+    head: tuple[Step, ...]
+
+
+def _call(path: str) -> Step:
+    return ("call", path)
+
+
+def plan_for(backbone: nn.Module) -> Plan:
+    """Cut a ``build_model`` backbone (Normalize + zoo net) into units, by its structure."""
+    children = dict(backbone.named_children())
+    if not isinstance(children.get("normalize"), Normalize) or "net" not in children:
+        raise RobustlabError(
+            "exits attach to a zoo model as build_model makes it (Normalize followed by a "
+            "registered network)"
+        )
+    net = children["net"]
+    pre: list[Step] = [_call("backbone.normalize")]
+    units: list[list[Step]] = []
+    names: list[str] = []
+    head: tuple[Step, ...]
+    if isinstance(net, (ResNet, PreActResNet)):
+        units.append([*pre, _call("backbone.net.stem")])
+        names.append("stem")
+        for i in range(len(net.blocks)):
+            units.append([_call(f"backbone.net.blocks.{i}")])
+            names.append(f"blocks.{i}")
+        tail = "pool" if isinstance(net, ResNet) else "head"
+        head = (_call(f"backbone.net.{tail}"), _call("backbone.net.fc"))
+    elif isinstance(net, (VGG, MLP)):
+        starts = nn.Conv2d if isinstance(net, VGG) else nn.Linear
+        label = "conv" if isinstance(net, VGG) else "hidden"
+        current: list[Step] = list(pre)
+        begun = False
+        for i, layer in enumerate(net.features):
+            if isinstance(layer, starts):
+                if begun:
+                    units.append(current)
+                    current = []
+                begun = True
+            current.append(_call(f"backbone.net.features.{i}"))
+        units.append(current)
+        names = [f"{label}.{k}" for k in range(len(units))]
+        head = (
+            (_call("backbone.net.pool"), _call("backbone.net.fc"))
+            if isinstance(net, VGG)
+            else (_call("backbone.net.fc"),)
+        )
+    elif isinstance(net, DenseNet):
+        for i, layer in enumerate(net.features):
+            step = _call(f"backbone.net.features.{i}")
+            if i == 0:
+                units.append([*pre, step])
+                names.append("stem")
+            elif isinstance(layer, nn.Sequential):  # a transition joins the layer before it
+                units[-1].append(step)
+                names[-1] += "+transition"
+            else:
+                units.append([step])
+                names.append(f"features.{i}")
+        head = (_call("backbone.net.head"), _call("backbone.net.fc"))
+    elif isinstance(net, ViT):
+        units.append([*pre, ("tokens", "backbone.net")])
+        names.append("embedding")
+        for k in range(len(net.layers) // 2):
+            units.append(
+                [_call(f"backbone.net.layers.{2 * k}"), _call(f"backbone.net.layers.{2 * k + 1}")]
+            )
+            names.append(f"layer.{k}")
+        head = (_call("backbone.net.norm"), ("cls", ""), _call("backbone.net.fc"))
+    else:
+        raise RobustlabError(
+            f"exits cannot attach to a {type(net).__name__}; supported backbones are resnet, "
+            "preact_resnet, vgg, densenet, vit and mlp"
+        )
+    return Plan(tuple(tuple(u) for u in units), tuple(names), head)
+
+
+def _vit_tokens(vit: ViT, x: torch.Tensor) -> torch.Tensor:
+    """The ViT's patch embedding with the class token and position embedding."""
+    t = vit.embed(x).flatten(2).transpose(1, 2)
+    return torch.cat([vit.cls.expand(t.shape[0], -1, -1), t], dim=1) + vit.pos
+
+
+@dataclass
+class ExitOutput:
+    """What early-exit inference returns: each input's logits and the exit it left at."""
+
+    logits: torch.Tensor
+    exits: torch.Tensor
+
+
+class MultiExitNetwork(nn.Module):
+    """A zoo backbone with SDN internal classifiers after chosen units (see the module doc)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        input_shape: Sequence[int],
+        num_classes: int,
+        positions: Sequence[int] | None = None,
+        *,
+        rule: str = "max_softmax",
+        threshold: float = 1.0,
+        output: str = "final",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.plan = plan_for(backbone)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        self.rule = check_rule(rule)
+        self.threshold = check_threshold(threshold)
+        self.output = _check_output(output)
+        last = len(self.plan.units) - 2
+        if positions is None:
+            positions = default_positions(self)
+        chosen = [int(p) for p in positions]
+        bad = [p for p in chosen if not 0 <= p <= last]
+        if bad or len(set(chosen)) != len(chosen):
+            where = f"0..{last}" if last >= 0 else "none"
+            raise RobustlabError(
+                f"exit positions {list(positions)} do not fit this backbone: it has "
+                f"{len(self.plan.units)} units ({', '.join(self.plan.names)}), so exits go "
+                f"after units {where}, each at most once"
+            )
+        if not chosen:
+            raise RobustlabError("a multi-exit network needs at least one internal exit")
+        self.positions = sorted(chosen)
+        shapes = self._feature_shapes()
+        self.heads = nn.ModuleList([ExitHead(shapes[p], self.num_classes) for p in self.positions])
+        device = next(backbone.parameters()).device
+        self.heads.to(device)
+        self._costs: list[int] | None = None
+
+    # -- running the backbone unit by unit ------------------------------------------------
+    def run_steps(self, steps: Sequence[Step], h: torch.Tensor) -> torch.Tensor:
+        """Apply the steps of one unit (or of the final head) to features ``h``."""
+        for op, path in steps:
+            if op == "call":
+                h = self.get_submodule(path)(h)
+            elif op == "tokens":
+                vit = self.get_submodule(path)
+                assert isinstance(vit, ViT)
+                h = _vit_tokens(vit, h)
+            elif op == "cls":
+                h = h[:, 0]
+        return h
+
+    def _feature_shapes(self) -> list[tuple[int, ...]]:
+        """The per-input feature shape after each unit, from a probe pass in eval mode."""
+        modes = [(m, m.training) for m in self.backbone.modules()]
+        param = next(self.backbone.parameters())
+        h = torch.zeros(1, *self.input_shape, device=param.device, dtype=param.dtype)
+        shapes = []
+        try:
+            self.backbone.eval()
+            with torch.no_grad():
+                for unit in self.plan.units:
+                    h = self.run_steps(unit, h)
+                    shapes.append(tuple(h.shape[1:]))
+        except RuntimeError as exc:
+            raise RobustlabError(
+                f"the backbone does not take inputs of shape {self.input_shape}: {exc}"
+            ) from None
+        finally:
+            for m, training in modes:
+                m.training = training
+        return shapes
+
+    @property
+    def num_exits(self) -> int:
+        """Number of exits, the final one included."""
+        return len(self.positions) + 1
+
+    def exit_names(self) -> list[str]:
+        """A readable name per exit: the unit it follows, then 'final'."""
+        return [f"after {self.plan.names[p]}" for p in self.positions] + ["final"]
+
+    # -- outputs --------------------------------------------------------------------------
+    def all_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The logits of every exit for every input: ICs in order, the final exit last."""
+        outs: list[torch.Tensor] = []
+        h = x
+        k = 0
+        for u, unit in enumerate(self.plan.units):
+            h = self.run_steps(unit, h)
+            if k < len(self.positions) and self.positions[k] == u:
+                outs.append(self.heads[k](h))
+                k += 1
+        outs.append(self.run_steps(self.plan.head, h))
+        return outs
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's own logits (no IC is computed)."""
+        h = x
+        for unit in self.plan.units:
+            h = self.run_steps(unit, h)
+        return self.run_steps(self.plan.head, h)
+
+    def early_exit(
+        self, x: torch.Tensor, threshold: float | None = None, rule: str | None = None
+    ) -> ExitOutput:
+        """Batched early-exit inference: inputs leave at the first confident IC, the rest go on.
+
+        The remaining units and heads run only on the inputs still in the batch, so the work
+        saved is real. Differentiable through the exit each input takes.
+        """
+        q = self.threshold if threshold is None else check_threshold(threshold)
+        rule = self.rule if rule is None else check_rule(rule)
+        n = x.shape[0]
+        logits = x.new_zeros(n, self.num_classes)
+        exits = torch.full((n,), len(self.positions), dtype=torch.long, device=x.device)
+        active = torch.arange(n, device=x.device)
+        h = x
+        k = 0
+        for u, unit in enumerate(self.plan.units):
+            if len(active) == 0:
+                break
+            h = self.run_steps(unit, h)
+            if k < len(self.positions) and self.positions[k] == u:
+                out = self.heads[k](h)
+                leave = confidence(out, rule) >= q
+                if bool(leave.any()):
+                    gone = active[leave]
+                    logits = logits.index_copy(0, gone, out[leave].to(logits.dtype))
+                    exits[gone] = k
+                    stay = ~leave
+                    h, active = h[stay], active[stay]
+                k += 1
+        if len(active):
+            out = self.run_steps(self.plan.head, h)
+            logits = logits.index_copy(0, active, out.to(logits.dtype))
+        return ExitOutput(logits, exits)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """Logits as ``output`` says: final exit, early-exit prediction, or all exits (a list)."""
+        if self.output == "all":
+            return self.all_exits(x)
+        if self.output == "early":
+            return self.early_exit(x).logits
+        return self.final(x)
+
+    @contextmanager
+    def outputs(self, output: str) -> Iterator[MultiExitNetwork]:
+        """Temporarily switch what ``forward`` returns (restored on exit, also on errors)."""
+        before = self.output
+        self.output = _check_output(output)
+        try:
+            yield self
+        finally:
+            self.output = before
+
+    # -- cost and configuration -----------------------------------------------------------
+    def exit_costs(self) -> list[int]:
+        """Cumulative multiply-accumulates per input to reach each exit (earlier ICs included)."""
+        if self._costs is None:
+            from ..analysis.flops import exit_flops
+
+            self._costs = exit_flops(self)
+        return list(self._costs)
+
+    def config(self) -> dict[str, Any]:
+        """The manifest's ``multi_exit`` section: everything needed to rebuild the exits."""
+        return {
+            "positions": list(self.positions),
+            "rule": self.rule,
+            "threshold": self.threshold,
+            "output": self.output,
+            "unit_names": list(self.plan.names),
+        }
+
+    def extra_repr(self) -> str:
+        """Exits, rule and threshold, for print(model)."""
+        return (
+            f"exits after units {self.positions} of {len(self.plan.units)}, rule={self.rule}, "
+            f"threshold={self.threshold:.4g}, output={self.output}"
+        )
+
+
+def _check_output(output: str) -> str:
+    if output not in OUTPUTS:
+        raise RobustlabError(f"unknown output mode '{output}'; use one of {', '.join(OUTPUTS)}")
+    return output
+
+
+def default_positions(
+    model: MultiExitNetwork, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> list[int]:
+    """Units whose cumulative backbone cost is nearest to each fraction of the total (deduplicated)."""
+    from ..analysis.flops import unit_flops
+
+    costs = unit_flops(model)
+    total = sum(costs) + costs_head(model)
+    cumulative = [sum(costs[: i + 1]) / total for i in range(len(costs) - 1)]
+    if not cumulative:
+        return []
+    chosen: list[int] = []
+    for f in fractions:
+        best = min(range(len(cumulative)), key=lambda i: (abs(cumulative[i] - f), i))
+        if best not in chosen:
+            chosen.append(best)
+    return sorted(chosen)
+
+
+def costs_head(model: MultiExitNetwork) -> int:
+    """Multiply-accumulates of the backbone's final head for one input."""
+    from ..analysis.flops import head_flops
+
+    return head_flops(model)
+
+
+def attach_exits(
+    backbone: nn.Module,
+    input_shape: Sequence[int],
+    num_classes: int,
+    positions: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> MultiExitNetwork:
+    """Wrap a ``build_model`` backbone with SDN exits (default: at ~15..90 % of its FLOPs)."""
+    return MultiExitNetwork(backbone, input_shape, num_classes, positions, **kwargs)
+
+
+def multiexit_from_config(config: dict[str, Any]) -> MultiExitNetwork:
+    """Rebuild an (untrained) multi-exit network from a manifest's ``model`` section."""
+    from .checkpoint import build_from_config
+
+    spec = config.get("multi_exit")
+    if not isinstance(spec, dict) or not isinstance(spec.get("positions"), list):
+        raise RobustlabError("checkpoint manifest has an invalid multi_exit section")
+    backbone = build_from_config({k: v for k, v in config.items() if k != "multi_exit"})
+    try:
+        shape = (int(config["in_channels"]), int(config["image_size"]), int(config["image_size"]))
+        return MultiExitNetwork(
+            backbone,
+            shape,
+            int(config["num_classes"]),
+            spec["positions"],
+            rule=str(spec.get("rule", "max_softmax")),
+            threshold=float(spec.get("threshold", 1.0)),
+            output=str(spec.get("output", "final")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RobustlabError(
+            f"checkpoint manifest has an invalid multi_exit section ({exc})"
+        ) from None
+
+
+# -- threshold calibration -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds chosen on a calibration split, one per allowed relative accuracy drop."""
+
+    rule: str
+    thresholds: dict[str, float]
+    final_accuracy: float
+    early_accuracy: dict[str, float]
+    avg_cost_fraction: dict[str, float]
+    samples: int
+    split: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def drop_key(drop: float) -> str:
+    """The key of a relative accuracy drop, e.g. 0.05 -> '5%'."""
+    return f"{100 * drop:g}%"
+
+
+@torch.no_grad()
+def exit_predictions(
+    model: MultiExitNetwork, x: torch.Tensor, rule: str, batch_size: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's confidence (N x ICs) and prediction (N x exits) for inputs ``x``, eval mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    device = next(model.parameters()).device
+    scores, preds = [], []
+    try:
+        model.eval()
+        for i in range(0, len(x), batch_size):
+            outs = model.all_exits(x[i : i + batch_size].to(device))
+            scores.append(torch.stack([confidence(o, rule) for o in outs[:-1]], 1).cpu())
+            preds.append(torch.stack([o.argmax(1) for o in outs], 1).cpu())
+    finally:
+        for m, training in modes:
+            m.training = training
+    return torch.cat(scores), torch.cat(preds)
+
+
+def simulate(
+    scores: torch.Tensor, preds: torch.Tensor, y: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exit taken and whether it is right, per input, for a threshold (same rule as early_exit)."""
+    exits = first_exit(scores, threshold)
+    taken = preds.gather(1, exits[:, None])[:, 0]
+    return exits, taken == y
+
+
+def calibrate(
+    model: MultiExitNetwork,
+    data: Dataset | None,
+    drops: Sequence[float] = (0.05, 0.15),
+    rule: str | None = None,
+    batch_size: int = 500,
+) -> Calibration:
+    """Per allowed relative accuracy drop, the cheapest threshold whose early-exit accuracy on
+    the calibration split stays >= (1 - drop) x the final exit's accuracy there."""
+    if data is None or len(data) == 0:
+        raise RobustlabError(
+            "threshold calibration needs a non-empty calibration split (never the test set)"
+        )
+    for d in drops:
+        if not 0 <= d < 1:
+            raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
+    rule = check_rule(rule or model.rule)
+    scores, preds = exit_predictions(model, data.x, rule, batch_size)
+    y = data.y.cpu()
+    final_acc = float((preds[:, -1] == y).float().mean())
+    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
+    costs = costs / costs[-1]
+    values = torch.unique(scores.flatten())
+    if len(values) > 4000:
+        values = torch.quantile(values.double(), torch.linspace(0, 1, 4000).double()).float()
+    candidates = sorted({*values[values > 0].tolist(), 1.0})
+    table = []
+    for q in candidates:
+        exits, right = simulate(scores, preds, y, q)
+        table.append((q, float(right.float().mean()), float(costs[exits].mean())))
+    thresholds, accs, cost_fraction = {}, {}, {}
+    for d in drops:
+        ok = [row for row in table if row[1] >= (1 - d) * final_acc - 1e-12]
+        q, acc, cost = min(ok, key=lambda r: (r[2], -r[1], -r[0])) if ok else table[-1]
+        key = drop_key(d)
+        thresholds[key], accs[key], cost_fraction[key] = q, acc, cost
+    return Calibration(rule, thresholds, final_acc, accs, cost_fraction, len(data), data.name)

@@ -1,0 +1,99 @@
+"""robustlab exits (and sloth): end to end on digits, and one-sentence errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import robustlab
+from robustlab.cli import main
+from robustlab.models.multiexit import MultiExitNetwork
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exits") / "bb"
+    args = ["train", "--arch", "resnet8", "--data", "digits", "--epochs", "4"]
+    args += ["--arch-option", "width=8", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def multi_exit(backbone: Path) -> tuple[Path, dict[str, object]]:
+    out = backbone.parent / "me"
+    record = backbone.parent / "me.json"
+    args = ["exits", "--model", str(backbone), "--data", "digits", "--out", str(out)]
+    args += ["--epochs", "4", "--calibration", "200", "--latency-samples", "20"]
+    args += ["--json", str(record), "--no-progress"]
+    assert main(args) == 0
+    return out, json.loads(record.read_text())
+
+
+def test_exits_writes_a_calibrated_multi_exit_checkpoint(
+    multi_exit: tuple[Path, dict[str, object]],
+) -> None:
+    out, manifest = multi_exit
+    model = robustlab.load(out)
+    assert isinstance(model, MultiExitNetwork)
+    calibration = manifest["calibration"]
+    assert isinstance(calibration, dict)
+    # thresholds come from the held-out calibration split, never from the test split
+    assert calibration["samples"] == 200 and calibration["split"].endswith("/calibration")
+    assert model.threshold == calibration["thresholds"]["5%"]
+    assert set(calibration["thresholds"]) == {"5%", "15%"}
+    dataset = manifest["dataset"]
+    assert isinstance(dataset, dict) and dataset["calibration_size"] == 200
+    metrics = manifest["metrics"]
+    assert isinstance(metrics, dict)
+    rec = metrics["early_exit_test"]["5%"]
+    assert abs(sum(rec["exit_fractions"]) - 1) < 1e-9 and 0 <= rec["efficacy"] <= 1
+    assert (out / "exit_histogram.png").stat().st_size > 0
+    assert (out / "efficacy_curve.png").stat().st_size > 0
+
+
+def test_other_commands_accept_the_multi_exit_checkpoint(
+    multi_exit: tuple[Path, dict[str, object]], tmp_path: Path
+) -> None:
+    out, _ = multi_exit
+    args = ["eval", "--model", str(out), "--data", "digits", "--eps", "0.1", "--steps", "2"]
+    args += ["--n", "40", "--json", str(tmp_path / "e.json"), "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["n"] == 40
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--exits", "1,9"], "do not fit this backbone"),
+        (["--calibration", "0"], "calibration split is empty"),
+        (["--drops", "0.05,abc"], "comma-separated numbers"),
+        (["--drop", "1.5"], "relative accuracy drop must lie in"),
+        (["--rule", "margin"], "unknown exit rule"),
+        (["--mode", "heads"], "unknown exit training mode"),
+    ],
+)
+def test_bad_input_gives_one_sentence_and_exit_code_2(
+    backbone: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    args = ["exits", "--model", str(backbone), "--data", "digits", "--out", str(tmp_path / "o")]
+    args += ["--epochs", "1", "--latency-samples", "0", "--no-progress", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("robustlab: error")]) == 1
+
+
+def test_exits_refuses_a_multi_exit_checkpoint_as_backbone(
+    multi_exit: tuple[Path, dict[str, object]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = multi_exit
+    args = ["exits", "--model", str(out), "--data", "digits", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "already has exits" in capsys.readouterr().err
