@@ -441,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     # Commands registered from robustlab.commands: one line each, in CLI order.
-    # (transfer)
+    from .commands import transfer
+
+    transfer.register(sub)
     from .commands import exits
 
     exits.register(sub)

@@ -1,0 +1,151 @@
+"""``robustlab transfer`` end to end on digits, and one-sentence errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from robustlab.cli import main
+from robustlab.models import build_model
+from robustlab.models.checkpoint import model_config, save_checkpoint
+
+FAST = ["--data", "digits", "--epochs", "1", "--n", "40", "--steps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One matrix (training resnet8 and mlp on digits into the private cache); its JSON, plots."""
+    out = tmp_path_factory.mktemp("transfer")
+    args = [
+        "transfer",
+        "--sources",
+        "resnet8",
+        "--targets",
+        "resnet8,mlp",
+        "--attacks",
+        "pgd,sgm+mi+di",
+        "--json",
+        str(out / "t.json"),
+        "--plots",
+        str(out / "plots"),
+        *FAST,
+    ]
+    assert main(args) == 0
+    return out / "t.json", out / "plots"
+
+
+def test_transfer_writes_cells_table_and_plots(
+    first_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    json_path, plots = first_run
+    record = json.loads(json_path.read_text())
+    cells = record["cells"]
+    assert len(cells) == 1 * 2 * 2
+    for c in cells:
+        assert {"source", "target", "attack", "success_rate", "n", "success_rate_all"} <= set(c)
+        assert c["white_box"] == (c["target"] == "resnet8")
+    sgm = [c for c in cells if c["attack"] == "sgm+mi+di"]
+    assert all(c["gamma"] == 0.2 for c in sgm)
+    assert record["generations"] == 2 and record["target_forwards"] == 2 * (1 + 2)
+    assert (plots / "transfer_heatmap.png").exists()
+    assert set(record["models"]) == {"resnet8", "mlp"}
+
+
+def test_second_run_reuses_the_models_and_sweeps_gamma(
+    first_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["transfer", "--sources", "resnet8", "--targets", "mlp", "--attacks", "sgm"]
+    args += ["--gamma", "0.5,1.0", "--plots", str(tmp_path), "--json", str(tmp_path / "g.json")]
+    assert main(args + FAST) == 0
+    captured = capsys.readouterr()
+    assert "reusing resnet8" in captured.err and "training" not in captured.err
+    assert "sgm (gamma 0.5)" in captured.out and "cost: 2 attack generations" in captured.out
+    assert [c["gamma"] for c in json.loads((tmp_path / "g.json").read_text())["cells"]] == [
+        0.5,
+        1.0,
+    ]
+    assert (tmp_path / "gamma_sweep.png").exists()
+
+
+def test_checkpoint_paths_and_ensembles(
+    first_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "mlp-ckpt"
+    assert (
+        main(
+            ["train", "--arch", "mlp", "--data", "digits", "--epochs", "1"]
+            + ["--out", str(ckpt), "--no-progress"]
+        )
+        == 0
+    )
+    args = ["transfer", "--sources", "resnet8+mlp", "--targets", f"{ckpt},mlp"]
+    args += ["--attacks", "mi", "--targeted", "--json", str(tmp_path / "e.json")]
+    assert main(args + FAST) == 0
+    cells = json.loads((tmp_path / "e.json").read_text())["cells"]
+    assert [(c["source"], c["target"], c["white_box"]) for c in cells] == [
+        ("resnet8+mlp", str(ckpt), False),
+        ("resnet8+mlp", "mlp", True),
+    ]
+
+
+def _fails(args: list[str], capsys: pytest.CaptureFixture[str], message: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("robustlab: error: ") and message in last, err
+    assert "Traceback" not in err and err.count("robustlab: error") == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sources", "resnet9", "--targets", "mlp"], "unknown model 'resnet9'"),
+        (["--sources", "resnet8", "--targets", "mlp:fancy-at"], "unknown training method"),
+        (["--sources", "resnet8", "--targets", "nope/model"], "nope/model does not exist"),
+        (
+            ["--sources", "resnet8", "--targets", "mlp", "--attacks", "pgd,foo"],
+            "unknown transfer attack 'foo'",
+        ),
+        (["--sources", "resnet8", "--targets", "mlp", "--gamma", "0"], "gamma must lie in (0, 1]"),
+        (
+            ["--sources", "resnet8", "--targets", "mlp", "--gamma", "0.5,1.5"],
+            "gamma must lie in (0, 1]",
+        ),
+        (["--sources", "resnet8", "--targets", "mlp", "--gamma", "abc"], "--gamma must be"),
+        (
+            ["--sources", "resnet8", "--targets", "mlp", "--attacks", "pgd", "--gamma", "0.5"],
+            "no attack in --attacks uses sgm",
+        ),
+        (["--sources", "resnet8", "--targets", "mlp", "--eps", "-1"], "eps must be"),
+    ],
+)
+def test_bad_input_before_any_work(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fails(["transfer", *extra, *FAST], capsys, message)
+
+
+def test_bad_models_after_loading(
+    first_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = build_model("mlp", image_size=28)
+    config = model_config("mlp", 1, 10, 28, [0.0], [1.0])
+    save_checkpoint(big, tmp_path / "big", {"model": config})
+    args = ["transfer", "--sources", "resnet8", "--targets", str(tmp_path / "big"), *FAST]
+    _fails(args, capsys, "takes 1x28x28 inputs, but the sources (resnet8) take 1x8x8 inputs")
+    _fails(
+        ["transfer", "--sources", "mlp", "--targets", "resnet8", "--attacks", "sgm", *FAST],
+        capsys,
+        "attack 'sgm' on source 'mlp'",
+    )
+
+
+def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["transfer", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--sources", "--targets", "--attacks", "--gamma", "--eps", "--json", "--seed"):
+        assert flag in out
