@@ -7,7 +7,6 @@ resumes without redoing finished batches.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from ..attacks.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
 from .checks import black_box_warning, masking_checks
+from .fast import fast_copy
 
 
 @dataclass
@@ -85,6 +85,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     resume: str | Path | None = None,
+    fold_batchnorm: bool = True,
 ) -> EvalRecord:
     """Clean and robust accuracy of ``model`` on the first ``n`` points of ``data``.
 
@@ -102,6 +103,7 @@ def evaluate(
         seed=seed,
         progress=progress,
         resume=resume,
+        fold_batchnorm=fold_batchnorm,
     )[0]
 
 
@@ -180,6 +182,7 @@ def evaluate_curve(
     progress: bool = True,
     resume: str | Path | None = None,
     channels_last: bool | None = None,
+    fold_batchnorm: bool = True,
 ) -> list[EvalRecord]:
     """One record per attack, for attacks of one norm at growing eps (a robustness curve).
 
@@ -187,7 +190,10 @@ def evaluate_curve(
     also lies in every larger ball, so that point stays broken and is not attacked again.
     Robust accuracy therefore never rises with eps, and the curve costs less than separate runs.
     With ``resume`` (a file path), each finished batch is recorded there; a run started again
-    with the same settings skips those batches and gives the same result.
+    with the same settings skips those batches and gives the same result. The attacks run
+    on a private copy with BatchNorm folded into the layer before it (``fold_batchnorm``)
+    and, on CPU, channels_last weights (``channels_last``; None decides): the same function
+    to float rounding, fewer and faster passes.
     """
     if not attacks:
         raise RobustlabError("no attack to evaluate")
@@ -212,7 +218,7 @@ def evaluate_curve(
         _append(progress_path, {"key": key})
     warnings: list[str] = []
     name = attacks[0].config().get("name")
-    model = _fast_copy(model, data, device, channels_last)
+    model = _fast_copy(model, data, device, channels_last, fold_batchnorm)
     with (
         frozen_eval(model),
         tqdm(
@@ -250,17 +256,14 @@ def _is_channels_last(model: nn.Module) -> bool:
 
 
 def _fast_copy(
-    model: nn.Module, data: Dataset, device: str, channels_last: bool | None
+    model: nn.Module, data: Dataset, device: str, channels_last: bool | None, fold: bool
 ) -> nn.Module:
-    """A private channels_last copy of a convolutional model on CPU (faster passes; the
-    caller's model is never converted). ``None`` decides by device and architecture."""
+    """The private copy the attacks see: BatchNorm folded, channels_last for convolutional
+    models on CPU (the caller's model is never changed). ``None`` decides by device."""
     if channels_last is None:
         has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
         channels_last = device == "cpu" and has_conv and data.x.dim() == 4
-    if not channels_last:
-        return model
-    fast = copy.deepcopy(model)
-    return fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
+    return fast_copy(model, channels_last=channels_last, fold=fold)
 
 
 def _attack_batch(
