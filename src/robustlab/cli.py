@@ -444,9 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import transfer
 
     transfer.register(sub)
-    from .commands import exits
+    from .commands import exits, sloth
 
     exits.register(sub)
+    sloth.register(sub)
     return parser
 
 

@@ -97,3 +97,56 @@ def test_exits_refuses_a_multi_exit_checkpoint_as_backbone(
     args = ["exits", "--model", str(out), "--data", "digits", "--out", str(tmp_path / "o")]
     assert main(args) == 2
     assert "already has exits" in capsys.readouterr().err
+
+
+def test_sloth_reports_clean_and_attacked(
+    multi_exit: tuple[Path, dict[str, object]], tmp_path: Path
+) -> None:
+    out, _ = multi_exit
+    record = tmp_path / "s.json"
+    args = ["sloth", "--model", str(out), "--data", "digits", "--norm", "linf", "--eps", "0.1"]
+    args += ["--n", "40", "--steps", "5", "--latency-samples", "10", "--universal"]
+    args += ["--universal-samples", "100", "--universal-epochs", "1", "--plots", str(tmp_path)]
+    args += ["--json", str(record), "--no-progress"]
+    assert main(args) == 0
+    rec = json.loads(record.read_text())
+    assert rec["variant"] == "deepsloth-threshold-apgd"
+    for part in ("clean", "attacked", "universal"):
+        for key in (
+            "efficacy",
+            "avg_flops",
+            "exit_fractions",
+            "accuracy_final",
+            "accuracy_early_exit",
+            "latency_ms",
+        ):
+            assert key in rec[part], (part, key)
+    assert rec["attacked"]["efficacy"] <= rec["clean"]["efficacy"] + 1e-9
+    assert (tmp_path / "sloth_exit_histogram.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--eps", "-0.1"], "eps must be"),
+        (["--eps", "0.1", "--objective", "flat"], "DeepSloth objective"),
+        (["--eps", "0.1", "--threshold", "0"], "threshold must lie in"),
+        (["--eps", "0.1", "--drop", "0.5"], "no threshold calibrated for a 50% drop"),
+        (["--eps", "0.1", "--n", "0"], "n must be between"),
+    ],
+)
+def test_sloth_bad_input(
+    multi_exit: tuple[Path, dict[str, object]],
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    out, _ = multi_exit
+    assert main(["sloth", "--model", str(out), "--data", "digits", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_sloth_refuses_a_plain_model(backbone: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sloth", "--model", str(backbone), "--data", "digits", "--eps", "0.1"]) == 2
+    assert "not a multi-exit checkpoint" in capsys.readouterr().err

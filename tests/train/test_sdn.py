@@ -73,7 +73,7 @@ def test_sdn_weight_schedule(backbone_state: dict[str, torch.Tensor]) -> None:
     assert all(0.01 < w <= cap for w, cap in zip(mid, caps, strict=True))
 
 
-@pytest.mark.parametrize("adversary", ["pgd"])
+@pytest.mark.parametrize("adversary", ["pgd", "deepsloth"])
 def test_adversarial_exit_training_runs(
     digits: DataSplits, backbone_state: dict[str, torch.Tensor], adversary: str
 ) -> None:

@@ -1,0 +1,410 @@
+"""DeepSloth (Hong et al., ICLR 2021): slowdown attacks on multi-exit networks, and baselines.
+
+An input leaves a multi-exit network at the first internal classifier (IC) whose confidence
+reaches the threshold q. DeepSloth perturbs inputs (inside a linf, l2 or l1 ball) so that no
+IC is confident and every input runs to the final exit, wiping out the saved computation.
+
+Objectives (per sample; the attack *minimises* them, the final exit is never part of them):
+
+- ``uniform`` (the paper's): sum over ICs of CE(uniform, p_k) = -mean_c log p_k,c, which
+  pushes every IC toward the uniform distribution. Defeats max-softmax and entropy rules.
+- ``threshold`` (ours, the default): aware of the exit rule and threshold q, a hinge on each
+  IC's confidence above q: sum_k relu(log conf_k - log q + margin) with conf the max softmax
+  (or 1 - normalised entropy for the entropy rule), plus 1e-3 x the uniform objective as a tie
+  breaker. Effort goes to the ICs that would still let the input leave; those already below
+  the threshold (by the margin) are left alone instead of being flattened further.
+
+Optimisers: ``pgd`` (steepest-descent steps of fixed size, the paper's; linf 30 signed steps)
+or ``apgd`` (APGD-style step control, Croce & Hein 2020: momentum 0.75, the step size halved
+per sample at checkpoints when progress stalls, restarts from the best point). Restarts
+keep, per sample, the example that reaches the latest exit (then the lowest objective).
+
+Variants: per-sample (:class:`DeepSloth`), universal (one perturbation for all inputs,
+:func:`universal_perturbation`) and class-universal (one per class). Baselines
+(:class:`ExitPGD`): PGD on the final exit's CE, on the CE averaged over every exit, and on
+the per-sample maximum CE over exits (PGD-max). Black-box: craft on a surrogate multi-exit
+network, apply to the victim (any example stays in the threat model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import RobustlabError
+from ..models.multiexit import MultiExitNetwork, check_threshold, confidence, first_exit
+from .apgd import checkpoints
+from .base import Attack, check_batch
+from .guard import frozen_eval
+from .threat import ThreatModel
+
+OBJECTIVES = ("uniform", "threshold")
+OPTIMIZERS = ("pgd", "apgd")
+BASELINES = ("final", "avg", "max")
+
+
+def _multi_exit(model: nn.Module) -> MultiExitNetwork:
+    """The model as a multi-exit network, or one clear sentence why not."""
+    if not isinstance(model, MultiExitNetwork):
+        raise RobustlabError(
+            "slowdown attacks need a multi-exit network (see robustlab exits), "
+            f"got a {type(model).__name__}"
+        )
+    return model
+
+
+def uniform_objective(ic_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Per sample, sum over ICs of CE(uniform, softmax): the paper's objective (to minimise)."""
+    return torch.stack([-F.log_softmax(z, dim=1).mean(dim=1) for z in ic_logits]).sum(0)
+
+
+def threshold_objective(
+    ic_logits: list[torch.Tensor], threshold: float, rule: str, margin: float
+) -> torch.Tensor:
+    """Per sample, sum over ICs of relu(log confidence - log q + margin) (+ a small uniform term)."""
+    log_q = math.log(threshold)
+    parts = []
+    for z in ic_logits:
+        if rule == "max_softmax":
+            log_conf = F.log_softmax(z, dim=1).amax(dim=1)
+        else:
+            log_conf = confidence(z, rule).clamp_min(1e-12).log()
+        parts.append(F.relu(log_conf - log_q + margin))
+    return torch.stack(parts).sum(0) + 1e-3 * uniform_objective(ic_logits)
+
+
+def sloth_objective(
+    model: MultiExitNetwork,
+    x: torch.Tensor,
+    objective: str,
+    threshold: float,
+    rule: str,
+    margin: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample objective (to minimise) and the exit each input now takes."""
+    outs = model.all_exits(x)
+    ics = outs[:-1]
+    if objective == "uniform":
+        loss = uniform_objective(ics)
+    else:
+        loss = threshold_objective(ics, threshold, rule, margin)
+    with torch.no_grad():
+        scores = torch.stack([confidence(z.detach(), rule) for z in ics], dim=1)
+        exits = first_exit(scores, threshold)
+    return loss, exits
+
+
+@dataclass(frozen=True)
+class DeepSloth(Attack):
+    """Per-sample DeepSloth; ``threshold``/``rule`` default to the model's calibrated ones."""
+
+    norm: str = "linf"
+    eps: float = 0.1
+    steps: int = 100
+    alpha: float | None = None
+    objective: str = "threshold"
+    optimizer: str = "apgd"
+    restarts: int = 1
+    margin: float = 0.1
+    threshold: float | None = None
+    rule: str | None = None
+    random_start: bool = False
+    seed: int = 0
+
+    name: ClassVar[str] = "deepsloth"
+
+    def __post_init__(self) -> None:
+        ThreatModel(self.norm, self.eps)
+        if self.objective not in OBJECTIVES:
+            raise RobustlabError(
+                f"unknown DeepSloth objective '{self.objective}'; use {' or '.join(OBJECTIVES)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise RobustlabError(
+                f"unknown DeepSloth optimizer '{self.optimizer}'; use {' or '.join(OPTIMIZERS)}"
+            )
+        if self.steps < 1 or self.restarts < 1:
+            raise RobustlabError("DeepSloth needs steps >= 1 and restarts >= 1")
+        if self.alpha is not None and not self.alpha > 0:
+            raise RobustlabError(f"DeepSloth step size alpha must be > 0, got {self.alpha}")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        if not self.margin >= 0:
+            raise RobustlabError(f"DeepSloth margin must be >= 0, got {self.margin}")
+
+    @property
+    def variant(self) -> str:
+        """A short name of this configuration, e.g. deepsloth-threshold-apgd."""
+        return f"deepsloth-{self.objective}-{self.optimizer}"
+
+    def config(self) -> dict[str, Any]:
+        """The full configuration, for result records."""
+        return {**super().config(), "variant": self.variant, "step_size": self._alpha()}
+
+    def _alpha(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        if self.optimizer == "apgd":
+            return (1.0 if self.norm == "l1" else 2.0) * self.eps
+        return 2.5 * self.eps / self.steps
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attack proper, on a model already in eval mode with frozen parameters."""
+        net = _multi_exit(model)
+        q = net.threshold if self.threshold is None else self.threshold
+        rule = self.rule or net.rule
+        threat = self.threat
+        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        best = x.clone()
+        with torch.no_grad():
+            best_loss, best_exit = sloth_objective(net, x, self.objective, q, rule, self.margin)
+        for r in range(self.restarts):
+            start = threat.random_start(x, gen) if (self.random_start or r > 0) else x.clone()
+            step = self._pgd if self.optimizer == "pgd" else self._apgd
+            for x_adv, loss, exits in step(net, x, start, threat, q, rule):
+                _keep_best(best, best_loss, best_exit, x_adv, loss, exits)
+        return best
+
+    def _pgd(
+        self,
+        net: MultiExitNetwork,
+        x: torch.Tensor,
+        start: torch.Tensor,
+        threat: ThreatModel,
+        q: float,
+        rule: str,
+    ) -> Any:
+        """Fixed-size steepest-descent steps; yields every iterate with its objective and exit."""
+        x_adv = start
+        alpha = self._alpha()
+        for _ in range(self.steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            loss, exits = sloth_objective(net, x_adv, self.objective, q, rule, self.margin)
+            grad = torch.autograd.grad(loss.sum(), x_adv)[0]
+            yield x_adv.detach(), loss.detach(), exits
+            x_adv = threat.project(x, x_adv.detach() - alpha * threat.steepest_step(grad))
+        with torch.no_grad():
+            loss, exits = sloth_objective(net, x_adv, self.objective, q, rule, self.margin)
+        yield x_adv.detach(), loss, exits
+
+    def _apgd(
+        self,
+        net: MultiExitNetwork,
+        x: torch.Tensor,
+        start: torch.Tensor,
+        threat: ThreatModel,
+        q: float,
+        rule: str,
+    ) -> Any:
+        """APGD-style descent: momentum, per-sample step halving at checkpoints, best restarts."""
+        n = len(x)
+        shape = (n,) + (1,) * (x.dim() - 1)
+        eta = torch.full(shape, self._alpha(), device=x.device, dtype=x.dtype)
+        marks = set(checkpoints(self.steps))
+
+        def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            z = z.detach().requires_grad_(True)
+            loss, exits = sloth_objective(net, z, self.objective, q, rule, self.margin)
+            grad = torch.autograd.grad(loss.sum(), z)[0]
+            return loss.detach(), exits, grad
+
+        x_cur = start.detach()
+        loss_cur, exits_cur, grad = evaluate(x_cur)
+        yield x_cur, loss_cur, exits_cur
+        x_best, loss_best, grad_best = x_cur.clone(), loss_cur.clone(), grad.clone()
+        x_prev = x_cur.clone()
+        improved = torch.zeros(n, device=x.device)
+        last_mark, halved_last = 0, torch.ones(n, dtype=torch.bool, device=x.device)
+        loss_at_mark = loss_best.clone()
+        for i in range(1, self.steps + 1):
+            with torch.no_grad():
+                z = threat.project(x, x_cur - eta * threat.steepest_step(grad))
+                a = 0.75 if i > 1 else 1.0
+                x_next = threat.project(x, x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev))
+            loss_next, exits_next, grad_next = evaluate(x_next)
+            yield x_next, loss_next, exits_next
+            improved += (loss_next < loss_cur).float()
+            better = loss_next < loss_best
+            x_best[better], loss_best[better] = x_next[better], loss_next[better]
+            grad_best[better] = grad_next[better]
+            x_prev, x_cur, loss_cur, grad = x_cur, x_next, loss_next, grad_next
+            if i in marks:
+                span = i - last_mark
+                stalled = improved < 0.75 * span
+                stalled |= ~halved_last & (loss_best >= loss_at_mark)
+                if bool(stalled.any()):
+                    eta[stalled] /= 2
+                    x_cur = torch.where(stalled.view(shape), x_best, x_cur)
+                    grad = torch.where(stalled.view(shape), grad_best, grad)
+                    loss_cur = torch.where(stalled, loss_best, loss_cur)
+                halved_last = stalled
+                improved.zero_()
+                loss_at_mark = loss_best.clone()
+                last_mark = i
+
+
+def _keep_best(
+    best: torch.Tensor,
+    best_loss: torch.Tensor,
+    best_exit: torch.Tensor,
+    x_adv: torch.Tensor,
+    loss: torch.Tensor,
+    exits: torch.Tensor,
+) -> None:
+    """Per sample: keep the iterate reaching the latest exit, then the lowest objective."""
+    better = (exits > best_exit) | ((exits == best_exit) & (loss < best_loss))
+    best[better] = x_adv[better]
+    best_loss[better] = loss[better]
+    best_exit[better] = exits[better]
+
+
+@dataclass(frozen=True)
+class ExitPGD(Attack):
+    """PGD maximising cross-entropy on the final exit, averaged over exits, or the max over exits."""
+
+    norm: str = "linf"
+    eps: float = 0.1
+    steps: int = 30
+    alpha: float | None = None
+    target: str = "avg"
+    seed: int = 0
+
+    name: ClassVar[str] = "exit-pgd"
+
+    def __post_init__(self) -> None:
+        ThreatModel(self.norm, self.eps)
+        if self.target not in BASELINES:
+            raise RobustlabError(
+                f"unknown exit PGD target '{self.target}'; use one of {', '.join(BASELINES)}"
+            )
+        if self.steps < 1:
+            raise RobustlabError("exit PGD needs steps >= 1")
+
+    @property
+    def variant(self) -> str:
+        """pgd-final, pgd-avg or pgd-max."""
+        return f"pgd-{self.target}"
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """PGD from a random start on the chosen exit objective."""
+        net = _multi_exit(model)
+        threat = self.threat
+        alpha = self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        x_adv = threat.random_start(x, gen)
+        for _ in range(self.steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            outs = net.all_exits(x_adv)
+            ce = torch.stack([F.cross_entropy(o, y, reduction="none") for o in outs], 1)
+            if self.target == "final":
+                obj = ce[:, -1]
+            elif self.target == "avg":
+                obj = ce.mean(1)
+            else:
+                obj = ce.amax(1)
+            grad = torch.autograd.grad(obj.sum(), x_adv)[0]
+            x_adv = threat.project(x, x_adv.detach() + alpha * threat.steepest_step(grad))
+        return x_adv.detach()
+
+
+def universal_perturbation(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    norm: str = "linf",
+    eps: float = 0.1,
+    epochs: int = 10,
+    batch_size: int = 128,
+    alpha: float | None = None,
+    objective: str = "threshold",
+    margin: float = 0.1,
+    threshold: float | None = None,
+    rule: str | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """One perturbation (1, C, H, W) for every input, crafted on ``x``: apply with :func:`apply`.
+
+    Minibatch steepest descent on the mean objective over ``x``, projected onto the eps ball;
+    the step size decays linearly. ``apply`` clips x + delta into [0,1], which never leaves
+    the ball.
+    """
+    net = _multi_exit(model)
+    check_batch(x, torch.zeros(len(x), dtype=torch.long, device=x.device), None)
+    threat = ThreatModel(norm, eps)
+    if objective not in OBJECTIVES:
+        raise RobustlabError(f"unknown DeepSloth objective '{objective}'")
+    if epochs < 1 or batch_size < 1:
+        raise RobustlabError("a universal perturbation needs epochs >= 1 and batch size >= 1")
+    q = check_threshold(net.threshold if threshold is None else threshold)
+    rule = rule or net.rule
+    step = alpha if alpha is not None else eps / 4
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    delta = torch.zeros(1, *x.shape[1:], device=x.device, dtype=x.dtype)
+    total = epochs * math.ceil(len(x) / batch_size)
+    k = 0
+    with frozen_eval(net, warn_train_mode=False):
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=gen).to(x.device)
+            for b in range(0, len(x), batch_size):
+                xb = x[perm[b : b + batch_size]]
+                d = delta.detach().requires_grad_(True)
+                loss, _ = sloth_objective(net, apply(xb, d), objective, q, rule, margin)
+                grad = torch.autograd.grad(loss.mean(), d)[0]
+                lr = step * (1 - k / total) + 1e-3 * step
+                delta = project_ball(d.detach() - lr * threat.steepest_step(grad), norm, eps)
+                k += 1
+    return delta
+
+
+def project_ball(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Euclidean projection of each perturbation onto the eps ball of the norm (no box)."""
+    flat = delta.flatten(1)
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    if norm == "l2":
+        scale = (eps / flat.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        return delta * scale.view(-1, *([1] * (delta.dim() - 1)))
+    # l1 (Duchi et al. 2008): soft-threshold |delta| by the theta that puts it on the sphere
+    a = flat.abs()
+    inside = a.sum(dim=1) <= eps
+    u = a.sort(dim=1, descending=True).values
+    css = u.cumsum(dim=1)
+    j = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=u.dtype)
+    rho = ((u - (css - eps) / j) > 0).sum(dim=1).clamp_min(1)
+    theta = (css.gather(1, (rho - 1)[:, None]) - eps) / rho[:, None].to(u.dtype)
+    out = flat.sign() * (a - theta).clamp_min(0)
+    return torch.where(inside[:, None], flat, out).view(delta.shape)
+
+
+def apply(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Inputs plus a (universal) perturbation, clipped into [0,1]."""
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def class_universal_perturbations(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, **options: Any
+) -> torch.Tensor:
+    """One universal perturbation per class (num_classes, C, H, W), each crafted on its class."""
+    deltas = torch.zeros(num_classes, *x.shape[1:], device=x.device, dtype=x.dtype)
+    for c in range(num_classes):
+        mine = y == c
+        if bool(mine.any()):
+            deltas[c] = universal_perturbation(model, x[mine], **options)[0]
+    return deltas

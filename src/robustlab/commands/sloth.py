@@ -1,0 +1,251 @@
+"""``robustlab sloth``: DeepSloth slowdown attacks on a multi-exit checkpoint, clean vs attacked.
+
+Measures, on test points, the early-exit efficiency of the clean inputs and of their
+DeepSloth examples (efficacy, average FLOPs, exit distribution, final-exit and early-exit
+accuracy, wall-clock latency per input), optionally also for the universal and
+class-universal variants, the PGD baselines, and a black-box transfer from a surrogate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import RobustlabError
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _summary(label: str, rec: Any, clean: Any) -> str:
+    """One line on an efficiency record next to the clean one."""
+    drop = 1 - rec.efficacy / clean.efficacy if clean.efficacy > 0 else 0.0
+    return (
+        f"  {label:<22} efficacy {rec.efficacy:.3f} (drop {100 * drop:5.1f} %), "
+        f"avg FLOPs {rec.avg_flops / 1e6:.2f} M, accuracy final {100 * rec.accuracy_final:.1f} % "
+        f"/ early exit {100 * rec.accuracy_early_exit:.1f} %, latency {rec.latency_ms:.2f} ms"
+    )
+
+
+def _load_multi_exit(path: str, device: str) -> tuple[Any, dict[str, Any]]:
+    from ..models.checkpoint import load_checkpoint
+    from ..models.multiexit import MultiExitNetwork
+
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.model, MultiExitNetwork):
+        raise RobustlabError(
+            f"{path} is not a multi-exit checkpoint; attach exits first with robustlab exits"
+        )
+    return ckpt.model.to(device), ckpt.manifest
+
+
+def _craft(attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    """Run an attack batch by batch."""
+    parts = [attack(model, x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+    return torch.cat(parts)
+
+
+def cmd_sloth(args: argparse.Namespace) -> int:
+    """Attack a multi-exit checkpoint with DeepSloth and report clean vs attacked efficiency."""
+    from ..analysis.efficiency import measure_efficiency
+    from ..attacks.deepsloth import (
+        DeepSloth,
+        ExitPGD,
+        apply,
+        class_universal_perturbations,
+        universal_perturbation,
+    )
+    from ..data import load_data
+    from ..io import atomic_write_text
+    from ..models.multiexit import check_threshold
+    from ..utils import resolve_device
+
+    device = resolve_device(args.device)
+    attack = DeepSloth(
+        norm=args.norm,
+        eps=args.eps,
+        steps=args.steps,
+        alpha=args.alpha,
+        objective=args.objective,
+        optimizer=args.optimizer,
+        restarts=args.restarts,
+        margin=args.margin,
+        seed=args.seed,
+    )
+    if args.batch_size < 1:
+        raise RobustlabError(f"batch size must be >= 1, got {args.batch_size}")
+    model, manifest = _load_multi_exit(args.model, device)
+    if args.threshold is not None:
+        model.threshold = check_threshold(args.threshold)
+    elif args.drop is not None:
+        table = manifest.get("calibration", {}).get("thresholds", {})
+        key = f"{100 * args.drop:g}%"
+        if key not in table:
+            raise RobustlabError(
+                f"the checkpoint has no threshold calibrated for a {key} drop; it has "
+                f"{', '.join(table) or 'none'}"
+            )
+        model.threshold = check_threshold(float(table[key]))
+    splits = load_data(args.data)
+    m = manifest["model"]
+    if (int(m["in_channels"]), int(m["image_size"])) != (splits.in_channels, splits.image_size):
+        raise RobustlabError(
+            f"the model takes {m['in_channels']}x{m['image_size']}x{m['image_size']} inputs but "
+            f"{splits.name} has {splits.in_channels}x{splits.image_size}x{splits.image_size}"
+        )
+    test = splits.test
+    n = len(test) if args.n is None else args.n
+    if not 1 <= n <= len(test):
+        raise RobustlabError(f"n must be between 1 and {len(test)}, got {n}")
+    x, y = test.x[:n].to(device), test.y[:n].to(device)
+    torch.manual_seed(args.seed)
+
+    def measure(inputs: torch.Tensor) -> Any:
+        return measure_efficiency(
+            model, inputs, y, latency_samples=args.latency_samples, batch_size=args.batch_size
+        )
+
+    clean = measure(x)
+    _say(
+        f"{n} test points, threshold {model.threshold:.4f} ({model.rule}), "
+        f"{args.norm} eps={args.eps}, {attack.variant}"
+    )
+    _say(_summary("clean", clean, clean))
+    t0 = time.perf_counter()
+    x_adv = _craft(attack, model, x, y, args.batch_size)
+    seconds = time.perf_counter() - t0
+    if not bool(attack.threat.contains(x, x_adv).all()):
+        raise RuntimeError("DeepSloth left its threat model: a bug")
+    attacked = measure(x_adv)
+    _say(_summary(attack.variant, attacked, clean))
+    record: dict[str, Any] = {
+        "kind": "sloth",
+        "variant": attack.variant,
+        "attack": attack.config(),
+        "threat_model": attack.threat.as_dict(),
+        "model": {
+            "path": str(args.model),
+            "sha256": manifest["weights"]["sha256"],
+            "arch": m["arch"],
+            "positions": m["multi_exit"]["positions"],
+        },
+        "n": n,
+        "seed": args.seed,
+        "attack_seconds": round(seconds, 2),
+        "clean": clean.to_dict(),
+        "attacked": attacked.to_dict(),
+        "efficacy_drop": _drop(clean.efficacy, attacked.efficacy),
+        "latency_increase": _ratio(attacked.latency_ms, clean.latency_ms),
+    }
+    options = {
+        "norm": args.norm,
+        "eps": args.eps,
+        "objective": args.objective,
+        "margin": args.margin,
+        "epochs": args.universal_epochs,
+        "seed": args.seed,
+    }
+    crafting = splits.train.head(min(args.universal_samples, len(splits.train)))
+    extra: dict[str, Any] = {}
+    if args.universal:
+        delta = universal_perturbation(model, crafting.x.to(device), **options)
+        extra["universal"] = measure(apply(x, delta))
+    if args.class_universal:
+        deltas = class_universal_perturbations(
+            model, crafting.x.to(device), crafting.y.to(device), splits.num_classes, **options
+        )
+        extra["class_universal"] = measure(apply(x, deltas[y]))
+    if args.baselines:
+        for target in ("final", "avg", "max"):
+            pgd = ExitPGD(norm=args.norm, eps=args.eps, steps=args.steps, target=target)
+            extra[pgd.variant] = measure(_craft(pgd, model, x, y, args.batch_size))
+        paper = DeepSloth(
+            norm=args.norm, eps=args.eps, steps=args.steps, objective="uniform", optimizer="pgd"
+        )
+        if paper.variant != attack.variant:
+            extra[paper.variant] = measure(_craft(paper, model, x, y, args.batch_size))
+    if args.surrogate:
+        surrogate, _ = _load_multi_exit(args.surrogate, device)
+        extra["black_box"] = measure(_craft(attack, surrogate, x, y, args.batch_size))
+        record["surrogate"] = str(args.surrogate)
+    for label, rec in extra.items():
+        _say(_summary(label, rec, clean))
+        record[label] = {**rec.to_dict(), "efficacy_drop": _drop(clean.efficacy, rec.efficacy)}
+    if args.plots:
+        from ..report.exit_plots import efficacy_curves, exit_histogram
+
+        shown = {"clean": clean, attack.variant: attacked, **extra}
+        out = Path(args.plots)
+        exit_histogram(shown, out / "sloth_exit_histogram.png", title="Where inputs exit")
+        efficacy_curves(shown, out / "sloth_efficacy_curve.png")
+    print(
+        f"{attack.variant} at {args.norm} eps={args.eps}: efficacy {clean.efficacy:.3f} -> "
+        f"{attacked.efficacy:.3f} ({100 * record['efficacy_drop']:.1f} % drop), latency "
+        f"{clean.latency_ms:.2f} -> {attacked.latency_ms:.2f} ms per input, final-exit accuracy "
+        f"{100 * attacked.accuracy_final:.1f} %"
+    )
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _drop(clean: float, attacked: float) -> float:
+    """Relative efficacy drop (0 when the clean efficacy is 0)."""
+    return 1 - attacked / clean if clean > 0 else 0.0
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+def register(sub: Any) -> None:
+    """Add ``robustlab sloth`` to the CLI's subcommands."""
+    p = sub.add_parser(
+        "sloth", help="DeepSloth slowdown attack on a multi-exit checkpoint, clean vs attacked"
+    )
+    p.add_argument("--model", required=True, help="multi-exit checkpoint (from robustlab exits)")
+    p.add_argument("--data", default="mnist5k")
+    p.add_argument("--norm", default="linf", help="linf, l2 or l1")
+    p.add_argument("--eps", type=float, required=True, help="perturbation budget")
+    p.add_argument("--steps", type=int, default=100, help="iterations (default 100)")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--alpha", type=float, help="step size (default: the optimizer's)")
+    p.add_argument(
+        "--objective",
+        default="threshold",
+        help="threshold (ours, default: hinge on each IC's confidence above q) or uniform (paper)",
+    )
+    p.add_argument("--optimizer", default="apgd", help="apgd (default) or pgd (paper)")
+    p.add_argument("--margin", type=float, default=0.1, help="hinge margin in log-confidence")
+    p.add_argument("--threshold", type=float, help="exit threshold to attack (default: model's)")
+    p.add_argument(
+        "--drop", type=float, help="use the checkpoint's threshold calibrated for this drop"
+    )
+    p.add_argument("--n", type=int, default=500, help="test points (default 500)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--universal", action="store_true", help="also one perturbation for all")
+    p.add_argument("--class-universal", action="store_true", help="also one per class")
+    p.add_argument(
+        "--universal-samples", type=int, default=1000, help="train points to craft them on"
+    )
+    p.add_argument("--universal-epochs", type=int, default=10)
+    p.add_argument(
+        "--baselines", action="store_true", help="also PGD final/avg/max and the paper's attack"
+    )
+    p.add_argument("--surrogate", help="multi-exit checkpoint to craft on (black-box transfer)")
+    p.add_argument("--plots", help="folder for exit histograms and efficacy curves")
+    p.add_argument(
+        "--latency-samples", type=int, default=200, help="inputs timed one by one (0: skip)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--json", metavar="PATH", help="write the result record as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_sloth)
