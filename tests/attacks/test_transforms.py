@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -452,6 +454,132 @@ def test_declaring_one_instance_and_bad_declarations() -> None:
         declare_residual(ForeignBlock, "bn2", power=0)
     with pytest.raises(RobustlabError, match="nn.Module"):
         declare_residual(int, "bn2")  # type: ignore[arg-type]
+
+
+class _DenseLayerLike(nn.Module):
+    """Written like torchvision's ``_DenseLayer``: takes the list of earlier features."""
+
+    def __init__(self, c_in: int, growth: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(c_in)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(features, 1)
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+
+class _DenseNetLike(nn.Module):
+    """A stem, one dense block of three ``_DenseLayerLike`` (features appended), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, 1, 1, bias=False)
+        self.layers = nn.ModuleList(_DenseLayerLike(4 + 3 * i, 3) for i in range(3))
+        self.fc = nn.Linear(13, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        return self.fc(torch.cat(features, 1).mean((2, 3)))
+
+
+class _VitBlockLike(nn.Module):
+    """Written like timm's ViT ``Block``: x + drop_path1(ls1(attn(norm1(x)))), then the MLP."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.Linear(dim, dim)
+        self.ls1, self.drop_path1 = nn.Identity(), nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.ls2, self.drop_path2 = nn.Identity(), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **classes: type[nn.Module]) -> None:
+    """Stand in for an installed third-party module (the adapters look in sys.modules)."""
+    module = types.ModuleType(name)
+    for cls_name, cls in classes.items():
+        setattr(module, cls_name, type(cls_name, (cls,), {}))
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_torchvision_style_resnet_blocks_are_found_by_the_adapter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _fake_module(monkeypatch, "torchvision.models.resnet", BasicBlock=ForeignBlock)
+    basic = sys.modules["torchvision.models.resnet"].BasicBlock
+    net = _foreign()
+    for i, block in enumerate(net.layer):
+        block.__class__ = basic
+        assert isinstance(net.layer[i], ForeignBlock)
+    same = _as_robustlab(net)
+    x, y = _batch()
+    with skip_gradient(net, 0.3) as sites:
+        assert len(sites) == 2 and all(s.ends == (s.block.bn2,) for s in sites)
+        grad = _ce_grad(net, x, y)[1]
+    with skip_gradient(same, 0.3):
+        ref = _ce_grad(same, x, y)[1]
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
+    monkeypatch.delitem(sys.modules, "torchvision.models.resnet")
+    with pytest.raises(RobustlabError, match="has none"), skip_gradient(net, 0.3):
+        pass
+
+
+def test_torchvision_style_dense_layers_follow_the_sqrt_gamma_convention(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _fake_module(monkeypatch, "torchvision.models.densenet", _DenseLayer=_DenseLayerLike)
+    layer_cls = sys.modules["torchvision.models.densenet"]._DenseLayer
+    torch.manual_seed(2)
+    net = _DenseNetLike()
+    net.train()
+    with torch.no_grad():
+        net(torch.rand(16, 1, 8, 8))
+    net.eval()
+    ref = copy.deepcopy(net)
+    for layer in net.layers:
+        layer.__class__ = layer_cls
+    for layer in ref.layers:  # the paper's way: sqrt(gamma) after each of the two ReLUs
+        assert isinstance(layer, _DenseLayerLike)
+        layer.relu1 = nn.Sequential(nn.ReLU(), _Scale(math.sqrt(0.5)))  # type: ignore[assignment]
+        layer.relu2 = nn.Sequential(nn.ReLU(), _Scale(math.sqrt(0.5)))  # type: ignore[assignment]
+    x, y = _batch()
+    with skip_gradient(net, 0.5) as sites:
+        assert len(sites) == 3
+        grad = _ce_grad(net, x, y)[1]
+    torch.testing.assert_close(grad, _ce_grad(ref, x, y)[1], rtol=1e-5, atol=1e-7)
+
+
+def test_timm_style_vit_blocks_scale_each_sub_block_by_sqrt_gamma(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _fake_module(monkeypatch, "timm.models.vision_transformer", Block=_VitBlockLike)
+    block_cls = sys.modules["timm.models.vision_transformer"].Block
+    torch.manual_seed(3)
+    net = nn.Sequential(_VitBlockLike(6), _VitBlockLike(6), nn.Flatten(), nn.Linear(24, 10))
+    ref = copy.deepcopy(net)
+    for block in list(net)[:2]:
+        block.__class__ = block_cls
+    for block in list(ref)[:2]:
+        assert isinstance(block, _VitBlockLike)
+        block.ls1 = _Scale(math.sqrt(0.6))  # type: ignore[assignment]
+        block.ls2 = _Scale(math.sqrt(0.6))  # type: ignore[assignment]
+    x = torch.rand(5, 4, 6)
+    y = torch.randint(0, 10, (5,))
+    with skip_gradient(net, 0.6) as sites:
+        assert len(sites) == 2 and all(s.power == 0.5 and len(s.ends) == 2 for s in sites)
+        grad = _ce_grad(net, x, y)[1]
+    torch.testing.assert_close(grad, _ce_grad(ref, x, y)[1], rtol=1e-5, atol=1e-7)
 
 
 def test_torchvision_resnet_is_recognised_when_installed() -> None:
