@@ -226,6 +226,9 @@ def test_default_gamma_follows_the_architecture() -> None:
     assert default_gamma(_untrained("preact_resnet8", 0)) == 0.2
     assert default_gamma(_untrained("densenet", 0)) == 0.5
     assert default_gamma(_untrained("vit", 0)) == 0.6
+    assert default_gamma(_untrained("resnet8", 0), one_step=True) == 0.5
+    assert default_gamma(_untrained("densenet", 0), one_step=True) == 0.7
+    assert parse_attack("fgsm+sgm", "linf", 0.1).gamma_for(_untrained("resnet8", 0)) == 0.5
 
 
 def test_bad_matrices(digits: DataSplits) -> None:

@@ -48,18 +48,20 @@ DEFAULT_STEPS = 10
 DEFAULT_LINBP_BLOCK = -2
 
 
-def default_gamma(model: nn.Module) -> float:
+def default_gamma(model: nn.Module, one_step: bool = False) -> float:
     """SGM's published default for a source, from its structure.
 
-    0.2 for ResNets, 0.5 for DenseNets (dense layers), 0.6 for transformers (sub-blocks
-    scaled by sqrt(gamma) each); 0.2 for anything else with residual blocks.
+    Iterative attacks: 0.2 for ResNets, 0.5 for DenseNets (dense layers), 0.6 for
+    transformers (sub-blocks scaled by sqrt(gamma) each); 0.2 for anything else with
+    residual blocks. One-step (FGSM) attacks: 0.5 for ResNets, 0.7 for DenseNets, 0.6 for
+    transformers.
     """
     sites = find_residual_sites(model)
     if any(isinstance(s.block, DenseLayer) for s in sites):
-        return 0.5
+        return 0.7 if one_step else 0.5
     if sites and all(s.power == 0.5 for s in sites):
         return 0.6
-    return 0.2
+    return 0.5 if one_step else 0.2
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,9 @@ class TransferAttack:
         """The SGM gamma used on a source (None when SGM is off)."""
         if not self.sgm:
             return None
-        return self.gamma if self.gamma is not None else default_gamma(model)
+        if self.gamma is not None:
+            return self.gamma
+        return default_gamma(model, one_step=getattr(self.attack, "steps", 0) == 1)
 
     @contextmanager
     def transforms(self, model: nn.Module) -> Iterator[None]:

@@ -265,7 +265,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--gamma",
         help="SGM decay in (0, 1]; a comma-separated list runs a gamma sweep "
-        "(default per source: 0.2 ResNets, 0.5 DenseNets, 0.6 ViTs)",
+        "(default per source: 0.2 ResNets, 0.5 DenseNets, 0.6 ViTs; with fgsm 0.5 / 0.7 / 0.6)",
     )
     p.add_argument(
         "--linbp-block",
