@@ -245,6 +245,11 @@ def test_eval_curve_writes_records_and_per_sample_table(digits_ckpt: Path, tmp_p
         line.split(",")[5] == "True" for line in table[1:] if line.startswith("0.2,")
     )
     assert robust_at_02 == round(records[2]["robust_accuracy"] * 120)
+    for line in table[1:]:  # a norm for every broken point, none for the robust ones
+        cells = line.split(",")
+        assert (cells[7] == "") == (cells[5] == "True")
+        if cells[5] == "False" and cells[3] != cells[2]:
+            assert cells[7] == "0.0"  # misclassified clean: the input itself
 
 
 def test_killed_evaluation_resumes_to_the_same_result(digits_ckpt: Path, tmp_path: Path) -> None:

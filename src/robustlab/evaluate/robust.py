@@ -313,7 +313,9 @@ def _attack_batch(
                 "final_pred": int(final_pred[j]),
                 "robust": bool(alive[j]),
                 "broken_by": broken[j],
-                "perturbation_norm": round(float(norms[j]), 6),
+                # the size of the example that broke it (0: misclassified clean); none
+                # for a point no attack broke (no example to measure)
+                "perturbation_norm": None if bool(alive[j]) else round(float(norms[j]), 6),
             }
             for j in range(len(x))
         ]
