@@ -80,6 +80,10 @@ def test_deepsloth_lowers_efficacy(
     assert paper_eff < 0.85 * clean.efficacy
     assert ours_eff < 0.85 * clean.efficacy
     assert ours_eff <= paper_eff + 0.02
+    cost = DeepSloth(eps=0.1, steps=30, objective="cost")
+    x_adv = cost(trained, x, y)
+    assert bool(cost.threat.contains(x, x_adv).all())
+    assert measure_efficiency(trained, x_adv, y, latency_samples=0).efficacy < 0.85 * clean.efficacy
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])

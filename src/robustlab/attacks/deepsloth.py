@@ -43,7 +43,7 @@ from .base import Attack, check_batch
 from .guard import frozen_eval
 from .threat import ThreatModel
 
-OBJECTIVES = ("uniform", "threshold")
+OBJECTIVES = ("uniform", "threshold", "cost")
 OPTIMIZERS = ("pgd", "apgd")
 BASELINES = ("final", "avg", "max")
 
@@ -78,6 +78,34 @@ def threshold_objective(
     return torch.stack(parts).sum(0) + 1e-3 * uniform_objective(ic_logits)
 
 
+def cost_objective(
+    ic_logits: list[torch.Tensor],
+    threshold: float,
+    rule: str,
+    savings: list[float],
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Per sample, the expected fraction of the cost saved under soft exit decisions.
+
+    IC k lets an input leave with probability s_k = sigmoid((log conf_k - log q) / T); the
+    input leaves at k with probability s_k * prod_{j<k} (1 - s_j) and then saves
+    ``savings[k]`` (1 - normalised cost of exit k). Minimising it works on the ICs that decide
+    where the input leaves, in proportion to what each saves.
+    """
+    log_q = math.log(threshold)
+    stay = torch.ones(len(ic_logits[0]), device=ic_logits[0].device)
+    total = torch.zeros_like(stay)
+    for z, saving in zip(ic_logits, savings, strict=True):
+        if rule == "max_softmax":
+            log_conf = F.log_softmax(z, dim=1).amax(dim=1)
+        else:
+            log_conf = confidence(z, rule).clamp_min(1e-12).log()
+        leave = torch.sigmoid((log_conf - log_q) / temperature)
+        total = total + stay * leave * saving
+        stay = stay * (1 - leave)
+    return total
+
+
 def sloth_objective(
     model: MultiExitNetwork,
     x: torch.Tensor,
@@ -91,6 +119,12 @@ def sloth_objective(
     ics = outs[:-1]
     if objective == "uniform":
         loss = uniform_objective(ics)
+    elif objective == "cost":
+        costs = model.exit_costs()
+        savings = [1 - c / costs[-1] for c in costs[:-1]]
+        loss = cost_objective(ics, threshold, rule, savings) + 0.1 * threshold_objective(
+            ics, threshold, rule, margin
+        )
     else:
         loss = threshold_objective(ics, threshold, rule, margin)
     with torch.no_grad():

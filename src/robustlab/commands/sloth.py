@@ -46,9 +46,20 @@ def _load_multi_exit(path: str, device: str) -> tuple[Any, dict[str, Any]]:
     return ckpt.model.to(device), ckpt.manifest
 
 
-def _craft(attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
-    """Run an attack batch by batch."""
-    parts = [attack(model, x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+def _craft(
+    attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, batch: int, progress: bool = False
+) -> torch.Tensor:
+    """Run an attack batch by batch, with a progress bar."""
+    from tqdm import tqdm
+
+    parts = []
+    label = getattr(attack, "variant", attack.name)
+    with tqdm(
+        total=len(x), desc=label, disable=not progress, file=sys.stderr, unit="pt", leave=False
+    ) as bar:
+        for i in range(0, len(x), batch):
+            parts.append(attack(model, x[i : i + batch], y[i : i + batch]))
+            bar.update(len(parts[-1]))
     return torch.cat(parts)
 
 
@@ -106,6 +117,7 @@ def cmd_sloth(args: argparse.Namespace) -> int:
         raise RobustlabError(f"n must be between 1 and {len(test)}, got {n}")
     x, y = test.x[:n].to(device), test.y[:n].to(device)
     torch.manual_seed(args.seed)
+    progress = not args.no_progress
 
     def measure(inputs: torch.Tensor) -> Any:
         return measure_efficiency(
@@ -119,7 +131,7 @@ def cmd_sloth(args: argparse.Namespace) -> int:
     )
     _say(_summary("clean", clean, clean))
     t0 = time.perf_counter()
-    x_adv = _craft(attack, model, x, y, args.batch_size)
+    x_adv = _craft(attack, model, x, y, args.batch_size, progress)
     seconds = time.perf_counter() - t0
     if not bool(attack.threat.contains(x, x_adv).all()):
         raise RuntimeError("DeepSloth left its threat model: a bug")
@@ -165,15 +177,15 @@ def cmd_sloth(args: argparse.Namespace) -> int:
     if args.baselines:
         for target in ("final", "avg", "max"):
             pgd = ExitPGD(norm=args.norm, eps=args.eps, steps=args.steps, target=target)
-            extra[pgd.variant] = measure(_craft(pgd, model, x, y, args.batch_size))
+            extra[pgd.variant] = measure(_craft(pgd, model, x, y, args.batch_size, progress))
         paper = DeepSloth(
             norm=args.norm, eps=args.eps, steps=args.steps, objective="uniform", optimizer="pgd"
         )
         if paper.variant != attack.variant:
-            extra[paper.variant] = measure(_craft(paper, model, x, y, args.batch_size))
+            extra[paper.variant] = measure(_craft(paper, model, x, y, args.batch_size, progress))
     if args.surrogate:
         surrogate, _ = _load_multi_exit(args.surrogate, device)
-        extra["black_box"] = measure(_craft(attack, surrogate, x, y, args.batch_size))
+        extra["black_box"] = measure(_craft(attack, surrogate, x, y, args.batch_size, progress))
         record["surrogate"] = str(args.surrogate)
     for label, rec in extra.items():
         _say(_summary(label, rec, clean))
