@@ -25,7 +25,11 @@ from robustlab.attacks.surrogate import Ensemble
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
-from robustlab.report.transfer_plots import gamma_sweep_plot, transfer_heatmap
+from robustlab.report.transfer_plots import (
+    gamma_sweep_plot,
+    transfer_heatmap,
+    transfer_section_html,
+)
 from robustlab.train import TrainConfig, train
 
 
@@ -144,6 +148,9 @@ def test_real_matrix_with_sgm_marks_white_box_and_writes_json(
     assert "*" in result.table() and "sgm+mi+di" in result.table()
     heat = transfer_heatmap(result, tmp_path / "heat.png")
     assert heat.exists() and heat.stat().st_size > 1000
+    section = transfer_section_html(record)
+    assert section.count("<tr>") == 1 + 3 and "data:image/png;base64," in section
+    assert "sgm+mi+di γ=0.2" in section and "*" in section
 
 
 def test_gamma_sweep_records_each_gamma(digits: DataSplits, trained: dict[str, nn.Module]) -> None:

@@ -2,8 +2,9 @@
 
 A matrix of S sources, T targets and A attacks costs S x A attack generations (one per
 source and attack, over all samples) and T x (1 + S x A) forward passes of the targets
-(a clean pass, then one per crafted set), never S x T x A generations. The result records
-both costs.
+(a clean pass, then one per crafted set), never S x T x A generations; each source also
+classifies its own examples once per attack (``source_success_rate``, the surrogate's own
+success). The result records both costs.
 
 Success-rate conventions (both are recorded in every cell):
 

@@ -1,8 +1,11 @@
-"""Plots of transfer matrices: a success-rate heatmap and SGM's success against gamma."""
+"""Plots of transfer matrices (success-rate heatmap, SGM success vs gamma) and their report section."""
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,3 +107,57 @@ def gamma_sweep_plot(
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _png_base64(draw: Any, record: Any) -> str:
+    """Draw a plot of the record into a temporary PNG and return it base64-encoded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        png = draw(record, Path(tmp) / "plot.png")
+        return base64.b64encode(png.read_bytes()).decode()
+
+
+def transfer_section_html(record: Mapping[str, Any]) -> str:
+    """An HTML fragment for a stored transfer record: heading, heatmap, gamma sweep, table."""
+    cells, targets = _cells(record)
+    tm = record.get("threat_model") or {}
+    kind = "targeted" if record.get("targeted") else "untargeted"
+    parts = [
+        "<h2>Transfer matrix</h2>",
+        f"<p>{kind} success rate (%) of examples crafted on each source and evaluated on each "
+        f"target, {html.escape(str(tm.get('norm', '')))} eps={html.escape(str(tm.get('eps', '')))}, "
+        f"{int(record.get('n', 0))} points of {html.escape(str(record.get('data', '')))}; "
+        "counted over the points the target classifies correctly when clean (in brackets: over "
+        "all points). * marks white-box cells (the target is the source). Cost: "
+        f"{record.get('generations')} attack generations, {record.get('target_forwards')} "
+        "target passes.</p>",
+        '<img alt="transfer heatmap" src="data:image/png;base64,'
+        + _png_base64(transfer_heatmap, record)
+        + '">',
+    ]
+    gammas = {c.get("gamma") for c in cells if c.get("gamma") is not None}
+    if len(gammas) > 1 and any(not c.get("white_box") for c in cells if c.get("gamma")):
+        parts.append(
+            '<img alt="success vs gamma" src="data:image/png;base64,'
+            + _png_base64(gamma_sweep_plot, record)
+            + '">'
+        )
+    rows: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for c in cells:
+        rows.setdefault(_row_label(c), {})[c["target"]] = c
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in targets)
+    body = []
+    for label, by_target in rows.items():
+        tds = []
+        for t in targets:
+            found = by_target.get(t)
+            if found is None:
+                tds.append("<td>-</td>")
+                continue
+            star = "*" if found.get("white_box") else ""
+            tds.append(
+                f"<td>{100 * float(found['success_rate']):.1f}{star} "
+                f"<span class=muted>({100 * float(found['success_rate_all']):.1f})</span></td>"
+            )
+        body.append(f"<tr><td class=l>{html.escape(label)}</td>{''.join(tds)}</tr>")
+    parts.append(f"<table><tr><th class=l>source: attack</th>{head}</tr>{''.join(body)}</table>")
+    return "\n".join(parts)
