@@ -6,6 +6,9 @@ FAB-T 9 x 100 forward+backward plus a forward, Square 5,000 forwards), at the co
 pass measured on the same model and batch in the same run.
 
     python benchmarks/autoattack_mnist5k.py --models runs/bench/resnet8-pgd-at [--n 100]
+
+Shards (``--start``, ``--n``) run as separate processes cover the 1,000 points on several
+cores; robust accuracy and times then add up over the shards.
 """
 
 from __future__ import annotations
@@ -51,10 +54,15 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--pgd", action="store_true", help="also run PGD-100 x 5 restarts")
+    p.add_argument("--start", type=int, default=0, help="first test point (to run shards)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args()
-    test = load_data("mnist5k").test.head(args.n)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    test = load_data("mnist5k").test.subset(slice(args.start, args.start + args.n))
     for path in args.models.split(","):
         model = load(path)
+        c0 = time.process_time()
         rec = evaluate(
             model,
             test,
@@ -62,6 +70,7 @@ def main() -> None:
             batch_size=args.batch_size,
             progress=False,
         )
+        cpu_s = time.process_time() - c0
         fb, fw = pass_costs(model.eval(), test.x[: args.batch_size], test.y[: args.batch_size])
         budget = {
             "apgd-ce": 100 * fb,
@@ -80,6 +89,9 @@ def main() -> None:
         out = {
             "model": path,
             "n": rec.n,
+            "start": args.start,
+            "threads": torch.get_num_threads(),
+            "cpu_s": round(cpu_s, 1),
             "eps": args.eps,
             "clean": rec.clean_accuracy,
             "autoattack_robust": rec.robust_accuracy,

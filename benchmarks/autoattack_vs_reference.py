@@ -5,6 +5,13 @@ own environment (`pip install git+https://github.com/fra31/auto-attack`) or poin
 PYTHONPATH at a checkout. Both run in this one process, one after the other.
 
     python benchmarks/autoattack_vs_reference.py --model runs/bench/resnet8-pgd-at --n 100
+
+Reported for each: robust accuracy, wall and CPU seconds (with ``--threads 1`` CPU time is
+the fair measure on a shared machine), the passes it ran through the model (points through
+a forward with gradients, i.e. forward+backward, and points through a forward without), and
+its eager floor: those passes at the cost per point of one eager pass measured on the same
+model in the same process. The reference's floor is the issue's "eager floor of the budget";
+``ours / reference floor`` says how far below the plain eager cost of that budget we got.
 """
 
 from __future__ import annotations
@@ -14,47 +21,109 @@ import json
 import time
 
 import torch
+from torch import nn
 
+from autoattack_mnist5k import pass_costs
 from robustlab.attacks import AutoAttack
 from robustlab.data import load_data
 from robustlab.evaluate import evaluate
 from robustlab.models.checkpoint import load
 
 
+class Tally:
+    """Points seen with and without gradients; shared by a model and its deep copies."""
+
+    def __init__(self) -> None:
+        self.with_grad = 0
+        self.without_grad = 0
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Tally:
+        return self  # evaluate() attacks a private copy of the model: count its passes here
+
+
+class PassCounter(nn.Module):
+    """The model, counting the points it sees with and without gradients enabled."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.tally = Tally()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.tally.with_grad += len(x)
+        else:
+            self.tally.without_grad += len(x)
+        return self.model(x)  # type: ignore[no-any-return]
+
+
 def main() -> None:
-    """Run both and print robust accuracy and wall time of each."""
+    """Run both and print robust accuracy, time, passes and floors of each."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--eps", type=float, default=0.3)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from autoattack import AutoAttack as Reference  # the peer, installed for benchmarks only
 
     test = load_data("mnist5k").test.head(args.n)
     model = load(args.model).eval()
-    t0 = time.perf_counter()
+    fb, fw = pass_costs(model, test.x, test.y)  # eager, contiguous, per point
+
+    ref_model = PassCounter(model).eval()
+    t0, c0 = time.perf_counter(), time.process_time()
     ref = Reference(
-        model, norm="Linf", eps=args.eps, version="standard", device="cpu", seed=0, verbose=True
+        ref_model, norm="Linf", eps=args.eps, version="standard", device="cpu", seed=0, verbose=True
     )
     x_ref = ref.run_standard_evaluation(test.x, test.y, bs=args.n)
-    ref_s = time.perf_counter() - t0
+    ref_s, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
     with torch.no_grad():
         ref_robust = float((model(x_ref).argmax(1) == test.y).float().mean())
+
+    our_model = PassCounter(model).eval()
+    c0 = time.process_time()
     ours = evaluate(
-        model, test, AutoAttack(norm="linf", eps=args.eps), batch_size=args.n, progress=False
+        our_model, test, AutoAttack(norm="linf", eps=args.eps), batch_size=args.n, progress=False
     )
+    our_cpu = time.process_time() - c0
+
+    def floor(t: Tally) -> float:
+        return t.with_grad * fb + t.without_grad * fw
+
+    ref_floor, our_floor = floor(ref_model.tally), floor(our_model.tally)
     print(
         json.dumps(
             {
                 "n": args.n,
                 "eps": args.eps,
-                "reference": {"robust": ref_robust, "seconds": round(ref_s, 1)},
+                "threads": torch.get_num_threads(),
+                "eager_cost_ms_per_point": {
+                    "fwd_bwd": round(1e3 * fb, 4),
+                    "fwd": round(1e3 * fw, 4),
+                },
+                "reference": {
+                    "robust": ref_robust,
+                    "seconds": round(ref_s, 1),
+                    "cpu_seconds": round(ref_cpu, 1),
+                    "points_fwd_bwd": ref_model.tally.with_grad,
+                    "points_fwd": ref_model.tally.without_grad,
+                    "eager_floor_s": round(ref_floor, 1),
+                },
                 "robustlab": {
                     "robust": ours.robust_accuracy,
                     "seconds": ours.elapsed_s,
+                    "cpu_seconds": round(our_cpu, 1),
                     "per_attack": ours.per_attack,
+                    "points_fwd_bwd": our_model.tally.with_grad,
+                    "points_fwd": our_model.tally.without_grad,
+                    "eager_floor_s": round(our_floor, 1),
                 },
                 "time_ratio_ours_over_reference": round(ours.elapsed_s / ref_s, 3),
+                "cpu_ratio_ours_over_reference": round(our_cpu / ref_cpu, 3),
+                "ours_over_reference_eager_floor": round(ours.elapsed_s / ref_floor, 3),
             },
             indent=1,
         )
