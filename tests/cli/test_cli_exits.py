@@ -44,6 +44,7 @@ def test_exits_writes_a_calibrated_multi_exit_checkpoint(
     assert calibration["samples"] == 200 and calibration["split"].endswith("/calibration")
     assert model.threshold == calibration["thresholds"]["5%"]
     assert set(calibration["thresholds"]) == {"5%", "15%"}
+    assert calibration["seen_by_backbone"] is True  # `robustlab train` held nothing out
     dataset = manifest["dataset"]
     assert isinstance(dataset, dict) and dataset["calibration_size"] == 200
     metrics = manifest["metrics"]
@@ -52,6 +53,14 @@ def test_exits_writes_a_calibrated_multi_exit_checkpoint(
     assert abs(sum(rec["exit_fractions"]) - 1) < 1e-9 and 0 <= rec["efficacy"] <= 1
     assert (out / "exit_histogram.png").stat().st_size > 0
     assert (out / "efficacy_curve.png").stat().st_size > 0
+
+
+def test_exits_after_every_block(backbone: Path, tmp_path: Path) -> None:
+    args = ["exits", "--model", str(backbone), "--data", "digits", "--out", str(tmp_path / "a")]
+    args += ["--exits", "all", "--epochs", "1", "--calibration", "100", "--latency-samples", "0"]
+    assert main([*args, "--no-progress"]) == 0
+    model = robustlab.load(tmp_path / "a")
+    assert isinstance(model, MultiExitNetwork) and model.positions == [0, 1, 2]
 
 
 def test_other_commands_accept_the_multi_exit_checkpoint(

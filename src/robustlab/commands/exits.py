@@ -51,6 +51,14 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _backbone_saw_calibration(manifest: dict[str, Any], data: str) -> bool:
+    """Whether the backbone trained on this data without holding the calibration split out."""
+    dataset = manifest.get("dataset")
+    if not isinstance(dataset, dict) or dataset.get("name") != data:
+        return False
+    return int(dataset.get("calibration_size", 0) or 0) == 0
+
+
 def cmd_exits(args: argparse.Namespace) -> int:
     """Attach, train and calibrate exits on a backbone checkpoint; write the multi-exit one."""
     import torch
@@ -65,6 +73,7 @@ def cmd_exits(args: argparse.Namespace) -> int:
         calibrate,
         check_rule,
         check_threshold,
+        plan_for,
     )
     from ..report.exit_plots import efficacy_curves, exit_histogram
     from ..train.sdn import SDNConfig, exit_accuracies, train_exits
@@ -82,7 +91,7 @@ def cmd_exits(args: argparse.Namespace) -> int:
         if not 0 <= d < 1:
             raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
     check_rule(args.rule)
-    positions = None if args.exits == "auto" else _ints(args.exits, "--exits")
+    positions = None if args.exits in ("auto", "all") else _ints(args.exits, "--exits")
     cfg = SDNConfig(
         mode=args.mode,
         epochs=args.epochs,
@@ -117,6 +126,8 @@ def cmd_exits(args: argparse.Namespace) -> int:
             f"{config['num_classes']}"
         )
     torch.manual_seed(args.seed)
+    if args.exits == "all":  # after every unit but the last (whose exit is the final one)
+        positions = list(range(len(plan_for(ckpt.model).units) - 1))
     model = attach_exits(
         ckpt.model.to(device), shape, int(config["num_classes"]), positions, rule=args.rule
     )
@@ -126,6 +137,13 @@ def cmd_exits(args: argparse.Namespace) -> int:
     )
     record = train_exits(model, splits.train, cfg, device=device, progress=not args.no_progress)
     calib = calibrate(model, splits.calibration, drops, args.rule)
+    seen = _backbone_saw_calibration(ckpt.manifest, splits.name)
+    if seen:
+        _say(
+            "  note: the backbone was trained on the whole training split, these calibration "
+            "samples included, so the thresholds may be optimistic (its confidence there is "
+            "higher than on unseen inputs)"
+        )
     model.threshold = check_threshold(calib.thresholds[f"{100 * args.drop:g}%"])
     test_acc = exit_accuracies(model, splits.test)
     metrics: dict[str, Any] = {"exit_accuracy_test": test_acc}
@@ -146,7 +164,7 @@ def cmd_exits(args: argparse.Namespace) -> int:
         "model": {**config, "multi_exit": {**model.config(), "exit_costs": model.exit_costs()}},
         "dataset": splits.info(),
         "training": {"backbone": ckpt.manifest.get("training", {}), "exits": record},
-        "calibration": calib.as_dict(),
+        "calibration": {**calib.as_dict(), "seen_by_backbone": seen},
         "metrics": metrics,
         "backbone": {"path": str(ckpt.path), "sha256": ckpt.manifest["weights"]["sha256"]},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -176,7 +194,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--exits",
         default="auto",
-        help="units to put exits after, e.g. 1,3,5 (default auto: ~15/30/45/60/75/90 %% of FLOPs)",
+        help="units to put exits after: auto (default, at ~15/30/45/60/75/90 %% of the FLOPs), "
+        "all, or a list such as 1,3,5",
     )
     p.add_argument("--mode", default="ic-only", help="ic-only (backbone frozen) or end-to-end")
     p.add_argument("--epochs", type=int, default=10)
