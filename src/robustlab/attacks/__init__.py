@@ -11,7 +11,9 @@ from .losses import LOSSES, cross_entropy, cw_margin, dlr, get_loss
 from .pgd import PGD
 from .registry import ATTACKS, make_attack
 from .square import Square
+from .surrogate import Ensemble, SurrogateAttack
 from .threat import NORMS, ThreatModel
+from .transforms import declare_residual, linbp, skip_gradient
 
 __all__ = [
     "APGD",
@@ -20,6 +22,7 @@ __all__ = [
     "BIM",
     "CWL2",
     "DIFGSM",
+    "Ensemble",
     "FAB",
     "FGSM",
     "IFGSM",
@@ -32,13 +35,17 @@ __all__ = [
     "AutoAttack",
     "IterativeAttack",
     "Square",
+    "SurrogateAttack",
     "ThreatModel",
     "check_batch",
     "cross_entropy",
     "cw_margin",
+    "declare_residual",
     "dlr",
     "frozen_eval",
     "get_loss",
+    "linbp",
     "make_attack",
+    "skip_gradient",
     "success",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 from ..io import atomic_write_text
 from ..store import ResultStore
 from .plots import robustness_curve
+from .transfer_plots import transfer_section_html
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:960px;margin:2em auto;
@@ -107,18 +108,28 @@ def _timing_table(timings: list[dict[str, Any]]) -> str:
     return f"<h2>Time per step</h2><table><tr><th class=l>step</th><th>time</th></tr>{rows}</table>"
 
 
+def _transfer_section(record: dict[str, Any]) -> str:
+    """One stored transfer matrix as a report section, titled with its store label."""
+    label = record.get("label")
+    named = label and label != "transfer"
+    return transfer_section_html(
+        record, title=f"Transfer matrix: {label}" if named else "Transfer matrix"
+    )
+
+
 def render_report(
     store: ResultStore, out: str | Path, *, title: str = "robustlab report", intro: str = ""
 ) -> Path:
-    """Write a self-contained HTML report (plot embedded) of everything in the store."""
+    """Write a self-contained HTML report (plots embedded) of everything in the store."""
     evals = store.records(kind="eval")
     trains = store.records(kind="train")
     timings = store.records(kind="timing")
+    transfers = store.records(kind="transfer")
     out_path = Path(out)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if intro:
         parts.append(f"<p>{html.escape(intro)}</p>")
-    data_names = sorted({str(r.get("data")) for r in evals})
+    data_names = sorted({str(r.get("data")) for r in evals + transfers})
     if data_names:
         parts.append(f"<p class=muted>data: {html.escape(', '.join(data_names))}</p>")
     if trains:
@@ -135,6 +146,8 @@ def render_report(
         parts.append(f'<img alt="accuracy vs eps" src="data:image/png;base64,{b64}">')
         parts.append(_eval_table(evals))
         parts.append(_attack_note(evals))
+    for record in transfers:
+        parts.append(_transfer_section(record))
     parts.append(_timing_table(timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"

@@ -116,13 +116,13 @@ def _png_base64(draw: Any, record: Any) -> str:
         return base64.b64encode(png.read_bytes()).decode()
 
 
-def transfer_section_html(record: Mapping[str, Any]) -> str:
+def transfer_section_html(record: Mapping[str, Any], *, title: str = "Transfer matrix") -> str:
     """An HTML fragment for a stored transfer record: heading, heatmap, gamma sweep, table."""
     cells, targets = _cells(record)
     tm = record.get("threat_model") or {}
     kind = "targeted" if record.get("targeted") else "untargeted"
     parts = [
-        "<h2>Transfer matrix</h2>",
+        f"<h2>{html.escape(title)}</h2>",
         f"<p>{kind} success rate (%) of examples crafted on each source and evaluated on each "
         f"target, {html.escape(str(tm.get('norm', '')))} eps={html.escape(str(tm.get('eps', '')))}, "
         f"{int(record.get('n', 0))} points of {html.escape(str(record.get('data', '')))}; "
