@@ -1,14 +1,21 @@
 """SGM vs PGD / MI / DI transfer on mnist5k, a budget sweep, a gamma sweep, and the matrix's cost.
 
-Sources resnet8 and densenet; targets every other zoo model, standard and PGD-AT. Models are
-trained (or reused from ROBUSTLAB_CACHE / --cache) exactly as ``robustlab transfer`` does,
-and every number comes from ``robustlab transfer --json``. Prints one markdown table per
-eps (success rate over the points each target classifies correctly, in %), the gamma sweep,
-and the cost of one matrix against crafting separately for every target.
+Sources resnet (ResNet-20, 9 blocks), resnet8 (3 blocks) and densenet; targets every other
+zoo model, standard and PGD-AT. Models are trained (or reused from ROBUSTLAB_CACHE /
+--cache) exactly as ``robustlab transfer`` does, and every number comes from
+``robustlab transfer --json``. Prints one markdown table per eps (success rate over the
+points each target classifies correctly, in %), the gamma sweep, and the cost of one matrix
+against crafting separately for every target.
+
+``--diagnose`` instead measures why SGM helps or not, on clean test points: per residual
+block of each source, how the true input gradient splits between skip path and branch;
+per gamma and target, how well the source's (SGM) input gradient aligns with the target's
+(cosine, and the share of the target's best one-step Linf gain its sign step gets).
 
     python benchmarks/transfer_mnist5k.py --out runs/transfer [--n 1000] [--eps 0.1,0.15,0.2]
     python benchmarks/transfer_mnist5k.py --out runs/smoke --n 100 --epochs 1 --eps 0.15 \\
         --targets vgg,mlp --gammas 0.2,1.0          # a short smoke run
+    python benchmarks/transfer_mnist5k.py --out runs/diag --diagnose --n 500
 """
 
 from __future__ import annotations
@@ -21,11 +28,8 @@ from typing import Any
 
 from robustlab.cli import main as cli
 
-SOURCES = "resnet8,densenet"
-TARGETS = (
-    "resnet8,densenet,preact_resnet8,vgg,vit,mlp,"
-    "resnet8:pgd-at,preact_resnet8:pgd-at,vgg:pgd-at,mlp:pgd-at"
-)
+SOURCES = "resnet,resnet8,densenet"
+TARGETS = "resnet,resnet8,preact_resnet,densenet,vgg,vit,mlp,resnet8:pgd-at,mlp:pgd-at"
 ATTACKS = "pgd,mi,di,sgm,sgm+mi+di"
 
 
@@ -67,6 +71,54 @@ def table(record: dict[str, Any], attacks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def diagnose(args: argparse.Namespace, out: Path) -> None:
+    """Skip/branch gradient split per block and SGM gradient alignment, as markdown and JSON."""
+    from robustlab.analysis.transfer import gradient_alignment, skip_branch_split
+    from robustlab.commands.transfer import _obtain, parse_model
+    from robustlab.data import load_data
+    from robustlab.demo import cache_root
+
+    splits = load_data("mnist5k")
+    opts = argparse.Namespace(
+        data="mnist5k", epochs=args.epochs, seed=args.seed, at_eps=0.3, no_progress=True
+    )
+    cache = Path(args.cache) if args.cache else cache_root()
+    names = list(dict.fromkeys([*args.sources.split(","), *args.targets.split(",")]))
+    models = {n: _obtain(parse_model(n), opts, splits, "cpu", cache)[0] for n in names if n}
+    x, y = splits.test.x[: args.n], splits.test.y[: args.n]
+    gammas = [float(g) for g in args.gammas.split(",") if g]
+    record: dict[str, Any] = {"n": len(x), "split": {}, "alignment": {}}
+    for source in [s for s in args.sources.split(",") if s]:
+        split = skip_branch_split(models[source], x, y)
+        record["split"][source] = split
+        print(f"\n### {source}: true input gradient of each block, skip path vs branch\n")
+        print("| block | skip share (median) | ||g_branch|| / ||g_skip|| (median) | cos |")
+        print("|---|---|---|---|")
+        for r in split:
+            print(
+                f"| {r['block']} | {r['skip_share']:.2f} | {r['branch_over_skip']:.2f} "
+                f"| {r['cosine']:+.2f} |"
+            )
+        others = {t: models[t] for t in args.targets.split(",") if t and t != source}
+        rows = gradient_alignment(models[source], others, x, y, gammas)
+        record["alignment"][source] = rows
+        print(f"\n### {source}: gradient alignment with each target, cos / sign gain\n")
+        print("| target | " + " | ".join(f"γ={g:g}" for g in gammas) + " |")
+        print("|---|" + "---|" * len(gammas))
+        for t in others:
+            by = {r["gamma"]: r for r in rows if r["target"] == t}
+            values = [f"{by[g]['cosine']:.3f} / {by[g]['sign_gain']:.3f}" for g in gammas]
+            print(f"| {t} | " + " | ".join(values) + " |")
+        first = [r for r in rows if r["target"] == next(iter(others))]
+        print(
+            "| ‖g_γ‖/‖g_1‖, cos(g_γ, g_1) | "
+            + " | ".join(f"{r['norm_ratio']:.2f}, {r['cos_plain']:.2f}" for r in first)
+            + " |",
+            flush=True,
+        )
+    (out / "diagnose.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main() -> None:
     """Budget sweep, gamma sweep and cost, printed as markdown and JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -84,9 +136,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-cost", action="store_true", help="skip the cost comparison")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--diagnose", action="store_true", help="gradient diagnostics only")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.diagnose:
+        diagnose(args, out)
+        return
     attacks = [a for a in args.attacks.split(",") if a]
     targets = [t for t in args.targets.split(",") if t]
     matrix = ["--sources", args.sources, "--targets", args.targets, "--attacks", args.attacks]

@@ -16,7 +16,9 @@ from robustlab.analysis.transfer import (
     TransferAttack,
     default_gamma,
     gamma_sweep,
+    gradient_alignment,
     parse_attack,
+    skip_branch_split,
     transfer_matrix,
 )
 from robustlab.attacks.base import Attack
@@ -25,6 +27,7 @@ from robustlab.attacks.surrogate import Ensemble
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
+from robustlab.models.blocks import DenseLayer, ResidualBlock
 from robustlab.report.transfer_plots import (
     gamma_sweep_plot,
     transfer_heatmap,
@@ -255,3 +258,66 @@ def test_bad_matrices(digits: DataSplits) -> None:
         transfer_matrix({"m": mlp}, {"m": mlp}, mixed, digits.test, n=5)
     with pytest.raises(RobustlabError, match="at least one"):
         transfer_matrix({}, {"m": mlp}, pgd, digits.test, n=5)
+
+
+def _scaled_identity(dim: int, scale: float) -> nn.Linear:
+    """A bias-free linear layer computing ``scale * x``."""
+    layer = nn.Linear(dim, dim, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(scale * torch.eye(dim))
+    return layer
+
+
+def _two_blocks(a: float, b: float) -> nn.Module:
+    """x -> (1 + a) x -> (1 + b)(1 + a) x -> random linear head: hand-derivable gradients."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        ResidualBlock(_scaled_identity(6, a)),
+        ResidualBlock(_scaled_identity(6, b)),
+        nn.Linear(6, 3),
+    ).eval()
+
+
+def test_skip_branch_split_on_hand_derived_blocks() -> None:
+    a, b = 0.5, -3.0
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    rows = skip_branch_split(_two_blocks(a, b), x, y)
+    # branch gradient = scale * skip gradient: share 1 / (1 + |scale|), cosine = sign(scale)
+    for row, scale in zip(rows, (a, b), strict=True):
+        assert math.isclose(row["skip_share"], 1 / (1 + abs(scale)), rel_tol=1e-5)
+        assert math.isclose(row["branch_over_skip"], abs(scale), rel_tol=1e-5)
+        assert math.isclose(row["cosine"], math.copysign(1, scale), rel_tol=1e-5)
+    # a dense layer: the skip part is the gradient of the copied features, the branch the new ones
+    torch.manual_seed(1)
+    dense = nn.Sequential(DenseLayer(_scaled_identity(6, 2.0)), nn.Linear(12, 3)).eval()
+    (row,) = skip_branch_split(dense, x, y)
+    head = dense[1]
+    assert isinstance(head, nn.Linear)
+    with torch.no_grad():
+        w = head.weight
+        u = torch.softmax(dense(x), 1) - nn.functional.one_hot(y, 3)  # d CE / d logits
+        g_skip, g_branch = u @ w[:, :6], 2.0 * (u @ w[:, 6:])
+    share = g_skip.norm(dim=1) / (g_skip.norm(dim=1) + g_branch.norm(dim=1))
+    assert math.isclose(row["skip_share"], float(share.median()), rel_tol=1e-4)
+    with pytest.raises(RobustlabError, match="residual blocks"):
+        skip_branch_split(nn.Sequential(nn.Linear(6, 3)), x, y)
+
+
+def test_gradient_alignment_follows_sgm_on_hand_derived_blocks() -> None:
+    a, b = 0.5, 2.0
+    model = _two_blocks(a, b)
+    other = _two_blocks(-0.9, 0.1)
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    rows = gradient_alignment(model, {"self": model, "other": other}, x, y, [0.2, 1.0])
+    by = {(r["gamma"], r["target"]): r for r in rows}
+    plain = by[(1.0, "self")]
+    assert math.isclose(plain["cosine"], 1, rel_tol=1e-5) and plain["sign_gain"] == pytest.approx(1)
+    assert plain["norm_ratio"] == pytest.approx(1) and plain["cos_plain"] == pytest.approx(1)
+    # SGM on x -> (1 + g a)(1 + g b) x: the same direction, a shorter gradient
+    sgm = by[(0.2, "self")]
+    want = (1 + 0.2 * a) * (1 + 0.2 * b) / ((1 + a) * (1 + b))
+    assert sgm["norm_ratio"] == pytest.approx(want, rel=1e-5)
+    assert sgm["cos_plain"] == pytest.approx(1, abs=1e-5)
+    assert sgm["cosine"] == pytest.approx(1, abs=1e-5)
+    assert by[(0.2, "other")]["cosine"] == pytest.approx(by[(1.0, "other")]["cosine"], abs=1e-5)
+    assert all(r["n"] == 30 for r in rows)

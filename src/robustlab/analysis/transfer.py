@@ -461,3 +461,170 @@ def transfer_matrix(
         craft_seconds=craft_seconds,
         elapsed_s=round(time.perf_counter() - start, 3),
     )
+
+
+# ---- diagnostics: why a transform helps transfer, or not ----------------------------------
+
+
+def input_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    gamma: float | None = None,
+    batch_size: int = 250,
+) -> torch.Tensor:
+    """Per-sample input gradients of the cross-entropy, in eval mode; under SGM with ``gamma``."""
+    from ..attacks.guard import frozen_eval
+    from ..attacks.losses import cross_entropy
+
+    grads = []
+    with frozen_eval(model, warn_train_mode=False), ExitStack() as stack:
+        if gamma is not None:
+            stack.enter_context(skip_gradient(model, gamma))
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].detach().clone().requires_grad_(True)
+            loss = cross_entropy(model(xb), y[i : i + batch_size], None).sum()
+            grads.append(torch.autograd.grad(loss, xb)[0])
+    return torch.cat(grads)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of two batches of tensors."""
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-30)
+
+
+def _sign_gain(source_grad: torch.Tensor, target_grad: torch.Tensor) -> torch.Tensor:
+    """Per sample: <g_T, sign(g_S)> / ||g_T||_1, the share of the target's best Linf step gained."""
+    t = target_grad.flatten(1)
+    gain = (t * source_grad.flatten(1).sign()).sum(1)
+    return gain / t.abs().sum(1).clamp_min(1e-30)
+
+
+def gradient_alignment(
+    source: nn.Module,
+    targets: Mapping[str, nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gammas: Sequence[float],
+    *,
+    batch_size: int = 250,
+) -> list[dict[str, Any]]:
+    """How well the source's (SGM) input gradient points along each target's, per gamma.
+
+    One row per gamma and target, means over the samples: ``cosine`` (cos(g_S^gamma, g_T)),
+    ``sign_gain`` (<g_T, sign(g_S^gamma)> / ||g_T||_1: the share of the target's own best
+    one-step Linf first-order loss increase that the source's sign step gets; 1 is perfect,
+    0 is a random direction), ``norm_ratio`` (||g_S^gamma|| / ||g_S||) and ``cos_plain``
+    (cos(g_S^gamma, g_S)). Gamma 1 is the plain gradient. SGM's claim is that gamma < 1
+    raises the alignment with other models.
+    """
+    plain = input_gradients(source, x, y, batch_size=batch_size)
+    wanted = {name: input_gradients(m, x, y, batch_size=batch_size) for name, m in targets.items()}
+    rows = []
+    for g in gammas:
+        gs = plain if g == 1 else input_gradients(source, x, y, gamma=g, batch_size=batch_size)
+        norm_ratio = gs.flatten(1).norm(dim=1) / plain.flatten(1).norm(dim=1).clamp_min(1e-30)
+        for name, gt in wanted.items():
+            rows.append(
+                {
+                    "gamma": float(g),
+                    "target": name,
+                    "cosine": float(_cos(gs, gt).mean()),
+                    "sign_gain": float(_sign_gain(gs, gt).mean()),
+                    "norm_ratio": float(norm_ratio.mean()),
+                    "cos_plain": float(_cos(gs, plain).mean()),
+                    "n": len(x),
+                }
+            )
+    return rows
+
+
+def skip_branch_split(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 250
+) -> list[dict[str, Any]]:
+    """Per residual block, how the true input gradient of the block splits into skip and branch.
+
+    At each block's input the gradient of the cross-entropy is g_skip + g_branch (through
+    the shortcut, through the residual branch). One row per block (module order) with the
+    medians over samples of ``skip_share`` = ||g_skip|| / (||g_skip|| + ||g_branch||), the
+    mean ``cosine`` between the two parts and ``branch_over_skip`` = ||g_branch|| /
+    ||g_skip||. Only robustlab's own residual blocks (zoo models) are measured.
+    """
+    from ..attacks.guard import frozen_eval
+    from ..attacks.losses import cross_entropy
+    from ..models.blocks import ResidualBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    if not blocks:
+        raise RobustlabError("skip_branch_split needs a model with robustlab residual blocks")
+    skip_n: list[list[torch.Tensor]] = [[] for _ in blocks]
+    branch_n: list[list[torch.Tensor]] = [[] for _ in blocks]
+    cosines: list[list[torch.Tensor]] = [[] for _ in blocks]
+    with frozen_eval(model, warn_train_mode=False):
+        for i in range(0, len(x), batch_size):
+            inputs: dict[int, torch.Tensor] = {}
+            outputs: dict[int, torch.Tensor] = {}
+            handles = [
+                b.register_forward_hook(_recorder(k, inputs, outputs)) for k, b in enumerate(blocks)
+            ]
+            try:
+                xb = x[i : i + batch_size].detach().clone().requires_grad_(True)
+                loss = cross_entropy(model(xb), y[i : i + batch_size], None).sum()
+            finally:
+                for h in handles:
+                    h.remove()
+            if len(outputs) != len(blocks):
+                raise RobustlabError("skip_branch_split needs every residual block on the path")
+            upstream = torch.autograd.grad(loss, [outputs[k] for k in range(len(blocks))])
+            for k, block in enumerate(blocks):
+                g_skip, g_branch = _split(block, inputs[k], upstream[k])
+                skip_n[k].append(g_skip.flatten(1).norm(dim=1))
+                branch_n[k].append(g_branch.flatten(1).norm(dim=1))
+                cosines[k].append(_cos(g_skip, g_branch))
+    rows = []
+    for k, block in enumerate(blocks):
+        s, b = torch.cat(skip_n[k]), torch.cat(branch_n[k])
+        rows.append(
+            {
+                "block": k,
+                "type": type(block).__name__,
+                "skip_share": float((s / (s + b).clamp_min(1e-30)).median()),
+                "branch_over_skip": float((b / s.clamp_min(1e-30)).median()),
+                "cosine": float(torch.cat(cosines[k]).mean()),
+            }
+        )
+    return rows
+
+
+def _recorder(
+    k: int, inputs: dict[int, torch.Tensor], outputs: dict[int, torch.Tensor]
+) -> Callable[[nn.Module, Any, Any], None]:
+    """A forward hook keeping block ``k``'s (detached) input and its output, changing nothing."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        inputs[k] = args[0].detach()
+        outputs[k] = output
+
+    return hook
+
+
+def _split(
+    block: nn.Module, x_in: torch.Tensor, g_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient at a block's input through its shortcut and through its branch."""
+    from ..models.blocks import DenseLayer, ResidualBlock
+
+    assert isinstance(block, ResidualBlock)
+    with torch.enable_grad():
+        x = x_in.detach().requires_grad_(True)
+        skip = block.shortcut(x.clone())  # clones: a new graph node each, safe in place
+        branch = block.branch(x.clone())
+        merged = (
+            torch.cat([skip, branch], dim=1) if isinstance(block, DenseLayer) else skip + branch
+        )
+        out = block.post(merged.clone())
+        d_skip, d_branch = torch.autograd.grad(out, [skip, branch], g_out, retain_graph=True)
+        (g_skip,) = torch.autograd.grad(skip, x, d_skip, retain_graph=True)
+        (g_branch,) = torch.autograd.grad(branch, x, d_branch)
+    return g_skip, g_branch
