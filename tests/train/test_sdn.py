@@ -12,7 +12,13 @@ from robustlab.errors import RobustlabError
 from robustlab.models import build_model
 from robustlab.models.multiexit import MultiExitNetwork, attach_exits
 from robustlab.train import TrainConfig, train
-from robustlab.train.sdn import SDNConfig, exit_accuracies, ic_weights, train_exits
+from robustlab.train.sdn import (
+    SDNConfig,
+    exit_accuracies,
+    head_features,
+    ic_weights,
+    train_exits,
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +100,14 @@ def test_bad_configs_are_refused() -> None:
         SDNConfig(adversary="pgd", adv_eps=0.0)
     with pytest.raises(RobustlabError, match="epochs >= 1"):
         SDNConfig(epochs=0)
+
+
+def test_cached_features_give_the_heads_logits(
+    digits: DataSplits, backbone_state: dict[str, torch.Tensor]
+) -> None:
+    model = _fresh(backbone_state).eval()
+    x = digits.test.x[:30]
+    cached = head_features(model, x, batch_size=7)
+    outs = model.all_exits(x)
+    for head, parts, out in zip(model.exit_heads, cached, outs, strict=False):
+        assert torch.allclose(head.classify(parts), out, atol=1e-6)

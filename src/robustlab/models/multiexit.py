@@ -117,19 +117,27 @@ class ExitHead(nn.Module):
         """The current max-pool weight of the blend."""
         return float(torch.sigmoid(self.alpha_logit.detach()))
 
-    def blend(self, h: torch.Tensor) -> torch.Tensor:
-        """The pooled features (alpha*max + (1-alpha)*avg to 4x4) or the features as they are."""
-        if not self.pool:
-            return h
-        a = torch.sigmoid(self.alpha_logit)
-        size = (min(h.shape[2], HEAD_SIZE), min(h.shape[3], HEAD_SIZE))
-        return a * F.adaptive_max_pool2d(h, size) + (1 - a) * F.adaptive_avg_pool2d(h, size)
+    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The parameter-free part of the head: max and avg pools, the class token, or h."""
+        if self.pool:
+            size = (min(h.shape[2], HEAD_SIZE), min(h.shape[3], HEAD_SIZE))
+            return F.adaptive_max_pool2d(h, size), F.adaptive_avg_pool2d(h, size)
+        if len(self.feature_shape) == 2:
+            return (h[:, 0],)
+        return (h,)
+
+    def classify(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Logits from :meth:`features` (kept apart so that a frozen backbone's can be cached)."""
+        if self.pool:
+            a = torch.sigmoid(self.alpha_logit)
+            return self.fc((a * parts[0] + (1 - a) * parts[1]).flatten(1))
+        if len(self.feature_shape) == 2:
+            return self.fc(self.norm(parts[0]))
+        return self.fc(parts[0].flatten(1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of this exit from the features after its block."""
-        if len(self.feature_shape) == 2:
-            return self.fc(self.norm(h[:, 0]))
-        return self.fc(self.blend(h).flatten(1))
+        return self.classify(self.features(h))
 
     def flops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Cost of the pooling blend (the linear layer and norm are counted on their own)."""
@@ -318,6 +326,11 @@ class MultiExitNetwork(nn.Module):
             for m, training in modes:
                 m.training = training
         return shapes
+
+    @property
+    def exit_heads(self) -> list[ExitHead]:
+        """The internal classifiers, in order (typed)."""
+        return [h for h in self.heads if isinstance(h, ExitHead)]
 
     @property
     def num_exits(self) -> int:

@@ -181,6 +181,7 @@ def train_exits(
     total = cfg.epochs * batches
     history: list[float] = []
     t0 = time.perf_counter()
+    cached = head_features(model, x_all) if ic_only and cfg.adversary == "none" else None
     bar = tqdm(
         total=total,
         desc=f"train exits ({cfg.mode})",
@@ -207,7 +208,14 @@ def train_exits(
                     model.backbone.eval()  # frozen: batch-norm statistics stay as trained
                 loss = torch.zeros((), device=device)
                 for xb in inputs:
-                    outs = model.all_exits(xb)
+                    if cached is not None:  # frozen backbone, clean inputs: heads only
+                        outs = [
+                            head.classify(tuple(t[idx] for t in parts))
+                            for head, parts in zip(model.exit_heads, cached, strict=True)
+                        ]
+                        outs.append(outs[-1])  # the final exit does not enter the IC-only loss
+                    else:
+                        outs = model.all_exits(xb)
                     losses = exit_losses(outs, y)
                     if ic_only:
                         part = sum(losses[:-1], torch.zeros((), device=device))
@@ -236,6 +244,35 @@ def train_exits(
         "train_time_s": round(time.perf_counter() - t0, 2),
         "train_samples": n,
     }
+
+
+@torch.no_grad()
+def head_features(
+    model: MultiExitNetwork, x: torch.Tensor, batch_size: int = 500
+) -> list[tuple[torch.Tensor, ...]]:
+    """Each IC's parameter-free input features for ``x`` under the frozen backbone (eval mode).
+
+    With the backbone frozen and clean inputs these never change, so IC-only training computes
+    them once instead of running the backbone every epoch.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    chunks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in model.heads]
+    try:
+        model.eval()
+        for i in range(0, len(x), batch_size):
+            h = x[i : i + batch_size]
+            k = 0
+            for u, unit in enumerate(model.plan.units):
+                if k == len(model.positions):
+                    break
+                h = model.run_steps(unit, h)
+                if model.positions[k] == u:
+                    chunks[k].append(model.exit_heads[k].features(h))
+                    k += 1
+    finally:
+        for m, training in modes:
+            m.training = training
+    return [tuple(torch.cat(parts) for parts in zip(*per, strict=True)) for per in chunks]
 
 
 @torch.no_grad()
