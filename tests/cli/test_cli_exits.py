@@ -119,7 +119,7 @@ def test_sloth_reports_clean_and_attacked(
     args += ["--json", str(record), "--no-progress"]
     assert main(args) == 0
     rec = json.loads(record.read_text())
-    assert rec["variant"] == "deepsloth-threshold-apgd"
+    assert rec["variant"] == "deepsloth-cost-apgd"
     for part in ("clean", "attacked", "universal"):
         for key in (
             "efficacy",

@@ -8,11 +8,16 @@ Objectives (per sample; the attack *minimises* them, the final exit is never par
 
 - ``uniform`` (the paper's): sum over ICs of CE(uniform, p_k) = -mean_c log p_k,c, which
   pushes every IC toward the uniform distribution. Defeats max-softmax and entropy rules.
-- ``threshold`` (ours, the default): aware of the exit rule and threshold q, a hinge on each
+- ``threshold`` (ours): aware of the exit rule and threshold q, a hinge on each
   IC's confidence above q: sum_k relu(log conf_k - log q + margin) with conf the max softmax
   (or 1 - normalised entropy for the entropy rule), plus 1e-3 x the uniform objective as a tie
   breaker. Effort goes to the ICs that would still let the input leave; those already below
   the threshold (by the margin) are left alone instead of being flattened further.
+- ``cost`` (ours, the default): the expected fraction of the cost saved under soft exit
+  decisions (each IC's exit probability a sigmoid of log conf - log q), plus 0.1 x the
+  ``threshold`` objective. It weighs each IC by what its exit saves and by the chance the
+  input is still there. On a 9-IC resnet20 on mnist5k (linf 0.1, 50 steps, 100 points):
+  efficacy drop 37.8 % vs 35.9 % (``threshold``) and 18.1 % (the paper's ``uniform``/pgd).
 
 Optimisers: ``pgd`` (steepest-descent steps of fixed size, the paper's; linf 30 signed steps)
 or ``apgd`` (APGD-style step control, Croce & Hein 2020: momentum 0.75, the step size halved
@@ -141,7 +146,7 @@ class DeepSloth(Attack):
     eps: float = 0.1
     steps: int = 100
     alpha: float | None = None
-    objective: str = "threshold"
+    objective: str = "cost"
     optimizer: str = "apgd"
     restarts: int = 1
     margin: float = 0.1

@@ -231,8 +231,9 @@ def register(sub: Any) -> None:
     p.add_argument("--alpha", type=float, help="step size (default: the optimizer's)")
     p.add_argument(
         "--objective",
-        default="threshold",
-        help="threshold (ours, default: hinge on each IC's confidence above q) or uniform (paper)",
+        default="cost",
+        help="cost (ours, default: expected saving under soft exits), threshold (ours: hinge "
+        "on each IC's confidence above q) or uniform (the paper's)",
     )
     p.add_argument("--optimizer", default="apgd", help="apgd (default) or pgd (paper)")
     p.add_argument("--margin", type=float, default=0.1, help="hinge margin in log-confidence")
