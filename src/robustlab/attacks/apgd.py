@@ -1,18 +1,17 @@
 """Auto-PGD (Croce & Hein, ICML 2020): APGD with any loss, and APGD-T on the targeted DLR loss.
 
-One run of APGD from a random start ``x0`` with ``N = steps`` iterations::
+**linf and l2.** One run of APGD from a random start ``x0`` with ``N = steps`` iterations::
 
     x1      = P(x0 + eta * s(g0))                       # g: gradient, s: steepest_step
     z       = P(xk + eta * s(gk))                       # k >= 1
     x_{k+1} = P(xk + a * (z - xk) + (1 - a) * (xk - x_{k-1}))    # a = momentum = 0.75
 
-with ``P`` the exact projection of the threat model. ``eta`` starts at ``2 * eps`` (linf,
-l2) or ``eps`` (l1, as l1-APGD, Croce & Hein, ICML 2021, for the sparse step of
-:meth:`ThreatModel.steepest_step`). Checkpoints ``w_j = ceil(p_j * N)`` with ``p_0 = 0``,
-``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (exact hundredths; for
-N = 100: 22, 41, 57, 70, 80, 87, 93, 99). Once ``x_{w_j}`` is evaluated, per sample, the
-step size is halved and the next step starts from the highest-loss point ``x_max`` (with its
-gradient; the momentum term then is ``x_max - x_{w_j - 1}``) when
+with ``P`` the exact projection of the threat model and ``eta`` starting at ``2 * eps``.
+Checkpoints ``w_j = ceil(p_j * N)`` with ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j +
+max(p_j - p_{j-1} - 0.03, 0.06)`` (exact hundredths; for N = 100: 22, 41, 57, 70, 80, 87,
+93, 99). Once ``x_{w_j}`` is evaluated, per sample, the step size is halved and the next
+step starts from the highest-loss point ``x_max`` (with its gradient; the momentum term
+then is ``x_max - x_{w_j - 1}``) when
 
 1. fewer than ``rho * (w_j - w_{j-1})`` of the steps since the last checkpoint increased the
    loss (``f(x_{i+1}) > f(x_i)`` for ``w_{j-1} <= i < w_j``, ``x_i`` being the point the step
@@ -20,22 +19,52 @@ gradient; the momentum term then is ``x_max - x_{w_j - 1}``) when
 2. the step size was not halved at ``w_{j-1}`` (``w_0 = 0`` counts as not halved) and the
    best loss ``f_max`` did not increase since ``w_{j-1}``.
 
-Every bookkeeping value (step size, counters, best point, best loss) is per sample. A sample
-stops being iterated once it is successful (misclassified, or at its target); a run returns
-per sample the successful point if one was found, else its highest-loss point. Restarts run
-only on samples not yet successful. With ``eot_iter = m`` the gradient and the loss are the
-means over ``m`` forward/backward passes (randomised defences), and a point counts as
-successful only if all ``m`` passes say so.
+**l1** is l1-APGD (Croce & Hein, "Mind the box", ICML 2021), as in the authors' code:
 
-Differences to the reference code (fra31/auto-attack), all following the paper: condition 1
-is strict (``<``), compares with ``f(x0)`` at the first checkpoint and with ``f(x_max)``
-after a restart; condition 2 may fire at the first checkpoint; the random start is uniform
-in the ball (:meth:`ThreatModel.random_start`); for l1 the adaptive sparsity of l1-APGD is
-not used (the sparsity is the threat model's), only its initial step size.
+- the start is the projection of ``x + N(0, I)`` onto the l1-ball ∩ box (sparse: the exact
+  projection soft-thresholds the noise);
+- the step ``x_{k+1} = P(xk + eta * u)`` moves the ``m`` coordinates with the largest
+  ``|g_i|`` by ``sign(g_i)``, ``u`` scaled to unit l1 norm (no momentum term);
+- adaptive sparsity: ``m`` starts at ``ceil(0.2 * d)`` (``d`` = input size) and is set, at
+  every checkpoint, to ``ceil(||x_max - x||_0 / 1.5)`` (at least 1), so the step becomes as
+  sparse as the best point found;
+- step size: ``eta`` starts at ``eps``; checkpoints come every ``max(floor(0.04 * N), 1)``
+  iterations. If the best point's sparsity ``||x_max - x||_0`` fell below 95 % of its value
+  at the previous checkpoint (``d`` before the first), ``eta`` goes back to ``eps`` and the
+  run continues from ``x_max`` (with its gradient); otherwise ``eta`` is divided by 1.5.
+  ``eta`` stays within ``[eps / 10, eps]``;
+- ``large_eps=True`` (AutoAttack's l1 setting) splits the ``N`` iterations into three runs
+  of ``ceil(0.3 N)``, ``ceil(0.3 N)`` and the rest at radii ``3 eps``, ``2 eps``, ``eps``.
+  The first starts from ``x + N(0, I)`` projected at ``3 eps``; each later one from the
+  highest-loss point of the one before, projected at its own radius. A run with a start
+  point begins with ``m = ceil(||x0 - x||_0 / 1.5)`` and compares the sparsity at its first
+  checkpoint with ``||x0 - x||_0``. A success counts only inside the eps-ball (in the
+  earlier runs too, where the reference implementation ignores it).
+
+Two deliberate l1 differences to the reference code: the shares are exact (30/30/40 of
+100; the reference's float ``ceil(0.3 * 100)`` gives 31/31/38), and successes inside eps
+found by the 3 eps / 2 eps runs are kept. Ties with the m-th largest ``|g_i|`` move too, as
+there. On a linear model a single run can stall: the sign step adds the same amount to every
+coordinate of its step set and the projection takes the same amount off, so an even split
+between coordinates of different ``|w_i|`` persists (the reference does the same);
+restarts and the large-eps schedule, AutoAttack's setting, undo most of it.
+
+Every bookkeeping value (step size, counters, sparsity, best point, best loss) is per
+sample. A sample stops being iterated once it is successful (misclassified, or at its
+target); a run returns per sample the successful point if one was found, else its
+highest-loss point. Restarts run only on samples not yet successful. With ``eot_iter = m``
+the gradient and the loss are the means over ``m`` forward/backward passes (randomised
+defences), and a point counts as successful only if all ``m`` passes say so.
+
+Differences to the reference code (fra31/auto-attack), linf and l2, all following the paper:
+condition 1 is strict (``<``), compares with ``f(x0)`` at the first checkpoint and with
+``f(x_max)`` after a restart; condition 2 may fire at the first checkpoint; the random start
+is uniform in the ball (:meth:`ThreatModel.random_start`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -48,6 +77,18 @@ from .losses import Loss, dlr, get_loss
 from .threat import ThreatModel
 
 P1, DECAY, MIN_GAP = 22, 3, 6  # p_1 = 0.22, the 0.03 decrease and the 0.06 floor, in hundredths
+
+# l1-APGD (the authors' constants): initial fraction of coordinates a step moves, the
+# divisor from the best point's sparsity to the step's, the sparsity decrease that resets
+# the step size, the step size divisor and range, and the checkpoint spacing
+L1_START_FRACTION = 0.2
+L1_SPARSITY_DIVISOR = 1.5
+L1_SPARSER = 0.95
+L1_STEP_DIVISOR = 1.5
+L1_MIN_STEP = 0.1  # times eps
+L1_CHECK_PCT = 4  # percent of the iterations of the run
+# AutoAttack's l1 schedule: radii (times eps) and percent of the iterations
+LARGE_EPS = ((3.0, 30), (2.0, 30), (1.0, 40))
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -62,19 +103,46 @@ def checkpoints(steps: int) -> list[int]:
     return marks
 
 
+def large_eps_stages(eps: float, steps: int) -> list[tuple[float, int]]:
+    """(radius, iterations) of the l1 schedule: 3, 2, 1 x eps over ceil(30 %), ceil(30 %), rest.
+
+    The last radius (eps itself) always gets at least one iteration, so the run ends inside
+    the threat model.
+    """
+    counts: list[int] = []
+    for _, pct in LARGE_EPS[:-1]:  # exact ceil in integers, leaving >= 1 for the last radius
+        counts.append(min(-(-pct * steps // 100), steps - 1 - sum(counts)))
+    counts.append(steps - sum(counts))
+    return [(k * eps, n) for (k, _), n in zip(LARGE_EPS, counts, strict=True) if n > 0]
+
+
+def l1_check_every(steps: int) -> int:
+    """Iterations between two l1-APGD checkpoints in a run of ``steps``: floor(4 %), >= 1."""
+    return max(L1_CHECK_PCT * steps // 100, 1)
+
+
 def _whole(name: str, value: object, low: int, attack: str) -> None:
+    """Refuse a count that is not a whole number >= low."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise RobustlabError(f"{attack} needs {name} >= {low} (a whole number), got {value!r}")
 
 
 def _fraction(name: str, value: float, attack: str, closed_top: bool = False) -> None:
+    """Refuse a fraction outside (0, 1) or (0, 1]."""
     ok = 0 < value <= 1 if closed_top else 0 < value < 1
     if not ok:
         where = "in (0, 1]" if closed_top else "strictly between 0 and 1"
         raise RobustlabError(f"{attack} needs {name} {where}, got {value!r}")
 
 
+def _check_large_eps(norm: str, large_eps: bool, attack: str) -> None:
+    """The large-eps schedule is an l1 device; refuse it elsewhere."""
+    if large_eps and norm != "l1":
+        raise RobustlabError(f"{attack}: large_eps is the l1 schedule; norm '{norm}' has none")
+
+
 def _loss_name(loss: str | Loss) -> str:
+    """A loss's name for records."""
     return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
 
 
@@ -83,9 +151,11 @@ class APGD(Attack):
     """Auto-PGD (Croce & Hein 2020) with the published defaults: 100 steps, rho = momentum = 0.75.
 
     ``loss`` is ce, dlr, cw or a callable ``(logits, y, targets) -> per-sample loss``;
-    ``momentum`` is the weight of the new step (``1 - momentum`` goes to the previous one);
-    ``eot_iter > 1`` averages that many gradients per step (AutoAttack's 'rand' version).
-    With ``targets`` the loss is the targeted one and success means reaching the target.
+    ``momentum`` is the weight of the new step (``1 - momentum`` goes to the previous one;
+    linf and l2 only, l1-APGD has none); ``eot_iter > 1`` averages that many gradients per
+    step (AutoAttack's 'rand' version); ``large_eps`` (l1 only) runs the 3/2/1 x eps
+    schedule of AutoAttack's l1 version. With ``targets`` the loss is the targeted one and
+    success means reaching the target.
     """
 
     norm: str = "linf"
@@ -97,6 +167,7 @@ class APGD(Attack):
     momentum: float = 0.75
     eot_iter: int = 1
     seed: int = 0
+    large_eps: bool = False
 
     name: ClassVar[str] = "apgd"
 
@@ -107,6 +178,7 @@ class APGD(Attack):
         _whole("eot_iter", self.eot_iter, 1, "apgd")
         _fraction("rho", self.rho, "apgd")
         _fraction("momentum", self.momentum, "apgd", closed_top=True)
+        _check_large_eps(self.norm, self.large_eps, "apgd")
         get_loss(self.loss)
 
     def config(self) -> dict[str, Any]:
@@ -121,9 +193,7 @@ class APGD(Attack):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """APGD on a model already in the state to attack (eval mode, frozen parameters)."""
-        engine = _Engine(
-            self.threat, self.steps, self.rho, self.momentum, self.eot_iter, self.seed, x
-        )
+        engine = _engine(self, x)
         loss_fn = get_loss(self.loss)
         best, best_loss, done = _start(model, x, y, targets)
         for _ in range(self.restarts):
@@ -143,7 +213,8 @@ class APGDT(Attack):
     Untargeted use (``targets=None``): for k = 1 .. n_target_classes (at most the number of
     other classes), target the k-th largest non-true logit at the clean input, on the
     samples not yet misclassified; success means misclassified. With explicit ``targets``,
-    exactly those are attacked and success means classified as the target.
+    exactly those are attacked and success means classified as the target. ``large_eps``
+    (l1 only) as in :class:`APGD`.
     """
 
     norm: str = "linf"
@@ -155,6 +226,7 @@ class APGDT(Attack):
     momentum: float = 0.75
     eot_iter: int = 1
     seed: int = 0
+    large_eps: bool = False
 
     name: ClassVar[str] = "apgd-t"
 
@@ -166,6 +238,7 @@ class APGDT(Attack):
         _whole("eot_iter", self.eot_iter, 1, "apgd-t")
         _fraction("rho", self.rho, "apgd-t")
         _fraction("momentum", self.momentum, "apgd-t", closed_top=True)
+        _check_large_eps(self.norm, self.large_eps, "apgd-t")
 
     def config(self) -> dict[str, Any]:
         """The full configuration, for result records."""
@@ -179,9 +252,7 @@ class APGDT(Attack):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """APGD-T on a model already in the state to attack (eval mode, frozen parameters)."""
-        engine = _Engine(
-            self.threat, self.steps, self.rho, self.momentum, self.eot_iter, self.seed, x
-        )
+        engine = _engine(self, x)
         best, best_loss = x.clone(), torch.full((len(x),), float("-inf"), device=x.device)
         if len(x) == 0:
             return best
@@ -213,6 +284,20 @@ class APGDT(Attack):
         return best
 
 
+def _engine(attack: APGD | APGDT, like: torch.Tensor) -> _Engine:
+    """The run engine of an APGD or APGD-T configuration."""
+    return _Engine(
+        attack.threat,
+        attack.steps,
+        attack.rho,
+        attack.momentum,
+        attack.eot_iter,
+        attack.seed,
+        like,
+        attack.large_eps,
+    )
+
+
 def _start(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,7 +326,26 @@ def _merge(
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector shaped to broadcast against a batch like ``like``."""
     return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _l0(delta: torch.Tensor) -> torch.Tensor:
+    """Per sample, the number of nonzero coordinates."""
+    return delta.flatten(1).ne(0).sum(dim=1)
+
+
+def _sparse_step(grad: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """sign(g) on each sample's ``count`` largest |g_i| (ties at the threshold included), unit l1.
+
+    Coordinates with a zero gradient never move; a sample with a zero gradient gets a zero step.
+    """
+    flat = grad.flatten(1)
+    mag = flat.abs()
+    top = mag.topk(int(count.max()), dim=1).values
+    threshold = top.gather(1, (count - 1)[:, None])
+    step = torch.where((mag >= threshold) & (mag > 0), flat.sign(), 0.0)
+    return (step / step.abs().sum(dim=1, keepdim=True).clamp_min(1)).view_as(grad)
 
 
 @dataclass
@@ -264,8 +368,11 @@ class _State:
     ups: torch.Tensor  # loss increases since the last checkpoint
     check_best: torch.Tensor  # f_max at the last checkpoint
     halved: torch.Tensor  # step size halved at the last checkpoint
+    count: torch.Tensor | None = None  # l1: coordinates the step moves
+    sparsity: torch.Tensor | None = None  # l1: ||x_max - x||_0 at the last checkpoint
 
     def keep(self, mask: torch.Tensor) -> None:
+        """Keep only the samples where ``mask`` holds."""
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None:
@@ -284,13 +391,16 @@ class _Engine:
         eot_iter: int,
         seed: int,
         like: torch.Tensor,
+        large_eps: bool = False,
     ) -> None:
         self.threat, self.steps, self.rho = threat, steps, rho
         self.momentum, self.eot_iter = momentum, eot_iter
         self.generator = torch.Generator(device=like.device).manual_seed(seed)
         marks = checkpoints(steps)
         self.gaps = {w: w - v for w, v in zip(marks, [0, *marks[:-1]], strict=True)}
-        self.eta0 = (1.0 if threat.norm == "l1" else 2.0) * threat.eps
+        self.l1 = threat.norm == "l1"
+        self.eta0 = (1.0 if self.l1 else 2.0) * threat.eps
+        self.stages = large_eps_stages(threat.eps, steps) if large_eps else [(threat.eps, steps)]
 
     def run(
         self,
@@ -302,12 +412,59 @@ class _Engine:
         loss_fn: Loss,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per sample: (successful or highest-loss point, successful, its loss)."""
-        threat = self.threat
-        x0 = threat.random_start(x, self.generator)
-        loss0, grad0, hit0 = self._evaluate(model, x0, y, goal, hit_goal, loss_fn, True)
+        if not self.l1:
+            x0 = self.threat.random_start(x, self.generator)
+            return self._run(model, self.threat, self.steps, x, y, goal, hit_goal, loss_fn, x0)
+        noise = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        start, staged = x + noise, len(self.stages) > 1
+        out, hit = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        loss = torch.full((len(x),), float("-inf"), device=x.device)
+        for radius, steps in self.stages:
+            todo = (~hit).nonzero().flatten()
+            if len(todo) == 0:
+                break
+            threat = ThreatModel("l1", radius)
+            found = self._run(
+                model,
+                threat,
+                steps,
+                x[todo],
+                y[todo],
+                None if goal is None else goal[todo],
+                None if hit_goal is None else hit_goal[todo],
+                loss_fn,
+                threat.project(x[todo], start[todo]),
+                staged,
+            )
+            out[todo], hit[todo], loss[todo] = found
+            start = out
+        return out, hit, loss
+
+    def _run(
+        self,
+        model: nn.Module,
+        threat: ThreatModel,
+        steps: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        goal: torch.Tensor | None,
+        hit_goal: torch.Tensor | None,
+        loss_fn: Loss,
+        x0: torch.Tensor,
+        from_start: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One run of ``steps`` iterations from ``x0`` inside ``threat``.
+
+        Per sample: (successful or highest-loss point, successful, its loss). Success needs
+        the point inside this attack's own threat model (an l1 stage may use a larger
+        radius). ``from_start``: l1 sparsity bookkeeping starts from ``x0``'s sparsity.
+        """
+        wider = threat.eps > self.threat.eps
+        loss0, grad0, hit0 = self._evaluate(model, x0, x, y, goal, hit_goal, loss_fn, True, wider)
         out, out_hit, out_loss = x0.clone(), hit0.clone(), loss0.clone()
+        n, eps = len(x), threat.eps
         s = _State(
-            pos=torch.arange(len(x), device=x.device),
+            pos=torch.arange(n, device=x.device),
             x=x,
             y=y,
             goal=goal,
@@ -316,27 +473,43 @@ class _Engine:
             prev=x0,
             grad=grad0,
             last_loss=loss0,
-            eta=torch.full((len(x),), self.eta0, dtype=x.dtype, device=x.device),
+            eta=torch.full((n,), (1.0 if self.l1 else 2.0) * eps, dtype=x.dtype, device=x.device),
             best_x=x0,
             best_loss=loss0,
             best_grad=grad0,
-            ups=torch.zeros(len(x), dtype=torch.long, device=x.device),
+            ups=torch.zeros(n, dtype=torch.long, device=x.device),
             check_best=loss0,
-            halved=torch.zeros(len(x), dtype=torch.bool, device=x.device),
+            halved=torch.zeros(n, dtype=torch.bool, device=x.device),
         )
+        every = l1_check_every(steps)
+        if self.l1:
+            d = x[0].numel() if n else 1
+            if from_start:
+                s.sparsity = _l0(x0 - x)
+                s.count = torch.ceil(s.sparsity / L1_SPARSITY_DIVISOR).long().clamp(1, d)
+            else:
+                s.sparsity = torch.full((n,), d, dtype=torch.long, device=x.device)
+                s.count = torch.full_like(s.sparsity, max(math.ceil(L1_START_FRACTION * d), 1))
         s.keep(~hit0)
-        for i in range(self.steps):
+        for i in range(steps):
             if len(s.pos) == 0:
                 break
             with torch.no_grad():
-                z = threat.project(s.x, s.cur + _col(s.eta, s.x) * threat.steepest_step(s.grad))
-                if i > 0:
-                    a = self.momentum
-                    z = threat.project(s.x, s.cur + a * (z - s.cur) + (1 - a) * (s.cur - s.prev))
+                if self.l1:
+                    assert s.count is not None
+                    step = _col(s.eta, s.x) * _sparse_step(s.grad, s.count)
+                    z = threat.project(s.x, s.cur + step)
+                else:
+                    z = threat.project(s.x, s.cur + _col(s.eta, s.x) * threat.steepest_step(s.grad))
+                    if i > 0:
+                        a = self.momentum
+                        z = threat.project(
+                            s.x, s.cur + a * (z - s.cur) + (1 - a) * (s.cur - s.prev)
+                        )
             s.prev, s.cur = s.cur, z
-            last = i + 1 == self.steps
+            last = i + 1 == steps
             loss, grad, hit = self._evaluate(
-                model, s.cur, s.y, s.goal, s.hit_goal, loss_fn, not last
+                model, s.cur, s.x, s.y, s.goal, s.hit_goal, loss_fn, not last, wider
             )
             with torch.no_grad():
                 s.ups = s.ups + (loss > s.last_loss).long()
@@ -349,8 +522,11 @@ class _Engine:
                 if any_hit:  # a successful point is final
                     won = s.pos[hit]
                     out[won], out_hit[won], out_loss[won] = s.cur[hit], True, loss[hit]
-                if (i + 1) in self.gaps and not last:
-                    self._checkpoint(s, self.gaps[i + 1])
+                if not last:
+                    if self.l1 and (i + 1) % every == 0:
+                        self._l1_checkpoint(s, eps)
+                    elif not self.l1 and (i + 1) in self.gaps:
+                        self._checkpoint(s, self.gaps[i + 1])
                 if any_hit:  # early stop
                     s.keep(~hit)
         out[s.pos], out_loss[s.pos] = s.best_x, s.best_loss
@@ -368,17 +544,36 @@ class _Engine:
         s.halved, s.check_best = halve, s.best_loss
         s.ups = torch.zeros_like(s.ups)
 
+    def _l1_checkpoint(self, s: _State, eps: float) -> None:
+        """l1-APGD: step sparsity from the best point; reset or shrink the step size."""
+        assert s.sparsity is not None
+        d = s.x[0].numel()
+        sparsity = _l0(s.best_x - s.x)
+        sparser = sparsity < L1_SPARSER * s.sparsity
+        s.count = torch.ceil(sparsity / L1_SPARSITY_DIVISOR).long().clamp(1, d)
+        s.eta = torch.where(sparser, eps, s.eta / L1_STEP_DIVISOR).clamp(L1_MIN_STEP * eps, eps)
+        s.sparsity = sparsity
+        s.cur = torch.where(_col(sparser, s.cur), s.best_x, s.cur)
+        s.grad = torch.where(_col(sparser, s.grad), s.best_grad, s.grad)
+        s.last_loss = torch.where(sparser, s.best_loss, s.last_loss)
+
     def _evaluate(
         self,
         model: nn.Module,
         x_adv: torch.Tensor,
+        x: torch.Tensor,
         y: torch.Tensor,
         goal: torch.Tensor | None,
         hit_goal: torch.Tensor | None,
         loss_fn: Loss,
         need_grad: bool,
+        wider: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean loss and gradient over ``eot_iter`` passes, and success on every pass."""
+        """Mean loss and gradient over ``eot_iter`` passes, and success on every pass.
+
+        ``wider``: the point may lie outside this attack's threat model, where it does not
+        count as a success.
+        """
         total = torch.zeros(len(x_adv), device=x_adv.device)
         grad = torch.zeros_like(x_adv)
         hit = torch.ones(len(x_adv), dtype=torch.bool, device=x_adv.device)
@@ -393,5 +588,7 @@ class _Engine:
                         grad += g
             total += losses.detach().float()
             hit &= success(logits.detach(), y, hit_goal)
+        if wider:
+            hit &= self.threat.contains(x, x_adv, tol=0.0)
         grad = torch.nan_to_num(grad / self.eot_iter, nan=0.0, posinf=0.0, neginf=0.0)
         return total / self.eot_iter, grad, hit
