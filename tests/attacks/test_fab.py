@@ -1,4 +1,8 @@
-"""FAB and FAB-T: exact minimal perturbations on linear models, the projection, invariants."""
+"""FAB and FAB-T: exact minimal perturbations on linear models, the projection, invariants.
+
+The model guard, eps 0, seeds and bad inputs are checked for every attack in
+test_all_attacks.py; the l1 knapsack case comes from _linear_cases.py.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
+from _linear_cases import correct, l1_box_distance, tiny_mlp, two_class_case
 from hypothesis import given, settings
 from scipy.optimize import linprog
 from torch import nn
@@ -14,6 +19,8 @@ from robustlab.attacks import PGD, ThreatModel
 from robustlab.attacks.fab import FAB, project_hyperplane_box
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
+
+NORMS = ["linf", "l2", "l1"]
 
 
 class LinearK(nn.Module):
@@ -33,6 +40,19 @@ def _dual(v: torch.Tensor, norm: str) -> torch.Tensor:
     return v.abs().sum(-1) if norm == "linf" else v.norm(dim=-1)
 
 
+def _l1_distance(model: LinearK, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The exact minimal l1 distance to misclassification, box included (the knapsack)."""
+    w, b = model.w.detach(), model.b.detach()
+    logits = x.flatten(1) @ w.T + b
+    best = torch.full((len(x),), torch.inf, dtype=x.dtype)
+    for other in range(w.shape[0]):
+        v = w[other][None] - w[y]  # raise f_other - f_y by its current deficit
+        need = (logits.gather(1, y[:, None])[:, 0] - logits[:, other]).clamp_min(0)
+        dist = torch.where(y == other, torch.inf, l1_box_distance(v, x, need))
+        best = torch.minimum(best, dist)
+    return best
+
+
 def _norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return ThreatModel(norm, 0.0).norms(delta)
 
@@ -40,10 +60,11 @@ def _norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
 def _linear_case(
     classes: int, norm: str, n: int = 300, seed: int = 1
 ) -> tuple[LinearK, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Points near 0.5 (the box never binds) and their exact minimal adversarial norms.
+    """Points near 0.5 and their exact minimal adversarial norms.
 
     Misclassified means some f_l > f_y, a union of half-spaces, so the minimal norm is
-    min over l != y of (f_y - f_l) / ||w_y - w_l||_* when the box does not bind.
+    min over l != y of (f_y - f_l) / ||w_y - w_l||_* when the box does not bind (linf, l2);
+    for l1 it does bind on some points, and the minimum over l is the knapsack distance.
     """
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64  # exact enough to compare norms to 1e-3 also for tiny margins
@@ -55,6 +76,8 @@ def _linear_case(
     with torch.no_grad():
         logits = model(x)
     y = logits.argmax(1)
+    if norm == "l1":  # the box binds for l1 here: the knapsack
+        return model, x, y, _l1_distance(model, x, y)
     dist = (logits.gather(1, y[:, None]) - logits) / _dual(w[y][:, None] - w[None], norm).clamp_min(
         1e-12
     )
@@ -62,12 +85,13 @@ def _linear_case(
     return model, x, y, dist
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("classes", [2, 3])
 def test_fab_finds_the_minimal_perturbation_of_a_linear_model(norm: str, classes: int) -> None:
     model, x, y, dist = _linear_case(classes, norm, n=150)
     x_adv = FAB(norm=norm, eps=100.0, eta=1.001, steps=30, early_stop=False)(model, x, y)
-    assert float(x_adv.min()) > 0 and float(x_adv.max()) < 1  # the box does not bind
+    if norm != "l1":  # (the l1 distances are the knapsack's, box included)
+        assert float(x_adv.min()) > 0 and float(x_adv.max()) < 1  # the box does not bind
     with torch.no_grad():
         assert bool((model(x_adv).argmax(1) != y).all())
     ratio = _norms(x_adv - x, norm) / dist
@@ -79,7 +103,7 @@ def test_fab_finds_the_minimal_perturbation_of_a_linear_model(norm: str, classes
     assert float(ratio.min()) >= 1 - 1e-4 and float(ratio.max()) <= 1.01
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("targeted", [False, True])
 def test_robust_accuracy_of_a_linear_model_matches_the_closed_form(
     norm: str, targeted: bool
@@ -132,6 +156,43 @@ def test_fab_t_with_explicit_targets_reaches_them() -> None:
     assert max(ratios) <= 1.5
 
 
+@pytest.mark.parametrize("eps", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("targeted", [False, True])
+def test_l1_fab_finds_the_exact_robust_set_of_the_box_knapsack(eps: float, targeted: bool) -> None:
+    case = two_class_case("l1", eps, n=150)
+    assert 0 < int(case.robust.sum()) < len(case.robust)
+    attack = FAB(norm="l1", eps=eps, targeted=targeted)
+    x_adv = attack(case.model, case.x, case.y)
+    assert bool(attack.threat.contains(case.x, x_adv).all())
+    assert torch.equal(correct(case.model, x_adv, case.y), case.robust)
+
+
+def test_the_l1_projection_is_the_minimal_l1_step_by_linear_programming() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(120, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(120, 12, generator=g, dtype=torch.float64)
+    w[:10, :3] = 0.0
+    w[10:20, :4] = 1.0  # ties in |w|
+    need = 3 * torch.randn(120, generator=g, dtype=torch.float64)
+    d = project_hyperplane_box(t, w, need, "l1")
+    assert bool(((t + d) >= -1e-12).all() and ((t + d) <= 1 + 1e-12).all())
+    assert bool((d[w == 0] == 0).all())
+    solved = 0
+    for i in range(len(t)):
+        ti, wi = t[i].numpy(), w[i].numpy()
+        # d = p - q with p, q >= 0: min sum(p + q), w . (p - q) = need, the box on p and q
+        bounds = [(0.0, 1.0 - v) for v in ti] + [(0.0, v) for v in ti]
+        res = linprog(np.ones(24), A_eq=np.r_[wi, -wi][None], b_eq=[float(need[i])], bounds=bounds)
+        if res.status != 0:  # the box cannot reach the hyperplane: the nearest box corner
+            corner = torch.where(w[i] * need[i] > 0, 1 - t[i], t[i])
+            assert bool((d[i].abs() == torch.where(w[i] == 0, 0.0, corner)).all())
+            continue
+        solved += 1
+        assert float((w[i] * d[i]).sum()) == pytest.approx(float(need[i]), abs=1e-9)
+        assert float(d[i].abs().sum()) == pytest.approx(res.fun, abs=1e-9)
+    assert 60 < solved < 120
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_the_projection_is_the_exact_minimal_step_onto_hyperplane_and_box(norm: str) -> None:
     g = torch.Generator().manual_seed(0)
@@ -164,7 +225,7 @@ def test_the_projection_is_the_exact_minimal_step_onto_hyperplane_and_box(norm: 
 
 @settings(max_examples=25, deadline=None)
 @given(
-    norm=st.sampled_from(["linf", "l2"]),
+    norm=st.sampled_from(NORMS),
     eps=st.floats(0.0, 2.0),
     batch=st.integers(1, 6),
     channels=st.sampled_from([1, 3]),
@@ -185,10 +246,7 @@ def test_every_example_lies_inside_its_threat_model(
     restarts: int,
     targeted: bool,
 ) -> None:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(channels * size * size, 16), nn.ReLU(), nn.Linear(16, classes)
-    ).eval()
+    model = tiny_mlp(channels * size * size, classes, seed)
     x = torch.rand(batch, channels, size, size)
     y = torch.randint(0, classes, (batch,))
     attack = FAB(norm=norm, eps=eps, steps=4, restarts=restarts, targeted=targeted, seed=seed)
@@ -247,52 +305,6 @@ def test_names_and_config() -> None:
     )
 
 
-def test_zero_eps_returns_the_inputs() -> None:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
-    x = torch.rand(5, 1, 4, 4)
-    y = torch.zeros(5, dtype=torch.long)
-    assert torch.equal(FAB(eps=0.0, steps=3)(model, x, y), x)
-
-
-class Flaky(nn.Module):
-    """A model whose forward raises on the n-th call: attacks must still restore it."""
-
-    def __init__(self, fail_at: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
-        )
-        self.calls, self.fail_at = 0, fail_at
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("boom")
-        return self.body(x)
-
-
-@pytest.mark.parametrize("fail_at", [0, 4])
-@pytest.mark.parametrize("targeted", [False, True])
-def test_fab_leaves_the_callers_model_as_it_was(fail_at: int, targeted: bool) -> None:
-    model = Flaky(fail_at)
-    model.train()
-    model.body[1].weight.requires_grad_(False)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
-    attack = FAB(eps=0.1, steps=5, targeted=targeted)
-    with pytest.warns(UserWarning, match="train mode"):
-        if fail_at:
-            with pytest.raises(RuntimeError, match="boom"):
-                attack(model, x, y)
-        else:
-            attack(model, x, y)
-    assert model.training and all(m.training for m in model.modules())
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(p.grad is None for p in model.parameters())
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -304,9 +316,6 @@ def test_fab_leaves_the_callers_model_as_it_was(fail_at: int, targeted: bool) ->
         ({"beta": 1.5}, r"beta in \(0, 1\]"),
         ({"alpha_max": -0.1}, r"alpha_max in \[0, 1\]"),
         ({"n_target_classes": 0}, "n_target_classes >= 1"),
-        ({"eps": -1.0}, "eps must be a finite number >= 0"),
-        ({"norm": "l1"}, "l1 is not implemented"),
-        ({"norm": "l3"}, "unknown norm 'l3'"),
     ],
 )
 def test_bad_fab_configuration(kwargs: dict[str, object], message: str) -> None:
@@ -314,7 +323,7 @@ def test_bad_fab_configuration(kwargs: dict[str, object], message: str) -> None:
         FAB(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_early_stop_changes_cost_not_the_robust_set(norm: str) -> None:
     model, x, y, dist = _linear_case(3, norm, n=120, seed=5)
     eps = float(dist.median())
