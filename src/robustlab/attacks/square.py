@@ -16,8 +16,17 @@ p_init is halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8
   (side >= 3 and odd) moves the perturbation mass of a second random window into the first
   window as a new signed bump, then rescales the whole perturbation to norm eps.
 
-Both are followed by clipping to [0,1] (and, for l2, ``ThreatModel.project`` as a safety
-net). Windows, signs and bump orientations are drawn per sample from a seeded
+* l1 (the reference implementation's l1 version, as in l1-AutoAttack, Croce & Hein 2021):
+  the l2 scheme with l1 bumps (nested rectangles weighted 1 / (k+1)^4 instead of 1 / (k+1)^2,
+  unit l1 norm per half) and l1 bookkeeping: the start is the grid of bumps projected onto
+  the l1-ball ∩ box; a proposal fills window 1, per channel, with the new bump plus the
+  window's old content (normalised), scaled to l1 mass ``c * (unused budget / c + mass of
+  both windows in that channel)`` (the reference's factor ``c``: more than the windows held
+  when c > 1, so the projection moves mass into the new window), empties window 2, and
+  projects onto the l1-ball ∩ box. Projections use radius ``eps * (1 - 1e-6)``.
+
+linf and l2 are followed by clipping to [0,1] (and, for l2, ``ThreatModel.project`` as a
+safety net); l1 uses the exact projection of :class:`ThreatModel`. Windows, signs and bump orientations are drawn per sample from a seeded
 ``torch.Generator``; window positions are uniform over all positions where the window fits.
 Samples stop being queried as soon as they are misclassified (or hit their target), and each
 restart only attacks samples no earlier restart broke; a sample never broken gets the
@@ -42,7 +51,7 @@ from .base import Attack, check_batch, success
 from .guard import frozen_eval
 from .threat import ThreatModel
 
-SQUARE_NORMS = ("linf", "l2")
+SQUARE_NORMS = ("linf", "l2", "l1")
 SQUARE_LOSSES = ("margin", "ce")
 # iterations (of a 10,000-query run) after which p is halved
 P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -57,7 +66,7 @@ def p_selection(p_init: float, it: int, queries: int) -> float:
 
 @dataclass(frozen=True)
 class Square(Attack):
-    """Square Attack for linf and l2; ``loss`` is "margin" or "ce" (both minimised).
+    """Square Attack for linf, l2 and l1; ``loss`` is "margin" or "ce" (both minimised).
 
     Untargeted: margin z_y - max_{i != y} z_i, or -CE(y). Targeted: margin
     max_{i != t} z_i - z_t, or CE(t) (the authors' and AutoAttack's choice for targeted runs).
@@ -75,7 +84,7 @@ class Square(Attack):
 
     def __post_init__(self) -> None:
         if self.norm not in SQUARE_NORMS:
-            raise RobustlabError(f"Square supports linf and l2 only, got norm '{self.norm}'")
+            raise RobustlabError(f"Square supports linf, l2 and l1 only, got norm '{self.norm}'")
         ThreatModel(self.norm, self.eps)
         if self.queries < 1 or self.restarts < 1:
             raise RobustlabError("square needs queries >= 1 and restarts >= 1")
@@ -167,7 +176,10 @@ class Square(Attack):
         gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One run from a fresh start: best points, their losses, success flags, queries."""
-        x_best = self._init_linf(x, gen) if self.norm == "linf" else self._init_l2(x, gen)
+        if self.norm == "linf":
+            x_best = self._init_linf(x, gen)
+        else:
+            x_best = self._init_l2(x, gen) if self.norm == "l2" else self._init_l1(x, gen)
         logits = model(x_best)
         loss_min = self._objective(logits, y, targets)
         hit = success(logits, y, targets)
@@ -181,7 +193,7 @@ class Square(Attack):
             if self.norm == "linf":
                 x_new = self._propose_linf(xa, xb, p, gen)
             else:
-                x_new = self._propose_l2(xa, xb, p, gen)
+                x_new = self._propose_bump(xa, xb, p, gen)
             ta = None if targets is None else targets[act]
             logits = model(x_new)
             loss = self._objective(logits, y[act], ta)
@@ -221,25 +233,22 @@ class Square(Attack):
     # -- l2 -------------------------------------------------------------------------------
 
     def _init_l2(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n, c, h, w = x.shape
-        side = max(min(h, w) // 5, 1)
-        start_h, start_w = max((h - 5 * side) // 2, 0), max((w - 5 * side) // 2, 0)
-        delta = torch.zeros_like(x)
-        bump = _eta(side, x)
-        for i in range(h // side):
-            vh = start_h + i * side
-            for j in range(w // side):
-                vw = start_w + j * side
-                if vh + side > h or vw + side > w:
-                    continue
-                flip = bool(torch.rand(1, generator=gen, device=x.device) > 0.5)
-                b = bump.T if flip else bump
-                delta[:, :, vh : vh + side, vw : vw + side] += b * _signs((n, c, 1, 1), gen, x)
-        return self._to_ball(x, delta)
+        """The l2 start: the grid of bumps scaled to norm eps."""
+        return self._to_ball(x, _bump_grid(x, gen, "l2"))
 
-    def _propose_l2(
+    def _propose_bump(
         self, x: torch.Tensor, x_best: torch.Tensor, p: float, gen: torch.Generator
     ) -> torch.Tensor:
+        """l2 and l1: window 1 takes a fresh bump plus its normalised old content, with the
+        mass of both windows and the unused budget; window 2 is emptied."""
+        l1 = self.norm == "l1"
+
+        def mass(t: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
+            """Per sample (and channel) l1 or l2 mass over ``dim``."""
+            if l1:
+                return t.abs().sum(dim=dim, keepdim=True)
+            return t.square().sum(dim=dim, keepdim=True).sqrt()
+
         m, c, h, w = x.shape
         side = max(round(math.sqrt(p * h * w)), 3)
         side = min(side + 1 if side % 2 == 0 else side, h, w)
@@ -248,21 +257,24 @@ class Square(Attack):
         win1 = _window_mask(vh, vw, side, h, w)
         win2 = _window_mask(vh2, vw2, side, h, w)
         delta = x_best - x
-        norm_win1 = (delta * win1).square().sum(dim=(2, 3), keepdim=True).sqrt()
-        norm_img = delta.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()
-        norm_wins = (delta * (win1 | win2)).square().sum(dim=(2, 3), keepdim=True).sqrt()
+        norm_win1 = mass(delta * win1, (2, 3))
+        norm_img = mass(delta, (1, 2, 3))
+        norm_wins = mass(delta * (win1 | win2), (2, 3))
         # a fresh bump per sample (random orientation and per-channel sign) ...
-        bump = _eta(side, x)
+        bump = _eta(side, x, self.norm)
         flip = (torch.rand(m, generator=gen, device=x.device) > 0.5).view(m, 1, 1, 1)
         new = torch.where(flip, bump.T, bump) * _signs((m, c, 1, 1), gen, x)
         # ... added to the normalised old content of window 1, which takes the mass of both
         # windows plus the unused budget; window 2 is emptied
         new = new + _patch(delta, vh, vw, side) / (1e-12 + norm_win1)
-        budget = (torch.clamp(self.eps**2 - norm_img**2, min=0.0) / c + norm_wins**2).sqrt()
-        new = new / (1e-12 + new.square().sum(dim=(2, 3), keepdim=True).sqrt()) * budget
+        if l1:  # the reference's factor c (see the module docstring)
+            budget = c * (torch.clamp(self.eps - norm_img, min=0.0) / c + norm_wins)
+        else:
+            budget = (torch.clamp(self.eps**2 - norm_img**2, min=0.0) / c + norm_wins**2).sqrt()
+        new = new / (1e-12 + mass(new, (2, 3))) * budget
         delta = delta * ~win2
         _put_patch(delta, vh, vw, new)
-        return self._to_ball(x, delta)
+        return self._to_l1(x, delta) if l1 else self._to_ball(x, delta)
 
     def _to_ball(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """x + delta rescaled to l2 norm eps, clipped to the box, projected as a safety net."""
@@ -273,6 +285,35 @@ class Square(Attack):
         if bool(over.any()):
             x_new[over] = threat.project(x[over], x_new[over])
         return x_new
+
+    # -- l1 -------------------------------------------------------------------------------
+
+    def _init_l1(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The l1 start: the grid of l1 bumps projected onto the l1-ball ∩ box."""
+        return self._to_l1(x, _bump_grid(x, gen, "l1"))
+
+    def _to_l1(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The exact projection of x + delta onto the l1-ball (radius eps (1 - 1e-6)) ∩ box."""
+        return ThreatModel("l1", self.eps * (1 - 1e-6)).project(x, x + delta)
+
+
+def _bump_grid(x: torch.Tensor, gen: torch.Generator, norm: str) -> torch.Tensor:
+    """The l2/l1 start: a grid of signed bumps of side max(min(h, w) // 5, 1), centred."""
+    n, c, h, w = x.shape
+    side = max(min(h, w) // 5, 1)
+    start_h, start_w = max((h - 5 * side) // 2, 0), max((w - 5 * side) // 2, 0)
+    delta = torch.zeros_like(x)
+    bump = _eta(side, x, norm)
+    for i in range(h // side):
+        vh = start_h + i * side
+        for j in range(w // side):
+            vw = start_w + j * side
+            if vh + side > h or vw + side > w:
+                continue
+            flip = bool(torch.rand(1, generator=gen, device=x.device) > 0.5)
+            b = bump.T if flip else bump
+            delta[:, :, vh : vh + side, vw : vw + side] += b * _signs((n, c, 1, 1), gen, x)
+    return delta
 
 
 def _margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -324,27 +365,31 @@ def _put_patch(t: torch.Tensor, vh: torch.Tensor, vw: torch.Tensor, value: torch
     t.permute(0, 2, 3, 1)[_patch_index(vh, vw, value.shape[-1])] = value.permute(0, 2, 3, 1)
 
 
-def _rectangles(rows: int, cols: int) -> torch.Tensor:
-    """Nested centred rectangles with weights 1/(k+1)^2, unit l2 norm (a pseudo-Gaussian)."""
+def _rectangles(rows: int, cols: int, norm: str = "l2") -> torch.Tensor:
+    """Nested centred rectangles, a pseudo-Gaussian of unit norm.
+
+    l2: weights 1/(k+1)^2, unit l2 norm; l1: weights 1/(k+1)^4, unit l1 norm.
+    """
     bump = torch.zeros(rows, cols, dtype=torch.float64)
     if bump.numel() == 0:
         return bump
+    power = 4 if norm == "l1" else 2
     r0, c0 = rows // 2, cols // 2
     for k in range(max(rows // 2, cols // 2) + 1):
         bump[max(r0 - k, 0) : min(r0 + k + 1, rows), max(c0 - k, 0) : min(c0 + k + 1, cols)] += (
-            1.0 / (k + 1) ** 2
+            1.0 / (k + 1) ** power
         )
-    return bump / bump.norm()
+    return bump / (bump.abs().sum() if norm == "l1" else bump.norm())
 
 
-def _eta(side: int, like: torch.Tensor) -> torch.Tensor:
-    """The l2 update shape: a positive bump on the top half, a negative one below, unit norm."""
-    return _eta_cached(side).to(dtype=like.dtype, device=like.device)
+def _eta(side: int, like: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """The update shape: a positive bump on the top half, a negative one below, unit norm."""
+    return _eta_cached(side, norm).to(dtype=like.dtype, device=like.device)
 
 
-@functools.lru_cache(maxsize=64)
-def _eta_cached(side: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=128)
+def _eta_cached(side: int, norm: str = "l2") -> torch.Tensor:
     """Never modified in place: callers only read it."""
     top = side // 2
-    bump = torch.cat([_rectangles(top, side), -_rectangles(side - top, side)])
-    return bump / bump.norm()
+    bump = torch.cat([_rectangles(top, side, norm), -_rectangles(side - top, side, norm)])
+    return bump / (bump.abs().sum() if norm == "l1" else bump.norm())
