@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _linear_cases import correct, k_class_l1_case
 from torch import nn
 
 from robustlab.attacks import PGD, ThreatModel
@@ -39,6 +40,24 @@ def test_standard_version_has_the_published_budgets() -> None:
         plus["components"]["apgd-ce"]["restarts"] == 5
         and plus["components"]["fab"]["restarts"] == 5
     )
+    l1 = AutoAttack(norm="l1", eps=10.0).config()
+    assert l1["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    c = l1["components"]
+    assert (c["apgd-ce"]["restarts"], c["apgd-ce"]["large_eps"], c["apgd-ce"]["steps"]) == (
+        5,
+        True,
+        100,
+    )
+    assert (c["apgd-t"]["n_target_classes"], c["apgd-t"]["large_eps"]) == (5, True)
+    assert (c["fab-t"]["norm"], c["fab-t"]["n_target_classes"], c["fab-t"]["steps"]) == (
+        "l1",
+        9,
+        100,
+    )
+    assert (c["square"]["norm"], c["square"]["queries"]) == ("l1", 5000)
+    l1_plus = AutoAttack(norm="l1", eps=10.0, version="plus").config()["components"]
+    assert l1_plus["apgd-t"]["n_target_classes"] == 9 and l1_plus["apgd-dlr"]["large_eps"]
+    assert l1_plus["fab"]["restarts"] == 5 and l1_plus["fab"]["norm"] == "l1"
     rand = AutoAttack(norm="linf", eps=0.3, version="rand").config()
     assert (
         rand["attacks"] == ["apgd-ce", "apgd-dlr"]
@@ -96,7 +115,6 @@ def test_autoattack_not_weaker_than_pgd_with_restarts(
         ({"attacks": ("apgd-ce", "magic")}, "unknown AutoAttack sub-attack magic"),
         ({"version": "custom"}, "needs a list of sub-attacks"),
         ({"eps": -0.1}, "eps must be a finite number >= 0"),
-        ({"norm": "l1"}, "not available for the l1 norm"),
     ],
 )
 def test_bad_autoattack_configuration(kwargs: dict[str, object], message: str) -> None:
@@ -126,3 +144,30 @@ def test_run_detailed_guards_the_model_too() -> None:
         AutoAttack(norm="linf", eps=0.1, attacks=("apgd-ce",)).run_detailed(model, x, y)
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_l1_gradient_members_find_the_exact_robust_set_of_a_linear_model() -> None:
+    """4 classes under l1 with the box binding (the knapsack per class): exact."""
+    eps = 0.5
+    model, x, y, robust = k_class_l1_case(eps, n=40)
+    assert 0 < int(robust.sum()) < len(robust)
+    aa = AutoAttack(norm="l1", eps=eps, attacks=("apgd-t", "fab-t"))
+    x_adv = aa(model, x, y)
+    assert bool(ThreatModel("l1", eps).contains(x, x_adv).all())
+    assert torch.equal(correct(model, x_adv, y), robust)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eps", [0.5, 1.0])
+def test_l1_standard_is_exact_and_never_weaker_than_a_member(eps: float) -> None:
+    """The full l1 ensemble (APGD-CE, APGD-T, FAB-T, Square) on the 4-class knapsack case."""
+    model, x, y, robust = k_class_l1_case(eps)
+    aa = AutoAttack(norm="l1", eps=eps)
+    result = aa.run_detailed(model, x, y)
+    assert bool(ThreatModel("l1", eps).contains(x, result.x_adv).all())
+    aa_robust = correct(model, result.x_adv, y)
+    assert torch.equal(aa_robust, robust)
+    for name, member in aa.components():
+        member_robust = correct(model, member(model, x, y), y)
+        assert int(aa_robust.sum()) <= int(member_robust.sum()), name
+        assert bool((~aa_robust | member_robust).all()), name  # per sample, too
