@@ -1,10 +1,15 @@
-"""The FGSM family (FGSM, I-FGSM, MI, DI, TI): closed forms on linear models, invariants, guard."""
+"""The FGSM family (FGSM, I-FGSM, MI, DI, TI): closed forms on linear models, invariants.
+
+The model guard, eps 0, seeds and bad inputs are checked for every attack in
+test_all_attacks.py; the linear cases come from _linear_cases.py.
+"""
 
 from __future__ import annotations
 
 import hypothesis.strategies as st
 import pytest
 import torch
+from _linear_cases import three_class_case, two_class_case
 from hypothesis import given, settings
 from torch import nn
 
@@ -23,37 +28,6 @@ from robustlab.attacks.iterative import (
 )
 from robustlab.attacks.threat import NORMS, ThreatModel
 from robustlab.errors import RobustlabError
-
-
-class Linear2(nn.Module):
-    """Two-class linear classifier with logits [0, w.x + b]: its robustness is known exactly."""
-
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.b = nn.Parameter(torch.tensor(b))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.flatten(1) @ self.w.flatten() + self.b
-        return torch.stack([torch.zeros_like(s), s], dim=1)
-
-
-def _linear_case(
-    norm: str, eps: float, n: int = 300
-) -> tuple[Linear2, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Points whose margins straddle eps * ||w||_* on both classes, with the box never binding."""
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(1, 6, 6, generator=g).sign() * (0.5 + torch.rand(1, 6, 6, generator=g))
-    dual = float(w.abs().sum() if norm == "linf" else w.norm())  # dual norm of w
-    c = 0.15 * (2 * torch.rand(n, 1, 1, 1, generator=g) - 1)
-    x = 0.5 + c * w.sign() + 0.02 * (2 * torch.rand(n, 1, 6, 6, generator=g) - 1)
-    model = Linear2(w, eps * dual - 0.5 * float(w.sum()))
-    with torch.no_grad():
-        margin = model(x)[:, 1]
-    y = (margin > 0).long()
-    exact = margin.abs() > eps * dual  # robust iff the margin exceeds eps * ||w||_*
-    keep = (margin.abs() - eps * dual).abs() > 1e-3 * dual  # drop ties at the boundary
-    return model.eval(), x[keep], y[keep], exact[keep]
 
 
 def _mlp(shape: tuple[int, ...], classes: int = 4) -> nn.Module:
@@ -134,7 +108,7 @@ def test_every_example_lies_inside_its_threat_model(
 
 @pytest.mark.parametrize("eps", [0.02, 0.1, 0.3])
 def test_fgsm_attains_the_linf_optimum_of_a_linear_model_in_one_step(eps: float) -> None:
-    model, x, y, exact = _linear_case("linf", eps)
+    model, x, y, exact = two_class_case("linf", eps)
     # the optimum pushes every pixel eps against the true class: x -+ eps * sign(w); with the
     # margin loss FGSM lands on it exactly (CE's gradient underflows to 0 at margins > ~16)
     push = (1 - 2 * y).float().view(-1, 1, 1, 1) * model.w.detach().sign()
@@ -149,7 +123,7 @@ def test_fgsm_attains_the_linf_optimum_of_a_linear_model_in_one_step(eps: float)
 def test_iterative_attacks_find_the_exact_robust_accuracy_of_a_linear_model(
     norm: str, eps: float, preset: type[IFGSM] | type[MIFGSM]
 ) -> None:
-    model, x, y, exact = _linear_case(norm, eps)
+    model, x, y, exact = two_class_case(norm, eps)
     x_adv = preset(norm=norm, eps=eps, steps=10)(model, x, y)
     assert torch.equal(_robust(model, x_adv, y), exact)
     assert 0 < int(exact.sum()) < len(exact)
@@ -249,15 +223,8 @@ def test_randomness_comes_from_the_seed() -> None:
 
 
 def test_targeted_attacks_reach_their_targets_on_a_three_class_linear_model() -> None:
+    model, x, y = three_class_case(n=200)
     g = torch.Generator().manual_seed(5)
-    w = 2 * torch.randn(3, 36, generator=g)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).eval()
-    with torch.no_grad():
-        model[1].weight.copy_(w)
-        model[1].bias.copy_(-0.5 * w.sum(1))  # logits near 0 around x = 0.5
-    x = 0.5 + 0.1 * (2 * torch.rand(200, 1, 6, 6, generator=g) - 1)
-    with torch.no_grad():
-        y = model(x).argmax(1)
     targets = (y + torch.randint(1, 3, (200,), generator=g)) % 3
     for attack in [
         FGSM(eps=0.3),
@@ -290,49 +257,9 @@ def test_di_and_ti_need_image_batches() -> None:
         DIFGSM(eps=0.1)(model, x, y)
 
 
-class Flaky(nn.Module):
-    """A model whose forward raises on the n-th call: attacks must still restore it."""
-
-    def __init__(self, fail_at: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
-        )
-        self.calls, self.fail_at = 0, fail_at
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("boom")
-        return self.body(x)
-
-
-@pytest.mark.parametrize("fail_at", [0, 3])
-def test_attacks_leave_the_callers_model_as_it_was(fail_at: int) -> None:
-    model = Flaky(fail_at)
-    model.train()
-    model.body[1].weight.requires_grad_(False)  # a caller's own choice must survive
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
-    attack = IterativeAttack("linf", 0.1, 5, decay=1.0, diversity_prob=0.5, ti_kernel=3)
-    with pytest.warns(UserWarning, match="train mode"):
-        if fail_at:
-            with pytest.raises(RuntimeError, match="boom"):
-                attack(model, x, y)
-        else:
-            attack(model, x, y)
-    assert model.training and all(m.training for m in model.modules())
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
-    assert all(p.grad is None for p in model.parameters())
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: FGSM(eps=-0.1), "eps must be a finite number >= 0"),
-        (lambda: IFGSM(norm="l3"), "unknown norm 'l3'"),
         (lambda: IFGSM(steps=0), "steps >= 1"),
         (lambda: BIM(alpha=0.0), "alpha must be > 0"),
         (lambda: MIFGSM(decay=-1.0), "decay must be >= 0"),

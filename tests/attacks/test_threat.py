@@ -9,9 +9,9 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
+from _linear_cases import Linear2, tiny_mlp
 from hypothesis import given, settings
 from scipy.optimize import minimize
-from torch import nn
 
 from robustlab.attacks import PGD, ThreatModel
 from robustlab.attacks.threat import L1_TOP_FRACTION
@@ -245,28 +245,12 @@ def test_l1_steepest_step_is_sparse_and_unit_norm(shape: tuple[int, ...]) -> Non
 def test_pgd_l1_examples_lie_inside_the_threat_model(
     eps: float, batch: int, channels: int, size: int, seed: int
 ) -> None:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(channels * size * size, 16), nn.ReLU(), nn.Linear(16, 4)
-    ).eval()
+    model = tiny_mlp(channels * size * size, 4, seed)
     x = torch.rand(batch, channels, size, size)
     y = torch.randint(0, 4, (batch,))
     x_adv = PGD(norm="l1", eps=eps, steps=5, restarts=2, seed=seed)(model, x, y)
     assert x_adv.shape == x.shape
     assert bool(ThreatModel("l1", eps).contains(x, x_adv).all())
-
-
-class Linear2(nn.Module):
-    """Two-class linear classifier with logits [0, w.x + b]: its robustness is known exactly."""
-
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.b = nn.Parameter(torch.tensor(b))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.flatten(1) @ self.w.flatten() + self.b
-        return torch.stack([torch.zeros_like(s), s], dim=1)
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.15, 0.3])
