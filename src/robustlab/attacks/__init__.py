@@ -4,6 +4,7 @@ from .apgd import APGD, APGDT
 from .autoattack import AutoAttack
 from .base import Attack, check_batch, success
 from .cw import CWL2
+from .deepsloth import DeepSloth, ExitPGD
 from .fab import FAB
 from .guard import frozen_eval
 from .iterative import BIM, DIFGSM, FGSM, IFGSM, MIFGSM, TIFGSM, IterativeAttack
@@ -19,23 +20,25 @@ __all__ = [
     "APGD",
     "APGDT",
     "ATTACKS",
+    "Attack",
+    "AutoAttack",
     "BIM",
     "CWL2",
     "DIFGSM",
+    "DeepSloth",
     "Ensemble",
+    "ExitPGD",
     "FAB",
     "FGSM",
     "IFGSM",
+    "IterativeAttack",
     "LOSSES",
     "MIFGSM",
     "NORMS",
     "PGD",
-    "TIFGSM",
-    "Attack",
-    "AutoAttack",
-    "IterativeAttack",
     "Square",
     "SurrogateAttack",
+    "TIFGSM",
     "ThreatModel",
     "check_batch",
     "cross_entropy",
