@@ -49,12 +49,26 @@ def _emit(records: list[dict[str, Any]], rec: dict[str, Any]) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def backbone(out: Path, arch: str, seed: int, splits: DataSplits) -> torch.nn.Module:
-    """The standard-recipe backbone, trained once and kept under ``out``."""
+def backbone(
+    out: Path, arch: str, seed: int, splits: DataSplits, epochs: int | None = None
+) -> torch.nn.Module:
+    """The standard-recipe backbone, trained once on train minus calibration, kept under ``out``.
+
+    A cached checkpoint whose training saw the calibration samples (another calibration size)
+    is refused: thresholds calibrated on data the backbone was trained on are biased.
+    """
     folder = out / f"{arch}-standard-seed{seed}"
     if (folder / MANIFEST).exists():
-        return load_checkpoint(folder).model
-    cfg = TrainConfig(arch=arch, data="mnist5k", seed=seed)
+        ckpt = load_checkpoint(folder)
+        held = ckpt.manifest.get("dataset", {}).get("calibration_size")
+        want = 0 if splits.calibration is None else len(splits.calibration)
+        if held != want:
+            raise SystemExit(
+                f"{folder} was trained with calibration_size={held}, not {want}: its training "
+                "saw the calibration split; use another --out"
+            )
+        return ckpt.model
+    cfg = TrainConfig(arch=arch, data="mnist5k", seed=seed, epochs=epochs)
     return train(cfg, folder, splits=splits, progress=False).model
 
 
@@ -66,6 +80,7 @@ def multi_exit(
     splits: DataSplits,
     sdn: SDNConfig,
     tag: str = "",
+    epochs: int | None = None,
 ) -> MultiExitNetwork:
     """Backbone + exits trained IC-only (or as ``sdn`` says) + calibrated thresholds, cached."""
     folder = out / f"{arch}-exits-seed{seed}{tag}"
@@ -74,7 +89,7 @@ def multi_exit(
         assert isinstance(model, MultiExitNetwork)
         return model
     torch.manual_seed(seed)
-    net = backbone(out, arch, seed, splits)
+    net = backbone(out, arch, seed, splits, epochs)
     shape = (splits.in_channels, splits.image_size, splits.image_size)
     model = attach_exits(net, shape, splits.num_classes, positions)
     record = train_exits(model, splits.train, sdn, progress=False)
@@ -102,12 +117,16 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--ic-epochs", type=int, default=15)
+    p.add_argument(
+        "--backbone-epochs", type=int, default=None, help="default: the standard recipe's"
+    )
+    p.add_argument("--latency-samples", type=int, default=500, help="clean part; attacked: 200")
     p.add_argument("--extras", action="store_true")
     p.add_argument("--json")
     args = p.parse_args()
     out = Path(args.out)
     splits = load_data("mnist5k", calibration=500)
-    probe = backbone(out, args.arch, 0, splits)
+    probe = backbone(out, args.arch, 0, splits, args.backbone_epochs)
     n_units = len(
         attach_exits(probe, (1, 28, 28), 10, [0]).plan.units
     )  # stem + blocks; exits go after 0..n-2
@@ -119,12 +138,14 @@ def main() -> None:
     else:
         positions = [int(v) for v in args.exits.split(",")]
     sdn = SDNConfig(epochs=args.ic_epochs)
-    model = multi_exit(out, args.arch, 0, positions, splits, sdn)
+    model = multi_exit(out, args.arch, 0, positions, splits, sdn, epochs=args.backbone_epochs)
     x, y = splits.test.x[: args.n], splits.test.y[: args.n]
     records: list[dict[str, Any]] = []
     calib = calibrate(model, splits.calibration, (0.05, 0.15))
     for key, q in calib.thresholds.items():
-        rec = measure_efficiency(model, splits.test.x, splits.test.y, q, latency_samples=500)
+        rec = measure_efficiency(
+            model, splits.test.x, splits.test.y, q, latency_samples=args.latency_samples
+        )
         _emit(
             records,
             {
@@ -196,13 +217,24 @@ def main() -> None:
                 pgd = ExitPGD(norm=norm, eps=eps, steps=args.steps, target=target)
                 x_adv, secs = batched(pgd, model)
                 attacked(pgd.variant, x_adv, norm, eps, secs)
-            surrogate = multi_exit(out, args.arch, 1, positions, splits, sdn)
+            surrogate = multi_exit(
+                out, args.arch, 1, positions, splits, sdn, epochs=args.backbone_epochs
+            )
             x_adv, secs = batched(DeepSloth(norm=norm, eps=eps, steps=args.steps), surrogate)
             attacked("black-box (surrogate seed 1)", x_adv, norm, eps, secs)
         for adversary in ("pgd", "deepsloth"):
             eps = budgets[0][1] if budgets else 0.1
             adv_cfg = SDNConfig(epochs=args.ic_epochs, adversary=adversary, adv_eps=eps)
-            defended = multi_exit(out, args.arch, 0, positions, splits, adv_cfg, f"-at-{adversary}")
+            defended = multi_exit(
+                out,
+                args.arch,
+                0,
+                positions,
+                splits,
+                adv_cfg,
+                f"-at-{adversary}",
+                epochs=args.backbone_epochs,
+            )
             rec_clean = measure_efficiency(defended, x, y, latency_samples=0)
             for norm, e in budgets[:3]:
                 x_adv, secs = batched(DeepSloth(norm=norm, eps=e, steps=args.steps), defended)
