@@ -272,6 +272,19 @@ def test_p_schedule_halves_at_the_published_iterations() -> None:
     assert p_selection(0.8, 5, 5_000) == pytest.approx(0.8)
     assert p_selection(0.8, 6, 5_000) == pytest.approx(0.4)
     assert p_selection(0.8, 101, 1_000) == pytest.approx(0.025)
+    # AutoAttack's setting (rescale off): the 10,000-query bounds as they are, so a 5,000-query
+    # run halves p at iteration 11, not 6, and never reaches the last halvings
+    assert p_selection(0.8, 6, 5_000, rescale=False) == pytest.approx(0.8)
+    assert p_selection(0.8, 11, 5_000, rescale=False) == pytest.approx(0.4)
+    assert p_selection(0.8, 4_999, 5_000, rescale=False) == pytest.approx(0.8 / 2**7)  # 10..4000
+
+
+def test_autoattack_runs_square_with_the_reference_schedule() -> None:
+    from robustlab.attacks import AutoAttack
+
+    squares = [m for _, m in AutoAttack(norm="linf", eps=0.3).components() if isinstance(m, Square)]
+    assert len(squares) == 1 and squares[0].rescale_schedule is False
+    assert Square().rescale_schedule is True  # standalone Square: the authors' default
 
 
 def test_config_records_the_full_setup() -> None:
@@ -284,6 +297,7 @@ def test_config_records_the_full_setup() -> None:
         "restarts": 1,
         "seed": 0,
         "loss": "margin",
+        "rescale_schedule": True,
     }
 
 

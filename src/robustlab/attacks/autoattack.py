@@ -112,7 +112,9 @@ class AutoAttack(Attack):
             elif name == "fab-t":
                 made.append((name, FAB(norm=n, eps=e, targeted=True, n_target_classes=9, seed=s)))
             elif name == "square":
-                made.append((name, Square(norm=n, eps=e, queries=5000, seed=s)))
+                made.append(
+                    (name, Square(norm=n, eps=e, queries=5000, seed=s, rescale_schedule=False))
+                )
         return made
 
     def config(self) -> dict[str, Any]:

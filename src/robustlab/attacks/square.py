@@ -5,7 +5,8 @@ the proposal per sample only if it lowers that sample's loss (or already fools t
 The window side follows a piecewise-constant schedule for p, the fraction of pixels changed:
 p_init is halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of a
 10,000-query run; for another budget the iteration index is rescaled to ``it / queries *
-10000`` first (as in the reference code and AutoAttack). The side is round(sqrt(p * h * w)).
+10000`` first (the authors' default), unless ``rescale_schedule`` is off: AutoAttack runs
+its 5,000 queries on the 10,000-query bounds as they are, and so does ours. The side is round(sqrt(p * h * w)).
 
 * linf: start from vertical stripes of +-eps (one sign per column and channel); a proposal
   sets a window (side >= 1) of every channel to x +- eps, one random sign per channel.
@@ -58,9 +59,12 @@ P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _MAX_REDRAWS = 64  # linf: redraws of the signs of a proposal that would not change anything
 
 
-def p_selection(p_init: float, it: int, queries: int) -> float:
-    """The fraction of pixels changed at iteration ``it`` (0-based) of a ``queries`` budget."""
-    scaled = int(it / queries * 10000)
+def p_selection(p_init: float, it: int, queries: int, rescale: bool = True) -> float:
+    """The fraction of pixels changed at iteration ``it`` (0-based) of a ``queries`` budget.
+
+    ``rescale`` maps the iteration onto the 10,000-query schedule; without it (AutoAttack's
+    setting) the schedule's iteration bounds are used as they are."""
+    scaled = int(it / queries * 10000) if rescale else it
     return p_init / 2 ** sum(scaled > bound for bound in P_SCHEDULE)
 
 
@@ -79,6 +83,7 @@ class Square(Attack):
     restarts: int = 1
     seed: int = 0
     loss: str = "margin"
+    rescale_schedule: bool = True  # False in AutoAttack, as in the reference implementation
 
     name: ClassVar[str] = "square"
 
@@ -189,7 +194,7 @@ class Square(Attack):
             if len(act) == 0:
                 break
             xa, xb = x[act], x_best[act]
-            p = p_selection(self.p_init, it, self.queries)
+            p = p_selection(self.p_init, it, self.queries, self.rescale_schedule)
             if self.norm == "linf":
                 x_new = self._propose_linf(xa, xb, p, gen)
             else:
