@@ -45,8 +45,12 @@ def cache_root() -> Path:
 
 
 def config_key(cfg: TrainConfig) -> str:
-    """A short hash that names a training configuration in the cache."""
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash that names a training configuration in the cache.
+
+    The config is hashed with the recipe's defaults filled in, so a model trained under an
+    older recipe (say 15 epochs where the recipe now says 20) is never reused silently."""
+    blob = json.dumps(asdict(cfg.resolved()), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _say(msg: str) -> None:
