@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,31 @@ def test_sloth_reports_clean_and_attacked(
             assert key in rec[part], (part, key)
     assert rec["attacked"]["efficacy"] <= rec["clean"]["efficacy"] + 1e-9
     assert (tmp_path / "sloth_exit_histogram.png").exists()
+
+
+def test_sloth_store_renders_a_report_section(
+    multi_exit: tuple[Path, dict[str, object]], tmp_path: Path
+) -> None:
+    out, _ = multi_exit
+    store = tmp_path / "r.sqlite"
+    args = ["sloth", "--model", str(out), "--data", "digits", "--eps", "0.1", "--n", "30"]
+    args += ["--steps", "3", "--latency-samples", "5", "--baselines", "--no-progress"]
+    assert main([*args, "--store", str(store), "--label", "digits <probe>"]) == 0
+    assert main([*args, "--store", str(store), "--latency-samples", "0"]) == 0
+    page_path = tmp_path / "report.html"
+    assert main(["report", "--store", str(store), "--out", str(page_path)]) == 0
+    page = page_path.read_text()
+    assert "<h2>DeepSloth: digits &lt;probe&gt;</h2>" in page
+    assert "<h2>DeepSloth</h2>" in page
+    assert page.count('alt="exit histogram"') == 2 and page.count('alt="efficacy curves"') == 2
+    assert "data: digits" in page
+    # one table row per run: clean, our default, the three PGD baselines, the paper's attack
+    for label in ("clean", "deepsloth-cost-apgd", "deepsloth-uniform-pgd"):
+        assert page.count(f"<td class=l>{label}</td>") == 2, label
+    assert page.count("<td class=l>pgd-") == 6
+    # latency is shown only where it was measured
+    rows = re.findall(r"<tr><td class=l>clean</td>(.*?)</tr>", page)
+    assert "–" not in rows[0].split("</td>")[4] and "–" in rows[1].split("</td>")[4]
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,7 @@ def cmd_sloth(args: argparse.Namespace) -> int:
             "arch": m["arch"],
             "positions": m["multi_exit"]["positions"],
         },
+        "data": splits.name,
         "n": n,
         "seed": args.seed,
         "attack_seconds": round(seconds, 2),
@@ -190,6 +191,7 @@ def cmd_sloth(args: argparse.Namespace) -> int:
     for label, rec in extra.items():
         _say(_summary(label, rec, clean))
         record[label] = {**rec.to_dict(), "efficacy_drop": _drop(clean.efficacy, rec.efficacy)}
+    record["extras"] = list(extra)
     if args.plots:
         from ..report.exit_plots import efficacy_curves, exit_histogram
 
@@ -205,6 +207,10 @@ def cmd_sloth(args: argparse.Namespace) -> int:
     )
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if args.store:
+        from ..store import ResultStore
+
+        ResultStore(args.store).add(record, label=args.label or "sloth")
     return 0
 
 
@@ -260,5 +266,7 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--json", metavar="PATH", help="write the result record as JSON here")
+    p.add_argument("--store", help="also append the record to this SQLite results store")
+    p.add_argument("--label", help="label of the record in the store (default: sloth)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_sloth)

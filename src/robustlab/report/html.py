@@ -11,6 +11,7 @@ from typing import Any
 
 from ..io import atomic_write_text
 from ..store import ResultStore
+from .exit_plots import sloth_section_html
 from .plots import robustness_curve
 from .transfer_plots import transfer_section_html
 
@@ -125,11 +126,12 @@ def render_report(
     trains = store.records(kind="train")
     timings = store.records(kind="timing")
     transfers = store.records(kind="transfer")
+    sloths = store.records(kind="sloth")
     out_path = Path(out)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if intro:
         parts.append(f"<p>{html.escape(intro)}</p>")
-    data_names = sorted({str(r.get("data")) for r in evals + transfers})
+    data_names = sorted({str(r.get("data")) for r in evals + transfers + sloths})
     if data_names:
         parts.append(f"<p class=muted>data: {html.escape(', '.join(data_names))}</p>")
     if trains:
@@ -148,6 +150,12 @@ def render_report(
         parts.append(_attack_note(evals))
     for record in transfers:
         parts.append(_transfer_section(record))
+    for record in sloths:
+        label = record.get("label")
+        named = label and label != "sloth"
+        parts.append(
+            sloth_section_html(record, title=f"DeepSloth: {label}" if named else "DeepSloth")
+        )
     parts.append(_timing_table(timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
