@@ -94,7 +94,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         arch_options=_parse_options(args.arch_option),
     )
-    result = train(cfg, out, device=args.device, progress=not args.no_progress)
+    splits = None
+    if args.calibration:
+        from .data import load_data
+
+        # the same seeded split `robustlab exits` holds out, so its thresholds are chosen on
+        # samples the backbone never trained on
+        splits = load_data(args.data, calibration=args.calibration, seed=args.data_seed)
+    result = train(cfg, out, splits=splits, device=args.device, progress=not args.no_progress)
     acc = result.manifest["metrics"]["clean_accuracy"]
     print(
         f"trained {cfg.arch} ({cfg.method}) in {result.manifest['train_time_s']:.0f} s: "
@@ -381,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a finished checkpoint in --out"
     )
+    p.add_argument(
+        "--calibration",
+        type=int,
+        default=0,
+        help="hold this many training samples out (the calibration split that robustlab exits "
+        "chooses thresholds on; default 0: train on all)",
+    )
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the calibration split")
     _common(p)
     p.set_defaults(func=cmd_train)
 

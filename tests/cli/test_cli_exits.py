@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,50 @@ def test_exits_after_every_block(backbone: Path, tmp_path: Path) -> None:
     assert main([*args, "--no-progress"]) == 0
     model = robustlab.load(tmp_path / "a")
     assert isinstance(model, MultiExitNetwork) and model.positions == [0, 1, 2]
+
+
+def test_backbone_trained_with_the_calibration_split_held_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bb = tmp_path / "bb"
+    args = ["train", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--out", str(bb)]
+    assert main([*args, "--calibration", "150", "--data-seed", "3", "--no-progress"]) == 0
+    dataset = json.loads((bb / "manifest.json").read_text())["dataset"]
+    assert dataset["calibration_size"] == 150 and dataset["seed"] == 3
+    capsys.readouterr()
+
+    def exits(out: str, *extra: str) -> dict[str, Any]:
+        cmd = ["exits", "--model", str(bb), "--data", "digits", "--out", str(tmp_path / out)]
+        cmd += ["--epochs", "1", "--latency-samples", "0", "--no-progress", *extra]
+        assert main(cmd) == 0
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        assert isinstance(manifest, dict)
+        return manifest
+
+    # by default, exits calibrate on exactly the split the backbone never trained on
+    same = exits("same")
+    assert same["calibration"]["samples"] == 150 and same["dataset"]["seed"] == 3
+    assert same["calibration"]["seen_by_backbone"] is False
+    assert same["dataset"]["train_size"] == dataset["train_size"]
+    assert "note:" not in capsys.readouterr().err
+    # another seed draws other samples, some of which the backbone trained on: flagged
+    other = exits("other", "--data-seed", "0")
+    assert other["calibration"]["seen_by_backbone"] is True
+    assert "another calibration split held out (150 samples, seed 3)" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_training_split(tmp_path: Path) -> None:
+    from robustlab.data import load_data
+    from robustlab.errors import RobustlabError
+    from robustlab.train import TrainConfig, train
+
+    cfg = TrainConfig(arch="mlp", data="digits", epochs=2)
+    held = load_data("digits", calibration=100, seed=1)
+    train(cfg, tmp_path, splits=held, progress=False, stop_after_epochs=1)
+    with pytest.raises(RobustlabError, match="another training split"):
+        train(cfg, tmp_path, splits=load_data("digits"), progress=False)
+    done = train(cfg, tmp_path, splits=held, progress=False)  # the same split resumes
+    assert done.manifest["dataset"]["calibration_size"] == 100
 
 
 def test_other_commands_accept_the_multi_exit_checkpoint(

@@ -51,12 +51,24 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _backbone_saw_calibration(manifest: dict[str, Any], data: str) -> bool:
-    """Whether the backbone trained on this data without holding the calibration split out."""
+def _held_out(manifest: dict[str, Any], data: str) -> tuple[int, int]:
+    """The calibration split (size, seed) the backbone held out of this data; size 0: none."""
+    dataset = manifest.get("dataset")
+    if not isinstance(dataset, dict) or dataset.get("name") != data:
+        return 0, 0
+    return int(dataset.get("calibration_size", 0) or 0), int(dataset.get("seed", 0) or 0)
+
+
+def _backbone_saw_calibration(manifest: dict[str, Any], data: str, size: int, seed: int) -> bool:
+    """Whether the backbone trained on this data's calibration split (size, seed) or part of it.
+
+    Only the very split the backbone held out is unseen: another size or seed draws other
+    samples, some of which the backbone trained on.
+    """
     dataset = manifest.get("dataset")
     if not isinstance(dataset, dict) or dataset.get("name") != data:
         return False
-    return int(dataset.get("calibration_size", 0) or 0) == 0
+    return _held_out(manifest, data) != (size, seed)
 
 
 def cmd_exits(args: argparse.Namespace) -> int:
@@ -107,12 +119,15 @@ def cmd_exits(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.model)
     if isinstance(ckpt.model, MultiExitNetwork) or "multi_exit" in ckpt.manifest["model"]:
         raise RobustlabError(f"{args.model} already has exits; give the backbone's checkpoint")
-    if args.calibration < 1:
+    held_size, held_seed = _held_out(ckpt.manifest, load_data(args.data).name)
+    size = args.calibration if args.calibration is not None else (held_size or 500)
+    data_seed = args.data_seed if args.data_seed is not None else held_seed
+    if size < 1:
         raise RobustlabError(
             "the calibration split is empty: pass --calibration N with N >= 1 held-out samples "
             "(thresholds are never chosen on the test set)"
         )
-    splits = load_data(args.data, calibration=args.calibration, seed=args.data_seed)
+    splits = load_data(args.data, calibration=size, seed=data_seed)
     config = ckpt.manifest["model"]
     shape = (splits.in_channels, splits.image_size, splits.image_size)
     if (int(config["in_channels"]), int(config["image_size"])) != shape[:2]:
@@ -137,12 +152,17 @@ def cmd_exits(args: argparse.Namespace) -> int:
     )
     record = train_exits(model, splits.train, cfg, device=device, progress=not args.no_progress)
     calib = calibrate(model, splits.calibration, drops, args.rule)
-    seen = _backbone_saw_calibration(ckpt.manifest, splits.name)
+    seen = _backbone_saw_calibration(ckpt.manifest, splits.name, size, data_seed)
     if seen:
+        how = (
+            "on the whole training split"
+            if held_size == 0
+            else f"with another calibration split held out ({held_size} samples, seed {held_seed})"
+        )
         _say(
-            "  note: the backbone was trained on the whole training split, these calibration "
-            "samples included, so the thresholds may be optimistic (its confidence there is "
-            "higher than on unseen inputs)"
+            f"  note: the backbone was trained {how}, so it saw (some of) these calibration "
+            "samples and the thresholds may be optimistic (its confidence there is higher than "
+            "on unseen inputs); train it with robustlab train --calibration N to avoid this"
         )
     model.threshold = check_threshold(calib.thresholds[f"{100 * args.drop:g}%"])
     test_acc = exit_accuracies(model, splits.test)
@@ -205,10 +225,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--calibration",
         type=int,
-        default=500,
-        help="samples held out of the training split to choose thresholds (default 500)",
+        help="samples held out of the training split to choose thresholds (default: the split "
+        "the backbone held out with robustlab train --calibration, else 500)",
     )
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the calibration split")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        help="seed of the calibration split (default: the backbone's, else 0)",
+    )
     p.add_argument(
         "--drops",
         default="0.05,0.15",

@@ -113,6 +113,13 @@ def _config_key(cfg: TrainConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
+def _split_key(splits: DataSplits | None) -> str:
+    """Which training split a run uses: the calibration hold-out's size and seed (none: 0)."""
+    if splits is None or splits.calibration is None:
+        return "calibration=0"
+    return f"calibration={len(splits.calibration)},seed={splits.seed}"
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -166,6 +173,11 @@ def train(
                 f"{out_dir} holds an unfinished run with a different configuration; "
                 "choose another --out or delete its resume.pt"
             )
+        if state.get("split", _split_key(None)) != _split_key(splits):
+            raise RobustlabError(
+                f"{out_dir} holds an unfinished run on another training split (calibration "
+                "hold-out size or seed differ); choose another --out or delete its resume.pt"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["gen"])
@@ -206,6 +218,7 @@ def train(
             resume_path,
             {
                 "config": _config_key(cfg),
+                "split": _split_key(splits),
                 "epoch": epoch + 1,
                 "elapsed": elapsed + time.perf_counter() - t0,
                 "model": model.state_dict(),
