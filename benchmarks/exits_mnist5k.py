@@ -122,6 +122,13 @@ def main() -> None:
     )
     p.add_argument("--latency-samples", type=int, default=500, help="clean part; attacked: 200")
     p.add_argument("--extras", action="store_true")
+    p.add_argument(
+        "--extras-budgets", type=int, default=3, help="extras run on this many leading budgets"
+    )
+    p.add_argument("--extras-only", action="store_true", help="skip the per-sample eps curve")
+    p.add_argument(
+        "--adv-ic-epochs", type=int, help="epochs of adversarial exit training (default: ic)"
+    )
     p.add_argument("--json")
     args = p.parse_args()
     out = Path(args.out)
@@ -195,7 +202,7 @@ def main() -> None:
         parts = [attack(target, x[i : i + 250], y[i : i + 250]) for i in range(0, len(x), 250)]
         return torch.cat(parts), time.perf_counter() - t0
 
-    for norm, eps in budgets:
+    for norm, eps in [] if args.extras_only else budgets:
         for attack in (
             DeepSloth(norm=norm, eps=eps, steps=args.steps, objective="uniform", optimizer="pgd"),
             DeepSloth(norm=norm, eps=eps, steps=args.steps),
@@ -204,7 +211,7 @@ def main() -> None:
             attacked(attack.variant, x_adv, norm, eps, secs)
     if args.extras:
         crafting = splits.train.x[:1000]
-        for norm, eps in budgets[:3]:
+        for norm, eps in budgets[: args.extras_budgets]:
             t0 = time.perf_counter()
             delta = universal_perturbation(model, crafting, norm=norm, eps=eps, epochs=10)
             attacked("universal", apply(x, delta), norm, eps, time.perf_counter() - t0)
@@ -224,7 +231,8 @@ def main() -> None:
             attacked("black-box (surrogate seed 1)", x_adv, norm, eps, secs)
         for adversary in ("pgd", "deepsloth"):
             eps = budgets[0][1] if budgets else 0.1
-            adv_cfg = SDNConfig(epochs=args.ic_epochs, adversary=adversary, adv_eps=eps)
+            adv_epochs = args.adv_ic_epochs or args.ic_epochs
+            adv_cfg = SDNConfig(epochs=adv_epochs, adversary=adversary, adv_eps=eps)
             defended = multi_exit(
                 out,
                 args.arch,
@@ -232,11 +240,11 @@ def main() -> None:
                 positions,
                 splits,
                 adv_cfg,
-                f"-at-{adversary}",
+                f"-at-{adversary}-eps{eps:g}-ep{adv_epochs}",
                 epochs=args.backbone_epochs,
             )
             rec_clean = measure_efficiency(defended, x, y, latency_samples=0)
-            for norm, e in budgets[:3]:
+            for norm, e in budgets[: args.extras_budgets]:
                 x_adv, secs = batched(DeepSloth(norm=norm, eps=e, steps=args.steps), defended)
                 rec = measure_efficiency(defended, x_adv, y, latency_samples=0)
                 _emit(
