@@ -127,6 +127,11 @@ def main() -> None:
     )
     p.add_argument("--extras-only", action="store_true", help="skip the per-sample eps curve")
     p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="every objective x optimizer of DeepSloth on the given budgets (no curve, no latency)",
+    )
+    p.add_argument(
         "--adv-ic-epochs", type=int, help="epochs of adversarial exit training (default: ic)"
     )
     p.add_argument("--json")
@@ -202,7 +207,34 @@ def main() -> None:
         parts = [attack(target, x[i : i + 250], y[i : i + 250]) for i in range(0, len(x), 250)]
         return torch.cat(parts), time.perf_counter() - t0
 
-    for norm, eps in [] if args.extras_only else budgets:
+    if args.ablation:
+        for norm, eps in budgets:
+            for objective in ("uniform", "threshold", "cost"):
+                for optimizer in ("pgd", "apgd"):
+                    attack = DeepSloth(
+                        norm=norm,
+                        eps=eps,
+                        steps=args.steps,
+                        objective=objective,
+                        optimizer=optimizer,
+                    )
+                    x_adv, secs = batched(attack, model)
+                    rec = measure_efficiency(model, x_adv, y, latency_samples=0)
+                    _emit(
+                        records,
+                        {
+                            "part": "ablation",
+                            "variant": attack.variant,
+                            "norm": norm,
+                            "eps": eps,
+                            "efficacy_clean": clean.efficacy,
+                            "efficacy": rec.efficacy,
+                            "efficacy_drop": 1 - rec.efficacy / clean.efficacy,
+                            "accuracy_final": rec.accuracy_final,
+                            "attack_seconds": round(secs, 1),
+                        },
+                    )
+    for norm, eps in [] if args.extras_only or args.ablation else budgets:
         for attack in (
             DeepSloth(norm=norm, eps=eps, steps=args.steps, objective="uniform", optimizer="pgd"),
             DeepSloth(norm=norm, eps=eps, steps=args.steps),
