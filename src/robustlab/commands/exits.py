@@ -51,24 +51,13 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _held_out(manifest: dict[str, Any], data: str) -> tuple[int, int]:
-    """The calibration split (size, seed) the backbone held out of this data; size 0: none."""
+def _held_out(manifest: dict[str, Any], data: str) -> tuple[int, int] | None:
+    """The calibration split (size, seed) the backbone held out of this data (size 0: none);
+    None when the backbone was trained on other data."""
     dataset = manifest.get("dataset")
     if not isinstance(dataset, dict) or dataset.get("name") != data:
-        return 0, 0
+        return None
     return int(dataset.get("calibration_size", 0) or 0), int(dataset.get("seed", 0) or 0)
-
-
-def _backbone_saw_calibration(manifest: dict[str, Any], data: str, size: int, seed: int) -> bool:
-    """Whether the backbone trained on this data's calibration split (size, seed) or part of it.
-
-    Only the very split the backbone held out is unseen: another size or seed draws other
-    samples, some of which the backbone trained on.
-    """
-    dataset = manifest.get("dataset")
-    if not isinstance(dataset, dict) or dataset.get("name") != data:
-        return False
-    return _held_out(manifest, data) != (size, seed)
 
 
 def cmd_exits(args: argparse.Namespace) -> int:
@@ -119,7 +108,8 @@ def cmd_exits(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.model)
     if isinstance(ckpt.model, MultiExitNetwork) or "multi_exit" in ckpt.manifest["model"]:
         raise RobustlabError(f"{args.model} already has exits; give the backbone's checkpoint")
-    held_size, held_seed = _held_out(ckpt.manifest, load_data(args.data).name)
+    held = _held_out(ckpt.manifest, args.data.strip())  # the name load_data gives the data
+    held_size, held_seed = held or (0, 0)
     size = args.calibration if args.calibration is not None else (held_size or 500)
     data_seed = args.data_seed if args.data_seed is not None else held_seed
     if size < 1:
@@ -152,7 +142,9 @@ def cmd_exits(args: argparse.Namespace) -> int:
     )
     record = train_exits(model, splits.train, cfg, device=device, progress=not args.no_progress)
     calib = calibrate(model, splits.calibration, drops, args.rule)
-    seen = _backbone_saw_calibration(ckpt.manifest, splits.name, size, data_seed)
+    # only the very split the backbone held out is unseen: another size or seed draws other
+    # samples, some of which the backbone trained on
+    seen = held is not None and held != (size, data_seed)
     if seen:
         how = (
             "on the whole training split"

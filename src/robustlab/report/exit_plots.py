@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..analysis.efficiency import efficacy_curve  # noqa: E402
+from .plots import png_base64  # noqa: E402
 
 
 def _field(record: Any, name: str) -> Any:
@@ -89,13 +88,6 @@ def efficacy_curves(
     return _save(fig, path)
 
 
-def _embedded(draw: Any, records: Mapping[str, Any], **kw: Any) -> str:
-    """Draw a plot of ``records`` into a temporary PNG and return it base64-encoded."""
-    with tempfile.TemporaryDirectory() as tmp:
-        png = draw(records, Path(tmp) / "plot.png", **kw)
-        return base64.b64encode(png.read_bytes()).decode()
-
-
 def sloth_runs(record: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """The efficiency records of a stored ``robustlab sloth`` record, clean first, by label."""
     runs: dict[str, Mapping[str, Any]] = {
@@ -134,10 +126,10 @@ def sloth_section_html(record: Mapping[str, Any], *, title: str = "DeepSloth slo
         "early exits save. Latency is measured per input at batch size "
         f"{int(clean.get('latency_batch_size', 1))} (– where not measured).</p>",
         '<img alt="exit histogram" src="data:image/png;base64,'
-        + _embedded(exit_histogram, runs, title="Where inputs exit")
+        + png_base64(exit_histogram, runs, title="Where inputs exit")
         + '">',
         '<img alt="efficacy curves" src="data:image/png;base64,'
-        + _embedded(efficacy_curves, runs)
+        + png_base64(efficacy_curves, runs)
         + '">',
     ]
     head = (

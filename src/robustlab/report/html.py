@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 from ..io import atomic_write_text
 from ..store import ResultStore
 from .exit_plots import sloth_section_html
-from .plots import robustness_curve
+from .plots import png_base64, robustness_curve
 from .transfer_plots import transfer_section_html
 
 CSS = """
@@ -109,13 +107,10 @@ def _timing_table(timings: list[dict[str, Any]]) -> str:
     return f"<h2>Time per step</h2><table><tr><th class=l>step</th><th>time</th></tr>{rows}</table>"
 
 
-def _transfer_section(record: dict[str, Any]) -> str:
-    """One stored transfer matrix as a report section, titled with its store label."""
+def _title(record: dict[str, Any], heading: str, default_label: str) -> str:
+    """A stored record's section heading, with its store label unless that is the default."""
     label = record.get("label")
-    named = label and label != "transfer"
-    return transfer_section_html(
-        record, title=f"Transfer matrix: {label}" if named else "Transfer matrix"
-    )
+    return f"{heading}: {label}" if label and label != default_label else heading
 
 
 def render_report(
@@ -137,25 +132,19 @@ def render_report(
     if trains:
         parts.append("<h2>Models</h2>" + _models_table(trains))
     if evals:
-        with tempfile.TemporaryDirectory() as tmp:
-            png = robustness_curve(
-                _curves(evals),
-                Path(tmp) / "curve.png",
-                xlabel=f"{evals[-1]['threat_model']['norm']} eps",
-            )
-            b64 = base64.b64encode(png.read_bytes()).decode()
+        b64 = png_base64(
+            robustness_curve, _curves(evals), xlabel=f"{evals[-1]['threat_model']['norm']} eps"
+        )
         parts.append("<h2>Robustness curve</h2>")
         parts.append(f'<img alt="accuracy vs eps" src="data:image/png;base64,{b64}">')
         parts.append(_eval_table(evals))
         parts.append(_attack_note(evals))
     for record in transfers:
-        parts.append(_transfer_section(record))
-    for record in sloths:
-        label = record.get("label")
-        named = label and label != "sloth"
         parts.append(
-            sloth_section_html(record, title=f"DeepSloth: {label}" if named else "DeepSloth")
+            transfer_section_html(record, title=_title(record, "Transfer matrix", "transfer"))
         )
+    for record in sloths:
+        parts.append(sloth_section_html(record, title=_title(record, "DeepSloth", "sloth")))
     parts.append(_timing_table(timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"

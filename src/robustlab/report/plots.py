@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import base64
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def png_base64(draw: Callable[..., Path], data: Any, **kw: Any) -> str:
+    """Draw ``draw(data, path, **kw)`` into a temporary PNG and return it base64-encoded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        png = draw(data, Path(tmp) / "plot.png", **kw)
+        return base64.b64encode(png.read_bytes()).decode()
 
 
 def robustness_curve(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .plots import png_base64  # noqa: E402
 
 
 def _cells(result: Any) -> tuple[list[dict[str, Any]], list[str]]:
@@ -109,13 +109,6 @@ def gamma_sweep_plot(
     return _save(fig, path)
 
 
-def _png_base64(draw: Any, record: Any) -> str:
-    """Draw a plot of the record into a temporary PNG and return it base64-encoded."""
-    with tempfile.TemporaryDirectory() as tmp:
-        png = draw(record, Path(tmp) / "plot.png")
-        return base64.b64encode(png.read_bytes()).decode()
-
-
 def transfer_section_html(record: Mapping[str, Any], *, title: str = "Transfer matrix") -> str:
     """An HTML fragment for a stored transfer record: heading, heatmap, gamma sweep, table."""
     cells, targets = _cells(record)
@@ -131,14 +124,14 @@ def transfer_section_html(record: Mapping[str, Any], *, title: str = "Transfer m
         f"{record.get('generations')} attack generations, {record.get('target_forwards')} "
         "target passes.</p>",
         '<img alt="transfer heatmap" src="data:image/png;base64,'
-        + _png_base64(transfer_heatmap, record)
+        + png_base64(transfer_heatmap, record)
         + '">',
     ]
     gammas = {c.get("gamma") for c in cells if c.get("gamma") is not None}
     if len(gammas) > 1 and any(not c.get("white_box") for c in cells if c.get("gamma")):
         parts.append(
             '<img alt="success vs gamma" src="data:image/png;base64,'
-            + _png_base64(gamma_sweep_plot, record)
+            + png_base64(gamma_sweep_plot, record)
             + '">'
         )
     rows: dict[str, dict[str, Mapping[str, Any]]] = {}
