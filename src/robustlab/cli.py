@@ -144,9 +144,9 @@ def _attack_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, object]]:
     """Load the checkpoint and the data, check they fit, pick the device."""
+    from .core.device import resolve_device
     from .data import load_data
     from .models.checkpoint import load_checkpoint
-    from .utils import resolve_device
 
     ckpt = load_checkpoint(args.model)
     device = resolve_device(args.device)

@@ -13,13 +13,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .attacks import PGD
+from .core.device import resolve_device
 from .data import load_data
 from .evaluate import evaluate_curve
 from .models.checkpoint import MANIFEST, load_checkpoint
 from .report import render_report
 from .store import ResultStore
 from .train import TrainConfig, train
-from .utils import resolve_device
 
 EPS_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 DEMO_MODELS: dict[str, TrainConfig] = {

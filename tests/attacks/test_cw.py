@@ -13,9 +13,9 @@ from _linear_cases import three_class_case, tiny_mlp, two_class_case
 from hypothesis import given, settings
 from torch import nn
 
-from robustlab.attacks.base import success
 from robustlab.attacks.cw import CWL2
-from robustlab.attacks.threat import ThreatModel
+from robustlab.core.criteria import success
+from robustlab.core.threat import ThreatModel
 from robustlab.errors import RobustlabError
 
 

@@ -16,7 +16,7 @@ from robustlab.attacks.deepsloth import (
     project_ball,
     universal_perturbation,
 )
-from robustlab.attacks.threat import ThreatModel
+from robustlab.core.threat import ThreatModel
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model

@@ -26,7 +26,7 @@ from robustlab.attacks.iterative import (
     input_diversity,
     smooth_gradient,
 )
-from robustlab.attacks.threat import NORMS, ThreatModel
+from robustlab.core.threat import NORMS, ThreatModel
 from robustlab.errors import RobustlabError
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from scipy.optimize import minimize
 
 from robustlab.attacks import PGD, ThreatModel
-from robustlab.attacks.threat import L1_TOP_FRACTION
+from robustlab.core.threat import L1_TOP_FRACTION
 
 # --- independent references (numpy float64) ------------------------------------------------
 

@@ -35,8 +35,8 @@ from tqdm import tqdm
 from ..attacks.base import Attack
 from ..attacks.iterative import IterativeAttack
 from ..attacks.surrogate import on_surrogate
-from ..attacks.threat import ThreatModel
 from ..attacks.transforms import check_gamma, find_residual_sites, linbp, skip_gradient
+from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
 from ..models.blocks import DenseLayer
@@ -475,8 +475,8 @@ def input_gradients(
     batch_size: int = 250,
 ) -> torch.Tensor:
     """Per-sample input gradients of the cross-entropy, in eval mode; under SGM with ``gamma``."""
-    from ..attacks.guard import frozen_eval
     from ..attacks.losses import cross_entropy
+    from ..core.guard import frozen_eval
 
     grads = []
     with frozen_eval(model, warn_train_mode=False), ExitStack() as stack:
@@ -551,8 +551,8 @@ def skip_branch_split(
     mean ``cosine`` between the two parts and ``branch_over_skip`` = ||g_branch|| /
     ||g_skip||. Only robustlab's own residual blocks (zoo models) are measured.
     """
-    from ..attacks.guard import frozen_eval
     from ..attacks.losses import cross_entropy
+    from ..core.guard import frozen_eval
     from ..models.blocks import ResidualBlock
 
     blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]

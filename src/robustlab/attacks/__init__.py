@@ -1,19 +1,21 @@
 """Attacks: threat models, losses, the model guard, and the attacks themselves."""
 
+from ..core.checks import check_batch
+from ..core.criteria import success
+from ..core.guard import frozen_eval
+from ..core.threat import NORMS, ThreatModel
 from .apgd import APGD, APGDT
 from .autoattack import AutoAttack
-from .base import Attack, check_batch, success
+from .base import Attack
 from .cw import CWL2
 from .deepsloth import DeepSloth, ExitPGD
 from .fab import FAB
-from .guard import frozen_eval
 from .iterative import BIM, DIFGSM, FGSM, IFGSM, MIFGSM, TIFGSM, IterativeAttack
 from .losses import LOSSES, cross_entropy, cw_margin, dlr, get_loss
 from .pgd import PGD
 from .registry import ATTACKS, make_attack
 from .square import Square
 from .surrogate import Ensemble, SurrogateAttack
-from .threat import NORMS, ThreatModel
 from .transforms import declare_residual, linbp, skip_gradient
 
 __all__ = [

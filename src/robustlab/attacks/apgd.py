@@ -71,10 +71,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.criteria import success
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
-from .base import Attack, success
+from .base import Attack
 from .losses import Loss, dlr, get_loss
-from .threat import ThreatModel
 
 P1, DECAY, MIN_GAP = 22, 3, 6  # p_1 = 0.22, the 0.03 decrease and the 0.06 floor, in hundredths
 

@@ -25,13 +25,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.criteria import success
+from ..core.guard import frozen_eval
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .apgd import APGD, APGDT
-from .base import Attack, success
+from .base import Attack
 from .fab import FAB
-from .guard import frozen_eval
 from .square import Square
-from .threat import ThreatModel
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")

@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import RobustlabError
-from .guard import frozen_eval
-from .threat import ThreatModel
+from ..core.checks import check_batch
+from ..core.guard import frozen_eval
+from ..core.threat import ThreatModel
 
 
 class Attack(ABC):
@@ -58,28 +58,3 @@ class Attack(ABC):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The attack proper, on a model already in eval mode with frozen parameters."""
-
-
-def check_batch(x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> None:
-    """Refuse batches an attack cannot treat honestly, with one clear sentence."""
-    if x.dim() < 2 or len(x) != len(y):
-        raise RobustlabError(
-            f"inputs and labels disagree: {tuple(x.shape)} inputs for {tuple(y.shape)} labels"
-        )
-    if targets is not None and targets.shape != y.shape:
-        raise RobustlabError(f"targets need one label per input, got {tuple(targets.shape)}")
-    if targets is not None and bool((targets == y).any()):
-        raise RobustlabError("a target label equals the true label; targets must differ from y")
-    if not bool(torch.isfinite(x).all()):
-        raise RobustlabError("inputs contain NaN or Inf values")
-    if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
-        raise RobustlabError(
-            "inputs must lie in [0,1] (normalisation belongs inside the model); "
-            f"got [{float(x.min()):.3g}, {float(x.max()):.3g}]"
-        )
-
-
-def success(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """Per sample: misclassified (untargeted) or classified as its target (targeted)."""
-    pred = logits.argmax(1)
-    return pred != y if targets is None else pred == targets

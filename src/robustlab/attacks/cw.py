@@ -9,9 +9,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..core.criteria import success
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
-from .base import Attack, success
-from .threat import ThreatModel
+from .base import Attack
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:

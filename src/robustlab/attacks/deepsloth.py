@@ -41,12 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.checks import check_batch
+from ..core.guard import frozen_eval
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from ..models.multiexit import MultiExitNetwork, check_threshold, confidence, first_exit
 from .apgd import checkpoints
-from .base import Attack, check_batch
-from .guard import frozen_eval
-from .threat import ThreatModel
+from .base import Attack
 
 OBJECTIVES = ("uniform", "threshold", "cost")
 OPTIMIZERS = ("pgd", "apgd")

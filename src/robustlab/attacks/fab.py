@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
-from .threat import ThreatModel
 
 _FAB_NORMS = ("linf", "l2", "l1")
 

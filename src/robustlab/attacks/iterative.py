@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
 from .losses import Loss, get_loss
-from .threat import ThreatModel
 
 
 def input_diversity(

@@ -8,10 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.criteria import success
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
-from .base import Attack, success
+from .base import Attack
 from .losses import Loss, get_loss
-from .threat import ThreatModel
 
 
 @dataclass(frozen=True)

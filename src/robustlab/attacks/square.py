@@ -47,10 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.checks import check_batch
+from ..core.criteria import success
+from ..core.guard import frozen_eval
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
-from .base import Attack, check_batch, success
-from .guard import frozen_eval
-from .threat import ThreatModel
+from .base import Attack
 
 SQUARE_NORMS = ("linf", "l2", "l1")
 SQUARE_LOSSES = ("margin", "ce")

@@ -66,6 +66,7 @@ def cmd_exits(args: argparse.Namespace) -> int:
 
     from .. import __version__
     from ..analysis.efficiency import measure_efficiency
+    from ..core.device import resolve_device
     from ..data import load_data
     from ..models.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
     from ..models.multiexit import (
@@ -78,7 +79,6 @@ def cmd_exits(args: argparse.Namespace) -> int:
     )
     from ..report.exit_plots import efficacy_curves, exit_histogram
     from ..train.sdn import SDNConfig, exit_accuracies, train_exits
-    from ..utils import resolve_device
 
     out = Path(args.out)
     if (out / MANIFEST).exists() and not args.overwrite:

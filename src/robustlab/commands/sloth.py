@@ -73,10 +73,10 @@ def cmd_sloth(args: argparse.Namespace) -> int:
         class_universal_perturbations,
         universal_perturbation,
     )
+    from ..core.device import resolve_device
     from ..data import load_data
     from ..io import atomic_write_text
     from ..models.multiexit import check_threshold
-    from ..utils import resolve_device
 
     device = resolve_device(args.device)
     attack = DeepSloth(

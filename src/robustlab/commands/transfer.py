@@ -147,9 +147,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     """Build the transfer matrix the flags ask for, print it, write JSON / plots / store."""
     from ..analysis.transfer import gamma_sweep, parse_attack, transfer_matrix
     from ..attacks.surrogate import Ensemble
+    from ..core.device import resolve_device
     from ..data import load_data
     from ..demo import cache_root
-    from ..utils import resolve_device
 
     sources = _names(args.sources, "--sources")
     targets = _names(args.targets, "--targets")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..attacks.base import Attack
-from ..attacks.guard import frozen_eval
+from ..core.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
 from .checks import black_box_warning, masking_checks

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.threat import ThreatModel
+from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..attacks.threat import ThreatModel
+from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
 from ..models.multiexit import MultiExitNetwork

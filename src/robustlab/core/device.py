@@ -1,10 +1,10 @@
-"""Small shared helpers: device choice."""
+"""Devices: auto picks CUDA when present; other names are checked."""
 
 from __future__ import annotations
 
 import torch
 
-from .errors import RobustlabError
+from ..errors import RobustlabError
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -1,0 +1,10 @@
+"""The ground every other part stands on: threat models, the model guard, input checks,
+success criteria and devices. Depends on nothing else in robustlab but its error type."""
+
+from .checks import check_batch
+from .criteria import success
+from .device import resolve_device
+from .guard import frozen_eval
+from .threat import NORMS, ThreatModel
+
+__all__ = ["NORMS", "ThreatModel", "check_batch", "frozen_eval", "resolve_device", "success"]

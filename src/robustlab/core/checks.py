@@ -1,0 +1,26 @@
+"""Input checks shared by every attack and evaluation: one clear sentence per bad batch."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import RobustlabError
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> None:
+    """Refuse batches an attack cannot treat honestly, with one clear sentence."""
+    if x.dim() < 2 or len(x) != len(y):
+        raise RobustlabError(
+            f"inputs and labels disagree: {tuple(x.shape)} inputs for {tuple(y.shape)} labels"
+        )
+    if targets is not None and targets.shape != y.shape:
+        raise RobustlabError(f"targets need one label per input, got {tuple(targets.shape)}")
+    if targets is not None and bool((targets == y).any()):
+        raise RobustlabError("a target label equals the true label; targets must differ from y")
+    if not bool(torch.isfinite(x).all()):
+        raise RobustlabError("inputs contain NaN or Inf values")
+    if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise RobustlabError(
+            "inputs must lie in [0,1] (normalisation belongs inside the model); "
+            f"got [{float(x.min()):.3g}, {float(x.max()):.3g}]"
+        )
