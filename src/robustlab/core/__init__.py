@@ -4,7 +4,16 @@ success criteria and devices. Depends on nothing else in robustlab but its error
 from .checks import check_batch
 from .criteria import success
 from .device import resolve_device
-from .guard import frozen_eval
+from .guard import evaluating, frozen_eval, preserved
 from .threat import NORMS, ThreatModel
 
-__all__ = ["NORMS", "ThreatModel", "check_batch", "frozen_eval", "resolve_device", "success"]
+__all__ = [
+    "NORMS",
+    "ThreatModel",
+    "check_batch",
+    "evaluating",
+    "frozen_eval",
+    "preserved",
+    "resolve_device",
+    "success",
+]

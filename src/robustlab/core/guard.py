@@ -1,4 +1,5 @@
-"""Attacks never change the caller's model: evaluate in eval mode and restore everything after."""
+"""The model guard: whatever a function does to a model's modes and ``requires_grad`` flags is
+undone when it returns or raises. Every place that switches a model's mode goes through here."""
 
 from __future__ import annotations
 
@@ -10,22 +11,37 @@ from torch import nn
 
 
 @contextmanager
-def frozen_eval(model: nn.Module, warn_train_mode: bool = True) -> Iterator[nn.Module]:
-    """Put the model in eval mode without parameter gradients; restore both on exit."""
+def preserved(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every module's train/eval mode and every parameter's ``requires_grad`` on exit."""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    if warn_train_mode and model.training:
-        warnings.warn(
-            "model was in train mode; attacking it in eval mode (its mode is restored afterwards)",
-            stacklevel=3,
-        )
     try:
-        model.eval()
-        for p, _ in grads:
-            p.requires_grad_(False)
         yield model
     finally:
         for m, training in modes:
             m.training = training
         for p, requires_grad in grads:
             p.requires_grad_(requires_grad)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (parameters untouched); every module's mode restored on exit."""
+    with preserved(model):
+        model.eval()
+        yield model
+
+
+@contextmanager
+def frozen_eval(model: nn.Module, warn_train_mode: bool = True) -> Iterator[nn.Module]:
+    """Put the model in eval mode without parameter gradients; restore both on exit."""
+    if warn_train_mode and model.training:
+        warnings.warn(
+            "model was in train mode; attacking it in eval mode (its mode is restored afterwards)",
+            stacklevel=3,
+        )
+    with preserved(model):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield model
