@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
+from .structure import Plan, declare_features, declare_units
 
 
 def basic_block(c_in: int, c_out: int, stride: int) -> ResidualBlock:
@@ -61,3 +62,14 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.blocks(self.stem(x))))
+
+
+def resnet_units(net: ResNet) -> Plan:
+    """Units of a ResNet: the stem, then each residual block; the head pools and classifies."""
+    blocks = tuple((("call", f"blocks.{i}"),) for i in range(len(net.blocks)))
+    names = ("stem", *(f"blocks.{i}" for i in range(len(net.blocks))))
+    return Plan(((("call", "stem"),), *blocks), names, (("call", "pool"), ("call", "fc")))
+
+
+declare_units(ResNet, resnet_units)
+declare_features(ResNet, "fc")
