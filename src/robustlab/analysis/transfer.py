@@ -41,7 +41,7 @@ from ..core.guard import evaluating, frozen_eval
 from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
-from ..models.blocks import DenseLayer, ResidualBlock
+from ..models.blocks import DenseLayer, ResidualBlock, residual_blocks
 
 #: Base attacks (the gradient step) and the modifiers that can be joined to them with "+".
 BASES = ("pgd", "ifgsm", "bim", "fgsm")
@@ -544,7 +544,7 @@ def skip_branch_split(
     mean ``cosine`` between the two parts and ``branch_over_skip`` = ||g_branch|| /
     ||g_skip||. Only robustlab's own residual blocks (zoo models) are measured.
     """
-    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    blocks = residual_blocks(model)
     if not blocks:
         raise RobustlabError("skip_branch_split needs a model with robustlab residual blocks")
     skip_n: list[list[torch.Tensor]] = [[] for _ in blocks]

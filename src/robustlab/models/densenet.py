@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .blocks import DenseLayer
+from .registry import Architecture, register
 from .structure import Plan, Step, declare_features, declare_units
 
 
@@ -83,5 +84,6 @@ def densenet_units(net: DenseNet) -> Plan:
     return Plan(tuple(tuple(u) for u in units), tuple(names), (("call", "head"), ("call", "fc")))
 
 
+register(Architecture("densenet", DenseNet, {}, "small DenseNet-BC, 3 dense stages"))
 declare_units(DenseNet, densenet_units)
 declare_features(DenseNet, "fc")

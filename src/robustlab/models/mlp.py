@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import Architecture, register
 from .structure import Plan, declare_features, declare_units, sequential_units
 
 
@@ -35,5 +36,6 @@ def mlp_units(net: MLP) -> Plan:
     return Plan(tuple(tuple(u) for u in units), tuple(names), (("call", "fc"),))
 
 
+register(Architecture("mlp", MLP, {}, "fully connected network on flattened pixels"))
 declare_units(MLP, mlp_units)
 declare_features(MLP, "fc")

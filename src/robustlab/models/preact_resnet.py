@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
+from .registry import Architecture, register
 from .structure import Plan, declare_features, declare_units
 
 
@@ -63,5 +64,13 @@ def preact_resnet_units(net: PreActResNet) -> Plan:
     return Plan(((("call", "stem"),), *blocks), names, (("call", "head"), ("call", "fc")))
 
 
+register(
+    Architecture(
+        "preact_resnet", PreActResNet, {}, "pre-activation ResNet, depth 6n+2 (default 20)"
+    )
+)
+register(
+    Architecture("preact_resnet8", PreActResNet, {"depth": 8}, "pre-activation ResNet, 3 blocks")
+)
 declare_units(PreActResNet, preact_resnet_units)
 declare_features(PreActResNet, "fc")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
+from .registry import Architecture, register
 from .structure import Plan, declare_features, declare_units
 
 
@@ -71,5 +72,9 @@ def resnet_units(net: ResNet) -> Plan:
     return Plan(((("call", "stem"),), *blocks), names, (("call", "pool"), ("call", "fc")))
 
 
+register(Architecture("resnet8", ResNet, {"depth": 8}, "ResNet, 3 BasicBlocks (1 per stage)"))
+register(Architecture("resnet14", ResNet, {"depth": 14}, "ResNet, 6 BasicBlocks"))
+register(Architecture("resnet20", ResNet, {"depth": 20}, "ResNet, 9 BasicBlocks"))
+register(Architecture("resnet", ResNet, {}, "ResNet with BasicBlocks, depth 6n+2 (default 20)"))
 declare_units(ResNet, resnet_units)
 declare_features(ResNet, "fc")

@@ -59,6 +59,7 @@ class _Declarations(Generic[T]):
             ref = weakref.ref(target)
 
             def undo_instance() -> None:
+                """Forget the declaration of this instance (if it is still this one)."""
                 obj = ref()
                 if obj is not None and self.by_instance.get(obj) is value:
                     del self.by_instance[obj]
@@ -70,6 +71,7 @@ class _Declarations(Generic[T]):
         cls = target
 
         def undo_type() -> None:
+            """Forget the declaration of this class (if it is still this one)."""
             if self.by_type.get(cls) is value:
                 del self.by_type[cls]
 
@@ -109,6 +111,7 @@ class Plan:
         """The same plan with every submodule path placed under ``prefix``."""
 
         def move(steps: Sequence[Step]) -> tuple[Step, ...]:
+            """The steps with their paths under ``prefix``."""
             return tuple((op, _join(prefix, path)) for op, path in steps)
 
         return Plan(tuple(move(u) for u in self.units), self.names, move(self.head))
@@ -410,6 +413,7 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     seen: list[torch.Tensor] = []
 
     def keep(module: nn.Module, args: Any) -> None:
+        """Remember the head's input."""
         seen.append(args[0])
 
     handle = head.register_forward_pre_hook(keep)

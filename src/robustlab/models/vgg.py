@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import Architecture, register
 from .structure import Plan, declare_features, declare_units, sequential_units
 
 CONFIGS: dict[int, list[list[int]]] = {
@@ -52,5 +53,9 @@ def vgg_units(net: VGG) -> Plan:
     return Plan(tuple(tuple(u) for u in units), tuple(names), (("call", "pool"), ("call", "fc")))
 
 
+register(
+    Architecture("vgg", VGG, {}, "plain VGG-style CNN without skip connections (default depth 8)")
+)
+register(Architecture("vgg11", VGG, {"depth": 11}, "VGG-11-style CNN"))
 declare_units(VGG, vgg_units)
 declare_features(VGG, "fc")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
+from .registry import Architecture, register
 from .structure import Plan, declare_features, declare_units
 
 
@@ -101,5 +102,6 @@ def vit_units(net: ViT) -> Plan:
     return Plan(((("tokens", ""),), *layers), names, head)
 
 
+register(Architecture("vit", ViT, {}, "tiny ViT, residual attention and MLP sub-blocks"))
 declare_units(ViT, vit_units)
 declare_features(ViT, "fc")
