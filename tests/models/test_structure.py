@@ -103,6 +103,13 @@ def test_penultimate_features_are_what_the_final_linear_layer_reads(arch: str) -
         assert torch.equal(head(features), model(x))
 
 
+def test_a_multi_exit_network_keeps_its_backbone_head() -> None:
+    backbone = _zoo("resnet8")
+    model = attach_exits(backbone, SHAPE, 10, [0, 1])
+    assert classifier_head(model) is backbone.get_submodule("net.fc")  # not an exit head
+    assert feature_shape(model, SHAPE) == feature_shape(backbone, SHAPE)
+
+
 def test_weight_layers_are_every_conv_and_linear_layer() -> None:
     layers = dict(weight_layers(_zoo("resnet8")))
     # stem conv, two convs per block, 1x1 shortcuts where the shape changes, the linear head
