@@ -65,14 +65,13 @@ def cmd_exits(args: argparse.Namespace) -> int:
     import torch
 
     from .. import __version__
-    from ..analysis.efficiency import measure_efficiency
+    from ..analysis.efficiency import calibrate, measure_efficiency
     from ..core.device import resolve_device
     from ..data import load_data
     from ..models.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
     from ..models.multiexit import (
         MultiExitNetwork,
         attach_exits,
-        calibrate,
         check_rule,
         check_threshold,
         plan_for,
