@@ -434,3 +434,26 @@ def test_legacy_pt_weights_take_their_architecture_from_arch(
     args = ["attack", "--model", str(legacy), "--arch", "mlp", "--data", "digits", "--eps", "0.1"]
     assert main([*args, "--steps", "2", "--n", "10", "--save", str(adv), "--no-progress"]) == 0
     assert adv.exists()
+
+
+def test_a_bad_store_is_refused_before_the_evaluation(
+    digits_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_store = tmp_path / "notes.sqlite"
+    not_a_store.write_text("my notes, not a database\n" * 100)
+    out = tmp_path / "e.json"
+    args = ["eval", "--model", str(digits_ckpt), "--data", "digits", "--eps", "0.1"]
+    args += ["--n", "20", "--json", str(out), "--store", str(not_a_store), "--no-progress"]
+    assert main(args) == 2
+    assert "is not a robustlab results store" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "e.samples.csv").exists()
+
+
+def test_models_lists_the_architectures_that_fit_a_small_size(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["models", "--image-size", "3", "--json", str(tmp_path / "m.json")]) == 0
+    rows = {r["arch"]: r for r in json.loads((tmp_path / "m.json").read_text())}
+    assert rows["vit"]["parameters"] is None and "patch size" in rows["vit"]["error"]
+    assert rows["mlp"]["parameters"] > 0 and "error" not in rows["mlp"]
+    assert "not at this size" in capsys.readouterr().out

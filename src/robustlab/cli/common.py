@@ -166,6 +166,16 @@ def check_output_dir(path: str | None, flag: str) -> None:
     _check_creatable(p, p, flag)
 
 
+def check_store(path: str | None, flag: str = "--store") -> None:
+    """Refuse, before any work, a store path that cannot be written or an existing file that
+    is not a results store (a store that does not exist yet is created only at the end)."""
+    check_output_file(path, flag)
+    if path and Path(path).exists():
+        from ..store import ResultStore
+
+        ResultStore(path)
+
+
 def _check_creatable(folder: Path, target: Path, flag: str) -> None:
     """The folder that will hold an output must exist or be creatable, and be writable."""
     base = _existing_ancestor(folder)

@@ -13,6 +13,7 @@ from .common import (
     add_store,
     attack_options,
     check_output_file,
+    check_store,
     floats,
     load_model_and_data,
     write_json,
@@ -66,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         samples = Path(args.samples)
     elif args.json:
         samples = Path(args.json).with_suffix(".samples.csv")
-    for path, flag in ((args.json, "--json"), (samples, "--samples"), (args.store, "--store")):
+    for path, flag in ((args.json, "--json"), (samples, "--samples")):
         check_output_file(str(path) if path else None, flag)
+    check_store(args.store)
     model, splits, device, info = load_model_and_data(args)
     resume = None
     if args.json and not args.no_resume:

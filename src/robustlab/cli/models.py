@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import RobustlabError
 from .common import add_command, check_output_file, write_json
 
 DESCRIPTION = "list the registered architectures with their parameter counts"
@@ -35,13 +36,17 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")
     rows: list[dict[str, Any]] = []
     for name in sorted(ARCHITECTURES):
-        m = build_model(name, args.in_channels, args.num_classes, args.image_size)
-        rows.append(
-            {
-                "arch": name,
-                "parameters": count_parameters(m),
-                "description": ARCHITECTURES[name].description,
-            }
+        row: dict[str, Any] = {"arch": name, "description": ARCHITECTURES[name].description}
+        try:  # one architecture that cannot take this shape does not hide the others
+            model = build_model(name, args.in_channels, args.num_classes, args.image_size)
+            row["parameters"] = count_parameters(model)
+        except RobustlabError as exc:
+            row.update(parameters=None, error=str(exc))
+        rows.append(row)
+    if all(r["parameters"] is None for r in rows):
+        raise RobustlabError(
+            f"no architecture can be built for {args.in_channels}x{args.image_size}x"
+            f"{args.image_size} inputs and {args.num_classes} classes ({rows[0]['error']})"
         )
     width = max(len(r["arch"]) for r in rows)
     print(
@@ -49,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
         f"   (for {args.in_channels}x{args.image_size}x{args.image_size}, {args.num_classes} classes)"
     )
     for r in rows:
-        print(f"{r['arch']:<{width}}  {r['parameters']:>10,}  {r['description']}")
+        if r["parameters"] is None:
+            print(
+                f"{r['arch']:<{width}}  {'-':>10}  {r['description']} (not at this size: {r['error']})"
+            )
+        else:
+            print(f"{r['arch']:<{width}}  {r['parameters']:>10,}  {r['description']}")
     write_json(args.json, rows)
     return 0

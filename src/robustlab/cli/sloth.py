@@ -23,6 +23,7 @@ from .common import (
     check_fit,
     check_output_dir,
     check_output_file,
+    check_store,
     say,
     write_json,
 )
@@ -104,8 +105,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.batch_size < 1:
         raise RobustlabError(f"batch size must be >= 1, got {args.batch_size}")
+    if (args.universal or args.class_universal) and min(
+        args.universal_epochs, args.universal_samples
+    ) < 1:
+        raise RobustlabError("--universal-epochs and --universal-samples must be >= 1")
     check_output_file(args.json, "--json")
-    check_output_file(args.store, "--store")
+    check_store(args.store)
     check_output_dir(args.plots, "--plots")
     model, manifest = _load_multi_exit(args.model, device)
     # the surrogate is loaded now, not after the (long) white-box attack

@@ -23,6 +23,7 @@ from .common import (
     add_store,
     check_output_dir,
     check_output_file,
+    check_store,
     floats,
     names,
     say,
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         if "" in s.split("+"):
             raise RobustlabError(f"source '{s}' has an empty ensemble member")
     check_output_file(args.json, "--json")
-    check_output_file(args.store, "--store")
+    check_store(args.store)
     check_output_dir(args.plots, "--plots")
     device = resolve_device(args.device)
     splits = load_data(args.data)
