@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
 
     def measure(inputs: torch.Tensor) -> Any:
+        """The efficiency record of these inputs on the model."""
         return measure_efficiency(
             model, inputs, y, latency_samples=args.latency_samples, batch_size=args.batch_size
         )
