@@ -2,10 +2,10 @@
 
 The layers, bottom to top (ARCHITECTURE.md's layout):
 
-    errors.py, io.py  <-  core  <-  models  <-  attacks  <-  (train, evaluate)
-        <-  (analysis, monitor)  <-  report  <-  (cli.py, commands/, demo.py, the package root)
+    errors.py, io.py, version.py  <-  core  <-  models  <-  attacks  <-  (train, evaluate)
+        <-  (analysis, monitor)  <-  report  <-  (cli/, demo.py, the package root)
 
-- errors.py and io.py may be imported by every module;
+- errors.py, io.py and version.py may be imported by every module;
 - data/ depends only on core, errors and io, and may be imported by train, evaluate and above;
 - store.py may be imported by report and the top layer only;
 - two packages on the same step (train and evaluate; analysis and monitor) do not import
@@ -31,6 +31,7 @@ PACKAGE = "robustlab"
 GROUPS = {
     "errors": "base",
     "io": "base",
+    "version": "base",
     "core": "core",
     "data": "data",
     "models": "models",
@@ -42,7 +43,6 @@ GROUPS = {
     "store": "store",
     "report": "report",
     "cli": "top",
-    "commands": "top",
     "demo": "top",
     "__main__": "top",
 }

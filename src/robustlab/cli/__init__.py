@@ -14,8 +14,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .. import __version__
 from ..errors import RobustlabError
+from ..version import __version__
 from . import attack, demo, eval, exits, models, report, sloth, train, transfer
 from .common import HelpFormatter
 

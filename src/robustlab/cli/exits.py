@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     """Attach, train and calibrate exits on a backbone checkpoint; write the multi-exit one."""
     import torch
 
-    from .. import __version__
     from ..analysis.efficiency import calibrate, measure_efficiency
     from ..core.device import resolve_device
     from ..data import load_data
@@ -61,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..report.exit_plots import efficacy_curves, exit_histogram
     from ..train.sdn import SDNConfig, exit_accuracies, train_exits
+    from ..version import __version__
 
     out = Path(args.out)
     check_output_dir(args.out, "--out")
