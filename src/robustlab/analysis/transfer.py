@@ -157,8 +157,8 @@ def parse_attack(
     (input diversity, p = 0.5), ``ti`` (7x7 Gaussian gradient smoothing), ``sgm`` and
     ``linbp``. The protocol runs every iterative base with the same options, passed to the
     registry's attack explicitly and recorded (``options``): ``steps``, step size ``alpha``
-    (default 2.5 * eps / steps), no random start, the last iterate; so cells differ only by
-    the techniques named. ``fgsm`` keeps its own single step of eps.
+    (default 2.5 * eps / steps), no random start, the last iterate, ``seed``; so cells
+    differ only by the techniques named. ``fgsm`` keeps its own single step of eps.
     """
     ThreatModel(norm, eps)
     parts = [ALIASES.get(p.strip().lower(), p.strip().lower()) for p in name.split("+")]
@@ -198,6 +198,7 @@ def parse_attack(
         "alpha": engine.step_size,
         "random_start": False,
         "returns": "last",
+        "seed": seed,
     }
     return TransferAttack(
         label=name,

@@ -49,11 +49,6 @@ class Entry:
     kind: str = "classifier"
     aliases: tuple[str, ...] = ()
 
-    @property
-    def summary(self) -> str:
-        """The first line of the class's docstring, for listings."""
-        return (self.cls.__doc__ or "").strip().splitlines()[0] if self.cls.__doc__ else ""
-
 
 #: Every registered name -> its entry (aliases are not keys; see :data:`ALIASES`).
 REGISTRY: dict[str, Entry] = {}
@@ -114,8 +109,10 @@ def lookup(typed: str) -> Entry:
     """The entry behind a typed name or alias, with a clear error for unknown names."""
     entry = REGISTRY.get(ALIASES.get(typed, typed))
     if entry is None:
+        by_kind = {k: [n for n, e in REGISTRY.items() if e.kind == k] for k in KINDS[1:]}
+        others = "; ".join(f"{k}: {', '.join(names)}" for k, names in by_kind.items() if names)
         raise RobustlabError(
-            f"unknown attack '{typed}'; available: {', '.join(n for n in REGISTRY)}"
+            f"unknown attack '{typed}'; available: {', '.join(ATTACKS)} ({others})"
         )
     return entry
 
@@ -124,7 +121,10 @@ def attack_class(name: str) -> type[Attack]:
     """The class behind an attack name (or alias), with a clear error for unknown names."""
     cls = lookup(name).cls
     if not (isinstance(cls, type) and issubclass(cls, Attack)):
-        raise RobustlabError(f"'{name}' is not built by name; see robustlab transfer --help")
+        raise RobustlabError(
+            f"'{name}' is a {lookup(name).kind} attack, built from names such as 'sgm+mi' "
+            "(robustlab transfer --attacks), not by make_attack"
+        )
     return cls
 
 
@@ -143,7 +143,7 @@ def make_attack(name: str, norm: str, eps: float, **options: Any) -> Attack:
     if unknown:
         raise RobustlabError(
             f"attack '{name}' has no option {', '.join(unknown)}; "
-            f"its options are {', '.join(sorted(fields - {'norm', 'eps'} - set(entry.fixed)))}"
+            f"its options are {', '.join(sorted(fields - {'norm', 'eps'}))}"
         )
     kwargs = {**given, **entry.fixed}
     if "norm" in fields:
