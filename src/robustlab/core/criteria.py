@@ -65,7 +65,8 @@ def strongest(hit: torch.Tensor, loss: torch.Tensor) -> Standing:
 
 
 def unbroken(hit: torch.Tensor, dtype: torch.dtype = torch.float32) -> Standing:
-    """The standing of clean inputs before any attack: successful where ``hit``, else weakest."""
+    """Success alone: successful where ``hit``, else weakest (clean inputs before an attack,
+    or points an ensemble judges by success only)."""
     return strongest(hit, torch.full(hit.shape, float("-inf"), dtype=dtype, device=hit.device))
 
 
