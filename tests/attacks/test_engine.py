@@ -9,7 +9,7 @@ from torch import nn
 
 from robustlab.attacks import PGD
 from robustlab.attacks.iterative import IterativeAttack
-from robustlab.attacks.optim import MomentumStep, SteepestStep, ascend
+from robustlab.attacks.optim import MomentumStep, SteepestStep, ascend, iterates
 from robustlab.core.threat import ThreatModel
 from robustlab.errors import RobustlabError
 
@@ -39,7 +39,7 @@ def test_ascend_on_a_linear_objective_steps_along_the_sign_and_projects() -> Non
     assert torch.allclose(down, torch.tensor([[0.2, 0.8, 0.5, 0.2]]))
 
 
-def test_ascend_shows_every_iterate_to_the_observer_and_evaluates_the_last_once_more() -> None:
+def test_iterates_shows_every_iterate_and_evaluates_the_last_once_more() -> None:
     model, (x, y) = _convnet(), _batch()
     calls: list[int] = []
 
@@ -48,25 +48,16 @@ def test_ascend_shows_every_iterate_to_the_observer_and_evaluates_the_last_once_
         logits = model(z)
         return F.cross_entropy(logits, y, reduction="none"), logits
 
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     threat = ThreatModel("l2", 0.5)
-    last = ascend(
-        objective,
-        x,
-        x.clone(),
-        threat,
-        SteepestStep(0.2),
-        4,
-        observe=lambda z, v, aux: seen.append((z, v, aux)),
-    )
+    seen = list(iterates(objective, x, x.clone(), threat, SteepestStep(0.2), 4))
     assert len(seen) == 4 + 1 and len(calls) == 4 + 1
-    assert torch.equal(seen[0][0], x) and torch.equal(seen[-1][0], last)
+    assert torch.equal(seen[0][0], x)
     for z, values, aux in seen:
         assert not z.requires_grad and values.shape == (len(x),)
         assert aux is not None and torch.equal(aux.argmax(1), model(z).argmax(1))
     calls.clear()
-    plain = ascend(objective, x, x.clone(), threat, SteepestStep(0.2), 4)
-    assert len(calls) == 4 and torch.equal(plain, last)  # no observer: no extra pass
+    last = ascend(objective, x, x.clone(), threat, SteepestStep(0.2), 4)
+    assert len(calls) == 4 and torch.equal(last, seen[-1][0])  # no extra pass for the last
 
 
 def test_momentum_step_follows_its_definition() -> None:

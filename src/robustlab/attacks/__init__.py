@@ -12,7 +12,7 @@ from .deepsloth import DeepSloth, ExitPGD
 from .fab import FAB
 from .iterative import BIM, DIFGSM, FGSM, IFGSM, MIFGSM, TIFGSM, IterativeAttack
 from .losses import LOSSES, cross_entropy, cw_margin, dlr, get_loss
-from .optim import MomentumStep, SteepestStep, ascend
+from .optim import MomentumStep, SteepestStep, ascend, iterates
 from .pgd import PGD
 from .registry import ATTACKS, REGISTRY, make_attack, register
 from .square import Square
@@ -53,6 +53,7 @@ __all__ = [
     "dlr",
     "frozen_eval",
     "get_loss",
+    "iterates",
     "linbp",
     "make_attack",
     "register",

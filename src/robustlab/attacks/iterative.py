@@ -21,7 +21,7 @@ threat model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.criteria import success
+from ..core.criteria import strongest, success, unbroken
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
 from .losses import Loss, get_loss
-from .optim import MomentumStep, Objective, Observer, SteepestStep, StepRule, ascend
+from .optim import Iterate, MomentumStep, Objective, SteepestStep, StepRule, ascend, iterates
 from .registry import register
+from .restarts import Best, Candidates, run_restarts
 from .surrogate import Ensemble
 
 #: What the engine returns: the last iterate, or per sample the best point over restarts.
@@ -236,28 +237,20 @@ class IterativeAttack(Attack):
         kernel = gaussian_kernel(self.ti_kernel, self.ti_sigma) if self.ti_kernel else None
         transform = None if kernel is None else partial(smooth_gradient, kernel=kernel)
 
-        def climb(
-            xs: torch.Tensor,
-            ys: torch.Tensor,
-            ts: torch.Tensor | None,
-            observe: Observer | None = None,
-        ) -> torch.Tensor:
-            """One run of the engine on some samples, from a (random) start."""
-            start = threat.random_start(xs, generator) if self.random_start else xs.clone()
+        def start(xs: torch.Tensor) -> torch.Tensor:
+            """Where a run starts: a random point of the threat model, or the inputs."""
+            return threat.random_start(xs, generator) if self.random_start else xs.clone()
+
+        def climb(xs: torch.Tensor, ys: torch.Tensor, ts: torch.Tensor | None) -> Iterator[Iterate]:
+            """One run of the engine on some samples, from its start: every iterate."""
             objective = self.objective(model, ys, ts, generator)
-            return ascend(
-                objective,
-                xs,
-                start,
-                threat,
-                self.step_rule,
-                self.steps,
-                transform=transform,
-                observe=observe,
-            )
+            rule, steps = self.step_rule, self.steps
+            return iterates(objective, xs, start(xs), threat, rule, steps, transform=transform)
 
         if self.returns == "last":
-            return climb(x, y, targets)
+            objective = self.objective(model, y, targets, generator)
+            rule, steps = self.step_rule, self.steps
+            return ascend(objective, x, start(x), threat, rule, steps, transform=transform)
         return self._best(model, x, y, targets, climb)
 
     def _best(
@@ -266,55 +259,23 @@ class IterativeAttack(Attack):
         x: torch.Tensor,
         y: torch.Tensor,
         targets: torch.Tensor | None,
-        climb: Callable[..., torch.Tensor],
+        climb: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Iterator[Iterate]],
     ) -> torch.Tensor:
         """Per sample, the first successful iterate, else the highest-loss one, over restarts."""
-        best = x.clone()
         with torch.no_grad():
-            done_all = success(model(x), y, targets)
-        best_loss = torch.full((len(x),), -float("inf"), device=x.device)
-        for _ in range(self.restarts):
-            todo = (~done_all).nonzero().flatten()
-            if len(todo) == 0:
-                break
+            best = Best(x, unbroken(success(model(x), y, targets)))
+
+        def attempt(todo: torch.Tensor, restart: int) -> Candidates:
+            """One run on the samples ``todo``: every iterate, judged untransformed."""
             ys = y[todo]
             ts = None if targets is None else targets[todo]
-            done = torch.zeros(len(todo), dtype=torch.bool, device=x.device)
+            for x_adv, losses, logits in climb(x[todo], ys, ts):
+                if logits is None:  # DI moved the engine's own pass: judge the iterate itself
+                    with torch.no_grad():
+                        losses, logits = evaluate(model, x_adv, ys, ts, self.loss)
+                yield x_adv, strongest(success(logits, ys, ts), losses)
 
-            def observe(
-                x_adv: torch.Tensor,
-                losses: torch.Tensor,
-                logits: torch.Tensor | None,
-                ys: torch.Tensor = ys,
-                ts: torch.Tensor | None = ts,
-                todo: torch.Tensor = todo,
-                done: torch.Tensor = done,
-            ) -> None:
-                """Keep each sample's best iterate so far (judged untransformed)."""
-                if logits is None:  # DI moved the forward pass: judge the iterate itself
-                    losses, logits = evaluate(model, x_adv, ys, ts, self.loss)
-                _keep(best, best_loss, done, todo, x_adv, losses, success(logits, ys, ts))
-
-            climb(x[todo], ys, ts, observe)
-            done_all[todo] |= done
-        return best
-
-
-def _keep(
-    best: torch.Tensor,
-    best_loss: torch.Tensor,
-    done: torch.Tensor,
-    todo: torch.Tensor,
-    x_adv: torch.Tensor,
-    losses: torch.Tensor,
-    hit: torch.Tensor,
-) -> None:
-    """Per sample: keep the first successful point, else the highest-loss one."""
-    better = ~done & (hit | (losses > best_loss[todo]))
-    idx = todo[better]
-    best[idx] = x_adv[better]
-    best_loss[idx] = torch.where(hit[better], float("inf"), losses[better])
-    done |= hit
+        return run_restarts(best, self.restarts, attempt).x
 
 
 class Preset(Attack):

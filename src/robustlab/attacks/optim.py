@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,16 +14,17 @@ from ..core.threat import ThreatModel
 #
 # A step rule turns a gradient into the displacement of one step; it is a frozen config
 # whose running state (momentum) is passed in and handed back, so one rule serves any
-# number of runs and restarts. :func:`ascend` is the one loop of projected steps with
-# them: the FGSM / PGD family engine, adversarial training's inner maximisation, SDN's
-# exit training, DeepSloth's "pgd" optimiser and ExitPGD all step through it.
+# number of runs and restarts. :func:`ascend` (the last iterate) and :func:`iterates`
+# (every iterate, for best-keeping) are the one loop of projected steps with them: the
+# FGSM / PGD family engine, adversarial training's inner maximisation, SDN's exit
+# training, DeepSloth's "pgd" optimiser and ExitPGD all step through it.
 
 #: What an objective returns: per-sample values, or (values, aux) where ``aux`` is what an
 #: observer needs from the same forward pass (logits for a success check, exits, ...).
 Evaluated = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
 Objective = Callable[[torch.Tensor], Evaluated]
-#: Called with every iterate (detached), its values and its aux (None when not given).
-Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+#: An iterate (detached), its values and its aux (None when the objective gave none).
+Iterate = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 GradientTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -80,6 +81,32 @@ def _split(out: Evaluated) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out if isinstance(out, tuple) else (out, None)
 
 
+def _climb(
+    objective: Objective,
+    x: torch.Tensor,
+    start: torch.Tensor,
+    threat: ThreatModel,
+    step_rule: StepRule,
+    steps: int,
+    transform: GradientTransform | None,
+    minimize: bool,
+) -> Generator[Iterate, None, torch.Tensor]:
+    """The steps: yields each iterate before its step; returns the last iterate (unevaluated)."""
+    x_adv, state = start, None
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        values, aux = _split(objective(x_adv))
+        grad = torch.autograd.grad(values.sum(), x_adv)[0]
+        yield x_adv.detach(), values.detach(), None if aux is None else aux.detach()
+        with torch.no_grad():
+            if transform is not None:
+                grad = transform(grad)
+            displacement, state = step_rule(grad, threat, state)
+            moved = x_adv.detach() - displacement if minimize else x_adv.detach() + displacement
+            x_adv = threat.project(x, moved)
+    return x_adv.detach()
+
+
 def ascend(
     objective: Objective,
     x: torch.Tensor,
@@ -89,35 +116,45 @@ def ascend(
     steps: int,
     *,
     transform: GradientTransform | None = None,
-    observe: Observer | None = None,
     minimize: bool = False,
 ) -> torch.Tensor:
     """Projected steps from ``start`` in the threat model around ``x``; returns the last iterate.
 
-    Each of ``steps`` steps: ``values = objective(x_adv)``, ``g`` = the gradient of
-    ``values.sum()`` (per-sample values; a 0-d total works the same), ``g = transform(g)``
-    if given, then ``x_adv = threat.project(x, x_adv + d)`` with ``d`` the step rule's
-    displacement (``x_adv - d`` when ``minimize``: descent on the objective). With
-    ``observe``, every iterate is shown to it before its step, and the last one (evaluated
-    once more, without gradient) after the last step: steps + 1 calls. Without it there
-    is no extra forward pass. The model's mode and parameters are the caller's business.
+    Each of ``steps`` steps: ``values = objective(x_adv)`` (per-sample values, or
+    ``(values, aux)``; a 0-d total works the same), ``g`` = the gradient of
+    ``values.sum()``, ``g = transform(g)`` if given, then
+    ``x_adv = threat.project(x, x_adv + d)`` with ``d`` the step rule's displacement
+    (``x_adv - d`` when ``minimize``: descent on the objective). The last iterate is not
+    evaluated: ``steps`` forward and backward passes in all. The model's mode and
+    parameters are the caller's business.
     """
-    x_adv, state = start, None
-    for _ in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)
-        values, aux = _split(objective(x_adv))
-        grad = torch.autograd.grad(values.sum(), x_adv)[0]
-        with torch.no_grad():
-            if observe is not None:
-                observe(x_adv.detach(), values.detach(), None if aux is None else aux.detach())
-            if transform is not None:
-                grad = transform(grad)
-            displacement, state = step_rule(grad, threat, state)
-            moved = x_adv.detach() - displacement if minimize else x_adv.detach() + displacement
-            x_adv = threat.project(x, moved)
-    x_adv = x_adv.detach()
-    if observe is not None:
-        with torch.no_grad():
-            values, aux = _split(objective(x_adv))
-            observe(x_adv, values, aux)
-    return x_adv
+    climb = _climb(objective, x, start, threat, step_rule, steps, transform, minimize)
+    while True:
+        try:
+            next(climb)
+        except StopIteration as stop:
+            last: torch.Tensor = stop.value
+            return last
+
+
+def iterates(
+    objective: Objective,
+    x: torch.Tensor,
+    start: torch.Tensor,
+    threat: ThreatModel,
+    step_rule: StepRule,
+    steps: int,
+    *,
+    transform: GradientTransform | None = None,
+    minimize: bool = False,
+) -> Iterator[Iterate]:
+    """The steps of :func:`ascend`, yielding every iterate with its values and aux (detached).
+
+    ``steps + 1`` iterates: each before its step, then the last one, evaluated once more
+    without gradient. Best-keeping attacks look at them as they come (aux carries what
+    they judge by, such as logits or exits); nothing is kept here.
+    """
+    last = yield from _climb(objective, x, start, threat, step_rule, steps, transform, minimize)
+    with torch.no_grad():
+        values, aux = _split(objective(last))
+    yield last, values, aux
