@@ -52,7 +52,8 @@ def _gradient(objective: Objective, x: torch.Tensor) -> torch.Tensor:
     x = x.clone().requires_grad_(True)
     out = objective(x)
     values = out[0] if isinstance(out, tuple) else out
-    return torch.autograd.grad(values.sum(), x)[0]
+    grad: torch.Tensor = torch.autograd.grad(values.sum(), x)[0]
+    return grad
 
 
 def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def test_every_attack_class_of_the_package_is_registered() -> None:
 @pytest.mark.parametrize("name", [n for n, e in REGISTRY.items() if e.kind != "transfer"])
 def test_every_name_builds_and_records_the_name_typed(name: str) -> None:
     norm = "l2" if name == "cw" else "linf"
-    attack = make_attack(name, norm, 0.1, **FIXED_ONLY.get(name, {}))  # type: ignore[arg-type]
+    attack = make_attack(name, norm, 0.1, **FIXED_ONLY.get(name, {}))
     cfg = attack.config()
     assert cfg["name"] == name and "alias_of" not in cfg
     assert attack.record_name == name

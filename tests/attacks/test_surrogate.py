@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,10 +29,10 @@ def _x(n: int = 4) -> torch.Tensor:
     return torch.rand(n, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
 
-def _input_grad(fn: object, x: torch.Tensor) -> torch.Tensor:
+def _input_grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     x = x.clone().requires_grad_(True)
-    out = fn(x)  # type: ignore[operator]
-    return torch.autograd.grad(out.sum(), x)[0]
+    grad: torch.Tensor = torch.autograd.grad(fn(x).sum(), x)[0]
+    return grad
 
 
 def _unit(g: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ from ..core.threat import ThreatModel
 # FGSM / PGD family engine, adversarial training's inner maximisation, SDN's exit
 # training, DeepSloth's "pgd" optimiser and ExitPGD all step through it.
 
-#: What an objective returns: per-sample values, or (values, aux) where ``aux`` is what an
-#: observer needs from the same forward pass (logits for a success check, exits, ...).
+#: What an objective returns: per-sample values, or (values, aux) where ``aux`` is what a
+#: best-keeping caller needs from the same forward pass (logits for a success check, exits).
 Evaluated = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
 Objective = Callable[[torch.Tensor], Evaluated]
 #: An iterate (detached), its values and its aux (None when the objective gave none).
