@@ -40,8 +40,9 @@ class PGD(Preset):
     @property
     def engine(self) -> IterativeAttack:
         """The engine with PGD's step size, random start and best-keeping restarts."""
-        # eps 0 (or steps 0, refused by the engine) leaves the default: eps / steps = 0
-        default = self.eps > 0 and self.steps >= 1
+        # a step that is 0 (eps 0, or a tiny eps that underflows; steps 0 is refused by the
+        # engine) leaves the engine's default, eps / steps, which is then 0 too
+        default = self.steps >= 1 and 2.5 * self.eps / self.steps > 0
         return IterativeAttack(
             self.norm,
             self.eps,
