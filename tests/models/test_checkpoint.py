@@ -164,7 +164,7 @@ def test_tampered_weights_without_hash_still_cannot_smuggle_garbage(saved: Path)
     edit_manifest(saved, lambda m: m["weights"].pop("sha256"))
     (saved / WEIGHTS).write_bytes((saved / WEIGHTS).read_bytes()[:100])
     with pytest.raises(RobustlabError, match="cannot read weights"):
-        load_checkpoint(saved)
+        load_checkpoint(saved, trust_unhashed=True)
 
 
 def test_missing_folder(tmp_path: Path) -> None:
@@ -244,7 +244,7 @@ def test_weights_of_another_architecture(saved: Path, other: str) -> None:
 
     edit_manifest(saved, swap)
     with pytest.raises(RobustlabError, match="do not fit the architecture: (Missing|Unexpected)"):
-        load_checkpoint(saved)
+        load_checkpoint(saved, trust_unhashed=True)
 
 
 def test_same_architecture_other_shape_does_not_fit(saved: Path) -> None:
@@ -342,7 +342,7 @@ def test_pickle_disguised_as_safetensors_is_not_unpickled(saved: Path) -> None:
     edit_manifest(saved, lambda m: m["weights"].pop("sha256"))
     write_pickle(ExecPayload(marker), saved / WEIGHTS)
     with pytest.raises(RobustlabError, match="cannot read weights"):
-        load_checkpoint(saved)
+        load_checkpoint(saved, trust_unhashed=True)
     assert not marker.exists()
 
 
