@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import RobustlabError
+from .validate import check_seed, check_several_classes
 
 ACCEPTED_SPECS = "mnist5k, digits, npz:PATH, folder:PATH or torchvision:NAME"
 TEST_FRACTION = 0.2
@@ -279,13 +280,13 @@ def load_data(spec: str, *, calibration: int = 0, seed: int = 0) -> DataSplits:
             f"dataset spec must be a non-empty string like 'mnist5k', got {spec!r}"
         )
     spec = spec.strip()
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise RobustlabError(f"seed must be a non-negative whole number, got {seed!r}")
+    check_seed(seed)
     if isinstance(calibration, bool) or not isinstance(calibration, int):
         raise RobustlabError(f"calibration must be a whole number of samples, got {calibration!r}")
     if calibration < 0:
         raise RobustlabError(f"calibration must be >= 0 samples, got {calibration}")
     source = _load_source(spec)
+    check_several_classes(source.train.num_classes, f"dataset {spec}", source.class_names)
     if source.test is None:
         train, test = split_test(source.train, seed, spec)
     else:
