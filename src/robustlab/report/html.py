@@ -7,10 +7,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..io import atomic_write_text
 from ..store import ResultStore
 from .exit_plots import sloth_section_html
-from .plots import png_base64, robustness_curve
+from .plots import embedded_png, robustness_curve
 from .transfer_plots import transfer_section_html
 
 CSS = """
@@ -21,6 +22,23 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px s
 th{background:#f1f3f8} td.l,th.l{text-align:left} .muted{color:#667;font-size:.9em}
 img{max-width:100%;border:1px solid #eee}
 """
+
+
+GENERATOR = b'<meta name=generator content="robustlab'  # the marker of a report we wrote
+LEGACY_HEAD = b"<!doctype html><html lang=en><head><meta charset=utf-8><title>"
+
+
+def is_robustlab_report(path: Path) -> bool:
+    """Whether a file is an HTML report robustlab wrote (its generator tag, or the exact head
+    and style sheet of the reports written before the tag)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    if GENERATOR in head:
+        return True
+    return head.startswith(LEGACY_HEAD) and f"</title><style>{CSS}</style>".encode() in head
 
 
 def _pct(v: Any) -> str:
@@ -132,11 +150,15 @@ def render_report(
     if trains:
         parts.append("<h2>Models</h2>" + _models_table(trains))
     if evals:
-        b64 = png_base64(
-            robustness_curve, _curves(evals), xlabel=f"{evals[-1]['threat_model']['norm']} eps"
-        )
         parts.append("<h2>Robustness curve</h2>")
-        parts.append(f'<img alt="accuracy vs eps" src="data:image/png;base64,{b64}">')
+        parts.append(
+            embedded_png(
+                "accuracy vs eps",
+                robustness_curve,
+                _curves(evals),
+                xlabel=f"{evals[-1]['threat_model']['norm']} eps",
+            )
+        )
         parts.append(_eval_table(evals))
         parts.append(_attack_note(evals))
     for record in transfers:
@@ -148,6 +170,7 @@ def render_report(
     parts.append(_timing_table(timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f'<meta name=generator content="robustlab {__version__}">'
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(parts)
         + "</body></html>\n"
