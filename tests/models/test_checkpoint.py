@@ -167,6 +167,41 @@ def test_tampered_weights_without_hash_still_cannot_smuggle_garbage(saved: Path)
         load_checkpoint(saved, trust_unhashed=True)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["weights"].__setitem__("sha256", ""),
+        lambda m: m["weights"].pop("sha256"),
+        lambda m: m.pop("weights"),
+    ],
+    ids=["empty hash", "no hash", "no weights section"],
+)
+def test_an_unhashed_checkpoint_loads_only_when_trusted_and_says_so(
+    saved: Path, change: Callable[[dict[str, Any]], None]
+) -> None:
+    edit_manifest(saved, change)
+    with pytest.raises(RobustlabError, match="cannot be checked; load it only if you trust it"):
+        load_checkpoint(saved)
+    loaded = load_checkpoint(saved, trust_unhashed=True)
+    assert loaded.manifest["weights"]["trusted_unhashed"] is True
+    assert loaded.manifest["weights"]["sha256"] == sha256(saved / WEIGHTS)
+
+
+def test_a_hashed_checkpoint_is_not_marked_as_trusted(saved: Path) -> None:
+    assert "trusted_unhashed" not in load_checkpoint(saved).manifest["weights"]
+
+
+def test_read_torch_file_never_repeats_torchs_unsafe_advice(tmp_path: Path) -> None:
+    path = tmp_path / "resume.pt"
+    torch.save({"epoch": 3, "note": Path("x")}, path)  # a global outside the allow-list
+    with pytest.raises(RobustlabError, match="refusing to load .*resume state") as info:
+        ckpt.read_torch_file(path, "a training resume state")
+    assert "weights_only" not in str(info.value)
+    path.write_bytes(b"")
+    with pytest.raises(RobustlabError, match="resume state: it is empty or cut short"):
+        ckpt.read_torch_file(path, "a training resume state")
+
+
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(RobustlabError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere")

@@ -68,7 +68,7 @@ def _read_npz(path: Path, where: str) -> dict[str, np.ndarray]:
         raise RobustlabError(f"{where} does not exist")
     if not path.is_file():
         raise RobustlabError(f"{where} is not a file")
-    check_regular(path, where, limits().data_bytes)
+    check_regular(path, "npz file", limits().data_bytes)
     try:
         if zipfile.is_zipfile(path):
             _check_npz_sizes(path, where)
@@ -171,7 +171,7 @@ def _scaled(img: Image.Image, path: Path, where: str) -> tuple[np.ndarray, bool]
     mode = img.mode
     if mode in GRAY_8BIT:
         return np.asarray(img.convert("L"), dtype=np.float32) / np.float32(255.0), True
-    if mode in GRAY_16BIT:
+    if mode in GRAY_16BIT or mode == "I" and img.format == "PNG":  # PNG has no 32-bit ints
         return np.asarray(img).astype(np.float32) / np.float32(65535.0), True
     if mode in COLOUR_8BIT:
         return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0), False

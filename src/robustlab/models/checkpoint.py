@@ -123,6 +123,24 @@ def checkpoint_outputs(directory: str | Path, option: str = "--out") -> list[Out
     ]
 
 
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files a checkpoint path stands for: [manifest, weights], or [file] for a legacy
+    .pt/.pth (the inputs ``io.check_outputs`` must never write over)."""
+    p = Path(path).expanduser()
+    if p.suffix in (".pt", ".pth", ".bin"):
+        return [p]
+    if p.is_dir():
+        return [p / MANIFEST, p / WEIGHTS]
+    if p.name.endswith(".json"):
+        return [p, p.parent / WEIGHTS]
+    if p.suffix == ".safetensors":
+        return [p.parent / MANIFEST, p]
+    raise RobustlabError(
+        f"{p} is not a checkpoint: give a checkpoint folder, its manifest.json, "
+        "its model.safetensors, or a legacy .pt/.pth file"
+    )
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     raw = read_regular_bytes(path, "checkpoint manifest")
     try:
@@ -222,19 +240,10 @@ def load_checkpoint(path: str | Path, *, trust_unhashed: bool = False, **legacy:
     p = Path(path)
     if not p.exists():
         raise RobustlabError(f"checkpoint {p} does not exist")
-    if p.suffix in (".pt", ".pth", ".bin"):
+    files = checkpoint_files(p)
+    if len(files) == 1:
         return _load_legacy(p, legacy)
-    if p.is_dir():
-        manifest_path, weights_path = p / MANIFEST, p / WEIGHTS
-    elif p.name.endswith(".json"):
-        manifest_path, weights_path = p, p.parent / WEIGHTS
-    elif p.suffix == ".safetensors":
-        manifest_path, weights_path = p.parent / MANIFEST, p
-    else:
-        raise RobustlabError(
-            f"{p} is not a checkpoint: give a checkpoint folder, its manifest.json, "
-            "its model.safetensors, or a legacy .pt/.pth file"
-        )
+    manifest_path, weights_path = files
     if not manifest_path.exists():
         raise RobustlabError(f"checkpoint {p} has no {MANIFEST}")
     if not weights_path.exists():
