@@ -88,3 +88,12 @@ def test_a_plot_that_fails_leaves_a_note_and_the_report_is_written(
     assert "50.0 %" in page  # the table is still there
     with pytest.raises(RobustlabError, match="could not draw the broken plot .OverflowError"):
         broken({}, tmp_path / "x.png")
+
+
+def test_a_stored_record_the_report_cannot_read_leaves_a_note(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "s.sqlite")
+    store.add({"kind": "eval"}, label="hand-made")  # no threat model, no accuracy
+    store.add({"kind": "timing", "step": "train", "seconds": 3.0})
+    page = render_report(store, tmp_path / "r.html").read_text()
+    assert "stored eval records that could not be shown: KeyError" in page
+    assert "<td class=l>train</td><td>3.0 s</td>" in page

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -194,7 +195,10 @@ def _read_image(path: Path, where: str, budget: list[int]) -> tuple[np.ndarray, 
     bounds = limits()
     check_regular(path, "image file", bounds.data_bytes)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: our limit decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             width, height = img.size
             if max(width, height) > bounds.image_side:
                 raise RobustlabError(

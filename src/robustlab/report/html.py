@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,39 @@ def _title(record: dict[str, Any], heading: str, default_label: str) -> str:
     return f"{heading}: {label}" if label and label != default_label else heading
 
 
+def _evals_section(evals: list[dict[str, Any]]) -> str:
+    """The robustness curve, its table and the attack note of the stored evaluations."""
+    return "\n".join(
+        [
+            "<h2>Robustness curve</h2>",
+            embedded_png(
+                "accuracy vs eps",
+                robustness_curve,
+                _curves(evals),
+                xlabel=f"{evals[-1]['threat_model']['norm']} eps",
+            ),
+            _eval_table(evals),
+            _attack_note(evals),
+        ]
+    )
+
+
+def _models_section(trains: list[dict[str, Any]]) -> str:
+    """The table of trained models."""
+    return "<h2>Models</h2>" + _models_table(trains)
+
+
+def _section(kind: str, render: Callable[..., str], *args: Any, **kw: Any) -> str:
+    """A section of the report; a stored record it cannot read gives a note, not a crash."""
+    try:
+        return render(*args, **kw)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        return (
+            f"<p class=muted>(stored {html.escape(kind)} records that could not be shown: "
+            f"{html.escape(type(exc).__name__)} {html.escape(str(exc)[:200])})</p>"
+        )
+
+
 def render_report(
     store: ResultStore, out: str | Path, *, title: str = "robustlab report", intro: str = ""
 ) -> Path:
@@ -148,26 +182,16 @@ def render_report(
     if data_names:
         parts.append(f"<p class=muted>data: {html.escape(', '.join(data_names))}</p>")
     if trains:
-        parts.append("<h2>Models</h2>" + _models_table(trains))
+        parts.append(_section("train", _models_section, trains))
     if evals:
-        parts.append("<h2>Robustness curve</h2>")
-        parts.append(
-            embedded_png(
-                "accuracy vs eps",
-                robustness_curve,
-                _curves(evals),
-                xlabel=f"{evals[-1]['threat_model']['norm']} eps",
-            )
-        )
-        parts.append(_eval_table(evals))
-        parts.append(_attack_note(evals))
+        parts.append(_section("eval", _evals_section, evals))
     for record in transfers:
-        parts.append(
-            transfer_section_html(record, title=_title(record, "Transfer matrix", "transfer"))
-        )
+        title = _title(record, "Transfer matrix", "transfer")
+        parts.append(_section("transfer", transfer_section_html, record, title=title))
     for record in sloths:
-        parts.append(sloth_section_html(record, title=_title(record, "DeepSloth", "sloth")))
-    parts.append(_timing_table(timings))
+        title = _title(record, "DeepSloth", "sloth")
+        parts.append(_section("sloth", sloth_section_html, record, title=title))
+    parts.append(_section("timing", _timing_table, timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f'<meta name=generator content="robustlab {__version__}">'
