@@ -201,3 +201,12 @@ def test_an_empty_progress_file_is_a_fresh_start(place: Path) -> None:
     done = robustlab("eval", "--model", "good", *QUICK, "--json", "fresh.json", cwd=place)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((place / "fresh.json").read_text())["n"] == 4
+
+
+def test_a_report_shows_user_text_as_text(place: Path) -> None:
+    record = {"kind": "eval", "threat_model": {"norm": "linf", "eps": 0.1}, "n": 4}
+    store = ResultStore(place / "tex.sqlite")
+    store.add({**record, "robust_accuracy": 0.5, "attack": {}}, label=r"$\foo{$")
+    done = robustlab("report", "--store", "tex.sqlite", "--out", "r.html", cwd=place)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert r"$\foo{$" in (place / "r.html").read_text()

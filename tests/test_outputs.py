@@ -161,6 +161,11 @@ def test_a_store_output_must_be_a_robustlab_store_even_with_overwrite(tmp_path: 
     check_outputs([Output(ours, "--store", ours=is_results_store, appends=True)])
 
 
+def test_a_record_never_replaces_another_checkpoints_manifest(ckpt: Path) -> None:
+    with pytest.raises(RobustlabError, match="was not written by robustlab"):
+        check_outputs([json_out(ckpt / MANIFEST)], inputs=["elsewhere"])
+
+
 def test_checkpoint_outputs_recognise_robustlab_checkpoints(ckpt: Path, tmp_path: Path) -> None:
     check_outputs(checkpoint_outputs(ckpt))
     foreign = tmp_path / "foreign"

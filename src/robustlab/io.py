@@ -198,13 +198,17 @@ def _head(path: Path, n: int) -> bytes:
 
 
 def is_robustlab_json(path: Path) -> bool:
-    """Whether a file is a JSON record robustlab wrote (it carries the marker key)."""
+    """Whether a file is a JSON record robustlab wrote (it carries the marker key); the
+    manifest of a checkpoint folder is part of that checkpoint, not a record."""
     try:
         obj = json.loads(read_regular_bytes(path, "file"))
     except (RobustlabError, ValueError):
         return False
     if isinstance(obj, dict):
-        return JSON_MARKER in obj or obj.get("format") == "robustlab-checkpoint"
+        in_checkpoint = obj.get("format") == "robustlab-checkpoint" and any(
+            p.suffix == ".safetensors" for p in path.parent.iterdir()
+        )
+        return JSON_MARKER in obj and not in_checkpoint  # a checkpoint is no record to replace
     return (
         isinstance(obj, list)
         and bool(obj)

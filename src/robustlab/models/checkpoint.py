@@ -21,7 +21,6 @@ from ..io import (
     atomic_path,
     atomic_write_text,
     check_regular,
-    is_robustlab_json,
     limits,
     read_regular_bytes,
 )
@@ -114,7 +113,10 @@ def checkpoint_outputs(directory: str | Path, option: str = "--out") -> list[Out
 
     def in_checkpoint(_: Path) -> bool:
         """Whether the folder holds a robustlab checkpoint manifest."""
-        return is_robustlab_json(folder / MANIFEST)
+        try:
+            return _read_manifest(folder / MANIFEST) is not None
+        except RobustlabError:
+            return False
 
     return [
         Output(folder, option, folder=True),
