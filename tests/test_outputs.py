@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from robustlab.data.datasets import source_path
 from robustlab.errors import RobustlabError
 from robustlab.evaluate.robust import is_samples_csv
 from robustlab.io import (
@@ -67,6 +68,14 @@ def test_a_file_inside_an_input_folder_is_an_input_through_links(
     for out in (link, hard, relative):
         with pytest.raises(RobustlabError, match="never writes over a file it reads"):
             check_outputs([json_out(out)], inputs=checkpoint_files(ckpt / MANIFEST))
+
+
+def test_a_data_file_is_an_input(tmp_path: Path) -> None:
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 2, 2)), y=np.arange(4) % 2)
+    assert source_path("digits") is None
+    with pytest.raises(RobustlabError, match="same file as the input"):
+        check_outputs([Output(data, "--save")], inputs=[source_path(f"npz:{data}")])
 
 
 def test_a_report_over_its_own_store_is_refused(tmp_path: Path) -> None:

@@ -246,6 +246,16 @@ def _path_of(spec: str, prefix: str) -> Path:
     return Path(raw).expanduser()
 
 
+def source_path(spec: str) -> Path | None:
+    """The file or folder a data spec reads (npz:PATH, folder:PATH), None for the built-in and
+    downloaded sources: an input that ``io.check_outputs`` must never write over."""
+    kind, sep, _ = spec.strip().partition(":")
+    kind = kind.strip().lower()
+    if sep and kind in ("npz", "folder"):
+        return _path_of(spec.strip(), kind)
+    return None
+
+
 def _load_source(spec: str) -> LoadedData:
     """Run the loader that the spec names."""
     kind, sep, _ = spec.partition(":")
