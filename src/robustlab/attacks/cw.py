@@ -13,15 +13,8 @@ from ..core.criteria import smallest, success
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
+from .losses import cw_margin
 from .restarts import Best
-
-
-def _margin(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """How far past the decision boundary: max_{i!=y} z_i - z_y, or z_t - max_{i!=t} z_i."""
-    label = y if targets is None else targets
-    own = logits.gather(1, label[:, None])[:, 0]
-    other = logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
-    return other - own if targets is None else own - other
 
 
 @dataclass(frozen=True)
@@ -119,7 +112,7 @@ class CWL2(Attack):
                 x_adv = (torch.tanh(w) + 1) / 2
                 logits = model(x_adv)
                 dist = (x_adv - x).flatten(1).pow(2).sum(1)
-                margin = _margin(logits, y, targets)
+                margin = cw_margin(logits, y, targets)
                 with torch.no_grad():
                     hit = success(logits, y, targets) & (margin >= self.confidence)
                     best.offer(x_adv, smallest(hit, dist.sqrt(), self.eps))

@@ -53,6 +53,7 @@ from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
+from .losses import margin
 from .restarts import Best, Candidates, run_restarts
 
 SQUARE_NORMS = ("linf", "l2", "l1")
@@ -132,10 +133,10 @@ class Square(Attack):
         if targets is None:
             if self.loss == "ce":
                 return -F.cross_entropy(logits, y, reduction="none")
-            return _margin(logits, y)
+            return margin(logits, y)
         if self.loss == "ce":
             return F.cross_entropy(logits, targets, reduction="none")
-        return -_margin(logits, targets)
+        return -margin(logits, targets)
 
     def _attack(
         self,
@@ -312,12 +313,6 @@ def _bump_grid(x: torch.Tensor, gen: torch.Generator, norm: str) -> torch.Tensor
             b = bump.T if flip else bump
             delta[:, :, vh : vh + side, vw : vw + side] += b * _signs((n, c, 1, 1), gen, x)
     return delta
-
-
-def _margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """z_label - max_{i != label} z_i per sample."""
-    z = logits.gather(1, label[:, None])[:, 0]
-    return z - logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
 
 
 def _signs(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
