@@ -542,7 +542,7 @@ def test_l1_runs_start_sparse_and_step_from_the_top_fifth() -> None:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(apgd_module, "_sparse_step", spy)
-        adv, _, _ = engine.run(model, x, y, None, None, apgd_module.dlr)
+        adv = engine.run(model, x, y, None, None, apgd_module.dlr).x
     assert seen[0] == 20  # ceil(0.2 * 100) coordinates before the first checkpoint
     assert bool(ThreatModel("l1", 1.0).contains(x, adv).all())
 

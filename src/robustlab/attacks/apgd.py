@@ -359,8 +359,8 @@ class _Engine:
         loss_fn: Loss,
     ) -> tuple[torch.Tensor, Standing]:
         """One run's answer per sample (successful or highest-loss point) and its standing."""
-        adv, hit, loss = self.run(model, x, y, goal, hit_goal, loss_fn)
-        return adv, strongest(hit, loss)
+        found = self.run(model, x, y, goal, hit_goal, loss_fn)
+        return found.x, found.standing
 
     def run(
         self,
@@ -370,17 +370,21 @@ class _Engine:
         goal: torch.Tensor | None,
         hit_goal: torch.Tensor | None,
         loss_fn: Loss,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per sample: (successful or highest-loss point, successful, its loss)."""
+    ) -> Best:
+        """Per sample: the successful point, else the highest-loss one (with its standing).
+
+        l1 stages: each later stage runs on the samples not yet successful, from the earlier
+        stage's point, and its answer replaces that one (a point of a wider stage may lie
+        outside the threat model, so it is not kept for its loss).
+        """
         if not self.l1:
             x0 = self.threat.random_start(x, self.generator)
             return self._run(model, self.threat, self.steps, x, y, goal, hit_goal, loss_fn, x0)
         noise = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
         start, staged = x + noise, len(self.stages) > 1
-        out, hit = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        loss = torch.full((len(x),), float("-inf"), device=x.device)
+        out = Best(x, unbroken(torch.zeros(len(x), dtype=torch.bool, device=x.device)))
         for radius, steps in self.stages:
-            todo = (~hit).nonzero().flatten()
+            todo = out.todo()
             if len(todo) == 0:
                 break
             threat = ThreatModel("l1", radius)
@@ -396,9 +400,10 @@ class _Engine:
                 threat.project(x[todo], start[todo]),
                 staged,
             )
-            out[todo], hit[todo], loss[todo] = found
-            start = out
-        return out, hit, loss
+            out.x[todo] = found.x
+            out.standing.put(todo, found.standing, torch.ones_like(todo, dtype=torch.bool))
+            start = out.x
+        return out
 
     def _run(
         self,
@@ -412,16 +417,16 @@ class _Engine:
         loss_fn: Loss,
         x0: torch.Tensor,
         from_start: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Best:
         """One run of ``steps`` iterations from ``x0`` inside ``threat``.
 
-        Per sample: (successful or highest-loss point, successful, its loss). Success needs
+        Per sample: the first successful point, else the highest-loss one. Success needs
         the point inside this attack's own threat model (an l1 stage may use a larger
         radius). ``from_start``: l1 sparsity bookkeeping starts from ``x0``'s sparsity.
         """
         wider = threat.eps > self.threat.eps
         loss0, grad0, hit0 = self._evaluate(model, x0, x, y, goal, hit_goal, loss_fn, True, wider)
-        out, out_hit, out_loss = x0.clone(), hit0.clone(), loss0.clone()
+        out = Best(x0, strongest(hit0, loss0))
         n, eps = len(x), threat.eps
         s = _State(
             pos=torch.arange(n, device=x.device),
@@ -468,7 +473,7 @@ class _Engine:
                 any_hit = bool(hit.any())
                 if any_hit:  # a successful point is final
                     won = s.pos[hit]
-                    out[won], out_hit[won], out_loss[won] = ctl.cur[hit], True, loss[hit]
+                    out.offer(ctl.cur[hit], strongest(hit[hit], loss[hit]), won)
                 if not last:
                     if self.l1 and (i + 1) % every == 0:
                         self._l1_checkpoint(s, eps)
@@ -476,8 +481,10 @@ class _Engine:
                         ctl.checkpoint()
                 if any_hit:  # early stop
                     s.keep(~hit)
-        out[s.pos], out_loss[s.pos] = ctl.best_x, ctl.best_loss
-        return out, out_hit, out_loss
+        out.offer(
+            ctl.best_x, strongest(torch.zeros_like(s.pos, dtype=torch.bool), ctl.best_loss), s.pos
+        )
+        return out
 
     def _l1_checkpoint(self, s: _State, eps: float) -> None:
         """l1-APGD: step sparsity from the best point; reset or shrink the step size."""
