@@ -15,7 +15,7 @@ from ..errors import RobustlabError
 from .base import Attack
 from .losses import cw_margin
 from .optim import Adam
-from .restarts import Best
+from .restarts import Best, within_threat
 
 
 @dataclass(frozen=True)
@@ -76,18 +76,7 @@ class CWL2(Attack):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The attack on a model already in eval mode with frozen parameters."""
-        best = self.minimal(model, x, y, targets)
-        threat = self.threat
-        with torch.no_grad():
-            inside = threat.norms(best - x) <= self.eps
-            out = torch.where(inside.view(-1, *[1] * (x.dim() - 1)), best, x)
-            outside = (~inside).nonzero().flatten()
-            if len(outside):
-                ts = None if targets is None else targets[outside]
-                shrunk = threat.project(x[outside], best[outside])
-                hit = success(model(shrunk), y[outside], ts)
-                out[outside[hit]] = shrunk[hit]
-        return out
+        return within_threat(model, self.threat, x, y, targets, self.minimal(model, x, y, targets))
 
     def minimal(
         self,
