@@ -23,11 +23,10 @@ Optimisers: ``pgd`` (steepest-descent steps of fixed size, the paper's; linf 30 
 or ``apgd`` (APGD's step-size control, Croce & Hein 2020, the one of :class:`APGD`:
 momentum 0.75, the step size halved per sample at checkpoints when progress stalls, the
 next step from the best point with its gradient; for l1 with steepest l1 steps, not
-l1-APGD's sparse ones). Every iterate
-is offered to :class:`~robustlab.attacks.restarts.Best` under the efficiency criterion
-(:func:`~robustlab.core.criteria.slowest`): per sample, the example that reaches the latest
-exit (then the lowest objective) is kept. The first descent runs on every input; restarts
-only on those not yet running to the final exit.
+l1-APGD's sparse ones). Every iterate is offered to :class:`~robustlab.attacks.restarts.Best`
+under the efficiency criterion (:func:`~robustlab.core.criteria.slowest`): per sample, the
+example that reaches the latest exit (then the lowest objective) is kept. The first descent
+runs on every input; restarts only on those not yet running to the final exit.
 
 Variants: per-sample (:class:`DeepSloth`), universal (one perturbation for all inputs,
 :func:`universal_perturbation`) and class-universal (one per class). Baselines

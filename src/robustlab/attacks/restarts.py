@@ -4,7 +4,8 @@ per sample the strongest point found (a success wins, else the criterion's order
 Every attack keeps its answer in a :class:`Best`: the clean inputs to start with, then each
 candidate point is offered with its :class:`~robustlab.core.criteria.Standing` and replaces
 the kept one only where it is strictly stronger. :func:`run_restarts` repeats an attempt
-(one run of an attack) on the samples :meth:`Best.todo` still lists.
+(one run of an attack) on the samples :meth:`Best.todo` still lists. Minimum-norm attacks
+cut their answer to the threat model with :func:`within_threat`.
 """
 
 from __future__ import annotations
