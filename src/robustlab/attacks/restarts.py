@@ -17,6 +17,7 @@ from torch import nn
 
 from ..core.criteria import Standing, success
 from ..core.threat import ThreatModel
+from .optim import column
 
 Candidates = Iterable[tuple[torch.Tensor, Standing]]
 """Points an attempt proposes (rows = the samples it ran on) with their standings."""
@@ -81,7 +82,7 @@ def within_threat(
     lies inside, else its projection where that still succeeds, else the input ``x``."""
     with torch.no_grad():
         inside = threat.norms(found - x) <= threat.eps
-        out = torch.where(inside.view(-1, *[1] * (x.dim() - 1)), found, x)
+        out = torch.where(column(inside, x), found, x)
         outside = (~inside).nonzero().flatten()
         if len(outside):
             ts = None if targets is None else targets[outside]
