@@ -27,6 +27,7 @@ from robustlab.attacks.apgd import (
     l1_check_every,
     large_eps_stages,
 )
+from robustlab.attacks.optim import APGDControl
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models.mlp import MLP
@@ -428,42 +429,43 @@ def test_checkpoints_follow_the_published_schedule() -> None:
 def _state(ups: list[int], halved: list[bool], best: list[float], check: list[float]) -> _State:
     n = len(ups)
     cur, best_x = torch.zeros(n, 1), torch.ones(n, 1)
+    ctl = APGDControl.start(cur, torch.zeros(n), cur, 0.4, [20])
+    ctl.best_x, ctl.best_loss, ctl.best_grad = best_x, torch.tensor(best), best_x
+    ctl.ups, ctl.check_best, ctl.halved = (
+        torch.tensor(ups),
+        torch.tensor(check),
+        torch.tensor(halved),
+    )
+    ctl.steps_done = 20
     return _State(
         pos=torch.arange(n),
         x=cur,
         y=torch.zeros(n, dtype=torch.long),
         goal=None,
         hit_goal=None,
-        cur=cur,
-        prev=cur,
-        grad=cur,
-        last_loss=torch.zeros(n),
-        eta=torch.full((n,), 0.4),
-        best_x=best_x,
-        best_loss=torch.tensor(best),
-        best_grad=best_x,
-        ups=torch.tensor(ups),
-        check_best=torch.tensor(check),
-        halved=torch.tensor(halved),
+        ctl=ctl,
     )
 
 
 def test_checkpoint_conditions_are_per_sample() -> None:
     engine = _Engine(ThreatModel("linf", 0.2), 100, 0.75, 0.75, 1, 0, torch.zeros(1))
     assert engine.eta0 == pytest.approx(0.4)
-    assert engine.gaps[22] == 22 and engine.gaps[41] == 19
+    gaps = APGDControl.start(
+        torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, 1), 0.4, engine.marks
+    ).gaps
+    assert gaps[22] == 22 and gaps[41] == 19
     # gap 20, rho 0.75: 15 increases are enough, 14 are not (condition 1, strict)
     # sample 2: enough increases, not halved before, best loss unchanged (condition 2)
     # sample 3: like 2 but halved at the previous checkpoint: no condition holds
     s = _state(
         [14, 15, 20, 20], [True, True, False, True], [1.0, 2.0, 1.0, 1.0], [0.5] * 2 + [1.0] * 2
     )
-    engine._checkpoint(s, 20)
-    assert s.eta.tolist() == pytest.approx([0.2, 0.4, 0.2, 0.4])
-    assert s.cur[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]  # halved samples restart at the best
-    assert s.last_loss.tolist() == [1.0, 0.0, 1.0, 0.0]
-    assert s.halved.tolist() == [True, False, True, False]
-    assert s.ups.tolist() == [0, 0, 0, 0] and s.check_best.tolist() == [1.0, 2.0, 1.0, 1.0]
+    s.ctl.checkpoint()
+    assert s.ctl.eta.tolist() == pytest.approx([0.2, 0.4, 0.2, 0.4])
+    assert s.ctl.cur[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]  # halved samples restart at the best
+    assert s.ctl.loss.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert s.ctl.halved.tolist() == [True, False, True, False]
+    assert s.ctl.ups.tolist() == [0, 0, 0, 0] and s.ctl.check_best.tolist() == [1.0, 2.0, 1.0, 1.0]
 
 
 def test_l1_starts_with_step_eps() -> None:
@@ -502,8 +504,8 @@ def _l1_state(best_x: torch.Tensor, sparsity: list[int], eta: list[float]) -> _S
     n = len(best_x)
     x, cur = torch.zeros_like(best_x), torch.full_like(best_x, 0.5)
     state = _state([0] * n, [False] * n, [1.0] * n, [0.0] * n)
-    state.x, state.cur, state.best_x, state.grad, state.best_grad = x, cur, best_x, cur, best_x
-    state.eta = torch.tensor(eta)
+    state.x, state.ctl.cur, state.ctl.best_x, state.ctl.grad = x, cur, best_x, cur
+    state.ctl.best_grad, state.ctl.eta = best_x, torch.tensor(eta)
     state.sparsity = torch.tensor(sparsity)
     state.count = torch.tensor([1] * n)
     return state
@@ -521,8 +523,8 @@ def test_l1_checkpoint_adapts_sparsity_and_step_size_per_sample() -> None:
     assert s.count.tolist() == [4, 7, 1]  # ceil(nonzeros / 1.5), at least 1
     assert s.sparsity.tolist() == [6, 10, 1]
     # sparser: back to eps and restart from the best point; else eta / 1.5 within [eps/10, eps]
-    assert s.eta.tolist() == pytest.approx([2.0, 0.5 / 1.5, 0.2])
-    assert torch.equal(s.cur[0], best[0]) and bool((s.cur[1:] == 0.5).all())
+    assert s.ctl.eta.tolist() == pytest.approx([2.0, 0.5 / 1.5, 0.2])
+    assert torch.equal(s.ctl.cur[0], best[0]) and bool((s.ctl.cur[1:] == 0.5).all())
 
 
 def test_l1_runs_start_sparse_and_step_from_the_top_fifth() -> None:
@@ -540,7 +542,7 @@ def test_l1_runs_start_sparse_and_step_from_the_top_fifth() -> None:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(apgd_module, "_sparse_step", spy)
-        adv, _, _ = engine.run(model, x, y, None, None, apgd_module.dlr)
+        adv = engine.run(model, x, y, None, None, apgd_module.dlr).x
     assert seen[0] == 20  # ceil(0.2 * 100) coordinates before the first checkpoint
     assert bool(ThreatModel("l1", 1.0).contains(x, adv).all())
 

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from torch import nn
 
 from robustlab.attacks.cw import CWL2
+from robustlab.attacks.losses import cw_margin
 from robustlab.core.criteria import success
 from robustlab.core.threat import ThreatModel
 from robustlab.errors import RobustlabError
@@ -145,3 +146,21 @@ def test_cw_config_is_recorded() -> None:
     cfg = CWL2(eps=0.5).config()
     assert cfg["name"] == "cw-l2" and cfg["norm"] == "l2" and cfg["steps"] == 100
     assert cfg["binary_steps"] == 9 and cfg["c"] == 1.0
+
+
+def test_the_targeted_cw_margin_stays_negative_while_another_class_beats_the_target() -> None:
+    # z_t > z_y, but class 2 still beats the target: the paper's f6 margin is z_t - z_2 < 0
+    logits = torch.tensor([[1.0, 2.0, 5.0]])
+    y, t = torch.tensor([0]), torch.tensor([1])
+    assert cw_margin(logits, y, t).tolist() == [-3.0]
+    assert cw_margin(logits, y, None).tolist() == [4.0]
+
+
+def test_the_cw_margin_is_positive_exactly_where_the_attack_succeeds() -> None:
+    logits = torch.randn(500, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 6, (500,), generator=torch.Generator().manual_seed(1))
+    t = (y + torch.randint(1, 6, (500,), generator=torch.Generator().manual_seed(2))) % 6
+    for targets in (None, t):
+        hit = success(logits, y, targets)
+        assert torch.equal(cw_margin(logits, y, targets) > 0, hit)
+        assert 0 < int(hit.sum()) < 500

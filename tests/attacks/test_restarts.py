@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from robustlab.attacks.restarts import Best, Candidates, run_restarts
+from robustlab.attacks.restarts import Best, Candidates, run_restarts, within_threat
 from robustlab.core.criteria import strongest, unbroken
+from robustlab.core.threat import ThreatModel
 
 
 def test_offer_keeps_per_sample_the_stronger_point_at_the_given_rows() -> None:
@@ -64,3 +66,18 @@ def test_restarts_run_only_on_unsuccessful_samples_and_stop_when_none_is_left() 
     done = Best(torch.zeros(3, 1), unbroken(torch.zeros(3, dtype=torch.bool)))
     run_restarts(done, 5, always)
     assert calls == [0] and done.done.all()
+
+
+def test_within_threat_keeps_inside_points_projects_outside_ones_that_still_succeed() -> None:
+    class Sign(torch.nn.Module):
+        """Two classes: class 1 where the first coordinate exceeds 0.5."""
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.stack([0.5 - z[:, 0], z[:, 0] - 0.5], dim=1)
+
+    x = torch.tensor([[0.45, 0.5], [0.45, 0.5], [0.2, 0.5]])
+    y = torch.zeros(3, dtype=torch.long)
+    found = torch.tensor([[0.52, 0.5], [0.9, 0.5], [0.9, 0.5]])
+    out = within_threat(Sign(), ThreatModel("linf", 0.1), x, y, None, found)
+    # inside: kept; outside: projected to 0.55 (still class 1); 0.3 is not: the input
+    assert out[:, 0].tolist() == pytest.approx([0.52, 0.55, 0.2])

@@ -76,9 +76,8 @@ from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
 from .losses import Loss, dlr, get_loss
+from .optim import APGDControl, checkpoints
 from .restarts import Best, Candidates, run_restarts
-
-P1, DECAY, MIN_GAP = 22, 3, 6  # p_1 = 0.22, the 0.03 decrease and the 0.06 floor, in hundredths
 
 # l1-APGD (the authors' constants): initial fraction of coordinates a step moves, the
 # divisor from the best point's sparsity to the step's, the sparsity decrease that resets
@@ -91,18 +90,6 @@ L1_MIN_STEP = 0.1  # times eps
 L1_CHECK_PCT = 4  # percent of the iterations of the run
 # AutoAttack's l1 schedule: radii (times eps) and percent of the iterations
 LARGE_EPS = ((3.0, 30), (2.0, 30), (1.0, 40))
-
-
-def checkpoints(steps: int) -> list[int]:
-    """The iterations ``w_1 < w_2 < ... <= steps`` at which APGD may halve its step size."""
-    marks: list[int] = []
-    prev, cur = 0, P1
-    while cur <= 100:
-        w = -(-cur * steps // 100)  # ceil(p_j * steps) in integers
-        if w >= 1 and (not marks or w > marks[-1]):
-            marks.append(w)
-        prev, cur = cur, cur + max(cur - prev - DECAY, MIN_GAP)
-    return marks
 
 
 def large_eps_stages(eps: float, steps: int) -> list[tuple[float, int]]:
@@ -300,11 +287,6 @@ def _engine(attack: APGD | APGDT, like: torch.Tensor) -> _Engine:
     )
 
 
-def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample vector shaped to broadcast against a batch like ``like``."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
 def _l0(delta: torch.Tensor) -> torch.Tensor:
     """Per sample, the number of nonzero coordinates."""
     return delta.flatten(1).ne(0).sum(dim=1)
@@ -332,25 +314,16 @@ class _State:
     y: torch.Tensor
     goal: torch.Tensor | None  # targets of the loss
     hit_goal: torch.Tensor | None  # targets of the success test (None: misclassified)
-    cur: torch.Tensor
-    prev: torch.Tensor
-    grad: torch.Tensor
-    last_loss: torch.Tensor  # f at the point the next step starts from
-    eta: torch.Tensor
-    best_x: torch.Tensor
-    best_loss: torch.Tensor
-    best_grad: torch.Tensor
-    ups: torch.Tensor  # loss increases since the last checkpoint
-    check_best: torch.Tensor  # f_max at the last checkpoint
-    halved: torch.Tensor  # step size halved at the last checkpoint
+    ctl: APGDControl  # points, gradients, losses, step sizes
     count: torch.Tensor | None = None  # l1: coordinates the step moves
     sparsity: torch.Tensor | None = None  # l1: ||x_max - x||_0 at the last checkpoint
 
     def keep(self, mask: torch.Tensor) -> None:
         """Keep only the samples where ``mask`` holds."""
+        self.ctl.keep(mask)
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if isinstance(value, torch.Tensor):
                 setattr(self, f.name, value[mask])
 
 
@@ -371,9 +344,8 @@ class _Engine:
         self.threat, self.steps, self.rho = threat, steps, rho
         self.momentum, self.eot_iter = momentum, eot_iter
         self.generator = torch.Generator(device=like.device).manual_seed(seed)
-        marks = checkpoints(steps)
-        self.gaps = {w: w - v for w, v in zip(marks, [0, *marks[:-1]], strict=True)}
         self.l1 = threat.norm == "l1"
+        self.marks = [] if self.l1 else checkpoints(steps)  # l1-APGD checks every l1_check_every
         self.eta0 = (1.0 if self.l1 else 2.0) * threat.eps
         self.stages = large_eps_stages(threat.eps, steps) if large_eps else [(threat.eps, steps)]
 
@@ -387,8 +359,8 @@ class _Engine:
         loss_fn: Loss,
     ) -> tuple[torch.Tensor, Standing]:
         """One run's answer per sample (successful or highest-loss point) and its standing."""
-        adv, hit, loss = self.run(model, x, y, goal, hit_goal, loss_fn)
-        return adv, strongest(hit, loss)
+        found = self.run(model, x, y, goal, hit_goal, loss_fn)
+        return found.x, found.standing
 
     def run(
         self,
@@ -398,17 +370,21 @@ class _Engine:
         goal: torch.Tensor | None,
         hit_goal: torch.Tensor | None,
         loss_fn: Loss,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per sample: (successful or highest-loss point, successful, its loss)."""
+    ) -> Best:
+        """Per sample: the successful point, else the highest-loss one (with its standing).
+
+        l1 stages: each later stage runs on the samples not yet successful, from the earlier
+        stage's point, and its answer replaces that one (a point of a wider stage may lie
+        outside the threat model, so it is not kept for its loss).
+        """
         if not self.l1:
             x0 = self.threat.random_start(x, self.generator)
             return self._run(model, self.threat, self.steps, x, y, goal, hit_goal, loss_fn, x0)
         noise = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
         start, staged = x + noise, len(self.stages) > 1
-        out, hit = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        loss = torch.full((len(x),), float("-inf"), device=x.device)
+        out = Best(x, unbroken(torch.zeros(len(x), dtype=torch.bool, device=x.device)))
         for radius, steps in self.stages:
-            todo = (~hit).nonzero().flatten()
+            todo = out.todo()
             if len(todo) == 0:
                 break
             threat = ThreatModel("l1", radius)
@@ -424,9 +400,10 @@ class _Engine:
                 threat.project(x[todo], start[todo]),
                 staged,
             )
-            out[todo], hit[todo], loss[todo] = found
-            start = out
-        return out, hit, loss
+            out.x[todo] = found.x
+            out.standing.put(todo, found.standing, torch.ones_like(todo, dtype=torch.bool))
+            start = out.x
+        return out
 
     def _run(
         self,
@@ -440,16 +417,16 @@ class _Engine:
         loss_fn: Loss,
         x0: torch.Tensor,
         from_start: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Best:
         """One run of ``steps`` iterations from ``x0`` inside ``threat``.
 
-        Per sample: (successful or highest-loss point, successful, its loss). Success needs
+        Per sample: the first successful point, else the highest-loss one. Success needs
         the point inside this attack's own threat model (an l1 stage may use a larger
         radius). ``from_start``: l1 sparsity bookkeeping starts from ``x0``'s sparsity.
         """
         wider = threat.eps > self.threat.eps
         loss0, grad0, hit0 = self._evaluate(model, x0, x, y, goal, hit_goal, loss_fn, True, wider)
-        out, out_hit, out_loss = x0.clone(), hit0.clone(), loss0.clone()
+        out = Best(x0, strongest(hit0, loss0))
         n, eps = len(x), threat.eps
         s = _State(
             pos=torch.arange(n, device=x.device),
@@ -457,17 +434,15 @@ class _Engine:
             y=y,
             goal=goal,
             hit_goal=hit_goal,
-            cur=x0,
-            prev=x0,
-            grad=grad0,
-            last_loss=loss0,
-            eta=torch.full((n,), (1.0 if self.l1 else 2.0) * eps, dtype=x.dtype, device=x.device),
-            best_x=x0,
-            best_loss=loss0,
-            best_grad=grad0,
-            ups=torch.zeros(n, dtype=torch.long, device=x.device),
-            check_best=loss0,
-            halved=torch.zeros(n, dtype=torch.bool, device=x.device),
+            ctl=APGDControl.start(
+                x0,
+                loss0,
+                grad0,
+                (1.0 if self.l1 else 2.0) * eps,
+                self.marks,
+                self.rho,
+                None if self.l1 else self.momentum,
+            ),
         )
         every = l1_check_every(steps)
         if self.l1:
@@ -479,71 +454,48 @@ class _Engine:
                 s.sparsity = torch.full((n,), d, dtype=torch.long, device=x.device)
                 s.count = torch.full_like(s.sparsity, max(math.ceil(L1_START_FRACTION * d), 1))
         s.keep(~hit0)
+        ctl = s.ctl
         for i in range(steps):
             if len(s.pos) == 0:
                 break
             with torch.no_grad():
                 if self.l1:
                     assert s.count is not None
-                    step = _col(s.eta, s.x) * _sparse_step(s.grad, s.count)
-                    z = threat.project(s.x, s.cur + step)
+                    ctl.step(threat, s.x, _sparse_step(ctl.grad, s.count))
                 else:
-                    z = threat.project(s.x, s.cur + _col(s.eta, s.x) * threat.steepest_step(s.grad))
-                    if i > 0:
-                        a = self.momentum
-                        z = threat.project(
-                            s.x, s.cur + a * (z - s.cur) + (1 - a) * (s.cur - s.prev)
-                        )
-            s.prev, s.cur = s.cur, z
+                    ctl.step(threat, s.x, threat.steepest_step(ctl.grad))
             last = i + 1 == steps
             loss, grad, hit = self._evaluate(
-                model, s.cur, s.x, s.y, s.goal, s.hit_goal, loss_fn, not last, wider
+                model, ctl.cur, s.x, s.y, s.goal, s.hit_goal, loss_fn, not last, wider
             )
             with torch.no_grad():
-                s.ups = s.ups + (loss > s.last_loss).long()
-                better = loss > s.best_loss
-                s.best_x = torch.where(_col(better, s.cur), s.cur, s.best_x)
-                s.best_grad = torch.where(_col(better, grad), grad, s.best_grad)
-                s.best_loss = torch.where(better, loss, s.best_loss)
-                s.grad, s.last_loss = grad, loss
+                ctl.record(loss, grad)
                 any_hit = bool(hit.any())
                 if any_hit:  # a successful point is final
                     won = s.pos[hit]
-                    out[won], out_hit[won], out_loss[won] = s.cur[hit], True, loss[hit]
+                    out.offer(ctl.cur[hit], strongest(hit[hit], loss[hit]), won)
                 if not last:
                     if self.l1 and (i + 1) % every == 0:
                         self._l1_checkpoint(s, eps)
-                    elif not self.l1 and (i + 1) in self.gaps:
-                        self._checkpoint(s, self.gaps[i + 1])
+                    elif not self.l1:
+                        ctl.checkpoint()
                 if any_hit:  # early stop
                     s.keep(~hit)
-        out[s.pos], out_loss[s.pos] = s.best_x, s.best_loss
-        return out, out_hit, out_loss
-
-    def _checkpoint(self, s: _State, gap: int) -> None:
-        """Halve the step size and restart from the best point where progress stalled."""
-        stalled = s.ups < self.rho * gap  # condition 1
-        stuck = ~s.halved & (s.best_loss <= s.check_best)  # condition 2
-        halve = stalled | stuck
-        s.eta = torch.where(halve, s.eta / 2, s.eta)
-        s.cur = torch.where(_col(halve, s.cur), s.best_x, s.cur)
-        s.grad = torch.where(_col(halve, s.grad), s.best_grad, s.grad)
-        s.last_loss = torch.where(halve, s.best_loss, s.last_loss)
-        s.halved, s.check_best = halve, s.best_loss
-        s.ups = torch.zeros_like(s.ups)
+        out.offer(
+            ctl.best_x, strongest(torch.zeros_like(s.pos, dtype=torch.bool), ctl.best_loss), s.pos
+        )
+        return out
 
     def _l1_checkpoint(self, s: _State, eps: float) -> None:
         """l1-APGD: step sparsity from the best point; reset or shrink the step size."""
         assert s.sparsity is not None
-        d = s.x[0].numel()
-        sparsity = _l0(s.best_x - s.x)
+        ctl, d = s.ctl, s.x[0].numel()
+        sparsity = _l0(ctl.best_x - s.x)
         sparser = sparsity < L1_SPARSER * s.sparsity
         s.count = torch.ceil(sparsity / L1_SPARSITY_DIVISOR).long().clamp(1, d)
-        s.eta = torch.where(sparser, eps, s.eta / L1_STEP_DIVISOR).clamp(L1_MIN_STEP * eps, eps)
+        ctl.eta = torch.where(sparser, eps, ctl.eta / L1_STEP_DIVISOR).clamp(L1_MIN_STEP * eps, eps)
         s.sparsity = sparsity
-        s.cur = torch.where(_col(sparser, s.cur), s.best_x, s.cur)
-        s.grad = torch.where(_col(sparser, s.grad), s.best_grad, s.grad)
-        s.last_loss = torch.where(sparser, s.best_loss, s.last_loss)
+        ctl.resume_best(sparser)
 
     def _evaluate(
         self,

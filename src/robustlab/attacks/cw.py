@@ -13,15 +13,9 @@ from ..core.criteria import smallest, success
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
-from .restarts import Best
-
-
-def _margin(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """How far past the decision boundary: max_{i!=y} z_i - z_y, or z_t - max_{i!=t} z_i."""
-    label = y if targets is None else targets
-    own = logits.gather(1, label[:, None])[:, 0]
-    other = logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
-    return other - own if targets is None else own - other
+from .losses import cw_margin
+from .optim import Adam
+from .restarts import Best, within_threat
 
 
 @dataclass(frozen=True)
@@ -29,8 +23,8 @@ class CWL2(Attack):
     """CW-L2: minimise ||x' - x||_2^2 + c * max(-margin, -confidence) over x' = (tanh(w) + 1) / 2.
 
     The tanh change of variables keeps x' in [0,1]. Per sample, ``binary_steps`` rounds
-    of Adam (``steps`` iterations at ``lr``, betas 0.9/0.999, written out inline; each
-    round restarts from the clean point) binary-search the constant c, starting at ``c``:
+    of Adam (``steps`` iterations at ``lr``, betas 0.9/0.999, :class:`~robustlab.attacks.optim.Adam`;
+    each round restarts from the clean point) binary-search the constant c, starting at ``c``:
     up x10 until a success, then bisect.
     The smallest-L2 example that succeeds (with margin >= ``confidence``) over all rounds
     and iterations is kept.
@@ -82,18 +76,7 @@ class CWL2(Attack):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The attack on a model already in eval mode with frozen parameters."""
-        best = self.minimal(model, x, y, targets)
-        threat = self.threat
-        with torch.no_grad():
-            inside = threat.norms(best - x) <= self.eps
-            out = torch.where(inside.view(-1, *[1] * (x.dim() - 1)), best, x)
-            outside = (~inside).nonzero().flatten()
-            if len(outside):
-                ts = None if targets is None else targets[outside]
-                shrunk = threat.project(x[outside], best[outside])
-                hit = success(model(shrunk), y[outside], ts)
-                out[outside[hit]] = shrunk[hit]
-        return out
+        return within_threat(model, self.threat, x, y, targets, self.minimal(model, x, y, targets))
 
     def minimal(
         self,
@@ -112,14 +95,14 @@ class CWL2(Attack):
             clean = success(model(x), y, targets)
         best = Best(x, smallest(clean, torch.zeros(n, device=x.device), self.eps))
         for _ in range(self.binary_steps):
-            w, m, v = w0.clone(), torch.zeros_like(x), torch.zeros_like(x)
+            w, adam = w0.clone(), Adam(self.lr)
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
             for it in range(self.steps + 1):  # the last pass only scores the final iterate
                 w.requires_grad_(True)
                 x_adv = (torch.tanh(w) + 1) / 2
                 logits = model(x_adv)
                 dist = (x_adv - x).flatten(1).pow(2).sum(1)
-                margin = _margin(logits, y, targets)
+                margin = cw_margin(logits, y, targets)
                 with torch.no_grad():
                     hit = success(logits, y, targets) & (margin >= self.confidence)
                     best.offer(x_adv, smallest(hit, dist.sqrt(), self.eps))
@@ -128,11 +111,7 @@ class CWL2(Attack):
                     break
                 loss = dist + const * torch.clamp(-margin, min=-self.confidence)
                 (grad,) = torch.autograd.grad(loss.sum(), w)
-                with torch.no_grad():  # Adam (betas 0.9, 0.999), elementwise, so per sample
-                    m.mul_(0.9).add_(grad, alpha=0.1)
-                    v.mul_(0.999).addcmul_(grad, grad, value=0.001)
-                    step = m / (1 - 0.9 ** (it + 1))
-                    w = w.detach() - self.lr * step / ((v / (1 - 0.999 ** (it + 1))).sqrt() + 1e-8)
+                w = adam.step(w, grad)  # elementwise, so per sample
             upper = torch.where(found, torch.minimum(upper, const), upper)
             lower = torch.where(found, lower, torch.maximum(lower, const))
             const = torch.where(upper.isinf(), const * 10, (lower + upper) / 2)

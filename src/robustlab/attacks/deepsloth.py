@@ -20,12 +20,13 @@ Objectives (per sample; the attack *minimises* them, the final exit is never par
   efficacy drop 37.8 % vs 35.9 % (``threshold``) and 18.1 % (the paper's ``uniform``/pgd).
 
 Optimisers: ``pgd`` (steepest-descent steps of fixed size, the paper's; linf 30 signed steps)
-or ``apgd`` (APGD-style step control, Croce & Hein 2020: momentum 0.75, the step size halved
-per sample at checkpoints when progress stalls, restarts from the best point). Every iterate
-is offered to :class:`~robustlab.attacks.restarts.Best` under the efficiency criterion
-(:func:`~robustlab.core.criteria.slowest`): per sample, the example that reaches the latest
-exit (then the lowest objective) is kept. The first descent runs on every input; restarts
-only on those not yet running to the final exit.
+or ``apgd`` (APGD's step-size control, Croce & Hein 2020, the one of :class:`APGD`:
+momentum 0.75, the step size halved per sample at checkpoints when progress stalls, the
+next step from the best point with its gradient; for l1 with steepest l1 steps, not
+l1-APGD's sparse ones). Every iterate is offered to :class:`~robustlab.attacks.restarts.Best`
+under the efficiency criterion (:func:`~robustlab.core.criteria.slowest`): per sample, the
+example that reaches the latest exit (then the lowest objective) is kept. The first descent
+runs on every input; restarts only on those not yet running to the final exit.
 
 Variants: per-sample (:class:`DeepSloth`), universal (one perturbation for all inputs,
 :func:`universal_perturbation`) and class-universal (one per class). Baselines
@@ -50,8 +51,8 @@ from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from ..models.multiexit import MultiExitNetwork, check_threshold, confidence, first_exit
-from .apgd import checkpoints
 from .base import Attack
+from .optim import APGDControl, checkpoints
 from .restarts import Best, Candidates, run_restarts
 
 OBJECTIVES = ("uniform", "threshold", "cost")
@@ -261,11 +262,8 @@ class DeepSloth(Attack):
         q: float,
         rule: str,
     ) -> Any:
-        """APGD-style descent: momentum, per-sample step halving at checkpoints, best restarts."""
-        n = len(x)
-        shape = (n,) + (1,) * (x.dim() - 1)
-        eta = torch.full(shape, self._alpha(), device=x.device, dtype=x.dtype)
-        marks = set(checkpoints(self.steps))
+        """APGD's step-size control (:class:`~robustlab.attacks.optim.APGDControl`) descending
+        the objective; yields every iterate with its objective and exit."""
 
         def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             z = z.detach().requires_grad_(True)
@@ -274,38 +272,17 @@ class DeepSloth(Attack):
             return loss.detach(), exits, grad
 
         x_cur = start.detach()
-        loss_cur, exits_cur, grad = evaluate(x_cur)
-        yield x_cur, loss_cur, exits_cur
-        x_best, loss_best, grad_best = x_cur.clone(), loss_cur.clone(), grad.clone()
-        x_prev = x_cur.clone()
-        improved = torch.zeros(n, device=x.device)
-        last_mark, halved_last = 0, torch.ones(n, dtype=torch.bool, device=x.device)
-        loss_at_mark = loss_best.clone()
-        for i in range(1, self.steps + 1):
+        loss, exits, grad = evaluate(x_cur)
+        yield x_cur, loss, exits
+        ctl = APGDControl.start(x_cur, -loss, -grad, self._alpha(), checkpoints(self.steps))
+        for _ in range(self.steps):
             with torch.no_grad():
-                z = threat.project(x, x_cur - eta * threat.steepest_step(grad))
-                a = 0.75 if i > 1 else 1.0
-                x_next = threat.project(x, x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev))
-            loss_next, exits_next, grad_next = evaluate(x_next)
-            yield x_next, loss_next, exits_next
-            improved += (loss_next < loss_cur).float()
-            better = loss_next < loss_best
-            x_best[better], loss_best[better] = x_next[better], loss_next[better]
-            grad_best[better] = grad_next[better]
-            x_prev, x_cur, loss_cur, grad = x_cur, x_next, loss_next, grad_next
-            if i in marks:
-                span = i - last_mark
-                stalled = improved < 0.75 * span
-                stalled |= ~halved_last & (loss_best >= loss_at_mark)
-                if bool(stalled.any()):
-                    eta[stalled] /= 2
-                    x_cur = torch.where(stalled.view(shape), x_best, x_cur)
-                    grad = torch.where(stalled.view(shape), grad_best, grad)
-                    loss_cur = torch.where(stalled, loss_best, loss_cur)
-                halved_last = stalled
-                improved.zero_()
-                loss_at_mark = loss_best.clone()
-                last_mark = i
+                x_next = ctl.step(threat, x, threat.steepest_step(ctl.grad))
+            loss, exits, grad = evaluate(x_next)
+            yield x_next, loss, exits
+            with torch.no_grad():
+                ctl.record(-loss, -grad)
+                ctl.checkpoint()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from ..core.criteria import smallest, success
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
-from .restarts import Best, Candidates, run_restarts
+from .restarts import Best, Candidates, run_restarts, within_threat
 
 _FAB_NORMS = ("linf", "l2", "l1")
 
@@ -137,17 +137,8 @@ class FAB(Attack):
 
             run_restarts(best, self.restarts, attempt)
 
-        out = x.clone()
-        inside = best.done
-        out[inside] = best.x[inside]
-        # found, but too large: keep its projection into the threat model if it still works
-        outside = (torch.isfinite(best.standing.keys[0]) & ~inside).nonzero().flatten()
-        if len(outside):
-            cand = threat.project(x[outside], best.x[outside])
-            with torch.no_grad():
-                ok = success(model(cand), y[outside], None if targets is None else targets[outside])
-            out[outside[ok]] = cand[ok]
-        return out
+        # found, but too large: its projection into the threat model if that still works
+        return within_threat(model, threat, x, y, targets, best.x)
 
     def _single_run(
         self,

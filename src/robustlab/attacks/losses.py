@@ -2,6 +2,8 @@
 
 Every loss takes ``(logits, y, targets)`` and returns one value per sample; larger is better
 for the attacker. With ``targets`` the loss rewards moving toward the target class.
+:func:`margin` is the one logit margin every attack uses (PGD/APGD's ``cw`` loss, CW-L2 and
+Square).
 """
 
 from __future__ import annotations
@@ -31,14 +33,21 @@ def cross_entropy(
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
+def margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """z_label - max_{i != label} z_i per sample: > 0 exactly where ``label`` is the argmax."""
+    return logits.gather(1, label[:, None])[:, 0] - _other_max(logits, label)
+
+
 def cw_margin(
     logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Carlini-Wagner margin: max_{i != y} z_i - z_y, or z_t - z_y when targeted."""
-    z_y = logits.gather(1, y[:, None])[:, 0]
-    if targets is None:
-        return _other_max(logits, y) - z_y
-    return logits.gather(1, targets[:, None])[:, 0] - z_y
+    """Carlini-Wagner margin: max_{i != y} z_i - z_y, or z_t - max_{i != t} z_i when targeted.
+
+    The targeted form is the negated f6 objective of Carlini & Wagner (2017) for target t,
+    max(max_{i != t} Z_i - Z_t, -kappa), before the clamp: it is positive only when t beats
+    every other class, not just the true one.
+    """
+    return -margin(logits, y) if targets is None else margin(logits, targets)
 
 
 def dlr(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,7 +64,7 @@ def dlr(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = No
     srt = logits.sort(dim=1, descending=True).values
     z_y = logits.gather(1, y[:, None])[:, 0]
     if targets is None:
-        return -(z_y - _other_max(logits, y)) / (srt[:, 0] - srt[:, 2] + 1e-12)
+        return -margin(logits, y) / (srt[:, 0] - srt[:, 2] + 1e-12)
     z_t = logits.gather(1, targets[:, None])[:, 0]
     return -(z_y - z_t) / (srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) + 1e-12)
 

@@ -4,7 +4,8 @@ per sample the strongest point found (a success wins, else the criterion's order
 Every attack keeps its answer in a :class:`Best`: the clean inputs to start with, then each
 candidate point is offered with its :class:`~robustlab.core.criteria.Standing` and replaces
 the kept one only where it is strictly stronger. :func:`run_restarts` repeats an attempt
-(one run of an attack) on the samples :meth:`Best.todo` still lists.
+(one run of an attack) on the samples :meth:`Best.todo` still lists. Minimum-norm attacks
+cut their answer to the threat model with :func:`within_threat`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
-from ..core.criteria import Standing
+from ..core.criteria import Standing, success
+from ..core.threat import ThreatModel
+from .optim import column
 
 Candidates = Iterable[tuple[torch.Tensor, Standing]]
 """Points an attempt proposes (rows = the samples it ran on) with their standings."""
@@ -64,3 +68,25 @@ def run_restarts(best: Best, rounds: int, attempt: Attempt) -> Best:
         for x, standing in attempt(todo, r):
             best.offer(x, standing, todo)
     return best
+
+
+def within_threat(
+    model: nn.Module,
+    threat: ThreatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: torch.Tensor | None,
+    found: torch.Tensor,
+) -> torch.Tensor:
+    """Minimum-norm answers (CW, FAB) cut to the threat model: per sample ``found`` where it
+    lies inside, else its projection where that still succeeds, else the input ``x``."""
+    with torch.no_grad():
+        inside = threat.norms(found - x) <= threat.eps
+        out = torch.where(column(inside, x), found, x)
+        outside = (~inside).nonzero().flatten()
+        if len(outside):
+            ts = None if targets is None else targets[outside]
+            shrunk = threat.project(x[outside], found[outside])
+            hit = success(model(shrunk), y[outside], ts)
+            out[outside[hit]] = shrunk[hit]
+    return out

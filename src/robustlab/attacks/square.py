@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.checks import check_batch
@@ -53,6 +52,7 @@ from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
+from .losses import cross_entropy, cw_margin
 from .restarts import Best, Candidates, run_restarts
 
 SQUARE_NORMS = ("linf", "l2", "l1")
@@ -125,17 +125,16 @@ class Square(Attack):
         with frozen_eval(model):
             return self._attack(model, x, y, targets)
 
-    def _objective(
+    def _loss(
         self, logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None
     ) -> torch.Tensor:
-        """Per-sample loss to minimise."""
-        if targets is None:
-            if self.loss == "ce":
-                return -F.cross_entropy(logits, y, reduction="none")
-            return _margin(logits, y)
-        if self.loss == "ce":
-            return F.cross_entropy(logits, targets, reduction="none")
-        return -_margin(logits, targets)
+        """Per-sample loss the search raises (the negation of the objective it minimises):
+        the cw margin or cross-entropy of :mod:`robustlab.attacks.losses`."""
+        return (
+            cw_margin(logits, y, targets)
+            if self.loss == "margin"
+            else cross_entropy(logits, y, targets)
+        )
 
     def _attack(
         self,
@@ -177,15 +176,13 @@ class Square(Attack):
         gen: torch.Generator,
     ) -> tuple[Best, torch.Tensor]:
         """One run from a fresh start: per sample the accepted point (successful, else of the
-        lowest loss; the loss is negated in its standing) and the queries spent."""
+        lowest objective, i.e. the highest loss) and the queries spent."""
         if self.norm == "linf":
             x_init = self._init_linf(x, gen)
         else:
             x_init = self._init_l2(x, gen) if self.norm == "l2" else self._init_l1(x, gen)
         logits = model(x_init)
-        run = Best(
-            x_init, strongest(success(logits, y, targets), -self._objective(logits, y, targets))
-        )
+        run = Best(x_init, strongest(success(logits, y, targets), self._loss(logits, y, targets)))
         used = torch.ones(len(x), dtype=torch.long, device=x.device)
         for it in range(self.queries - 1):
             act = run.todo()
@@ -199,8 +196,8 @@ class Square(Attack):
                 x_new = self._propose_bump(xa, xb, p, gen)
             ta = None if targets is None else targets[act]
             logits = model(x_new)
-            loss = self._objective(logits, y[act], ta)
-            run.offer(x_new, strongest(success(logits, y[act], ta), -loss), act)
+            loss = self._loss(logits, y[act], ta)
+            run.offer(x_new, strongest(success(logits, y[act], ta), loss), act)
             used[act] += 1
         return run, used
 
@@ -312,12 +309,6 @@ def _bump_grid(x: torch.Tensor, gen: torch.Generator, norm: str) -> torch.Tensor
             b = bump.T if flip else bump
             delta[:, :, vh : vh + side, vw : vw + side] += b * _signs((n, c, 1, 1), gen, x)
     return delta
-
-
-def _margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """z_label - max_{i != label} z_i per sample."""
-    z = logits.gather(1, label[:, None])[:, 0]
-    return z - logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
 
 
 def _signs(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
