@@ -77,6 +77,7 @@ from ..errors import RobustlabError
 from .base import Attack
 from .losses import Loss, dlr, get_loss
 from .optim import APGDControl, checkpoints
+from .registry import register
 from .restarts import Best, Candidates, run_restarts
 
 # l1-APGD (the authors' constants): initial fraction of coordinates a step moves, the
@@ -135,6 +136,8 @@ def _loss_name(loss: str | Loss) -> str:
     return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
 
 
+@register("apgd-ce", loss="ce")
+@register("apgd-dlr", loss="dlr")
 @dataclass(frozen=True)
 class APGD(Attack):
     """Auto-PGD (Croce & Hein 2020) with the published defaults: 100 steps, rho = momentum = 0.75.
@@ -196,6 +199,7 @@ class APGD(Attack):
         return run_restarts(best, self.restarts, attempt).x
 
 
+@register("apgd-t")
 @dataclass(frozen=True)
 class APGDT(Attack):
     """APGD-T: APGD on the targeted DLR loss, target by target (published defaults).

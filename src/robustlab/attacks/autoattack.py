@@ -32,6 +32,7 @@ from ..errors import RobustlabError
 from .apgd import APGD, APGDT
 from .base import Attack
 from .fab import FAB
+from .registry import register
 from .restarts import Best
 from .square import Square
 
@@ -50,6 +51,7 @@ class EnsembleResult:
     robust_after: dict[str, int] = field(default_factory=dict)
 
 
+@register("autoattack")
 @dataclass(frozen=True)
 class AutoAttack(Attack):
     """The AutoAttack ensemble as one attack; ``attacks`` overrides the version's list."""

@@ -15,9 +15,11 @@ from ..errors import RobustlabError
 from .base import Attack
 from .losses import cw_margin
 from .optim import Adam
+from .registry import register
 from .restarts import Best, within_threat
 
 
+@register("cw", aliases=("cw-l2",))
 @dataclass(frozen=True)
 class CWL2(Attack):
     """CW-L2: minimise ||x' - x||_2^2 + c * max(-margin, -confidence) over x' = (tanh(w) + 1) / 2.

@@ -52,7 +52,8 @@ from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from ..models.multiexit import MultiExitNetwork, check_threshold, confidence, first_exit
 from .base import Attack
-from .optim import APGDControl, checkpoints
+from .optim import APGDControl, SteepestStep, ascend, checkpoints, iterates
+from .registry import register
 from .restarts import Best, Candidates, run_restarts
 
 OBJECTIVES = ("uniform", "threshold", "cost")
@@ -145,6 +146,7 @@ def sloth_objective(
     return loss, exits
 
 
+@register("deepsloth", kind="multi-exit")
 @dataclass(frozen=True)
 class DeepSloth(Attack):
     """Per-sample DeepSloth; ``threshold``/``rule`` default to the model's calibrated ones."""
@@ -241,17 +243,15 @@ class DeepSloth(Attack):
         rule: str,
     ) -> Any:
         """Fixed-size steepest-descent steps; yields every iterate with its objective and exit."""
-        x_adv = start
-        alpha = self._alpha()
-        for _ in range(self.steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            loss, exits = sloth_objective(net, x_adv, self.objective, q, rule, self.margin)
-            grad = torch.autograd.grad(loss.sum(), x_adv)[0]
-            yield x_adv.detach(), loss.detach(), exits
-            x_adv = threat.project(x, x_adv.detach() - alpha * threat.steepest_step(grad))
-        with torch.no_grad():
-            loss, exits = sloth_objective(net, x_adv, self.objective, q, rule, self.margin)
-        yield x_adv.detach(), loss, exits
+        return iterates(
+            lambda z: sloth_objective(net, z, self.objective, q, rule, self.margin),
+            x,
+            start,
+            threat,
+            SteepestStep(self._alpha()),
+            self.steps,
+            minimize=True,
+        )
 
     def _apgd(
         self,
@@ -285,6 +285,9 @@ class DeepSloth(Attack):
                 ctl.checkpoint()
 
 
+@register("pgd-final", kind="multi-exit", target="final")
+@register("pgd-avg", kind="multi-exit", target="avg")
+@register("pgd-max", kind="multi-exit", target="max")
 @dataclass(frozen=True)
 class ExitPGD(Attack):
     """PGD maximising cross-entropy on the final exit, averaged over exits, or the max over exits."""
@@ -324,20 +327,17 @@ class ExitPGD(Attack):
         threat = self.threat
         alpha = self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        x_adv = threat.random_start(x, gen)
-        for _ in range(self.steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            outs = net.all_exits(x_adv)
+
+        def objective(z: torch.Tensor) -> torch.Tensor:
+            """Per-sample cross-entropy of the chosen exits: the final one, their mean or max."""
+            outs = net.all_exits(z)
             ce = torch.stack([F.cross_entropy(o, y, reduction="none") for o in outs], 1)
             if self.target == "final":
-                obj = ce[:, -1]
-            elif self.target == "avg":
-                obj = ce.mean(1)
-            else:
-                obj = ce.amax(1)
-            grad = torch.autograd.grad(obj.sum(), x_adv)[0]
-            x_adv = threat.project(x, x_adv.detach() + alpha * threat.steepest_step(grad))
-        return x_adv.detach()
+                return ce[:, -1]
+            return ce.mean(1) if self.target == "avg" else ce.amax(1)
+
+        start = threat.random_start(x, gen)
+        return ascend(objective, x, start, threat, SteepestStep(alpha), self.steps).detach()
 
 
 def universal_perturbation(

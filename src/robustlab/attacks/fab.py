@@ -31,11 +31,14 @@ from ..core.criteria import smallest, success
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
+from .registry import register
 from .restarts import Best, Candidates, run_restarts, within_threat
 
 _FAB_NORMS = ("linf", "l2", "l1")
 
 
+@register("fab", targeted=False)
+@register("fab-t", targeted=True)
 @dataclass(frozen=True)
 class FAB(Attack):
     """FAB (untargeted) or FAB-T (``targeted=True``); explicit ``targets`` are attacked as given.

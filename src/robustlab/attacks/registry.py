@@ -26,13 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..errors import RobustlabError
-from .apgd import APGD, APGDT
-from .autoattack import AutoAttack
 from .base import Attack
-from .cw import CWL2
-from .deepsloth import DeepSloth, ExitPGD
-from .fab import FAB
-from .square import Square
 
 KINDS = ("classifier", "multi-exit", "surrogate", "transfer")
 
@@ -155,21 +149,3 @@ def make_attack(name: str, norm: str, eps: float, **options: Any) -> Attack:
     except TypeError as exc:
         raise RobustlabError(f"bad option for attack '{name}': {exc}") from None
     return attack.recorded_as(name, entry.name if name != entry.name else None)
-
-
-# -- registrations of attacks defined in modules still to be ported ----------------------
-# These belong beside their definitions (``@register(...)`` above the class); they move
-# there when apgd.py, cw.py, fab.py, square.py, autoattack.py and deepsloth.py are ported.
-register("cw", aliases=("cw-l2",))(CWL2)
-register("apgd-ce", loss="ce")(APGD)
-register("apgd-dlr", loss="dlr")(APGD)
-register("apgd-t")(APGDT)
-register("fab", targeted=False)(FAB)
-register("fab-t", targeted=True)(FAB)
-register("square")(Square)
-register("autoattack")(AutoAttack)
-register("deepsloth", kind="multi-exit")(DeepSloth)
-register("pgd-final", kind="multi-exit", target="final")(ExitPGD)
-register("pgd-avg", kind="multi-exit", target="avg")(ExitPGD)
-register("pgd-max", kind="multi-exit", target="max")(ExitPGD)
-# -- end of the registrations to move ----------------------------------------------------

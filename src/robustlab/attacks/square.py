@@ -53,6 +53,7 @@ from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
 from .losses import cross_entropy, cw_margin
+from .registry import register
 from .restarts import Best, Candidates, run_restarts
 
 SQUARE_NORMS = ("linf", "l2", "l1")
@@ -71,6 +72,7 @@ def p_selection(p_init: float, it: int, queries: int, rescale: bool = True) -> f
     return p_init / 2 ** sum(scaled > bound for bound in P_SCHEDULE)
 
 
+@register("square")
 @dataclass(frozen=True)
 class Square(Attack):
     """Square Attack for linf, l2 and l1; ``loss`` is "margin" or "ce" (both minimised).
