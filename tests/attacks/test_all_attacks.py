@@ -50,7 +50,7 @@ EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0}
 ZERO_EPS_REFUSED = {"fgsm", "bim", "mifgsm", "difgsm", "tifgsm"}  # their step size is from eps
 
 
-def _model() -> nn.Module:
+def _model() -> nn.Sequential:
     """A small conv net with batch norm (train-mode state that must survive the attack)."""
     torch.manual_seed(0)
     return nn.Sequential(
@@ -74,7 +74,8 @@ class Flaky(nn.Module):
         self.calls += 1
         if self.calls == self.fail_at:
             raise RuntimeError("boom")
-        return self.body(x)
+        out: torch.Tensor = self.body(x)
+        return out
 
 
 def _snapshot(model: nn.Module) -> tuple[object, ...]:
@@ -246,7 +247,7 @@ STRONG: dict[str, Strong] = {
 }
 # Names above that are not registered yet (today: the multi-exit ones). Each is still run,
 # built from its class, by test_multi_exit_attacks_reach_their_goals.
-PENDING = {
+PENDING: dict[str, Callable[..., Attack]] = {
     "deepsloth": lambda norm, eps, **kw: DeepSloth(norm=norm, eps=eps, **kw),
     "exit-pgd": lambda norm, eps, **kw: ExitPGD(norm=norm, eps=eps, **kw),
     "pgd-final": lambda norm, eps, **kw: ExitPGD(norm=norm, eps=eps, target="final", **kw),
