@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from robustlab.analysis.efficiency import measure_efficiency
+from robustlab.analysis.efficiency import calibrate, measure_efficiency
 from robustlab.attacks.deepsloth import (
     DeepSloth,
     ExitPGD,
@@ -39,7 +39,7 @@ from robustlab.attacks.deepsloth import (
 )
 from robustlab.data import DataSplits, load_data
 from robustlab.models.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
-from robustlab.models.multiexit import MultiExitNetwork, attach_exits, calibrate
+from robustlab.models.multiexit import MultiExitNetwork, attach_exits
 from robustlab.train import TrainConfig, train
 from robustlab.train.sdn import SDNConfig, train_exits
 

@@ -74,9 +74,9 @@ def table(record: dict[str, Any], attacks: list[str]) -> str:
 def diagnose(args: argparse.Namespace, out: Path) -> None:
     """Skip/branch gradient split per block and SGM gradient alignment, as markdown and JSON."""
     from robustlab.analysis.transfer import gradient_alignment, skip_branch_split
-    from robustlab.commands.transfer import _obtain, parse_model
+    from robustlab.cli.transfer import _obtain, parse_model
     from robustlab.data import load_data
-    from robustlab.demo import cache_root
+    from robustlab.train.cache import cache_root
 
     splits = load_data("mnist5k")
     opts = argparse.Namespace(

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RobustlabError
+from .version import __version__
 
 if TYPE_CHECKING:
     from torch import nn
-
-__version__ = "0.1.0"
 
 
 def load(path: str | Path, **legacy: Any) -> nn.Module:

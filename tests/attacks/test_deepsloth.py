@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustlab.analysis.efficiency import measure_efficiency
+from robustlab.analysis.efficiency import calibrate, measure_efficiency
 from robustlab.attacks.deepsloth import (
     DeepSloth,
     ExitPGD,
@@ -20,7 +20,7 @@ from robustlab.core.threat import ThreatModel
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
-from robustlab.models.multiexit import MultiExitNetwork, attach_exits, calibrate
+from robustlab.models.multiexit import MultiExitNetwork, attach_exits
 from robustlab.train import TrainConfig, train
 from robustlab.train.sdn import SDNConfig, train_exits
 

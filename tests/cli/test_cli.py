@@ -12,6 +12,7 @@ import pytest
 
 from robustlab.cli import main
 from robustlab.demo import run_demo
+from robustlab.store import ResultStore
 from robustlab.train import TrainConfig
 
 
@@ -163,6 +164,28 @@ def test_train_refuses_to_overwrite_a_checkpoint(
             ],
             "eps warm-up must be a fraction",
         ),
+        (
+            ["eval", "--model", "{ckpt}", "--data", "digits", "--eps", "0.1", "--json", "{tmp}"],
+            "--json {tmp} is a folder",
+        ),
+        (
+            ["eval", "--model", "{ckpt}", "--data", "digits", "--eps", "0.1", "--samples", "{tmp}"],
+            "--samples {tmp} is a folder",
+        ),
+        (
+            ["attack", "--model", "{ckpt}", "--data", "digits", "--eps", "0.1", "--save", "{tmp}"],
+            "--save {tmp} is a folder",
+        ),
+        (
+            ["train", "--data", "digits", "--out", "{ckpt}/manifest.json"],
+            "is a file; give a folder",
+        ),
+        (["demo", "--out", "{ckpt}/manifest.json"], "is a file; give a folder"),
+        (["report", "--store", "{tmp}/s.sqlite", "--out", "{tmp}"], "--out {tmp} is a folder"),
+        (
+            ["eval", "--model", "{ckpt}", "--arch", "resnet8", "--data", "digits", "--eps", "0.1"],
+            "--arch only names the architecture of a legacy .pt/.pth",
+        ),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(
@@ -173,8 +196,11 @@ def test_bad_input_is_one_sentence_and_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = [a.replace("{ckpt}", str(digits_ckpt)).replace("{tmp}", str(tmp_path)) for a in args]
+    if argv[0] == "report":
+        ResultStore(tmp_path / "s.sqlite")
     assert main([*argv, "--no-progress"] if argv[0] in ("eval", "train") else argv) == 2
     err = capsys.readouterr().err
+    message = message.replace("{tmp}", str(tmp_path))
     assert err.startswith("robustlab: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
@@ -361,3 +387,73 @@ def test_eval_runs_attacks_with_and_without_a_seed(
         args += ["--steps", "5"]
     assert main(args) == 0
     assert json.loads((tmp_path / "r.json").read_text())["attack"]["eps"] == 0.1
+
+
+def test_demo_keeps_the_records_already_in_its_store(tmp_path: Path) -> None:
+    """A store the user keeps beside the demo's report is appended to, never replaced."""
+    out = tmp_path / "runs"
+    mine = ResultStore(out / "results.sqlite")
+    mine.add({"kind": "eval", "robust_accuracy": 0.5, "created": "x"}, label="my own model")
+    models = {"standard mlp": TrainConfig(arch="mlp", method="standard", epochs=1)}
+    kwargs = {"models": models, "eps_grid": (0.0, 0.1), "n": 20, "steps": 2, "progress": False}
+    report = run_demo(out, cache=tmp_path / "cache", **kwargs)  # type: ignore[arg-type]
+    kept = ResultStore(out / "results.sqlite").records(label="my own model")
+    assert kept == [
+        {"kind": "eval", "robust_accuracy": 0.5, "created": "x", "label": "my own model"}
+    ]
+    assert len(ResultStore(out / "results.sqlite").records(kind="eval", label="standard mlp")) == 2
+    html = report.read_text()  # the report shows this run's records only
+    assert "standard mlp" in html and "my own model" not in html
+
+
+def test_legacy_pt_weights_take_their_architecture_from_arch(
+    digits_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from robustlab.models.checkpoint import load_checkpoint
+
+    legacy = tmp_path / "weights.pt"
+    torch.save(load_checkpoint(digits_ckpt).model.state_dict(), legacy)
+    base = ["eval", "--data", "digits", "--eps", "0.1", "--steps", "3", "--n", "50"]
+    base += ["--no-progress", "--no-resume"]
+    assert main([*base, "--model", str(legacy)]) == 2
+    assert "legacy weights file without a manifest" in capsys.readouterr().err
+    assert (
+        main([*base, "--model", str(legacy), "--arch", "mlp", "--json", str(tmp_path / "a.json")])
+        == 0
+    )
+    assert main([*base, "--model", str(digits_ckpt), "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{k}.json").read_text()) for k in "ab")
+    assert a["model"]["arch"] == "mlp"
+    assert (a["clean_accuracy"], a["robust_accuracy"]) == (
+        b["clean_accuracy"],
+        b["robust_accuracy"],
+    )
+    adv = tmp_path / "adv.npz"
+    args = ["attack", "--model", str(legacy), "--arch", "mlp", "--data", "digits", "--eps", "0.1"]
+    assert main([*args, "--steps", "2", "--n", "10", "--save", str(adv), "--no-progress"]) == 0
+    assert adv.exists()
+
+
+def test_a_bad_store_is_refused_before_the_evaluation(
+    digits_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_store = tmp_path / "notes.sqlite"
+    not_a_store.write_text("my notes, not a database\n" * 100)
+    out = tmp_path / "e.json"
+    args = ["eval", "--model", str(digits_ckpt), "--data", "digits", "--eps", "0.1"]
+    args += ["--n", "20", "--json", str(out), "--store", str(not_a_store), "--no-progress"]
+    assert main(args) == 2
+    assert "is not a robustlab results store" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "e.samples.csv").exists()
+
+
+def test_models_lists_the_architectures_that_fit_a_small_size(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["models", "--image-size", "3", "--json", str(tmp_path / "m.json")]) == 0
+    rows = {r["arch"]: r for r in json.loads((tmp_path / "m.json").read_text())}
+    assert rows["vit"]["parameters"] is None and "patch size" in rows["vit"]["error"]
+    assert rows["mlp"]["parameters"] > 0 and "error" not in rows["mlp"]
+    assert "not at this size" in capsys.readouterr().out

@@ -149,3 +149,32 @@ def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for flag in ("--sources", "--targets", "--attacks", "--gamma", "--eps", "--json", "--seed"):
         assert flag in out
+
+
+@pytest.mark.parametrize(
+    ("sources", "attacks", "message"),
+    [
+        ("vgg", "sgm", "attack 'sgm' on source 'vgg'"),
+        ("mlp+vgg", "pgd,linbp", "attack 'linbp' on source 'mlp+vgg'"),
+    ],
+)
+def test_structure_is_checked_before_any_training(
+    sources: str, attacks: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SGM and LinBP need residual blocks: said from the untrained architecture, nothing trained."""
+    cache = tmp_path / "cache"
+    args = ["transfer", "--sources", sources, "--targets", "mlp", "--attacks", attacks]
+    _fails([*args, "--cache", str(cache), *FAST], capsys, message)
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_output_paths_are_checked_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    (tmp_path / "file").write_text("")
+    base = ["transfer", "--sources", "mlp", "--targets", "mlp", "--cache", str(cache), *FAST]
+    _fails([*base, "--json", str(tmp_path)], capsys, "is a folder")
+    _fails([*base, "--plots", str(tmp_path / "file")], capsys, "is a file")
+    _fails([*base, "--store", str(tmp_path / "file" / "s.sqlite")], capsys, "cannot be created")
+    assert not cache.exists() or not any(cache.iterdir())

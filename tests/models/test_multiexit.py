@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import robustlab
+from robustlab.analysis.efficiency import calibrate, simulate
 from robustlab.attacks import PGD
 from robustlab.data import Dataset, DataSplits
 from robustlab.errors import RobustlabError
@@ -17,10 +18,8 @@ from robustlab.models.checkpoint import model_config, save_checkpoint
 from robustlab.models.multiexit import (
     MultiExitNetwork,
     attach_exits,
-    calibrate,
     confidence,
     exit_predictions,
-    simulate,
 )
 
 SHAPE = (1, 8, 8)

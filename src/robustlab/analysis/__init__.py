@@ -1,10 +1,14 @@
-"""Audits of a model: FLOPs and early-exit efficiency, transfer matrices, compressibility."""
+"""Audits of a model: FLOPs and early-exit efficiency (threshold calibration included),
+transfer matrices, gradient diagnostics."""
 
-from .efficiency import efficacy, measure_efficiency
-from .flops import exit_flops
+from .efficiency import Calibration, calibrate, efficacy, measure_efficiency
+from .flops import count_flops, exit_flops
 from .transfer import gamma_sweep, parse_attack, transfer_matrix
 
 __all__ = [
+    "Calibration",
+    "calibrate",
+    "count_flops",
     "efficacy",
     "exit_flops",
     "gamma_sweep",

@@ -1,4 +1,8 @@
-"""Early-exit efficiency: exit distribution, average FLOPs, efficacy and measured latency.
+"""Early-exit efficiency: threshold calibration, exit distribution, average FLOPs, efficacy
+and measured latency.
+
+Thresholds are calibrated on a held-out calibration split (:func:`calibrate`), never on test:
+per allowed relative accuracy drop, the cheapest threshold that keeps the early-exit accuracy.
 
 Efficacy (DeepSloth, Hong et al. 2021) is the area under the curve "fraction of inputs that
 have exited" against "cost paid, as a fraction of the cost of the full multi-exit network".
@@ -23,8 +27,18 @@ from typing import Any
 
 import torch
 
+from ..core.guard import evaluating
+from ..data import Dataset
 from ..errors import RobustlabError
-from ..models.multiexit import MultiExitNetwork, check_rule, check_threshold
+from ..models.multiexit import (
+    MultiExitNetwork,
+    check_rule,
+    check_threshold,
+    exit_predictions,
+    first_exit,
+    head_flops,
+    unit_flops,
+)
 
 
 def exit_fractions(exits: torch.Tensor, num_exits: int) -> list[float]:
@@ -208,20 +222,13 @@ def measure_efficiency(
         raise RobustlabError(f"need inputs with one label each, got {len(x)} and {len(y)}")
     q = model.threshold if threshold is None else check_threshold(threshold)
     rule = model.rule if rule is None else check_rule(rule)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with evaluating(model):
         preds, exits, finals = early_exit_all(model, x, q, rule, batch_size)
         latency = latency_full = 0.0
         timed = x[: max(0, latency_samples)]
         if len(timed):
             latency = measure_latency(model, timed, q, rule, latency_batch_size)
             latency_full = measure_latency(model, timed, q, rule, latency_batch_size, full=True)
-    finally:
-        for m, training in modes:
-            m.training = training
-    from .flops import head_flops, unit_flops
-
     costs = model.exit_costs()
     backbone = sum(unit_flops(model)) + head_flops(model)
     fractions = exit_fractions(exits, model.num_exits)
@@ -249,3 +256,76 @@ def measure_efficiency(
         latency_samples=len(timed),
         latency_batch_size=latency_batch_size,
     )
+
+
+# -- threshold calibration -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds chosen on a calibration split, one per allowed relative accuracy drop."""
+
+    rule: str
+    thresholds: dict[str, float]
+    final_accuracy: float
+    early_accuracy: dict[str, float]
+    avg_cost_fraction: dict[str, float]
+    samples: int
+    split: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def drop_key(drop: float) -> str:
+    """The key of a relative accuracy drop, e.g. 0.05 -> '5%'."""
+    return f"{100 * drop:g}%"
+
+
+def simulate(
+    scores: torch.Tensor, preds: torch.Tensor, y: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exit taken and whether it is right, per input, for a threshold (same rule as early_exit)."""
+    exits = first_exit(scores, threshold)
+    taken = preds.gather(1, exits[:, None])[:, 0]
+    return exits, taken == y
+
+
+def calibrate(
+    model: MultiExitNetwork,
+    data: Dataset | None,
+    drops: Sequence[float] = (0.05, 0.15),
+    rule: str | None = None,
+    batch_size: int = 500,
+) -> Calibration:
+    """Per allowed relative accuracy drop, the cheapest threshold whose early-exit accuracy on
+    the calibration split stays >= (1 - drop) x the final exit's accuracy there."""
+    if data is None or len(data) == 0:
+        raise RobustlabError(
+            "threshold calibration needs a non-empty calibration split (never the test set)"
+        )
+    for d in drops:
+        if not 0 <= d < 1:
+            raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
+    rule = check_rule(rule or model.rule)
+    scores, preds = exit_predictions(model, data.x, rule, batch_size)
+    y = data.y.cpu()
+    final_acc = float((preds[:, -1] == y).float().mean())
+    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
+    costs = costs / costs[-1]
+    values = torch.unique(scores.flatten())
+    if len(values) > 4000:
+        values = torch.quantile(values.double(), torch.linspace(0, 1, 4000).double()).float()
+    candidates = sorted({*values[values > 0].tolist(), 1.0})
+    table = []
+    for q in candidates:
+        exits, right = simulate(scores, preds, y, q)
+        table.append((q, float(right.float().mean()), float(costs[exits].mean())))
+    thresholds, accs, cost_fraction = {}, {}, {}
+    for d in drops:
+        ok = [row for row in table if row[1] >= (1 - d) * final_acc - 1e-12]
+        q, acc, cost = min(ok, key=lambda r: (r[2], -r[1], -r[0])) if ok else table[-1]
+        key = drop_key(d)
+        thresholds[key], accs[key], cost_fraction[key] = q, acc, cost
+    return Calibration(rule, thresholds, final_acc, accs, cost_fraction, len(data), data.name)

@@ -34,12 +34,14 @@ from tqdm import tqdm
 
 from ..attacks.base import Attack
 from ..attacks.iterative import IterativeAttack
+from ..attacks.losses import cross_entropy
 from ..attacks.surrogate import on_surrogate
 from ..attacks.transforms import check_gamma, find_residual_sites, linbp, skip_gradient
+from ..core.guard import evaluating, frozen_eval
 from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
-from ..models.blocks import DenseLayer
+from ..models.blocks import DenseLayer, ResidualBlock, residual_blocks
 
 #: Base attacks (the gradient step) and the modifiers that can be joined to them with "+".
 BASES = ("pgd", "ifgsm", "bim", "fgsm")
@@ -58,7 +60,7 @@ def default_gamma(model: nn.Module, one_step: bool = False) -> float:
     transformers.
     """
     sites = find_residual_sites(model)
-    if any(isinstance(s.block, DenseLayer) for s in sites):
+    if any(s.merge == "concat" for s in sites):
         return 0.7 if one_step else 0.5
     if sites and all(s.power == 0.5 for s in sites):
         return 0.6
@@ -308,14 +310,8 @@ def _probe(name: str, role: str, model: nn.Module, x: torch.Tensor, num_classes:
 
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Predicted labels of a model, in batches, in eval mode (its mode restored)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            preds = [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
-    finally:
-        for m, training in modes:
-            m.training = training
+    with evaluating(model), torch.inference_mode():
+        preds = [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
     return torch.cat(preds)
 
 
@@ -475,9 +471,6 @@ def input_gradients(
     batch_size: int = 250,
 ) -> torch.Tensor:
     """Per-sample input gradients of the cross-entropy, in eval mode; under SGM with ``gamma``."""
-    from ..attacks.losses import cross_entropy
-    from ..core.guard import frozen_eval
-
     grads = []
     with frozen_eval(model, warn_train_mode=False), ExitStack() as stack:
         if gamma is not None:
@@ -551,11 +544,7 @@ def skip_branch_split(
     mean ``cosine`` between the two parts and ``branch_over_skip`` = ||g_branch|| /
     ||g_skip||. Only robustlab's own residual blocks (zoo models) are measured.
     """
-    from ..attacks.losses import cross_entropy
-    from ..core.guard import frozen_eval
-    from ..models.blocks import ResidualBlock
-
-    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    blocks = residual_blocks(model)
     if not blocks:
         raise RobustlabError("skip_branch_split needs a model with robustlab residual blocks")
     skip_n: list[list[torch.Tensor]] = [[] for _ in blocks]
@@ -613,8 +602,6 @@ def _split(
     block: nn.Module, x_in: torch.Tensor, g_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient at a block's input through its shortcut and through its branch."""
-    from ..models.blocks import DenseLayer, ResidualBlock
-
     assert isinstance(block, ResidualBlock)
     with torch.enable_grad():
         x = x_in.detach().requires_grad_(True)

@@ -8,7 +8,9 @@ Any gradient attack composes with them::
     with skip_gradient(model, gamma=0.2):
         x_adv = MIFGSM(eps=0.1)(model, x, y)
 
-**Where the residual blocks are.** Blocks are found by structure, never by module name:
+**Where the residual blocks are** is the model structure's answer
+(:func:`robustlab.models.structure.find_residual_sites`, re-exported here with
+:func:`declare_residual`). Blocks are found by structure, never by module name:
 
 - robustlab's :class:`~robustlab.models.blocks.ResidualBlock` and ``DenseLayer`` expose
   their residual branch as ``.branch``;
@@ -49,8 +51,6 @@ such branch a second time (a forward and a backward pass of the branch only).
 from __future__ import annotations
 
 import math
-import sys
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,208 +61,21 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import RobustlabError
-from ..models.blocks import ResidualBlock
+from ..models.structure import BranchSpec, ResidualSite, declare_residual, find_residual_sites
 
-BranchSpec = str | Sequence[str] | Callable[[nn.Module], nn.Module | Sequence[nn.Module]]
+__all__ = [
+    "LINEARISED",
+    "BranchSpec",
+    "ResidualSite",
+    "check_gamma",
+    "declare_residual",
+    "find_residual_sites",
+    "linbp",
+    "skip_gradient",
+]
 
 #: Activations that LinBP treats as the identity in the backward pass.
 LINEARISED: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU)
-
-
-@dataclass(frozen=True, eq=False)
-class ResidualSite:
-    """One residual block: the modules whose outputs are its branch, and how gamma applies.
-
-    ``ends`` are the modules whose outputs are the residual branch's output(s) (the values
-    the skip path is added to or concatenated with); each is scaled by ``gamma ** power``.
-    ``branch`` is the whole branch as one module taking the block's input, when known
-    (LinBP needs it); ``None`` when only the branch's last layer is known.
-    """
-
-    block: nn.Module
-    ends: tuple[nn.Module, ...]
-    power: float = 1.0
-    branch: nn.Module | None = None
-
-
-@dataclass(frozen=True)
-class _Declaration:
-    """How to find the branch of a declared residual block."""
-
-    branch: BranchSpec
-    power: float
-    whole_branch: bool
-    origin: str = "declared"
-
-
-_BY_TYPE: dict[type[nn.Module], _Declaration] = {}
-_BY_INSTANCE: weakref.WeakKeyDictionary[nn.Module, _Declaration] = weakref.WeakKeyDictionary()
-
-
-def declare_residual(
-    target: type[nn.Module] | nn.Module,
-    branch: BranchSpec,
-    *,
-    power: float = 1.0,
-    whole_branch: bool = False,
-) -> Callable[[], None]:
-    """Mark a block class (or one block) of a foreign model as residual; returns an undo function.
-
-    ``branch`` names the submodule(s) whose output is the residual branch's output, the
-    value the skip path is added to: a dotted attribute path (``"bn2"`` for a torchvision
-    ``BasicBlock``, whose ``out += identity`` follows ``bn2``), several paths (a block with
-    two branches), or a function of the block returning the module(s) (``lambda b: b`` when
-    the block's whole output is its branch, as a DenseNet layer). SGM scales each of these
-    outputs' gradient by ``gamma ** power`` (``power=0.5`` for the two sub-blocks of a
-    transformer layer). ``whole_branch=True`` says the named module computes the entire
-    branch from the block's input, which lets LinBP linearise and renormalise it.
-    """
-    if not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
-        raise RobustlabError(f"declare_residual: power must be a positive number, got {power!r}")
-    if isinstance(branch, str):
-        branch_spec: BranchSpec = branch
-    elif callable(branch):
-        branch_spec = branch
-    else:
-        paths = tuple(branch)
-        if not paths or not all(isinstance(p, str) for p in paths):
-            raise RobustlabError(
-                "declare_residual: branch must be an attribute path, a list of them, "
-                "or a function of the block returning its branch module(s)"
-            )
-        branch_spec = paths
-    if whole_branch and not isinstance(branch_spec, str) and not callable(branch_spec):
-        raise RobustlabError("declare_residual: whole_branch needs exactly one branch module")
-    decl = _Declaration(branch_spec, float(power), whole_branch)
-    if isinstance(target, nn.Module):
-        _BY_INSTANCE[target] = decl
-        ref = weakref.ref(target)
-
-        def undo_instance() -> None:
-            obj = ref()
-            if obj is not None and _BY_INSTANCE.get(obj) is decl:
-                del _BY_INSTANCE[obj]
-
-        return undo_instance
-    if not (isinstance(target, type) and issubclass(target, nn.Module)):
-        raise RobustlabError(
-            f"declare_residual needs an nn.Module subclass or instance, got {target!r}"
-        )
-    _BY_TYPE[target] = decl
-    cls = target
-
-    def undo_type() -> None:
-        if _BY_TYPE.get(cls) is decl:
-            del _BY_TYPE[cls]
-
-    return undo_type
-
-
-def _last_present(*names: str) -> Callable[[nn.Module], nn.Module]:
-    """The last of the named submodules that exists and is not None (timm's optional layers)."""
-
-    def pick(block: nn.Module) -> nn.Module:
-        for name in reversed(names):
-            found = getattr(block, name, None)
-            if isinstance(found, nn.Module):
-                return found
-        raise RobustlabError(
-            f"{type(block).__name__} has none of {', '.join(names)}; "
-            "declare its residual branch with declare_residual"
-        )
-
-    return pick
-
-
-def _whole(block: nn.Module) -> nn.Module:
-    """The block itself: its whole output is the residual branch (DenseNet layers)."""
-    return block
-
-
-def _adapter_declarations() -> dict[type[nn.Module], _Declaration]:
-    """Residual blocks of torchvision and timm models, for those of them already imported."""
-    found: dict[type[nn.Module], _Declaration] = {}
-
-    def add(module: str, cls: str, decl: _Declaration) -> None:
-        mod = sys.modules.get(module)
-        found_cls = getattr(mod, cls, None) if mod is not None else None
-        if isinstance(found_cls, type) and issubclass(found_cls, nn.Module):
-            found[found_cls] = decl
-
-    tv, tm = "torchvision", "timm"
-    add("torchvision.models.resnet", "BasicBlock", _Declaration("bn2", 1.0, False, tv))
-    add("torchvision.models.resnet", "Bottleneck", _Declaration("bn3", 1.0, False, tv))
-    add("torchvision.models.densenet", "_DenseLayer", _Declaration(_whole, 1.0, False, tv))
-    add(
-        "torchvision.models.vision_transformer",
-        "EncoderBlock",
-        _Declaration(("dropout", "mlp"), 0.5, False, tv),
-    )
-    add(
-        "timm.models.resnet",
-        "BasicBlock",
-        _Declaration(_last_present("bn2", "se", "drop_path"), 1.0, False, tm),
-    )
-    add(
-        "timm.models.resnet",
-        "Bottleneck",
-        _Declaration(_last_present("bn3", "se", "drop_path"), 1.0, False, tm),
-    )
-    add("timm.models.densenet", "DenseLayer", _Declaration(_whole, 1.0, False, tm))
-    add(
-        "timm.models.vision_transformer",
-        "Block",
-        _Declaration(("drop_path1", "drop_path2"), 0.5, False, tm),
-    )
-    return found
-
-
-def _resolve(block: nn.Module, decl: _Declaration) -> ResidualSite:
-    """The site of a declared block: look its branch module(s) up."""
-    spec = decl.branch
-    modules: list[nn.Module] = []
-    if isinstance(spec, str) or (not callable(spec) and isinstance(spec, Sequence)):
-        for path in [spec] if isinstance(spec, str) else list(spec):
-            try:
-                modules.append(block.get_submodule(path))
-            except AttributeError:
-                raise RobustlabError(
-                    f"{type(block).__name__} was declared residual with branch '{path}', "
-                    "but it has no such submodule"
-                ) from None
-    else:
-        got = spec(block)
-        modules = [got] if isinstance(got, nn.Module) else list(got)
-    if not modules or not all(isinstance(m, nn.Module) for m in modules):
-        raise RobustlabError(
-            f"the declared branch of {type(block).__name__} is not a module (or list of modules)"
-        )
-    whole = modules[0] if decl.whole_branch and len(modules) == 1 else None
-    return ResidualSite(block, tuple(modules), decl.power, whole)
-
-
-def _is_transformer_branch(branch: nn.Module) -> bool:
-    """A pre-norm transformer sub-block normalises its branch input with LayerNorm."""
-    return any(isinstance(m, (nn.LayerNorm, nn.MultiheadAttention)) for m in branch.modules())
-
-
-def find_residual_sites(model: nn.Module) -> list[ResidualSite]:
-    """Every residual block of a model, found by structure, in module order."""
-    adapters = _adapter_declarations()
-    sites: list[ResidualSite] = []
-    for module in model.modules():
-        decl = _BY_INSTANCE.get(module)
-        if decl is None:
-            for cls in type(module).__mro__:
-                decl = _BY_TYPE.get(cls) or adapters.get(cls)  # type: ignore[arg-type]
-                if decl is not None:
-                    break
-        if decl is not None:
-            sites.append(_resolve(module, decl))
-        elif isinstance(module, ResidualBlock):
-            power = 0.5 if _is_transformer_branch(module.branch) else 1.0
-            sites.append(ResidualSite(module, (module.branch,), power, module.branch))
-    return sites
 
 
 def check_gamma(gamma: float) -> float:

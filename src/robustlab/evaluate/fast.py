@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ..core.guard import evaluating
+
 _FOLDABLE: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
     (nn.Conv1d, nn.BatchNorm1d),
     (nn.Conv2d, nn.BatchNorm2d),
@@ -64,7 +66,7 @@ def fold_batchnorm(model: nn.Module) -> int:
             for p in fused.parameters():
                 p.requires_grad_(requires_grad)
             seq._modules[a] = fused
-            seq._modules[b] = nn.Identity()
+            seq._modules[b] = nn.Identity().train(bn.training)  # the mode the BN had
             folded += 1
     return folded
 
@@ -81,12 +83,8 @@ def fast_copy(
     fast = copy.deepcopy(model)
     if fold:  # evaluation runs in eval mode: fold as such, then keep the copy's flags (the
         # evaluation's guard warns about a model handed over in train mode)
-        modes = {id(m): m.training for m in fast.modules()}
-        fast.eval()
-        with torch.no_grad():
+        with evaluating(fast), torch.no_grad():
             fold_batchnorm(fast)
-        for m in fast.modules():
-            m.training = modes.get(id(m), False)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return fast

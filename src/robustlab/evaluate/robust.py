@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import __version__
 from ..attacks.base import Attack
 from ..core.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
+from ..version import __version__
 from .checks import black_box_warning, masking_checks
 from .fast import fast_copy
 

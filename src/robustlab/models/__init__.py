@@ -1,7 +1,12 @@
-"""Model zoo: architecture registry, normalisation, residual blocks, checkpoints."""
+"""Model zoo: architecture registry, normalisation, residual blocks, structure, checkpoints.
 
+Each zoo module registers its architectures and declares its structure beside its definition;
+importing them here (in the order they were always registered) completes the registry.
+"""
+
+from . import resnet, preact_resnet, vgg, densenet, vit, mlp  # noqa: I001  (keeps registration order)
 from .blocks import DenseLayer, Normalize, ResidualBlock, residual_blocks
-from .multiexit import MultiExitNetwork, attach_exits, calibrate
+from .multiexit import MultiExitNetwork, attach_exits
 from .registry import (
     ARCHITECTURES,
     Architecture,
@@ -10,6 +15,19 @@ from .registry import (
     get_architecture,
     register,
 )
+from .structure import (
+    Plan,
+    ResidualSite,
+    classifier_head,
+    declare_features,
+    declare_residual,
+    declare_units,
+    feature_shape,
+    find_residual_sites,
+    penultimate_features,
+    plan_for,
+    weight_layers,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -17,12 +35,28 @@ __all__ = [
     "DenseLayer",
     "MultiExitNetwork",
     "Normalize",
+    "Plan",
     "ResidualBlock",
+    "ResidualSite",
     "attach_exits",
     "build_model",
-    "calibrate",
+    "classifier_head",
     "count_parameters",
+    "densenet",
+    "declare_features",
+    "declare_residual",
+    "declare_units",
+    "feature_shape",
+    "find_residual_sites",
     "get_architecture",
+    "mlp",
+    "penultimate_features",
+    "preact_resnet",
+    "plan_for",
     "register",
     "residual_blocks",
+    "resnet",
+    "vgg",
+    "vit",
+    "weight_layers",
 ]

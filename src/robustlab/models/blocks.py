@@ -51,6 +51,10 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.post(self.shortcut(x) + self.branch(x))
 
+    def flops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """Cost of the merge itself: one addition per output element."""
+        return out.numel()
+
 
 class DenseLayer(ResidualBlock):
     """``cat([shortcut(x), branch(x)])``: a DenseNet layer, whose new features are its branch."""
@@ -59,6 +63,10 @@ class DenseLayer(ResidualBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.post(torch.cat([self.shortcut(x), self.branch(x)], dim=1))
+
+    def flops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """A concatenation costs no arithmetic."""
+        return 0
 
 
 def residual_blocks(model: nn.Module) -> list[ResidualBlock]:

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import RobustlabError
 from ..io import atomic_path, atomic_write_text
 from .blocks import Normalize
+from .multiexit import MultiExitNetwork
 from .registry import build_model
 
 WEIGHTS = "model.safetensors"
@@ -79,6 +80,29 @@ def build_from_config(config: dict[str, Any]) -> nn.Sequential:
     except (KeyError, TypeError, ValueError) as exc:
         raise RobustlabError(
             f"checkpoint manifest has an incomplete or invalid model section ({exc})"
+        ) from None
+
+
+def multiexit_from_config(config: dict[str, Any]) -> MultiExitNetwork:
+    """Rebuild an (untrained) multi-exit network from a manifest's ``model`` section."""
+    spec = config.get("multi_exit")
+    if not isinstance(spec, dict) or not isinstance(spec.get("positions"), list):
+        raise RobustlabError("checkpoint manifest has an invalid multi_exit section")
+    backbone = build_from_config({k: v for k, v in config.items() if k != "multi_exit"})
+    try:
+        shape = (int(config["in_channels"]), int(config["image_size"]), int(config["image_size"]))
+        return MultiExitNetwork(
+            backbone,
+            shape,
+            int(config["num_classes"]),
+            spec["positions"],
+            rule=str(spec.get("rule", "max_softmax")),
+            threshold=float(spec.get("threshold", 1.0)),
+            output=str(spec.get("output", "final")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RobustlabError(
+            f"checkpoint manifest has an invalid multi_exit section ({exc})"
         ) from None
 
 
@@ -157,8 +181,6 @@ def load_checkpoint(path: str | Path, **legacy: Any) -> Checkpoint:
         )
     config = manifest.get("model", {})
     if isinstance(config, dict) and "multi_exit" in config:  # exits over a zoo backbone
-        from .multiexit import multiexit_from_config
-
         model: nn.Module = multiexit_from_config(config)
     else:
         model = build_from_config(config)

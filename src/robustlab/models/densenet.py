@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from .blocks import DenseLayer
+from .registry import Architecture, register
+from .structure import Plan, Step, declare_features, declare_units
 
 
 def dense_layer(c_in: int, growth: int) -> DenseLayer:
@@ -62,3 +64,26 @@ class DenseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.head(self.features(x)))
+
+
+def densenet_units(net: DenseNet) -> Plan:
+    """Units of a DenseNet: the stem, then each dense layer; a transition joins the layer before."""
+    units: list[list[Step]] = []
+    names: list[str] = []
+    for i, layer in enumerate(net.features):
+        step = ("call", f"features.{i}")
+        if i == 0:
+            units.append([step])
+            names.append("stem")
+        elif isinstance(layer, nn.Sequential):
+            units[-1].append(step)
+            names[-1] += "+transition"
+        else:
+            units.append([step])
+            names.append(f"features.{i}")
+    return Plan(tuple(tuple(u) for u in units), tuple(names), (("call", "head"), ("call", "fc")))
+
+
+register(Architecture("densenet", DenseNet, {}, "small DenseNet-BC, 3 dense stages"))
+declare_units(DenseNet, densenet_units)
+declare_features(DenseNet, "fc")

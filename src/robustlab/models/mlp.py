@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import Architecture, register
+from .structure import Plan, declare_features, declare_units, sequential_units
+
 
 class MLP(nn.Module):
     """flatten, ``depth`` hidden linear-relu layers of ``width`` units, linear head."""
@@ -25,3 +28,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+def mlp_units(net: MLP) -> Plan:
+    """Units of an MLP: one per hidden linear layer (with its activation)."""
+    units, names = sequential_units(net.features, nn.Linear, "hidden", "features")
+    return Plan(tuple(tuple(u) for u in units), tuple(names), (("call", "fc"),))
+
+
+register(Architecture("mlp", MLP, {}, "fully connected network on flattened pixels"))
+declare_units(MLP, mlp_units)
+declare_features(MLP, "fc")

@@ -15,7 +15,12 @@ and the rest of the network runs on the remaining inputs only.
 
 Confidence is ``max softmax`` (rule ``max_softmax``) or ``1 - entropy / log(classes)`` (rule
 ``entropy``); an input exits where its confidence is >= the threshold q in (0, 1].
-Thresholds are calibrated on a held-out calibration split (:func:`calibrate`), never on test.
+Thresholds are calibrated on a held-out calibration split
+(:func:`robustlab.analysis.efficiency.calibrate`), never on test.
+
+Where the units are is the backbone's own declaration (:mod:`robustlab.models.structure`);
+this module knows no architecture by name. The cost of each unit, exit and head is counted
+here with :mod:`robustlab.models.flops`.
 """
 
 from __future__ import annotations
@@ -23,31 +28,45 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.guard import evaluating
 from ..errors import RobustlabError
-from .blocks import Normalize
-from .densenet import DenseNet
-from .mlp import MLP
-from .preact_resnet import PreActResNet
-from .resnet import ResNet
-from .vgg import VGG
-from .vit import ViT
+from .flops import FlopCounter
+from .structure import Plan, Step, plan_for, run_steps
 
-if TYPE_CHECKING:
-    from ..data import Dataset
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "HEAD_SIZE",
+    "OUTPUTS",
+    "RULES",
+    "ExitHead",
+    "ExitOutput",
+    "MultiExitNetwork",
+    "Plan",
+    "Step",
+    "attach_exits",
+    "check_rule",
+    "check_threshold",
+    "confidence",
+    "default_positions",
+    "exit_flops",
+    "exit_predictions",
+    "first_exit",
+    "head_flops",
+    "plan_for",
+    "unit_flops",
+]
 
 RULES = ("max_softmax", "entropy")
 OUTPUTS = ("final", "early", "all")
 DEFAULT_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
 HEAD_SIZE = 4  # ICs pool feature maps to 4x4, as in SDN
-
-Step = tuple[str, str]  # (operation, submodule path): "call", "tokens" (ViT embedding), "cls"
 
 
 def check_rule(rule: str) -> str:
@@ -152,95 +171,6 @@ class ExitHead(nn.Module):
         return 2 * inp.numel() + 2 * n
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How to run a backbone unit by unit: the steps of each unit and of the final head."""
-
-    units: tuple[tuple[Step, ...], ...]
-    names: tuple[str, ...]
-    head: tuple[Step, ...]
-
-
-def _call(path: str) -> Step:
-    return ("call", path)
-
-
-def plan_for(backbone: nn.Module) -> Plan:
-    """Cut a ``build_model`` backbone (Normalize + zoo net) into units, by its structure."""
-    children = dict(backbone.named_children())
-    if not isinstance(children.get("normalize"), Normalize) or "net" not in children:
-        raise RobustlabError(
-            "exits attach to a zoo model as build_model makes it (Normalize followed by a "
-            "registered network)"
-        )
-    net = children["net"]
-    pre: list[Step] = [_call("backbone.normalize")]
-    units: list[list[Step]] = []
-    names: list[str] = []
-    head: tuple[Step, ...]
-    if isinstance(net, (ResNet, PreActResNet)):
-        units.append([*pre, _call("backbone.net.stem")])
-        names.append("stem")
-        for i in range(len(net.blocks)):
-            units.append([_call(f"backbone.net.blocks.{i}")])
-            names.append(f"blocks.{i}")
-        tail = "pool" if isinstance(net, ResNet) else "head"
-        head = (_call(f"backbone.net.{tail}"), _call("backbone.net.fc"))
-    elif isinstance(net, (VGG, MLP)):
-        starts = nn.Conv2d if isinstance(net, VGG) else nn.Linear
-        label = "conv" if isinstance(net, VGG) else "hidden"
-        current: list[Step] = list(pre)
-        begun = False
-        for i, layer in enumerate(net.features):
-            if isinstance(layer, starts):
-                if begun:
-                    units.append(current)
-                    current = []
-                begun = True
-            current.append(_call(f"backbone.net.features.{i}"))
-        units.append(current)
-        names = [f"{label}.{k}" for k in range(len(units))]
-        head = (
-            (_call("backbone.net.pool"), _call("backbone.net.fc"))
-            if isinstance(net, VGG)
-            else (_call("backbone.net.fc"),)
-        )
-    elif isinstance(net, DenseNet):
-        for i, layer in enumerate(net.features):
-            step = _call(f"backbone.net.features.{i}")
-            if i == 0:
-                units.append([*pre, step])
-                names.append("stem")
-            elif isinstance(layer, nn.Sequential):  # a transition joins the layer before it
-                units[-1].append(step)
-                names[-1] += "+transition"
-            else:
-                units.append([step])
-                names.append(f"features.{i}")
-        head = (_call("backbone.net.head"), _call("backbone.net.fc"))
-    elif isinstance(net, ViT):
-        units.append([*pre, ("tokens", "backbone.net")])
-        names.append("embedding")
-        for k in range(len(net.layers) // 2):
-            units.append(
-                [_call(f"backbone.net.layers.{2 * k}"), _call(f"backbone.net.layers.{2 * k + 1}")]
-            )
-            names.append(f"layer.{k}")
-        head = (_call("backbone.net.norm"), ("cls", ""), _call("backbone.net.fc"))
-    else:
-        raise RobustlabError(
-            f"exits cannot attach to a {type(net).__name__}; supported backbones are resnet, "
-            "preact_resnet, vgg, densenet, vit and mlp"
-        )
-    return Plan(tuple(tuple(u) for u in units), tuple(names), head)
-
-
-def _vit_tokens(vit: ViT, x: torch.Tensor) -> torch.Tensor:
-    """The ViT's patch embedding with the class token and position embedding."""
-    t = vit.embed(x).flatten(2).transpose(1, 2)
-    return torch.cat([vit.cls.expand(t.shape[0], -1, -1), t], dim=1) + vit.pos
-
-
 @dataclass
 class ExitOutput:
     """What early-exit inference returns: each input's logits and the exit it left at."""
@@ -265,7 +195,7 @@ class MultiExitNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.plan = plan_for(backbone)
+        self.plan: Plan = plan_for(backbone)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         self.rule = check_rule(rule)
@@ -295,26 +225,15 @@ class MultiExitNetwork(nn.Module):
     # -- running the backbone unit by unit ------------------------------------------------
     def run_steps(self, steps: Sequence[Step], h: torch.Tensor) -> torch.Tensor:
         """Apply the steps of one unit (or of the final head) to features ``h``."""
-        for op, path in steps:
-            if op == "call":
-                h = self.get_submodule(path)(h)
-            elif op == "tokens":
-                vit = self.get_submodule(path)
-                assert isinstance(vit, ViT)
-                h = _vit_tokens(vit, h)
-            elif op == "cls":
-                h = h[:, 0]
-        return h
+        return run_steps(self, steps, h)
 
     def _feature_shapes(self) -> list[tuple[int, ...]]:
         """The per-input feature shape after each unit, from a probe pass in eval mode."""
-        modes = [(m, m.training) for m in self.backbone.modules()]
         param = next(self.backbone.parameters())
         h = torch.zeros(1, *self.input_shape, device=param.device, dtype=param.dtype)
         shapes = []
         try:
-            self.backbone.eval()
-            with torch.no_grad():
+            with evaluating(self.backbone), torch.no_grad():
                 for unit in self.plan.units:
                     h = self.run_steps(unit, h)
                     shapes.append(tuple(h.shape[1:]))
@@ -322,9 +241,6 @@ class MultiExitNetwork(nn.Module):
             raise RobustlabError(
                 f"the backbone does not take inputs of shape {self.input_shape}: {exc}"
             ) from None
-        finally:
-            for m, training in modes:
-                m.training = training
         return shapes
 
     @property
@@ -419,8 +335,6 @@ class MultiExitNetwork(nn.Module):
     def exit_costs(self) -> list[int]:
         """Cumulative multiply-accumulates per input to reach each exit (earlier ICs included)."""
         if self._costs is None:
-            from ..analysis.flops import exit_flops
-
             self._costs = exit_flops(self)
         return list(self._costs)
 
@@ -452,10 +366,8 @@ def default_positions(
     model: MultiExitNetwork, fractions: Sequence[float] = DEFAULT_FRACTIONS
 ) -> list[int]:
     """Units whose cumulative backbone cost is nearest to each fraction of the total (deduplicated)."""
-    from ..analysis.flops import unit_flops
-
     costs = unit_flops(model)
-    total = sum(costs) + costs_head(model)
+    total = sum(costs) + head_flops(model)
     cumulative = [sum(costs[: i + 1]) / total for i in range(len(costs) - 1)]
     if not cumulative:
         return []
@@ -465,13 +377,6 @@ def default_positions(
         if best not in chosen:
             chosen.append(best)
     return sorted(chosen)
-
-
-def costs_head(model: MultiExitNetwork) -> int:
-    """Multiply-accumulates of the backbone's final head for one input."""
-    from ..analysis.flops import head_flops
-
-    return head_flops(model)
 
 
 def attach_exits(
@@ -485,54 +390,7 @@ def attach_exits(
     return MultiExitNetwork(backbone, input_shape, num_classes, positions, **kwargs)
 
 
-def multiexit_from_config(config: dict[str, Any]) -> MultiExitNetwork:
-    """Rebuild an (untrained) multi-exit network from a manifest's ``model`` section."""
-    from .checkpoint import build_from_config
-
-    spec = config.get("multi_exit")
-    if not isinstance(spec, dict) or not isinstance(spec.get("positions"), list):
-        raise RobustlabError("checkpoint manifest has an invalid multi_exit section")
-    backbone = build_from_config({k: v for k, v in config.items() if k != "multi_exit"})
-    try:
-        shape = (int(config["in_channels"]), int(config["image_size"]), int(config["image_size"]))
-        return MultiExitNetwork(
-            backbone,
-            shape,
-            int(config["num_classes"]),
-            spec["positions"],
-            rule=str(spec.get("rule", "max_softmax")),
-            threshold=float(spec.get("threshold", 1.0)),
-            output=str(spec.get("output", "final")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RobustlabError(
-            f"checkpoint manifest has an invalid multi_exit section ({exc})"
-        ) from None
-
-
-# -- threshold calibration -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Thresholds chosen on a calibration split, one per allowed relative accuracy drop."""
-
-    rule: str
-    thresholds: dict[str, float]
-    final_accuracy: float
-    early_accuracy: dict[str, float]
-    avg_cost_fraction: dict[str, float]
-    samples: int
-    split: str
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return asdict(self)
-
-
-def drop_key(drop: float) -> str:
-    """The key of a relative accuracy drop, e.g. 0.05 -> '5%'."""
-    return f"{100 * drop:g}%"
+# -- what every exit says, and what each costs ---------------------------------------------
 
 
 @torch.no_grad()
@@ -540,64 +398,62 @@ def exit_predictions(
     model: MultiExitNetwork, x: torch.Tensor, rule: str, batch_size: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every exit's confidence (N x ICs) and prediction (N x exits) for inputs ``x``, eval mode."""
-    modes = [(m, m.training) for m in model.modules()]
     device = next(model.parameters()).device
     scores, preds = [], []
-    try:
-        model.eval()
+    with evaluating(model):
         for i in range(0, len(x), batch_size):
             outs = model.all_exits(x[i : i + batch_size].to(device))
             scores.append(torch.stack([confidence(o, rule) for o in outs[:-1]], 1).cpu())
             preds.append(torch.stack([o.argmax(1) for o in outs], 1).cpu())
-    finally:
-        for m, training in modes:
-            m.training = training
     return torch.cat(scores), torch.cat(preds)
 
 
-def simulate(
-    scores: torch.Tensor, preds: torch.Tensor, y: torch.Tensor, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exit taken and whether it is right, per input, for a threshold (same rule as early_exit)."""
-    exits = first_exit(scores, threshold)
-    taken = preds.gather(1, exits[:, None])[:, 0]
-    return exits, taken == y
+def _probe(model: MultiExitNetwork) -> torch.Tensor:
+    """A zero input of the model's shape on its device, batch of one."""
+    param = next(model.parameters())
+    return torch.zeros(1, *model.input_shape, device=param.device, dtype=param.dtype)
 
 
-def calibrate(
-    model: MultiExitNetwork,
-    data: Dataset | None,
-    drops: Sequence[float] = (0.05, 0.15),
-    rule: str | None = None,
-    batch_size: int = 500,
-) -> Calibration:
-    """Per allowed relative accuracy drop, the cheapest threshold whose early-exit accuracy on
-    the calibration split stays >= (1 - drop) x the final exit's accuracy there."""
-    if data is None or len(data) == 0:
-        raise RobustlabError(
-            "threshold calibration needs a non-empty calibration split (never the test set)"
-        )
-    for d in drops:
-        if not 0 <= d < 1:
-            raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
-    rule = check_rule(rule or model.rule)
-    scores, preds = exit_predictions(model, data.x, rule, batch_size)
-    y = data.y.cpu()
-    final_acc = float((preds[:, -1] == y).float().mean())
-    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
-    costs = costs / costs[-1]
-    values = torch.unique(scores.flatten())
-    if len(values) > 4000:
-        values = torch.quantile(values.double(), torch.linspace(0, 1, 4000).double()).float()
-    candidates = sorted({*values[values > 0].tolist(), 1.0})
-    table = []
-    for q in candidates:
-        exits, right = simulate(scores, preds, y, q)
-        table.append((q, float(right.float().mean()), float(costs[exits].mean())))
-    thresholds, accs, cost_fraction = {}, {}, {}
-    for d in drops:
-        ok = [row for row in table if row[1] >= (1 - d) * final_acc - 1e-12]
-        q, acc, cost = min(ok, key=lambda r: (r[2], -r[1], -r[0])) if ok else table[-1]
-        key = drop_key(d)
-        thresholds[key], accs[key], cost_fraction[key] = q, acc, cost
-    return Calibration(rule, thresholds, final_acc, accs, cost_fraction, len(data), data.name)
+def unit_flops(model: MultiExitNetwork) -> list[int]:
+    """Multiply-accumulates per input of each backbone unit of a multi-exit network."""
+    costs: list[int] = []
+    with evaluating(model), torch.no_grad(), FlopCounter(model) as counter:
+        h = _probe(model)
+        for unit in model.plan.units:
+            h = model.run_steps(unit, h)
+            costs.append(counter.reset())
+    return costs
+
+
+def head_flops(model: MultiExitNetwork) -> int:
+    """Multiply-accumulates per input of the backbone's own (final) head."""
+    with evaluating(model), torch.no_grad():
+        h = _probe(model)
+        for unit in model.plan.units:
+            h = model.run_steps(unit, h)
+        with FlopCounter(model) as counter:
+            model.run_steps(model.plan.head, h)
+    return counter.total
+
+
+def exit_flops(model: MultiExitNetwork) -> list[int]:
+    """Cumulative multiply-accumulates per input to reach each exit, the final one last.
+
+    An input leaving at IC k has paid for the backbone up to IC k's unit and for ICs 0..k;
+    one reaching the final exit has paid for the whole backbone and every IC.
+    """
+    units = unit_flops(model)
+    heads: list[int] = []
+    with evaluating(model), torch.no_grad(), FlopCounter(model) as counter:
+        h = _probe(model)
+        k = 0
+        for u, unit in enumerate(model.plan.units):
+            h = model.run_steps(unit, h)
+            counter.reset()
+            if k < len(model.positions) and model.positions[k] == u:
+                model.heads[k](h)
+                heads.append(counter.reset())
+                k += 1
+    costs = [sum(units[: p + 1]) + sum(heads[: k + 1]) for k, p in enumerate(model.positions)]
+    costs.append(sum(units) + sum(heads) + head_flops(model))
+    return costs

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
+from .registry import Architecture, register
+from .structure import Plan, declare_features, declare_units
 
 
 def preact_block(c_in: int, c_out: int, stride: int) -> ResidualBlock:
@@ -53,3 +55,22 @@ class PreActResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.head(self.blocks(self.stem(x))))
+
+
+def preact_resnet_units(net: PreActResNet) -> Plan:
+    """Units of a pre-activation ResNet: the stem, then each block; bn-relu-pool head."""
+    blocks = tuple((("call", f"blocks.{i}"),) for i in range(len(net.blocks)))
+    names = ("stem", *(f"blocks.{i}" for i in range(len(net.blocks))))
+    return Plan(((("call", "stem"),), *blocks), names, (("call", "head"), ("call", "fc")))
+
+
+register(
+    Architecture(
+        "preact_resnet", PreActResNet, {}, "pre-activation ResNet, depth 6n+2 (default 20)"
+    )
+)
+register(
+    Architecture("preact_resnet8", PreActResNet, {"depth": 8}, "pre-activation ResNet, 3 blocks")
+)
+declare_units(PreActResNet, preact_resnet_units)
+declare_features(PreActResNet, "fc")

@@ -1,4 +1,8 @@
-"""The architecture registry: build any zoo model by name for a given input shape."""
+"""The architecture registry: build any zoo model by name for a given input shape.
+
+Each zoo module registers its architectures beside its definition (``register``); the
+package imports every zoo module, so the registry is complete once ``robustlab.models`` is.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,6 @@ from torch import nn
 
 from ..errors import RobustlabError
 from .blocks import Normalize
-from .densenet import DenseNet
-from .mlp import MLP
-from .preact_resnet import PreActResNet
-from .resnet import ResNet
-from .vgg import VGG
-from .vit import ViT
 
 
 @dataclass(frozen=True)
@@ -70,24 +68,6 @@ ARCHITECTURES: dict[str, Architecture] = {}
 def register(arch: Architecture) -> None:
     """Add an architecture to the registry (later issues and users add their own)."""
     ARCHITECTURES[arch.name] = arch
-
-
-for _arch in (
-    Architecture("resnet8", ResNet, {"depth": 8}, "ResNet, 3 BasicBlocks (1 per stage)"),
-    Architecture("resnet14", ResNet, {"depth": 14}, "ResNet, 6 BasicBlocks"),
-    Architecture("resnet20", ResNet, {"depth": 20}, "ResNet, 9 BasicBlocks"),
-    Architecture("resnet", ResNet, {}, "ResNet with BasicBlocks, depth 6n+2 (default 20)"),
-    Architecture(
-        "preact_resnet", PreActResNet, {}, "pre-activation ResNet, depth 6n+2 (default 20)"
-    ),
-    Architecture("preact_resnet8", PreActResNet, {"depth": 8}, "pre-activation ResNet, 3 blocks"),
-    Architecture("vgg", VGG, {}, "plain VGG-style CNN without skip connections (default depth 8)"),
-    Architecture("vgg11", VGG, {"depth": 11}, "VGG-11-style CNN"),
-    Architecture("densenet", DenseNet, {}, "small DenseNet-BC, 3 dense stages"),
-    Architecture("vit", ViT, {}, "tiny ViT, residual attention and MLP sub-blocks"),
-    Architecture("mlp", MLP, {}, "fully connected network on flattened pixels"),
-):
-    register(_arch)
 
 
 def get_architecture(name: str) -> Architecture:

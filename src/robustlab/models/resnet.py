@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
+from .registry import Architecture, register
+from .structure import Plan, declare_features, declare_units
 
 
 def basic_block(c_in: int, c_out: int, stride: int) -> ResidualBlock:
@@ -61,3 +63,18 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.blocks(self.stem(x))))
+
+
+def resnet_units(net: ResNet) -> Plan:
+    """Units of a ResNet: the stem, then each residual block; the head pools and classifies."""
+    blocks = tuple((("call", f"blocks.{i}"),) for i in range(len(net.blocks)))
+    names = ("stem", *(f"blocks.{i}" for i in range(len(net.blocks))))
+    return Plan(((("call", "stem"),), *blocks), names, (("call", "pool"), ("call", "fc")))
+
+
+register(Architecture("resnet8", ResNet, {"depth": 8}, "ResNet, 3 BasicBlocks (1 per stage)"))
+register(Architecture("resnet14", ResNet, {"depth": 14}, "ResNet, 6 BasicBlocks"))
+register(Architecture("resnet20", ResNet, {"depth": 20}, "ResNet, 9 BasicBlocks"))
+register(Architecture("resnet", ResNet, {}, "ResNet with BasicBlocks, depth 6n+2 (default 20)"))
+declare_units(ResNet, resnet_units)
+declare_features(ResNet, "fc")

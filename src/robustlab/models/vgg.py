@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import Architecture, register
+from .structure import Plan, declare_features, declare_units, sequential_units
+
 CONFIGS: dict[int, list[list[int]]] = {
     8: [[1], [2], [4]],
     11: [[1], [2], [4, 4], [8, 8]],
@@ -42,3 +45,17 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(x)))
+
+
+def vgg_units(net: VGG) -> Plan:
+    """Units of a VGG: one per conv layer (with its bn, relu and any pooling after it)."""
+    units, names = sequential_units(net.features, nn.Conv2d, "conv", "features")
+    return Plan(tuple(tuple(u) for u in units), tuple(names), (("call", "pool"), ("call", "fc")))
+
+
+register(
+    Architecture("vgg", VGG, {}, "plain VGG-style CNN without skip connections (default depth 8)")
+)
+register(Architecture("vgg11", VGG, {"depth": 11}, "VGG-11-style CNN"))
+declare_units(VGG, vgg_units)
+declare_features(VGG, "fc")

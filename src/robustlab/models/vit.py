@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
+from .registry import Architecture, register
+from .structure import Plan, declare_features, declare_units
 
 
 class SelfAttention(nn.Module):
@@ -24,6 +26,11 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         out = nn.functional.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+    def flops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """Multiply-accumulates of ``Q K^T`` and ``A V`` (its linear maps count on their own)."""
+        b, n, d = inp.shape
+        return 2 * b * n * n * d
 
 
 class ViT(nn.Module):
@@ -71,7 +78,30 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch embedding with the class token and the position embedding."""
         t = self.embed(x).flatten(2).transpose(1, 2)
-        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
-        return self.fc(self.norm(self.layers(t))[:, 0])
+        return torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+
+    def class_token(self, t: torch.Tensor) -> torch.Tensor:
+        """The class token of a token sequence: what the head classifies."""
+        return t[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.class_token(self.norm(self.layers(self.tokens(x)))))
+
+
+def vit_units(net: ViT) -> Plan:
+    """Units of a ViT: the embedding, then each transformer layer (attention + MLP sub-blocks)."""
+    layers = tuple(
+        (("call", f"layers.{2 * k}"), ("call", f"layers.{2 * k + 1}"))
+        for k in range(len(net.layers) // 2)
+    )
+    names = ("embedding", *(f"layer.{k}" for k in range(len(layers))))
+    head = (("call", "norm"), ("class_token", ""), ("call", "fc"))
+    return Plan(((("tokens", ""),), *layers), names, head)
+
+
+register(Architecture("vit", ViT, {}, "tiny ViT, residual attention and MLP sub-blocks"))
+declare_units(ViT, vit_units)
+declare_features(ViT, "fc")

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import __version__
 from ..core.device import resolve_device
 from ..data import Dataset, DataSplits, load_data
 from ..errors import RobustlabError
 from ..io import atomic_write
 from ..models import build_model
 from ..models.checkpoint import MANIFEST, model_config, save_checkpoint
+from ..version import __version__
 from .methods import Method, make_method
 from .recipes import recipe_for
 

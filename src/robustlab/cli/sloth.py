@@ -1,4 +1,4 @@
-"""``robustlab sloth``: DeepSloth slowdown attacks on a multi-exit checkpoint, clean vs attacked.
+"""robustlab sloth: DeepSloth slowdown attacks on a multi-exit checkpoint, clean vs attacked.
 
 Measures, on test points, the early-exit efficiency of the clean inputs and of their
 DeepSloth examples (efficacy, average FLOPs, exit distribution, final-exit and early-exit
@@ -9,19 +9,29 @@ class-universal variants, the PGD baselines, and a black-box transfer from a sur
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RobustlabError
+from .common import (
+    DATA_HELP,
+    add_command,
+    add_common,
+    add_store,
+    check_fit,
+    check_output_dir,
+    check_output_file,
+    check_store,
+    say,
+    write_json,
+)
 
+if TYPE_CHECKING:
+    import torch
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+DESCRIPTION = "DeepSloth slowdown attack on a multi-exit checkpoint, clean vs attacked"
 
 
 def _summary(label: str, rec: Any, clean: Any) -> str:
@@ -35,6 +45,7 @@ def _summary(label: str, rec: Any, clean: Any) -> str:
 
 
 def _load_multi_exit(path: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """Load a multi-exit checkpoint (from robustlab exits) onto the device."""
     from ..models.checkpoint import load_checkpoint
     from ..models.multiexit import MultiExitNetwork
 
@@ -50,6 +61,7 @@ def _craft(
     attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, batch: int, progress: bool = False
 ) -> torch.Tensor:
     """Run an attack batch by batch, with a progress bar."""
+    import torch
     from tqdm import tqdm
 
     parts = []
@@ -63,8 +75,10 @@ def _craft(
     return torch.cat(parts)
 
 
-def cmd_sloth(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Attack a multi-exit checkpoint with DeepSloth and report clean vs attacked efficiency."""
+    import torch
+
     from ..analysis.efficiency import measure_efficiency
     from ..attacks.deepsloth import (
         DeepSloth,
@@ -75,7 +89,6 @@ def cmd_sloth(args: argparse.Namespace) -> int:
     )
     from ..core.device import resolve_device
     from ..data import load_data
-    from ..io import atomic_write_text
     from ..models.multiexit import check_threshold
 
     device = resolve_device(args.device)
@@ -92,7 +105,16 @@ def cmd_sloth(args: argparse.Namespace) -> int:
     )
     if args.batch_size < 1:
         raise RobustlabError(f"batch size must be >= 1, got {args.batch_size}")
+    if (args.universal or args.class_universal) and min(
+        args.universal_epochs, args.universal_samples
+    ) < 1:
+        raise RobustlabError("--universal-epochs and --universal-samples must be >= 1")
+    check_output_file(args.json, "--json")
+    check_store(args.store)
+    check_output_dir(args.plots, "--plots")
     model, manifest = _load_multi_exit(args.model, device)
+    # the surrogate is loaded now, not after the (long) white-box attack
+    surrogate = _load_multi_exit(args.surrogate, device)[0] if args.surrogate else None
     if args.threshold is not None:
         model.threshold = check_threshold(args.threshold)
     elif args.drop is not None:
@@ -105,12 +127,8 @@ def cmd_sloth(args: argparse.Namespace) -> int:
             )
         model.threshold = check_threshold(float(table[key]))
     splits = load_data(args.data)
+    check_fit(manifest, splits)
     m = manifest["model"]
-    if (int(m["in_channels"]), int(m["image_size"])) != (splits.in_channels, splits.image_size):
-        raise RobustlabError(
-            f"the model takes {m['in_channels']}x{m['image_size']}x{m['image_size']} inputs but "
-            f"{splits.name} has {splits.in_channels}x{splits.image_size}x{splits.image_size}"
-        )
     test = splits.test
     n = len(test) if args.n is None else args.n
     if not 1 <= n <= len(test):
@@ -120,23 +138,24 @@ def cmd_sloth(args: argparse.Namespace) -> int:
     progress = not args.no_progress
 
     def measure(inputs: torch.Tensor) -> Any:
+        """The efficiency record of these inputs on the model."""
         return measure_efficiency(
             model, inputs, y, latency_samples=args.latency_samples, batch_size=args.batch_size
         )
 
     clean = measure(x)
-    _say(
+    say(
         f"{n} test points, threshold {model.threshold:.4f} ({model.rule}), "
         f"{args.norm} eps={args.eps}, {attack.variant}"
     )
-    _say(_summary("clean", clean, clean))
+    say(_summary("clean", clean, clean))
     t0 = time.perf_counter()
     x_adv = _craft(attack, model, x, y, args.batch_size, progress)
     seconds = time.perf_counter() - t0
     if not bool(attack.threat.contains(x, x_adv).all()):
         raise RuntimeError("DeepSloth left its threat model: a bug")
     attacked = measure(x_adv)
-    _say(_summary(attack.variant, attacked, clean))
+    say(_summary(attack.variant, attacked, clean))
     record: dict[str, Any] = {
         "kind": "sloth",
         "variant": attack.variant,
@@ -184,12 +203,11 @@ def cmd_sloth(args: argparse.Namespace) -> int:
         )
         if paper.variant != attack.variant:
             extra[paper.variant] = measure(_craft(paper, model, x, y, args.batch_size, progress))
-    if args.surrogate:
-        surrogate, _ = _load_multi_exit(args.surrogate, device)
+    if surrogate is not None:
         extra["black_box"] = measure(_craft(attack, surrogate, x, y, args.batch_size, progress))
         record["surrogate"] = str(args.surrogate)
     for label, rec in extra.items():
-        _say(_summary(label, rec, clean))
+        say(_summary(label, rec, clean))
         record[label] = {**rec.to_dict(), "efficacy_drop": _drop(clean.efficacy, rec.efficacy)}
     record["extras"] = list(extra)
     if args.plots:
@@ -205,8 +223,7 @@ def cmd_sloth(args: argparse.Namespace) -> int:
         f"{clean.latency_ms:.2f} -> {attacked.latency_ms:.2f} ms per input, final-exit accuracy "
         f"{100 * attacked.accuracy_final:.1f} %"
     )
-    if args.json:
-        atomic_write_text(Path(args.json), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json(args.json, record)
     if args.store:
         from ..store import ResultStore
 
@@ -220,53 +237,73 @@ def _drop(clean: float, attacked: float) -> float:
 
 
 def _ratio(a: float, b: float) -> float:
+    """a / b (0 when b is 0)."""
     return a / b if b > 0 else 0.0
 
 
 def register(sub: Any) -> None:
-    """Add ``robustlab sloth`` to the CLI's subcommands."""
-    p = sub.add_parser(
-        "sloth", help="DeepSloth slowdown attack on a multi-exit checkpoint, clean vs attacked"
-    )
+    """Add the sloth command."""
+    p = add_command(sub, "sloth", DESCRIPTION)
     p.add_argument("--model", required=True, help="multi-exit checkpoint (from robustlab exits)")
-    p.add_argument("--data", default="mnist5k")
-    p.add_argument("--norm", default="linf", help="linf, l2 or l1")
+    p.add_argument("--data", default="mnist5k", help=f"test {DATA_HELP}")
+    p.add_argument("--norm", default="linf", help="norm of the budget: linf, l2 or l1")
     p.add_argument("--eps", type=float, required=True, help="perturbation budget")
-    p.add_argument("--steps", type=int, default=100, help="iterations (default 100)")
-    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--steps", type=int, default=100, help="attack iterations")
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="attack runs per point (later ones from a random start); per point the example "
+        "reaching the latest exit is kept",
+    )
     p.add_argument("--alpha", type=float, help="step size (default: the optimizer's)")
     p.add_argument(
         "--objective",
         default="cost",
-        help="cost (ours, default: expected saving under soft exits), threshold (ours: hinge "
-        "on each IC's confidence above q) or uniform (the paper's)",
+        help="cost (ours: expected saving under soft exits), threshold (ours: hinge on each "
+        "IC's confidence above q) or uniform (the paper's)",
     )
-    p.add_argument("--optimizer", default="apgd", help="apgd (default) or pgd (paper)")
+    p.add_argument("--optimizer", default="apgd", help="apgd or pgd (the paper's)")
     p.add_argument("--margin", type=float, default=0.1, help="hinge margin in log-confidence")
-    p.add_argument("--threshold", type=float, help="exit threshold to attack (default: model's)")
     p.add_argument(
-        "--drop", type=float, help="use the checkpoint's threshold calibrated for this drop"
+        "--threshold", type=float, help="exit threshold to attack (default: the model's)"
     )
-    p.add_argument("--n", type=int, default=500, help="test points (default 500)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument(
+        "--drop",
+        type=float,
+        help="use the checkpoint's threshold calibrated for this drop (default: the model's)",
+    )
+    p.add_argument("--n", type=int, default=500, help="test points")
+    p.add_argument("--batch-size", type=int, default=250, help="points attacked at once")
     p.add_argument("--universal", action="store_true", help="also one perturbation for all")
     p.add_argument("--class-universal", action="store_true", help="also one per class")
     p.add_argument(
-        "--universal-samples", type=int, default=1000, help="train points to craft them on"
+        "--universal-samples",
+        type=int,
+        default=1000,
+        help="training points the universal perturbations are crafted on",
     )
-    p.add_argument("--universal-epochs", type=int, default=10)
+    p.add_argument(
+        "--universal-epochs",
+        type=int,
+        default=10,
+        help="passes over those points when crafting them",
+    )
     p.add_argument(
         "--baselines", action="store_true", help="also PGD final/avg/max and the paper's attack"
     )
-    p.add_argument("--surrogate", help="multi-exit checkpoint to craft on (black-box transfer)")
-    p.add_argument("--plots", help="folder for exit histograms and efficacy curves")
+    p.add_argument(
+        "--surrogate",
+        help="multi-exit checkpoint to craft on for a black-box transfer (default: none)",
+    )
+    p.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="folder for exit histograms and efficacy curves (default: no plots)",
+    )
     p.add_argument(
         "--latency-samples", type=int, default=200, help="inputs timed one by one (0: skip)"
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--json", metavar="PATH", help="write the result record as JSON here")
-    p.add_argument("--store", help="also append the record to this SQLite results store")
-    p.add_argument("--label", help="label of the record in the store (default: sloth)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=cmd_sloth)
+    add_store(p, "sloth")
+    add_common(p)
+    p.set_defaults(func=run)

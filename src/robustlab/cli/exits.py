@@ -1,54 +1,37 @@
-"""``robustlab exits``: attach SDN exits to a trained backbone, train and calibrate them.
+"""robustlab exits: attach SDN exits to a trained backbone, train and calibrate them.
 
 Reads a backbone checkpoint, holds a calibration split out of the training data, attaches
 internal classifiers (default: at about 15/30/45/60/75/90 % of the backbone's FLOPs),
 trains them, picks the early-exit thresholds on the calibration split for the allowed
 relative accuracy drops, measures the efficiency on the test split, and writes a multi-exit
-checkpoint that ``robustlab.load`` rebuilds and every other command accepts.
+checkpoint that robustlab.load rebuilds and every other command accepts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..errors import RobustlabError
+from .common import (
+    DATA_HELP,
+    add_command,
+    add_common,
+    add_legacy_arch,
+    check_fit,
+    check_output_dir,
+    check_output_file,
+    floats,
+    ints,
+    load_model,
+    say,
+    write_json,
+)
 
-
-def _ints(text: str, what: str) -> list[int]:
-    """'1,3,5' -> [1, 3, 5], with a clear error for anything else."""
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise RobustlabError(
-            f"{what} must be comma-separated whole numbers, got '{text}'"
-        ) from None
-
-
-def _floats(text: str, what: str) -> list[float]:
-    """'0.05,0.15' -> [0.05, 0.15], with a clear error for anything else."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise RobustlabError(f"{what} must be comma-separated numbers, got '{text}'") from None
-    if not values:
-        raise RobustlabError(f"{what} needs at least one value")
-    return values
-
-
-def _write_json(path: str | None, record: Any) -> None:
-    if path:
-        from ..io import atomic_write_text
-
-        atomic_write_text(Path(path), json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+DESCRIPTION = "attach, train and calibrate early exits (SDN) on a trained backbone"
 
 
 def _held_out(manifest: dict[str, Any], data: str) -> tuple[int, int] | None:
@@ -60,39 +43,40 @@ def _held_out(manifest: dict[str, Any], data: str) -> tuple[int, int] | None:
     return int(dataset.get("calibration_size", 0) or 0), int(dataset.get("seed", 0) or 0)
 
 
-def cmd_exits(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Attach, train and calibrate exits on a backbone checkpoint; write the multi-exit one."""
     import torch
 
-    from .. import __version__
-    from ..analysis.efficiency import measure_efficiency
+    from ..analysis.efficiency import calibrate, measure_efficiency
     from ..core.device import resolve_device
     from ..data import load_data
-    from ..models.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
+    from ..models.checkpoint import MANIFEST, save_checkpoint
     from ..models.multiexit import (
         MultiExitNetwork,
         attach_exits,
-        calibrate,
         check_rule,
         check_threshold,
         plan_for,
     )
     from ..report.exit_plots import efficacy_curves, exit_histogram
     from ..train.sdn import SDNConfig, exit_accuracies, train_exits
+    from ..version import __version__
 
     out = Path(args.out)
+    check_output_dir(args.out, "--out")
+    check_output_file(args.json, "--json")
     if (out / MANIFEST).exists() and not args.overwrite:
         raise RobustlabError(
             f"{out} already holds a checkpoint; pass --overwrite or choose another --out"
         )
-    drops = _floats(args.drops, "--drops")
+    drops = floats(args.drops, "--drops")
     if args.drop not in drops:
         drops = [args.drop, *drops]
     for d in drops:
         if not 0 <= d < 1:
             raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
     check_rule(args.rule)
-    positions = None if args.exits in ("auto", "all") else _ints(args.exits, "--exits")
+    positions = None if args.exits in ("auto", "all") else ints(args.exits, "--exits")
     cfg = SDNConfig(
         mode=args.mode,
         epochs=args.epochs,
@@ -105,7 +89,8 @@ def cmd_exits(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.model)
+    # a legacy .pt is built for the data's shape, so the data is read first
+    ckpt = load_model(args.model, args.arch, load_data(args.data) if args.arch else None)
     if isinstance(ckpt.model, MultiExitNetwork) or "multi_exit" in ckpt.manifest["model"]:
         raise RobustlabError(f"{args.model} already has exits; give the backbone's checkpoint")
     held = _held_out(ckpt.manifest, args.data.strip())  # the name load_data gives the data
@@ -118,25 +103,16 @@ def cmd_exits(args: argparse.Namespace) -> int:
             "(thresholds are never chosen on the test set)"
         )
     splits = load_data(args.data, calibration=size, seed=data_seed)
+    check_fit(ckpt.manifest, splits)
     config = ckpt.manifest["model"]
     shape = (splits.in_channels, splits.image_size, splits.image_size)
-    if (int(config["in_channels"]), int(config["image_size"])) != shape[:2]:
-        raise RobustlabError(
-            f"the model takes {config['in_channels']}x{config['image_size']}x"
-            f"{config['image_size']} inputs but {splits.name} has {shape[0]}x{shape[1]}x{shape[2]}"
-        )
-    if splits.num_classes > int(config["num_classes"]):
-        raise RobustlabError(
-            f"{splits.name} has {splits.num_classes} classes but the model predicts "
-            f"{config['num_classes']}"
-        )
     torch.manual_seed(args.seed)
     if args.exits == "all":  # after every unit but the last (whose exit is the final one)
         positions = list(range(len(plan_for(ckpt.model).units) - 1))
     model = attach_exits(
         ckpt.model.to(device), shape, int(config["num_classes"]), positions, rule=args.rule
     )
-    _say(
+    say(
         f"exits after units {model.positions} of {len(model.plan.units)} "
         f"({', '.join(model.exit_names()[:-1])}); training {cfg.mode} on {len(splits.train)} samples"
     )
@@ -151,7 +127,7 @@ def cmd_exits(args: argparse.Namespace) -> int:
             if held_size == 0
             else f"with another calibration split held out ({held_size} samples, seed {held_seed})"
         )
-        _say(
+        say(
             f"  note: the backbone was trained {how}, so it saw (some of) these calibration "
             "samples and the thresholds may be optimistic (its confidence there is higher than "
             "on unseen inputs); train it with robustlab train --calibration N to avoid this"
@@ -165,7 +141,7 @@ def cmd_exits(args: argparse.Namespace) -> int:
             model, splits.test.x, splits.test.y, q, args.rule, latency_samples=args.latency_samples
         )
         per_drop[key] = rec.to_dict()
-        _say(
+        say(
             f"  drop <= {key} on calibration (q={q:.4f}): test accuracy "
             f"{100 * rec.accuracy_early_exit:.2f} % (final exit {100 * rec.accuracy_final:.2f} %), "
             f"FLOPs saved {100 * rec.flops_saving:.1f} %, efficacy {rec.efficacy:.3f}, "
@@ -191,28 +167,29 @@ def cmd_exits(args: argparse.Namespace) -> int:
         f"{model.threshold:.4f} ({args.rule}, <= {100 * args.drop:g} % drop on calibration); "
         f"test FLOPs saved {100 * per_drop[f'{100 * args.drop:g}%']['flops_saving']:.1f} %"
     )
-    _write_json(args.json, json.loads((out / MANIFEST).read_text()))
+    write_json(args.json, json.loads((out / MANIFEST).read_text()))
     return 0
 
 
 def register(sub: Any) -> None:
-    """Add ``robustlab exits`` to the CLI's subcommands."""
-    p = sub.add_parser(
-        "exits", help="attach, train and calibrate early exits (SDN) on a trained backbone"
-    )
-    p.add_argument("--model", required=True, help="backbone checkpoint folder or manifest")
-    p.add_argument("--data", default="mnist5k", help="dataset the backbone was trained on")
+    """Add the exits command."""
+    p = add_command(sub, "exits", DESCRIPTION)
+    p.add_argument("--model", required=True, help="backbone checkpoint folder, manifest or .pt")
+    add_legacy_arch(p)
+    p.add_argument("--data", default="mnist5k", help=f"the backbone's training {DATA_HELP}")
     p.add_argument("--out", required=True, help="folder for the multi-exit checkpoint and plots")
     p.add_argument(
         "--exits",
         default="auto",
-        help="units to put exits after: auto (default, at ~15/30/45/60/75/90 %% of the FLOPs), "
-        "all, or a list such as 1,3,5",
+        help="units to put exits after: auto (at ~15/30/45/60/75/90 %% of the FLOPs), all, or "
+        "a list such as 1,3,5",
     )
     p.add_argument("--mode", default="ic-only", help="ic-only (backbone frozen) or end-to-end")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, help="default 1e-3 (ic-only, Adam), 0.05 (end-to-end)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of exit training")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size of exit training")
+    p.add_argument(
+        "--lr", type=float, help="learning rate (default: 1e-3 ic-only with Adam, 0.05 end-to-end)"
+    )
     p.add_argument("--rule", default="max_softmax", help="exit rule: max_softmax or entropy")
     p.add_argument(
         "--calibration",
@@ -228,15 +205,21 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--drops",
         default="0.05,0.15",
-        help="relative accuracy drops to calibrate thresholds for (default 0.05,0.15)",
+        help="relative accuracy drops to calibrate thresholds for",
     )
     p.add_argument(
         "--drop", type=float, default=0.05, help="the drop whose threshold the checkpoint uses"
     )
-    p.add_argument("--adv", default="none", help="adversarial exit training: none, pgd, deepsloth")
-    p.add_argument("--adv-eps", type=float, help="budget of the adversarial exit training")
-    p.add_argument("--adv-norm", default="linf", help="linf, l2 or l1")
-    p.add_argument("--adv-steps", type=int, default=5)
+    p.add_argument(
+        "--adv", default="none", help="adversarial exit training: none, pgd or deepsloth"
+    )
+    p.add_argument(
+        "--adv-eps", type=float, help="budget of the adversarial exit training (default: 0, none)"
+    )
+    p.add_argument("--adv-norm", default="linf", help="norm of that budget: linf, l2 or l1")
+    p.add_argument(
+        "--adv-steps", type=int, default=5, help="steps of the adversarial exit training"
+    )
     p.add_argument(
         "--latency-samples",
         type=int,
@@ -244,8 +227,8 @@ def register(sub: Any) -> None:
         help="test inputs timed one by one for the latency (0: skip)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--json", metavar="PATH", help="write the result record as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=cmd_exits)
+    add_common(
+        p,
+        json_help="write the multi-exit checkpoint's manifest as JSON here (default: not written)",
+    )
+    p.set_defaults(func=run)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import robustlab.train.loop as loop
-from robustlab.demo import config_key
 from robustlab.train import TrainConfig
+from robustlab.train.cache import config_key
 from robustlab.train.recipes import recipe_for
 
 

@@ -1,0 +1,59 @@
+"""robustlab demo: the main job on the built-in data, end to end, offline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import add_command, add_common, check_output_dir, check_output_file, write_json
+
+DESCRIPTION = (
+    "the main job on the built-in data, end to end, offline: train or reuse a standard and a "
+    "PGD-AT ResNet, a PGD robustness curve, an HTML report"
+)
+
+
+def register(sub: Any) -> None:
+    """Add the demo command."""
+    p = add_command(sub, "demo", DESCRIPTION)
+    p.add_argument(
+        "--out",
+        default="robustlab-demo",
+        help="folder for the report; the records are appended to results.sqlite there",
+    )
+    p.add_argument(
+        "--cache",
+        help="folder of trained models to reuse (default: $ROBUSTLAB_CACHE/demo, else "
+        "~/.cache/robustlab/demo)",
+    )
+    add_common(
+        p,
+        json_help="write the run's records (trainings, evaluations, timings) as JSON here "
+        "(default: not written)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the outputs, run the demo, say where its report is."""
+    from ..demo import demo
+
+    check_output_dir(args.out, "--out")
+    check_output_file(args.json, "--json")
+    result = demo(
+        out=Path(args.out),
+        cache=Path(args.cache) if args.cache else None,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"report: {result.report.resolve()}")
+    record = {
+        "kind": "demo",
+        "report": str(result.report),
+        "store": str(result.store),
+        "records": result.records,
+    }
+    write_json(args.json, record)
+    return 0

@@ -1,0 +1,64 @@
+"""robustlab models: the registered architectures with their parameter counts."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import RobustlabError
+from .common import add_command, check_output_file, write_json
+
+DESCRIPTION = "list the registered architectures with their parameter counts"
+
+
+def register(sub: Any) -> None:
+    """Add the models command."""
+    p = add_command(sub, "models", DESCRIPTION)
+    p.add_argument(
+        "--in-channels", type=int, default=1, help="input channels the models are built for"
+    )
+    p.add_argument(
+        "--num-classes", type=int, default=10, help="classes the models are built to predict"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=28, help="image height and width the models are built for"
+    )
+    p.add_argument(
+        "--json", metavar="PATH", help="write the list as JSON here (default: not written)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build every architecture at the given shape and print its parameter count."""
+    from ..models import ARCHITECTURES, build_model, count_parameters
+
+    check_output_file(args.json, "--json")
+    rows: list[dict[str, Any]] = []
+    for name in sorted(ARCHITECTURES):
+        row: dict[str, Any] = {"arch": name, "description": ARCHITECTURES[name].description}
+        try:  # one architecture that cannot take this shape does not hide the others
+            model = build_model(name, args.in_channels, args.num_classes, args.image_size)
+            row["parameters"] = count_parameters(model)
+        except RobustlabError as exc:
+            row.update(parameters=None, error=str(exc))
+        rows.append(row)
+    if all(r["parameters"] is None for r in rows):
+        raise RobustlabError(
+            f"no architecture can be built for {args.in_channels}x{args.image_size}x"
+            f"{args.image_size} inputs and {args.num_classes} classes ({rows[0]['error']})"
+        )
+    width = max(len(r["arch"]) for r in rows)
+    print(
+        f"{'architecture':<{width}}  {'parameters':>10}  description"
+        f"   (for {args.in_channels}x{args.image_size}x{args.image_size}, {args.num_classes} classes)"
+    )
+    for r in rows:
+        if r["parameters"] is None:
+            print(
+                f"{r['arch']:<{width}}  {'-':>10}  {r['description']} (not at this size: {r['error']})"
+            )
+        else:
+            print(f"{r['arch']:<{width}}  {r['parameters']:>10,}  {r['description']}")
+    write_json(args.json, rows)
+    return 0

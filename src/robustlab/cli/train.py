@@ -1,0 +1,114 @@
+"""robustlab train: train a model with a method and write its checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import RobustlabError
+from .common import (
+    DATA_HELP,
+    add_command,
+    add_common,
+    check_output_dir,
+    check_output_file,
+    key_values,
+    write_json,
+)
+
+DESCRIPTION = "train a model (standard, pgd-at or trades) and write its checkpoint"
+RECIPE = "(default: the method's recipe)"
+
+
+def register(sub: Any) -> None:
+    """Add the train command."""
+    p = add_command(sub, "train", DESCRIPTION)
+    p.add_argument("--arch", default="resnet8", help="architecture (see robustlab models)")
+    p.add_argument("--data", default="mnist5k", help=DATA_HELP)
+    p.add_argument("--method", default="standard", help="standard, pgd-at or trades")
+    p.add_argument(
+        "--eps",
+        type=float,
+        help="perturbation budget of adversarial training (default: none; pgd-at and trades "
+        "need it)",
+    )
+    p.add_argument("--norm", default="linf", help="norm of the budget: linf or l2")
+    p.add_argument("--epochs", type=int, help=f"training epochs {RECIPE}")
+    p.add_argument("--batch-size", type=int, help=f"training batch size {RECIPE}")
+    p.add_argument(
+        "--lr", type=float, help=f"peak learning rate of the one-cycle schedule {RECIPE}"
+    )
+    p.add_argument("--steps", type=int, help=f"inner attack steps of adversarial training {RECIPE}")
+    p.add_argument("--beta", type=float, default=6.0, help="TRADES beta (trades only)")
+    p.add_argument(
+        "--eps-warmup", type=float, help=f"fraction of training over which eps ramps up {RECIPE}"
+    )
+    p.add_argument(
+        "--arch-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture option, e.g. width=32; repeatable (default: the architecture's own)",
+    )
+    p.add_argument(
+        "--out", required=True, help="checkpoint folder (an interrupted run there resumes)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a finished checkpoint in --out"
+    )
+    p.add_argument(
+        "--calibration",
+        type=int,
+        default=0,
+        help="hold this many training samples out: the calibration split that robustlab exits "
+        "chooses thresholds on (0: train on all)",
+    )
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the calibration split")
+    add_common(p, json_help="write the checkpoint's manifest as JSON here (default: not written)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the outputs, train, say how it went."""
+    from ..models.checkpoint import MANIFEST
+    from ..train import TrainConfig, train
+    from ..train.loop import RESUME
+
+    out = Path(args.out)
+    check_output_dir(args.out, "--out")
+    check_output_file(args.json, "--json")
+    if (out / MANIFEST).exists() and not (out / RESUME).exists() and not args.overwrite:
+        raise RobustlabError(
+            f"{out} already holds a trained checkpoint; pass --overwrite or choose another --out"
+        )
+    cfg = TrainConfig(
+        arch=args.arch,
+        data=args.data,
+        method=args.method,
+        eps=args.eps,
+        norm=args.norm,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        steps=args.steps,
+        beta=args.beta,
+        eps_warmup=args.eps_warmup,
+        seed=args.seed,
+        arch_options=key_values(args.arch_option),
+    )
+    splits = None
+    if args.calibration:
+        from ..data import load_data
+
+        # the same seeded split `robustlab exits` holds out, so its thresholds are chosen on
+        # samples the backbone never trained on
+        splits = load_data(args.data, calibration=args.calibration, seed=args.data_seed)
+    result = train(cfg, out, splits=splits, device=args.device, progress=not args.no_progress)
+    acc = result.manifest["metrics"]["clean_accuracy"]
+    print(
+        f"trained {cfg.arch} ({cfg.method}) in {result.manifest['train_time_s']:.0f} s: "
+        f"clean test accuracy {100 * acc:.2f} %; checkpoint in {out}"
+    )
+    write_json(args.json, result.manifest)
+    return 0

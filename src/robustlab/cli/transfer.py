@@ -1,0 +1,333 @@
+"""robustlab transfer: a transfer matrix of attacks crafted on sources, evaluated on targets.
+
+Sources and targets are architecture names from robustlab models (trained on --data or
+reused from the model cache; NAME:pgd-at is its PGD-adversarially-trained version) or
+checkpoint paths; a source A+B is an ensemble of A and B. Each source's examples are crafted
+once per attack and evaluated on every target. Everything that can fail without training
+(names, budgets, output paths, checkpoint shapes, whether a source has the residual blocks
+SGM and LinBP need) is checked before any model is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import RobustlabError
+from .common import (
+    DATA_HELP,
+    DEVICE_HELP,
+    add_command,
+    add_store,
+    check_output_dir,
+    check_output_file,
+    check_store,
+    floats,
+    names,
+    say,
+    write_json,
+)
+
+DESCRIPTION = "transfer matrix: attacks crafted on sources (SGM, MI, DI, ...), evaluated on targets"
+DEFAULT_ATTACKS = "pgd,mi,di,sgm,sgm+mi+di"
+AT_METHODS = ("pgd-at", "trades")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a source or target name stands for: a zoo architecture to train, or a checkpoint."""
+
+    name: str
+    arch: str | None = None
+    method: str = "standard"
+    path: Path | None = None
+
+
+def register(sub: Any) -> None:
+    """Add the transfer command."""
+    p = add_command(sub, "transfer", DESCRIPTION)
+    p.add_argument(
+        "--sources",
+        required=True,
+        help="comma-separated models to craft on: architecture names (resnet8, densenet, "
+        "vit:pgd-at, ...), checkpoint paths, or ensembles A+B",
+    )
+    p.add_argument(
+        "--targets", required=True, help="comma-separated models to evaluate on (as --sources)"
+    )
+    p.add_argument(
+        "--attacks",
+        default=DEFAULT_ATTACKS,
+        help="comma-separated attacks, each a '+' of pgd or fgsm with any of mi, di, ti, sgm, linbp",
+    )
+    p.add_argument(
+        "--norm", default="linf", choices=["linf", "l2", "l1"], help="norm of the budget"
+    )
+    p.add_argument("--eps", type=float, default=0.2, help="perturbation budget")
+    p.add_argument("--steps", type=int, default=10, help="attack iterations")
+    p.add_argument("--alpha", type=float, help="step size (default: 2.5 * eps / steps)")
+    p.add_argument(
+        "--gamma",
+        help="SGM decay in (0, 1]; a comma-separated list runs a gamma sweep (default per "
+        "source: 0.2 ResNets, 0.5 DenseNets, 0.6 ViTs; with fgsm 0.5 / 0.7 / 0.6)",
+    )
+    p.add_argument(
+        "--linbp-block",
+        type=int,
+        default=-2,
+        help="LinBP starts at this residual block (negative: counted from the end)",
+    )
+    p.add_argument("--targeted", action="store_true", help="random target labels (seeded)")
+    p.add_argument("--n", type=int, default=1000, help="test points")
+    p.add_argument("--batch-size", type=int, default=250, help="points attacked at once")
+    p.add_argument(
+        "--data", default="mnist5k", help=f"the zoo models train and test on this {DATA_HELP}"
+    )
+    p.add_argument(
+        "--epochs", type=int, help="training epochs of zoo models trained here (default: recipe)"
+    )
+    p.add_argument("--at-eps", type=float, default=0.3, help="Linf eps of :pgd-at models")
+    p.add_argument(
+        "--cache",
+        help="folder of trained zoo models (default: $ROBUSTLAB_CACHE/demo, else "
+        "~/.cache/robustlab/demo)",
+    )
+    p.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="write the heatmap (and gamma sweep) into this folder (default: no plots)",
+    )
+    add_store(p, "transfer")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the result record (key 'cells') here (default: not written)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def parse_model(name: str) -> ModelSpec:
+    """Read a model name: ARCH, ARCH:pgd-at, ARCH:trades or a checkpoint path."""
+    from ..models import ARCHITECTURES
+
+    arch, sep, method = name.partition(":")
+    if arch in ARCHITECTURES and (not sep or method in AT_METHODS or method == "standard"):
+        return ModelSpec(name, arch=arch, method=method or "standard")
+    if arch in ARCHITECTURES:
+        raise RobustlabError(
+            f"unknown training method '{method}' in '{name}'; use {arch}, "
+            + ", ".join(f"{arch}:{m}" for m in AT_METHODS)
+        )
+    path = Path(name)
+    if path.exists():
+        return ModelSpec(name, path=path)
+    if "/" in name or path.suffix in (".json", ".safetensors", ".pt", ".pth"):
+        raise RobustlabError(f"checkpoint {name} does not exist")
+    raise RobustlabError(
+        f"unknown model '{name}': neither an architecture ({', '.join(sorted(ARCHITECTURES))}, "
+        "optionally with :pgd-at) nor an existing checkpoint path"
+    )
+
+
+def _train_config(spec: ModelSpec, args: argparse.Namespace) -> Any:
+    """The training configuration of a zoo model (the demo's, so its cached models are reused)."""
+    from ..train import TrainConfig
+
+    assert spec.arch is not None
+    if spec.method == "standard":
+        return TrainConfig(arch=spec.arch, data=args.data, epochs=args.epochs, seed=args.seed)
+    return TrainConfig(
+        arch=spec.arch,
+        data=args.data,
+        method=spec.method,
+        eps=args.at_eps,
+        epochs=args.epochs or 10,
+        steps=5,
+        eps_warmup=0.3,
+        seed=args.seed,
+    )
+
+
+def _describe(manifest: dict[str, Any], where: Path, spec: ModelSpec) -> dict[str, Any]:
+    """The record's description of a model: where it is, what it is, how it was trained."""
+    m = manifest.get("model", {})
+    return {
+        "path": str(where),
+        "arch": m.get("arch"),
+        "method": (manifest.get("training") or {}).get("method", spec.method),
+        "sha256": (manifest.get("weights") or {}).get("sha256"),
+        "input_shape": [m.get("in_channels"), m.get("image_size"), m.get("image_size")],
+        "clean_accuracy": (manifest.get("metrics") or {}).get("clean_accuracy"),
+    }
+
+
+def _obtain(
+    spec: ModelSpec, args: argparse.Namespace, splits: Any, device: str, cache: Path
+) -> tuple[Any, dict[str, Any]]:
+    """Load a checkpoint, or reuse / train a zoo model; returns it and a description."""
+    from ..models.checkpoint import load_checkpoint
+    from ..train.cache import cached_folder, is_cached, obtain
+
+    if spec.path is not None:
+        ckpt = load_checkpoint(spec.path)
+        return ckpt.model.to(device).eval(), _describe(ckpt.manifest, ckpt.path, spec)
+    cfg = _train_config(spec, args)
+    where = cached_folder(cfg, cache)
+    if is_cached(cfg, cache):
+        say(f"reusing {spec.name} from {where}")
+    else:
+        say(f"training {spec.name} ({cfg.method}) on {splits.name}, kept in {where}")
+    got = obtain(cfg, cache, splits=splits, device=device, progress=not args.no_progress)
+    return got.model.to(device).eval(), _describe(got.manifest, where, spec)
+
+
+def _skeleton(spec: ModelSpec, splits: Any) -> Any:
+    """A zoo model built untrained for the data: enough to check its structure before training."""
+    from ..models import build_model
+
+    assert spec.arch is not None
+    return build_model(spec.arch, splits.in_channels, splits.num_classes, splits.image_size)
+
+
+def _check_shape(name: str, role: str, info: dict[str, Any], splits: Any, others: str) -> None:
+    """A checkpoint must take the data's input shape, the shape every other model takes."""
+    have = [splits.in_channels, splits.image_size, splits.image_size]
+    want = info["input_shape"]
+    if None in want or list(want) == have:
+        return
+    shape, data_shape = "x".join(str(v) for v in want), "x".join(str(v) for v in have)
+    raise RobustlabError(
+        f"{role} '{name}' takes {shape} inputs, but {others} take {data_shape} inputs "
+        f"({splits.name} images); sources and targets must share the input shape"
+    )
+
+
+def _check_transforms(attacks: list[Any], sources: dict[str, Any]) -> None:
+    """Every source must have what its attacks' transforms need (SGM, LinBP: residual blocks)."""
+    for a in attacks:
+        if not a.sgm and a.linbp_block is None:
+            continue
+        for name, model in sources.items():
+            try:
+                with a.transforms(model):
+                    pass
+            except RobustlabError as exc:
+                raise RobustlabError(f"attack '{a.label}' on source '{name}': {exc}") from None
+
+
+def _ensembles(sources: list[str], models: dict[str, Any]) -> dict[str, Any]:
+    """Each source as one model: a member itself, or the ensemble of A+B."""
+    from ..attacks.surrogate import Ensemble
+
+    return {
+        s: models[s] if "+" not in s else Ensemble([models[m] for m in s.split("+")]).eval()
+        for s in sources
+    }
+
+
+def _attacks(args: argparse.Namespace, gammas: list[float] | None) -> list[Any]:
+    """The transfer attacks --attacks names, one per gamma of a sweep for SGM ones."""
+    from ..analysis.transfer import gamma_sweep, parse_attack
+
+    attacks = []
+    for name in names(args.attacks, "--attacks"):
+        attack = parse_attack(
+            name,
+            args.norm,
+            args.eps,
+            steps=args.steps,
+            alpha=args.alpha,
+            linbp_block=args.linbp_block,
+            seed=args.seed,
+        )
+        attacks.extend(gamma_sweep(attack, gammas) if gammas and attack.sgm else [attack])
+    if gammas and not any(a.sgm for a in attacks):
+        raise RobustlabError("--gamma sets SGM's decay, but no attack in --attacks uses sgm")
+    return attacks
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything cheap first, then obtain the models, build and report the matrix."""
+    from ..analysis.transfer import transfer_matrix
+    from ..core.device import resolve_device
+    from ..data import load_data
+    from ..train.cache import cache_root
+
+    sources = names(args.sources, "--sources")
+    targets = names(args.targets, "--targets")
+    gammas = floats(args.gamma, "--gamma") if args.gamma else None
+    attacks = _attacks(args, gammas)
+    if args.n is not None and args.n < 1:
+        raise RobustlabError(f"--n must be >= 1, got {args.n}")
+    members = {m: parse_model(m) for s in sources for m in s.split("+") if m}
+    members.update({t: parse_model(t) for t in targets})
+    for s in sources:
+        if "" in s.split("+"):
+            raise RobustlabError(f"source '{s}' has an empty ensemble member")
+    check_output_file(args.json, "--json")
+    check_store(args.store)
+    check_output_dir(args.plots, "--plots")
+    device = resolve_device(args.device)
+    splits = load_data(args.data)
+    cache = Path(args.cache) if args.cache else cache_root()
+    models: dict[str, Any] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    # before any training: the checkpoints' shapes, then the sources' structure (zoo models
+    # built untrained) against what the attacks' transforms need
+    for name, member in members.items():
+        if member.path is None:
+            continue
+        models[name], infos[name] = _obtain(member, args, splits, device, cache)
+        role = "target" if name in targets else "source"
+        peers = [n for n in (sources if role == "target" else targets) if n != name]
+        other_role = "source" if role == "target" else "target"
+        others = f"the {other_role}s ({', '.join(peers)})"
+        _check_shape(name, role, infos[name], splits, others if peers else "the data's")
+    skeletons = {n: models[n] if n in models else _skeleton(m, splits) for n, m in members.items()}
+    _check_transforms(attacks, _ensembles(sources, skeletons))
+    for name, member in members.items():
+        if member.path is None:
+            models[name], infos[name] = _obtain(member, args, splits, device, cache)
+    result = transfer_matrix(
+        _ensembles(sources, models),
+        {t: models[t] for t in targets},
+        attacks,
+        splits.test,
+        n=min(args.n, len(splits.test)) if args.n else None,
+        batch_size=args.batch_size,
+        targeted=args.targeted,
+        seed=args.seed,
+        device=device,
+        progress=not args.no_progress,
+    )
+    result = replace(result, models=infos)
+    kind = "targeted" if args.targeted else "untargeted"
+    print(
+        f"{kind} transfer success (%) on {result.n} {splits.name} points, {args.norm} "
+        f"eps={args.eps}, over the points each target classifies correctly (* white-box):"
+    )
+    print(result.table())
+    print(
+        f"cost: {result.generations} attack generations and {result.target_forwards} target "
+        f"passes over the points, {result.elapsed_s:.1f} s"
+    )
+    record = result.to_dict()
+    if args.plots:
+        from ..report.transfer_plots import gamma_sweep_plot, transfer_heatmap
+
+        folder = Path(args.plots)
+        record["plots"] = [str(transfer_heatmap(result, folder / "transfer_heatmap.png"))]
+        if gammas and len(gammas) > 1 and any(not c.white_box for c in result.cells):
+            record["plots"].append(str(gamma_sweep_plot(result, folder / "gamma_sweep.png")))
+        print(f"plots: {', '.join(record['plots'])}")
+    write_json(args.json, record)
+    if args.store:
+        from ..store import ResultStore
+
+        ResultStore(args.store).add(record, label=args.label or "transfer")
+    return 0

@@ -1,1 +1,0 @@
-"""Commands of the CLI that live beside their subject: each module has ``register(sub)``."""

@@ -1,0 +1,68 @@
+"""The model cache: a zoo model is trained once per resolved configuration and reused after."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..data import DataSplits
+from ..models.checkpoint import MANIFEST, load_checkpoint
+from .loop import TrainConfig, train
+
+
+def cache_root() -> Path:
+    """Where trained zoo models are kept for reuse (ROBUSTLAB_CACHE, else ~/.cache/robustlab)."""
+    base = os.environ.get("ROBUSTLAB_CACHE") or str(Path.home() / ".cache" / "robustlab")
+    return Path(base) / "demo"
+
+
+def config_key(cfg: TrainConfig) -> str:
+    """A short hash that names a training configuration in the cache.
+
+    The config is hashed with the recipe's defaults filled in, so a model trained under an
+    older recipe (say 15 epochs where the recipe now says 20) is never reused silently."""
+    blob = json.dumps(asdict(cfg.resolved()), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_folder(cfg: TrainConfig, cache: Path | None = None) -> Path:
+    """The folder that holds (or will hold) the model of this configuration."""
+    return (cache or cache_root()) / config_key(cfg)
+
+
+def is_cached(cfg: TrainConfig, cache: Path | None = None) -> bool:
+    """Whether a finished model of this configuration is in the cache."""
+    return (cached_folder(cfg, cache) / MANIFEST).exists()
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """A model from the cache: the network, its manifest, its folder, and whether it was reused."""
+
+    model: nn.Module
+    manifest: dict[str, Any]
+    folder: Path
+    reused: bool
+
+
+def obtain(
+    cfg: TrainConfig,
+    cache: Path | None = None,
+    *,
+    splits: DataSplits | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> CachedModel:
+    """The model of a configuration: reused from the cache, or trained into it."""
+    folder = cached_folder(cfg, cache)
+    if is_cached(cfg, cache):
+        ckpt = load_checkpoint(folder)
+        return CachedModel(ckpt.model, ckpt.manifest, folder, reused=True)
+    result = train(cfg, folder, splits=splits, device=device, progress=progress)
+    return CachedModel(result.model, result.manifest, folder, reused=False)
