@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from robustlab.analysis.efficiency import calibrate
 from robustlab.data import DataSplits, load_data
-from robustlab.models.multiexit import MultiExitNetwork, attach_exits, calibrate
+from robustlab.models.multiexit import MultiExitNetwork, attach_exits
 from robustlab.train import TrainConfig, train
 from robustlab.train.sdn import SDNConfig, train_exits
 
