@@ -86,6 +86,7 @@ def l2_box_reach(v: torch.Tensor, x: torch.Tensor, eps: float, iters: int = 100)
     v, flat = v.double(), x.flatten(1).double()
 
     def delta(t: torch.Tensor) -> torch.Tensor:
+        """The step t v per row, clipped to the box."""
         return torch.minimum(torch.maximum(t[:, None] * v, -flat), 1 - flat)
 
     lo = torch.zeros(len(v), dtype=torch.float64)
@@ -140,6 +141,7 @@ class MaxOfTwo(nn.Module):
         self.a, self.b = nn.Parameter(a.clone()), nn.Parameter(b.clone())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The two logits, f = b.c + relu((a - b).c) with c = z - 1/2."""
         c = z.flatten(1) - 0.5
         f = c @ self.b + torch.relu(c @ (self.a - self.b))
         return torch.stack([torch.zeros_like(f), f], dim=1)

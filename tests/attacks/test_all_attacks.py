@@ -83,6 +83,7 @@ def _fail_on_call(model: nn.Module, fail_at: int) -> list[int]:
     calls = [0]
 
     def count(module: nn.Module, inputs: object) -> None:
+        """Count a forward pass; raise on the ``fail_at``-th."""
         calls[0] += 1
         if calls[0] == fail_at:
             raise RuntimeError("boom")
@@ -204,12 +205,12 @@ class Strong:
 
     ``options``: make_attack options (fewer steps/queries than published only where the
     attack still must succeed). ``model``: "net" (the trained conv net) or "multi-exit" (it
-    with trained exits); the invariant checks above follow it too (:func:`_model`). ``goal``: a key of GOALS, the score the attack must push down.
-    ``bound``: per norm, the adversarial score must be <= bound x the clean score (default
-    0.5). ``hit``: per norm, the least fraction of points classified as their target when
-    targets are given (default 0.5; below 0.5 the target's margin must also rise on >= 90 %
-    of points); ``hit=None``: the attack refuses targets with a RobustlabError (it never
-    ignores them silently).
+    with trained exits); the invariant checks above follow it too (:func:`_model`).
+    ``goal``: a key of GOALS, the score the attack must push down. ``bound``: per norm, the
+    adversarial score must be <= bound x the clean score (default 0.5). ``hit``: per norm,
+    the least fraction of points classified as their target when targets are given (default
+    0.5; below 0.5 the target's margin must also rise on >= 90 % of points); ``hit=None``:
+    the attack refuses targets with a RobustlabError (it never ignores them silently).
     """
 
     options: dict[str, object] = field(default_factory=dict)
@@ -250,15 +251,14 @@ STRONG: dict[str, Strong] = {
     # the registered names; options are make_attack options). Their goals are their own:
     # DeepSloth lowers the early-exit efficacy, the exit PGD baselines the accuracy of the
     # exits they attack. Clean: efficacy 0.34, exit accuracies 0.62 / 0.46 / 0.84 / 0.94
-    # (mean 0.72), all exits right on 0.33 of points. Ratios measured at 10 steps are given
-    # as linf / l2 / l1.
-    "deepsloth": Strong({"steps": 10}, model="multi-exit", goal="slowdown", hit=None),  # 0/.01/.32
-    "exit-pgd": Strong(
-        {"steps": 10}, model="multi-exit", goal="mean-exit", hit=None
-    ),  # .03/.01/.41
-    "pgd-final": Strong({"steps": 10}, model="multi-exit", goal="final-exit", hit=None),  # 0/0/.28
-    "pgd-avg": Strong({"steps": 10}, model="multi-exit", goal="mean-exit", hit=None),  # .03/.01/.41
-    "pgd-max": Strong({"steps": 10}, model="multi-exit", goal="every-exit", hit=None),  # 0/0/.30
+    # (mean 0.72), all exits right on 0.33 of points. Adversarial / clean score measured at
+    # 10 steps, linf / l2 / l1: deepsloth 0 / 0.01 / 0.32, exit-pgd and pgd-avg 0.03 / 0.01 /
+    # 0.41, pgd-final 0 / 0 / 0.28, pgd-max 0 / 0 / 0.30.
+    "deepsloth": Strong({"steps": 10}, model="multi-exit", goal="slowdown", hit=None),
+    "exit-pgd": Strong({"steps": 10}, model="multi-exit", goal="mean-exit", hit=None),
+    "pgd-final": Strong({"steps": 10}, model="multi-exit", goal="final-exit", hit=None),
+    "pgd-avg": Strong({"steps": 10}, model="multi-exit", goal="mean-exit", hit=None),
+    "pgd-max": Strong({"steps": 10}, model="multi-exit", goal="every-exit", hit=None),
 }
 # Names above that are not registered yet (today: the multi-exit ones). Each is still run,
 # built from its class, by test_multi_exit_attacks_reach_their_goals.
@@ -293,6 +293,7 @@ def _exits(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., floa
     """A goal score from the per-point, per-exit correctness matrix."""
 
     def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The reduced correctness of every exit on (x, y)."""
         assert isinstance(model, MultiExitNetwork)
         return float(reduce(_exit_accuracies(model, x, y)))
 
