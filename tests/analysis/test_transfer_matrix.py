@@ -146,6 +146,15 @@ def test_real_matrix_with_sgm_marks_white_box_and_writes_json(
         assert 0 <= c.success_rate <= 1 and c.n > 80
     record = json.loads(json.dumps(result.to_dict()))
     assert record["kind"] == "transfer"
+    for spec in record["attacks"]:  # the registry's pgd, run with the protocol's options
+        assert spec["base"] == "pgd" and spec["engine"]["returns"] == "last"
+        assert spec["options"] == {
+            "steps": 5,
+            "alpha": 2.5 * 0.2 / 5,
+            "random_start": False,
+            "returns": "last",
+            "seed": 0,
+        }
     for c in record["cells"]:
         assert {"source", "target", "attack", "success_rate", "n"} <= set(c)
     assert "*" in result.table() and "sgm+mi+di" in result.table()

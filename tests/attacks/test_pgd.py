@@ -9,11 +9,11 @@ from __future__ import annotations
 import hypothesis.strategies as st
 import pytest
 import torch
-from _linear_cases import tiny_mlp, two_class_case
+from _linear_cases import Linear2, tiny_mlp, two_class_case
 from hypothesis import given, settings
 from torch import nn
 
-from robustlab.attacks import PGD, ThreatModel, frozen_eval
+from robustlab.attacks import FGSM, PGD, ThreatModel, frozen_eval
 from robustlab.errors import RobustlabError
 
 
@@ -26,6 +26,44 @@ def test_pgd_finds_the_exact_robust_accuracy_of_a_linear_model(norm: str, eps: f
         robust = model(x_adv).argmax(1) == y
     assert torch.equal(robust, exact)
     assert 0 < int(exact.sum()) < len(exact)  # the case is not trivial either way
+
+
+def _l2_box_reach(w: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per row, max of ``w . delta`` over ``||delta||_2 <= eps`` and ``0 <= x + delta <= 1``.
+
+    KKT: ``delta = clip(t w, -x, 1 - x)`` with ``t >= 0`` putting ``delta`` on the sphere
+    (found here by bisection in float64, independently of the threat model's solver).
+    """
+    flat, v = x.flatten(1).double(), w.flatten().double()
+
+    def delta(t: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(t[:, None] * v, 1 - flat), -flat)
+
+    lo = torch.zeros(len(flat), dtype=torch.float64)
+    hi = torch.full((len(flat),), 1e3, dtype=torch.float64)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        over = delta(mid).norm(dim=1) > eps
+        hi, lo = torch.where(over, mid, hi), torch.where(over, lo, mid)
+    return delta(lo) @ v
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_pgd_reaches_the_l2_optimum_where_the_box_binds_and_one_step_cannot(
+    random_start: bool,
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(20, generator=g), torch.rand(50, 20, generator=g)
+    # every point stays correct at any admissible perturbation: PGD keeps its highest margin
+    model = Linear2(w, -(float(w.abs().sum()) + 10)).eval()
+    y = torch.zeros(50, dtype=torch.long)
+    best = _l2_box_reach(w, x, 1.0)
+    attack = PGD(norm="l2", eps=1.0, steps=50, alpha=0.5, loss="cw", random_start=random_start)
+    reached = (attack(model, x, y) - x).double() @ w.double()
+    assert torch.allclose(reached, best, rtol=1e-5, atol=0)
+    one_step = (FGSM(norm="l2", eps=1.0, loss="cw")(model, x, y) - x).double() @ w.double()
+    assert float(((best - one_step) / best).max()) > 0.05  # a single step falls well short
+    assert bool((one_step <= best * (1 + 1e-6)).all())
 
 
 @settings(max_examples=25, deadline=None)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks.iterative import MIFGSM, IterativeAttack
-from robustlab.attacks.surrogate import Ensemble, SurrogateAttack, on_surrogate
+from robustlab.attacks.surrogate import Ensemble
 from robustlab.attacks.transforms import skip_gradient
+from robustlab.core.threat import ThreatModel
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
 
@@ -26,10 +29,10 @@ def _x(n: int = 4) -> torch.Tensor:
     return torch.rand(n, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
 
-def _input_grad(fn: object, x: torch.Tensor) -> torch.Tensor:
+def _input_grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     x = x.clone().requires_grad_(True)
-    out = fn(x)  # type: ignore[operator]
-    return torch.autograd.grad(out.sum(), x)[0]
+    grad: torch.Tensor = torch.autograd.grad(fn(x).sum(), x)[0]
+    return grad
 
 
 def _unit(g: torch.Tensor) -> torch.Tensor:
@@ -71,16 +74,24 @@ def test_engine_on_an_ensemble_uses_the_combined_loss_and_stays_in_the_threat_mo
     members = [build_model("resnet8", image_size=8).eval(), build_model("mlp", image_size=8)]
     x = torch.rand(6, 1, 8, 8)
     y = torch.randint(0, 10, (6,))
+    steps: dict[str, torch.Tensor] = {}
     for combine in ("logits", "loss"):
         ens = Ensemble(members, combine=combine).eval()
-        attack = on_surrogate(MIFGSM(eps=0.1, steps=3))
-        assert isinstance(attack, SurrogateAttack) and attack.decay == 1.0
+        attack = MIFGSM(eps=0.1, steps=3)
         x_adv = attack(ens, x, y)
         assert attack.threat.contains(x, x_adv).all()
         assert not torch.equal(x_adv, x)
-    # on a single model the surrogate engine is the plain engine
-    plain = IterativeAttack(eps=0.1, steps=3, diversity_prob=0.5, seed=3)
-    assert torch.equal(on_surrogate(plain)(members[0], x, y), plain(members[0], x, y))
+        # one step of the engine follows the sign of the ensemble's own objective
+        one = IterativeAttack(eps=0.1, steps=1)(ens, x, y)
+        grad = _input_grad(lambda t, e=ens: e.loss(t, y, None), x)  # type: ignore[misc]
+        assert torch.equal(one, ThreatModel("linf", 0.1).project(x, x + 0.1 * grad.sign()))
+        steps[combine] = one
+    assert not torch.equal(steps["logits"], steps["loss"])  # the combinations differ
+    # evaluate: the same objective as loss(), and the ensemble's mean logits
+    ens = Ensemble(members, combine="loss").eval()
+    with torch.no_grad():
+        losses, logits = ens.evaluate(x, y, None)
+        assert torch.equal(losses, ens.loss(x, y, None)) and torch.equal(logits, ens(x))
 
 
 def test_skip_gradient_acts_on_the_residual_members_of_an_ensemble() -> None:

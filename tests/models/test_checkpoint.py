@@ -164,7 +164,42 @@ def test_tampered_weights_without_hash_still_cannot_smuggle_garbage(saved: Path)
     edit_manifest(saved, lambda m: m["weights"].pop("sha256"))
     (saved / WEIGHTS).write_bytes((saved / WEIGHTS).read_bytes()[:100])
     with pytest.raises(RobustlabError, match="cannot read weights"):
+        load_checkpoint(saved, trust_unhashed=True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["weights"].__setitem__("sha256", ""),
+        lambda m: m["weights"].pop("sha256"),
+        lambda m: m.pop("weights"),
+    ],
+    ids=["empty hash", "no hash", "no weights section"],
+)
+def test_an_unhashed_checkpoint_loads_only_when_trusted_and_says_so(
+    saved: Path, change: Callable[[dict[str, Any]], None]
+) -> None:
+    edit_manifest(saved, change)
+    with pytest.raises(RobustlabError, match="cannot be checked; load it only if you trust it"):
         load_checkpoint(saved)
+    loaded = load_checkpoint(saved, trust_unhashed=True)
+    assert loaded.manifest["weights"]["trusted_unhashed"] is True
+    assert loaded.manifest["weights"]["sha256"] == sha256(saved / WEIGHTS)
+
+
+def test_a_hashed_checkpoint_is_not_marked_as_trusted(saved: Path) -> None:
+    assert "trusted_unhashed" not in load_checkpoint(saved).manifest["weights"]
+
+
+def test_read_torch_file_never_repeats_torchs_unsafe_advice(tmp_path: Path) -> None:
+    path = tmp_path / "resume.pt"
+    torch.save({"epoch": 3, "note": Path("x")}, path)  # a global outside the allow-list
+    with pytest.raises(RobustlabError, match="refusing to load .*resume state") as info:
+        ckpt.read_torch_file(path, "a training resume state")
+    assert "weights_only" not in str(info.value)
+    path.write_bytes(b"")
+    with pytest.raises(RobustlabError, match="resume state: it is empty or cut short"):
+        ckpt.read_torch_file(path, "a training resume state")
 
 
 def test_missing_folder(tmp_path: Path) -> None:
@@ -244,7 +279,7 @@ def test_weights_of_another_architecture(saved: Path, other: str) -> None:
 
     edit_manifest(saved, swap)
     with pytest.raises(RobustlabError, match="do not fit the architecture: (Missing|Unexpected)"):
-        load_checkpoint(saved)
+        load_checkpoint(saved, trust_unhashed=True)
 
 
 def test_same_architecture_other_shape_does_not_fit(saved: Path) -> None:
@@ -342,7 +377,7 @@ def test_pickle_disguised_as_safetensors_is_not_unpickled(saved: Path) -> None:
     edit_manifest(saved, lambda m: m["weights"].pop("sha256"))
     write_pickle(ExecPayload(marker), saved / WEIGHTS)
     with pytest.raises(RobustlabError, match="cannot read weights"):
-        load_checkpoint(saved)
+        load_checkpoint(saved, trust_unhashed=True)
     assert not marker.exists()
 
 

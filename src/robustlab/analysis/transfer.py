@@ -20,6 +20,7 @@ members of a source ensemble): the attacker had its gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,9 +34,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..attacks.base import Attack
-from ..attacks.iterative import IterativeAttack
+from ..attacks.iterative import Preset
 from ..attacks.losses import cross_entropy
-from ..attacks.surrogate import on_surrogate
+from ..attacks.registry import lookup, make_attack, register
 from ..attacks.transforms import check_gamma, find_residual_sites, linbp, skip_gradient
 from ..core.guard import evaluating, frozen_eval
 from ..core.threat import ThreatModel
@@ -43,11 +44,17 @@ from ..data import Dataset
 from ..errors import RobustlabError
 from ..models.blocks import DenseLayer, ResidualBlock, residual_blocks
 
-#: Base attacks (the gradient step) and the modifiers that can be joined to them with "+".
-BASES = ("pgd", "ifgsm", "bim", "fgsm")
+#: Base attacks (registry names of the gradient engine's presets) and the modifiers that can
+#: be joined to them with "+". A base is resolved through the attack registry (so "bim" is
+#: the registry's bim), then run with the protocol's options (see :func:`parse_attack`).
+BASES = ("pgd", "ifgsm", "bim", "fgsm", "i-fgsm")
 MODIFIERS = ("mi", "di", "ti", "sgm", "linbp")
-ALIASES = {"mifgsm": "mi", "difgsm": "di", "tifgsm": "ti", "i-fgsm": "ifgsm"}
+#: Modifier spellings: "mifgsm" here means momentum on the protocol's base, not the preset.
+ALIASES = {"mifgsm": "mi", "difgsm": "di", "tifgsm": "ti"}
+DEFAULT_BASE = "pgd"
 DEFAULT_STEPS = 10
+#: The protocol's step size: ALPHA_RATIO * eps / steps for iterative bases.
+ALPHA_RATIO = 2.5
 DEFAULT_LINBP_BLOCK = -2
 
 
@@ -67,12 +74,15 @@ def default_gamma(model: nn.Module, one_step: bool = False) -> float:
     return 0.5 if one_step else 0.2
 
 
+@register("transfer", kind="transfer")
 @dataclass(frozen=True)
 class TransferAttack:
-    """One attack of a matrix: an FGSM-family configuration plus the gradient transforms around it.
+    """One attack of a transfer matrix: an engine configuration plus gradient transforms.
 
     ``sgm`` turns on SGM with ``gamma`` (None: each source's default, see
     :func:`default_gamma`); ``linbp_block`` turns on LinBP from that residual block on.
+    ``base`` is the registry name typed for the gradient step and ``options`` the protocol's
+    options it was run with (both recorded); built by :func:`parse_attack`.
     """
 
     label: str
@@ -80,6 +90,8 @@ class TransferAttack:
     sgm: bool = False
     gamma: float | None = None
     linbp_block: int | None = None
+    base: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.gamma is not None:
@@ -112,9 +124,15 @@ class TransferAttack:
             return self.attack(model, x, y, targets)
 
     def config(self) -> dict[str, Any]:
-        """JSON-able description: label, the engine configuration, the transforms."""
+        """JSON-able description: label, base and protocol options, the engine, the transforms."""
+        base = {} if self.base is None else {"base": self.base}
+        alias_of = lookup(self.base).name if self.base is not None else None
+        if alias_of is not None and alias_of != self.base:
+            base["base_alias_of"] = alias_of
         return {
             "label": self.label,
+            **base,
+            "options": dict(self.options),
             "engine": self.attack.config(),
             "sgm": self.sgm,
             "gamma": self.gamma,
@@ -136,11 +154,13 @@ def parse_attack(
 ) -> TransferAttack:
     """A transfer attack from a name such as ``pgd``, ``mi``, ``sgm+mi+di`` or ``fgsm+sgm``.
 
-    Parts joined with ``+``: at most one base step (``pgd``/``ifgsm``/``bim``: iterative,
-    the default; ``fgsm``: one step of eps) and any of ``mi`` (momentum 1.0), ``di`` (input
-    diversity, p = 0.5), ``ti`` (7x7 Gaussian gradient smoothing), ``sgm`` and ``linbp``.
-    All share the same steps and step size (default 2.5 * eps / steps, no random start, the
-    last iterate), so cells differ only by the techniques named.
+    Parts joined with ``+``: at most one base step, a registry name (``pgd``, the default;
+    ``bim`` / ``ifgsm``; ``fgsm``: one step of eps) and any of ``mi`` (momentum 1.0), ``di``
+    (input diversity, p = 0.5), ``ti`` (7x7 Gaussian gradient smoothing), ``sgm`` and
+    ``linbp``. The protocol runs every iterative base with the same options, passed to the
+    registry's attack explicitly and recorded (``options``): ``steps``, step size ``alpha``
+    (default 2.5 * eps / steps), no random start, the last iterate, ``seed``; so cells
+    differ only by the techniques named. ``fgsm`` keeps its own single step of eps.
     """
     ThreatModel(norm, eps)
     parts = [ALIASES.get(p.strip().lower(), p.strip().lower()) for p in name.split("+")]
@@ -158,28 +178,52 @@ def parse_attack(
         raise RobustlabError(f"'{name}' names a technique twice")
     if steps < 1:
         raise RobustlabError(f"transfer attacks need steps >= 1, got {steps}")
-    one_step = bases == ["fgsm"]
-    n_steps = 1 if one_step else steps
-    step = eps if one_step else (alpha if alpha is not None else 2.5 * eps / n_steps)
-    engine = IterativeAttack(
-        norm=norm,
-        eps=eps,
-        steps=n_steps,
-        alpha=step if step > 0 else None,
-        decay=1.0 if "mi" in parts else 0.0,
-        diversity_prob=0.5 if "di" in parts else 0.0,
-        ti_kernel=7 if "ti" in parts else 0,
+    base = bases[0] if bases else DEFAULT_BASE
+    preset = make_attack(
+        base, norm, eps, **_protocol(base, eps, steps, alpha), loss=loss, seed=seed
+    )
+    if not isinstance(preset, Preset):  # pragma: no cover - BASES are all engine presets
+        raise RobustlabError(f"'{base}' is not an attack of the gradient engine")
+    # the protocol, explicit: one run from the clean input, its last iterate
+    engine = replace(
+        preset.engine,
         random_start=False,
-        loss=loss,
+        restarts=1,
+        returns="last",
+        decay=1.0 if "mi" in parts else preset.engine.decay,
+        diversity_prob=0.5 if "di" in parts else preset.engine.diversity_prob,
+        ti_kernel=7 if "ti" in parts else preset.engine.ti_kernel,
         seed=seed,
     )
+    options = {
+        "steps": engine.steps,
+        "alpha": engine.step_size,
+        "random_start": False,
+        "returns": "last",
+        "seed": seed,
+    }
     return TransferAttack(
         label=name,
-        attack=on_surrogate(engine),
+        attack=engine,
         sgm="sgm" in parts,
         gamma=gamma if "sgm" in parts else None,
         linbp_block=linbp_block if "linbp" in parts else None,
+        base=base,
+        options=options,
     )
+
+
+def _protocol(base: str, eps: float, steps: int, alpha: float | None) -> dict[str, Any]:
+    """The step options the protocol passes a base: steps and alpha (2.5 * eps / steps).
+
+    A one-step base (fgsm) keeps its own single step of eps. A step size of 0 (eps 0) is
+    left to the attack's default, which is then 0 as well.
+    """
+    fields = {f.name for f in dataclasses.fields(lookup(base).cls)}
+    if "steps" not in fields:
+        return {}
+    step = alpha if alpha is not None else ALPHA_RATIO * eps / steps
+    return {"steps": steps, "alpha": step if step > 0 else None}
 
 
 def gamma_sweep(attack: TransferAttack, gammas: Sequence[float]) -> list[TransferAttack]:

@@ -12,10 +12,11 @@ from .deepsloth import DeepSloth, ExitPGD
 from .fab import FAB
 from .iterative import BIM, DIFGSM, FGSM, IFGSM, MIFGSM, TIFGSM, IterativeAttack
 from .losses import LOSSES, cross_entropy, cw_margin, dlr, get_loss
+from .optim import MomentumStep, SteepestStep, ascend, iterates
 from .pgd import PGD
-from .registry import ATTACKS, make_attack
+from .registry import ATTACKS, REGISTRY, make_attack, register
 from .square import Square
-from .surrogate import Ensemble, SurrogateAttack
+from .surrogate import Ensemble
 from .transforms import declare_residual, linbp, skip_gradient
 
 __all__ = [
@@ -35,22 +36,27 @@ __all__ = [
     "IFGSM",
     "IterativeAttack",
     "LOSSES",
+    "MomentumStep",
     "MIFGSM",
     "NORMS",
     "PGD",
+    "REGISTRY",
     "Square",
-    "SurrogateAttack",
+    "SteepestStep",
     "TIFGSM",
     "ThreatModel",
     "check_batch",
+    "ascend",
     "cross_entropy",
     "cw_margin",
     "declare_residual",
     "dlr",
     "frozen_eval",
     "get_loss",
+    "iterates",
     "linbp",
     "make_attack",
+    "register",
     "skip_gradient",
     "success",
 ]

@@ -71,11 +71,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.criteria import success
+from ..core.criteria import Standing, strongest, success, unbroken
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
 from .losses import Loss, dlr, get_loss
+from .restarts import Best, Candidates, run_restarts
 
 P1, DECAY, MIN_GAP = 22, 3, 6  # p_1 = 0.22, the 0.03 decrease and the 0.06 floor, in hundredths
 
@@ -196,15 +197,16 @@ class APGD(Attack):
         """APGD on a model already in the state to attack (eval mode, frozen parameters)."""
         engine = _engine(self, x)
         loss_fn = get_loss(self.loss)
-        best, best_loss, done = _start(model, x, y, targets)
-        for _ in range(self.restarts):
-            todo = (~done).nonzero().flatten()
-            if len(todo) == 0:
-                break
+        with torch.no_grad():
+            hit = success(model(x), y, targets) if len(x) else y.new_zeros(0, dtype=torch.bool)
+        best = Best(x, unbroken(hit))
+
+        def attempt(todo: torch.Tensor, _: int) -> Candidates:
+            """One APGD run on the samples ``todo``."""
             ts = None if targets is None else targets[todo]
-            found = engine.run(model, x[todo], y[todo], ts, ts, loss_fn)
-            _merge(best, best_loss, done, todo, *found)
-        return best
+            return [engine.candidate(model, x[todo], y[todo], ts, ts, loss_fn)]
+
+        return run_restarts(best, self.restarts, attempt).x
 
 
 @dataclass(frozen=True)
@@ -254,12 +256,11 @@ class APGDT(Attack):
     ) -> torch.Tensor:
         """APGD-T on a model already in the state to attack (eval mode, frozen parameters)."""
         engine = _engine(self, x)
-        best, best_loss = x.clone(), torch.full((len(x),), float("-inf"), device=x.device)
         if len(x) == 0:
-            return best
+            return x.clone()
         with torch.no_grad():
             logits = model(x)
-        done = success(logits, y, targets)
+        best = Best(x, unbroken(success(logits, y, targets)))
         classes = logits.shape[1]
         if classes < 4:
             raise RobustlabError(
@@ -274,15 +275,15 @@ class APGDT(Attack):
         else:
             ranked, rounds = targets[:, None], 1
         for k in range(rounds):
-            for _ in range(self.restarts):
-                todo = (~done).nonzero().flatten()
-                if len(todo) == 0:
-                    return best
+
+            def attempt(todo: torch.Tensor, _: int, k: int = k) -> Candidates:
+                """One APGD run on the samples ``todo`` toward their k-th target."""
                 goal = ranked[todo, k]
                 hit_goal = None if targets is None else goal
-                found = engine.run(model, x[todo], y[todo], goal, hit_goal, dlr)
-                _merge(best, best_loss, done, todo, *found)
-        return best
+                return [engine.candidate(model, x[todo], y[todo], goal, hit_goal, dlr)]
+
+            run_restarts(best, self.restarts, attempt)
+        return best.x
 
 
 def _engine(attack: APGD | APGDT, like: torch.Tensor) -> _Engine:
@@ -297,33 +298,6 @@ def _engine(attack: APGD | APGDT, like: torch.Tensor) -> _Engine:
         like,
         attack.large_eps,
     )
-
-
-def _start(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The clean inputs as the answer so far; samples already successful are done."""
-    with torch.no_grad():
-        done = success(model(x), y, targets) if len(x) else y.new_zeros(0, dtype=torch.bool)
-    best_loss = torch.full((len(x),), float("-inf"), device=x.device)
-    return x.clone(), best_loss, done
-
-
-def _merge(
-    best: torch.Tensor,
-    best_loss: torch.Tensor,
-    done: torch.Tensor,
-    todo: torch.Tensor,
-    adv: torch.Tensor,
-    hit: torch.Tensor,
-    loss: torch.Tensor,
-) -> None:
-    """Per sample: a successful point wins, else the highest loss over runs is kept."""
-    better = hit | (loss.to(best_loss.dtype) > best_loss[todo])
-    idx = todo[better]
-    best[idx] = adv[better]
-    best_loss[idx] = torch.where(hit[better], float("inf"), loss[better].to(best_loss.dtype))
-    done[todo] |= hit
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -402,6 +376,19 @@ class _Engine:
         self.l1 = threat.norm == "l1"
         self.eta0 = (1.0 if self.l1 else 2.0) * threat.eps
         self.stages = large_eps_stages(threat.eps, steps) if large_eps else [(threat.eps, steps)]
+
+    def candidate(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        goal: torch.Tensor | None,
+        hit_goal: torch.Tensor | None,
+        loss_fn: Loss,
+    ) -> tuple[torch.Tensor, Standing]:
+        """One run's answer per sample (successful or highest-loss point) and its standing."""
+        adv, hit, loss = self.run(model, x, y, goal, hit_goal, loss_fn)
+        return adv, strongest(hit, loss)
 
     def run(
         self,

@@ -25,13 +25,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.criteria import success
+from ..core.criteria import success, unbroken
 from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .apgd import APGD, APGDT
 from .base import Attack
 from .fab import FAB
+from .restarts import Best
 from .square import Square
 
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -146,23 +147,20 @@ class AutoAttack(Attack):
             return self._run_detailed(model, x, y)
 
     def _run_detailed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EnsembleResult:
-        x_adv = x.clone()
         with torch.no_grad():
-            alive = ~success(model(x), y, None)
+            best = Best(x, unbroken(success(model(x), y, None)))
         broken_by: list[str | None] = [None] * len(x)
-        result = EnsembleResult(x_adv, broken_by)
+        result = EnsembleResult(best.x, broken_by)
         for name, attack in self.components():
             t0 = time.perf_counter()
-            idx = alive.nonzero().flatten()
+            idx = best.todo()
             if len(idx):
                 candidate = attack.run(model, x[idx], y[idx])
                 with torch.no_grad():
                     hit = success(model(candidate), y[idx], None)
-                won = idx[hit]
-                x_adv[won] = candidate[hit]
-                alive[won] = False
+                won = idx[best.offer(candidate, unbroken(hit), idx)]
                 for i in won.tolist():
                     broken_by[i] = name
             result.seconds[name] = time.perf_counter() - t0
-            result.robust_after[name] = int(alive.sum())
+            result.robust_after[name] = int((~best.done).sum())
         return result

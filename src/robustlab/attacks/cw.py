@@ -9,10 +9,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.criteria import success
+from ..core.criteria import smallest, success
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
+from .restarts import Best
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
@@ -102,14 +103,14 @@ class CWL2(Attack):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per sample, the smallest-L2 successful example found (the clean input if none)."""
-        n, view = len(x), (-1, *[1] * (x.dim() - 1))
+        n = len(x)
         w0 = torch.atanh((2 * x - 1) * (1 - 1e-6))
-        best, best_norm = x.clone(), torch.full((n,), math.inf, device=x.device)
         lower = torch.zeros(n, device=x.device)
         upper = torch.full((n,), math.inf, device=x.device)
         const = torch.full((n,), self.c, device=x.device)
-        with torch.no_grad():
-            best_norm[success(model(x), y, targets)] = 0.0  # already adversarial
+        with torch.no_grad():  # already adversarial: the clean input, at norm 0
+            clean = success(model(x), y, targets)
+        best = Best(x, smallest(clean, torch.zeros(n, device=x.device), self.eps))
         for _ in range(self.binary_steps):
             w, m, v = w0.clone(), torch.zeros_like(x), torch.zeros_like(x)
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -121,10 +122,7 @@ class CWL2(Attack):
                 margin = _margin(logits, y, targets)
                 with torch.no_grad():
                     hit = success(logits, y, targets) & (margin >= self.confidence)
-                    norm = dist.sqrt()
-                    better = hit & (norm < best_norm)
-                    best = torch.where(better.view(view), x_adv, best)
-                    best_norm = torch.where(better, norm, best_norm)
+                    best.offer(x_adv, smallest(hit, dist.sqrt(), self.eps))
                     found |= hit
                 if it == self.steps:
                     break
@@ -138,4 +136,4 @@ class CWL2(Attack):
             upper = torch.where(found, torch.minimum(upper, const), upper)
             lower = torch.where(found, lower, torch.maximum(lower, const))
             const = torch.where(upper.isinf(), const * 10, (lower + upper) / 2)
-        return best
+        return best.x

@@ -21,8 +21,11 @@ Objectives (per sample; the attack *minimises* them, the final exit is never par
 
 Optimisers: ``pgd`` (steepest-descent steps of fixed size, the paper's; linf 30 signed steps)
 or ``apgd`` (APGD-style step control, Croce & Hein 2020: momentum 0.75, the step size halved
-per sample at checkpoints when progress stalls, restarts from the best point). Restarts
-keep, per sample, the example that reaches the latest exit (then the lowest objective).
+per sample at checkpoints when progress stalls, restarts from the best point). Every iterate
+is offered to :class:`~robustlab.attacks.restarts.Best` under the efficiency criterion
+(:func:`~robustlab.core.criteria.slowest`): per sample, the example that reaches the latest
+exit (then the lowest objective) is kept. The first descent runs on every input; restarts
+only on those not yet running to the final exit.
 
 Variants: per-sample (:class:`DeepSloth`), universal (one perturbation for all inputs,
 :func:`universal_perturbation`) and class-universal (one per class). Baselines
@@ -42,12 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.checks import check_batch
+from ..core.criteria import slowest
 from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from ..models.multiexit import MultiExitNetwork, check_threshold, confidence, first_exit
 from .apgd import checkpoints
 from .base import Attack
+from .restarts import Best, Candidates, run_restarts
 
 OBJECTIVES = ("uniform", "threshold", "cost")
 OPTIMIZERS = ("pgd", "apgd")
@@ -204,17 +209,26 @@ class DeepSloth(Attack):
         net = _multi_exit(model)
         q = net.threshold if self.threshold is None else self.threshold
         rule = self.rule or net.rule
-        threat = self.threat
+        threat, final = self.threat, net.num_exits - 1
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        best = x.clone()
         with torch.no_grad():
-            best_loss, best_exit = sloth_objective(net, x, self.objective, q, rule, self.margin)
-        for r in range(self.restarts):
-            start = threat.random_start(x, gen) if (self.random_start or r > 0) else x.clone()
-            step = self._pgd if self.optimizer == "pgd" else self._apgd
-            for x_adv, loss, exits in step(net, x, start, threat, q, rule):
-                _keep_best(best, best_loss, best_exit, x_adv, loss, exits)
-        return best
+            loss0, exit0 = sloth_objective(net, x, self.objective, q, rule, self.margin)
+        best = Best(x, slowest(exit0, final, loss0))
+        descend = self._pgd if self.optimizer == "pgd" else self._apgd
+
+        def attempt(todo: torch.Tensor, r: int) -> Candidates:
+            """One descent on the samples ``todo``, offering every iterate."""
+            xs = x[todo]
+            start = threat.random_start(xs, gen) if (self.random_start or r > 0) else xs.clone()
+            for x_adv, loss, exits in descend(net, xs, start, threat, q, rule):
+                yield x_adv, slowest(exits, final, loss)
+
+        # the first descent runs on every input, also those already at the final exit: a
+        # lower objective still helps (transfer to other models, exit training on them)
+        everyone = torch.arange(len(x), device=x.device)
+        for x_adv, standing in attempt(everyone, 0):
+            best.offer(x_adv, standing, everyone)
+        return run_restarts(best, self.restarts - 1, lambda todo, r: attempt(todo, r + 1)).x
 
     def _pgd(
         self,
@@ -292,21 +306,6 @@ class DeepSloth(Attack):
                 improved.zero_()
                 loss_at_mark = loss_best.clone()
                 last_mark = i
-
-
-def _keep_best(
-    best: torch.Tensor,
-    best_loss: torch.Tensor,
-    best_exit: torch.Tensor,
-    x_adv: torch.Tensor,
-    loss: torch.Tensor,
-    exits: torch.Tensor,
-) -> None:
-    """Per sample: keep the iterate reaching the latest exit, then the lowest objective."""
-    better = (exits > best_exit) | ((exits == best_exit) & (loss < best_loss))
-    best[better] = x_adv[better]
-    best_loss[better] = loss[better]
-    best_exit[better] = exits[better]
 
 
 @dataclass(frozen=True)

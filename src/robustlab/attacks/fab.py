@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.criteria import smallest, success
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
+from .restarts import Best, Candidates, run_restarts
 
 _FAB_NORMS = ("linf", "l2", "l1")
 
@@ -99,9 +101,10 @@ class FAB(Attack):
         n_classes = logits.shape[1]
         if n_classes < 2:
             raise RobustlabError("fab needs a model with at least 2 classes")
-        hit0 = _hit(logits, y, targets)
-        best = x.clone()
-        best_norm = torch.where(hit0, 0.0, math.inf).to(x.dtype)
+        hit0 = success(logits, y, targets)
+        best = Best(
+            x, smallest(hit0, torch.zeros(len(x), dtype=x.dtype, device=x.device), self.eps)
+        )
 
         # the linearised boundaries to attack, one pass each: None = the closest class
         passes: list[torch.Tensor | None]
@@ -115,32 +118,34 @@ class FAB(Attack):
             passes = [None]
 
         for aim in passes:
-            for restart in range(self.restarts):
-                todo = (best_norm > self.eps).nonzero().flatten()
-                if len(todo) == 0:
-                    break
-                adv, norms = self._single_run(
+
+            def attempt(
+                todo: torch.Tensor, restart: int, aim: torch.Tensor | None = aim
+            ) -> Candidates:
+                """One FAB run on the samples ``todo``; restarts start around the input at
+                half the smallest norm found so far (at most eps)."""
+                run = self._single_run(
                     model,
                     x[todo],
                     y[todo],
                     None if aim is None else aim[todo],
                     None if targets is None else targets[todo],
-                    best_norm[todo] if restart > 0 else None,
+                    -best.standing.keys[0][todo] if restart > 0 else None,
                     generator,
                 )
-                better = norms < best_norm[todo]
-                best[todo[better]] = adv[better]
-                best_norm[todo[better]] = norms[better]
+                return [(run.x, run.standing)]
+
+            run_restarts(best, self.restarts, attempt)
 
         out = x.clone()
-        inside = best_norm <= self.eps
-        out[inside] = best[inside]
+        inside = best.done
+        out[inside] = best.x[inside]
         # found, but too large: keep its projection into the threat model if it still works
-        outside = (torch.isfinite(best_norm) & ~inside).nonzero().flatten()
+        outside = (torch.isfinite(best.standing.keys[0]) & ~inside).nonzero().flatten()
         if len(outside):
-            cand = threat.project(x[outside], best[outside])
+            cand = threat.project(x[outside], best.x[outside])
             with torch.no_grad():
-                ok = _hit(model(cand), y[outside], None if targets is None else targets[outside])
+                ok = success(model(cand), y[outside], None if targets is None else targets[outside])
             out[outside[ok]] = cand[ok]
         return out
 
@@ -153,8 +158,8 @@ class FAB(Attack):
         targets: torch.Tensor | None,
         start_norm: torch.Tensor | None,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One FAB run: the smallest adversarial found per sample and its norm (inf if none)."""
+    ) -> Best:
+        """One FAB run: per sample the smallest adversarial found (the input if none)."""
         threat = self.threat
         shape = (-1,) + (1,) * (x0.dim() - 1)
         x1 = x0.clone()
@@ -167,13 +172,14 @@ class FAB(Attack):
                 u = torch.randn(x0.shape, generator=generator, device=x0.device)
                 u = u / threat.norms(u).clamp_min(1e-12).view(shape)
             x1 = (x0 + radius * u.to(x0.dtype)).clamp(0.0, 1.0)
-        adv = x0.clone()
-        adv_norm = torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
-        flat0 = x0.flatten(1)
+        nowhere = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+        run = Best(
+            x0, smallest(nowhere, torch.full_like(nowhere, math.inf, dtype=x0.dtype), self.eps)
+        )
         active = torch.arange(len(x0), device=x0.device)
         for _ in range(self.steps):
             if self.early_stop:  # a point with an example inside eps needs no more steps
-                active = active[adv_norm[active] > self.eps]
+                active = active[~run.done[active]]
                 if len(active) == 0:
                     break
             xa, xo = x1[active], x0[active]
@@ -199,21 +205,12 @@ class FAB(Attack):
             alpha = (n1 / (n1 + n0)).clamp(0.0, self.alpha_max).view(shape)
             xa = ((1 - alpha) * (xa + self.eta * d1) + alpha * (xo + self.eta * d0)).clamp(0, 1)
             with torch.no_grad():
-                hit = _hit(model(xa), y[active], None if targets is None else targets[active])
+                hit = success(model(xa), y[active], None if targets is None else targets[active])
             if bool(hit.any()):
-                norms = threat.norms(xa - xo)
-                better = hit & (norms < adv_norm[active])
-                adv[active[better]] = xa[better]
-                adv_norm[active[better]] = norms[better]
+                run.offer(xa, smallest(hit, threat.norms(xa - xo), self.eps), active)
                 xa[hit] = xo[hit] + self.beta * (xa[hit] - xo[hit])
             x1[active] = xa
-        return adv, adv_norm
-
-
-def _hit(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """Misclassified, or classified as the explicit target."""
-    pred = logits.argmax(1)
-    return pred != y if targets is None else pred == targets
+        return run
 
 
 def _boundary(

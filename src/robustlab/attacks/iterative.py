@@ -1,6 +1,7 @@
-"""The FGSM family of transfer attacks: one engine, and FGSM / I-FGSM / MI / DI / TI as presets.
+"""The one gradient engine of the FGSM / PGD family, and PGD's cousins FGSM / BIM / MI / DI / TI.
 
-Each step of :class:`IterativeAttack` is::
+:class:`IterativeAttack` is the engine; FGSM, BIM (I-FGSM), MI-FGSM, DI-FGSM, TI-FGSM and
+PGD (:mod:`robustlab.attacks.pgd`) are presets of it. Each step is::
 
     g    = grad_x loss(model(DI(x_adv)))          # DI: random resize-and-pad (Xie et al. 2019)
     g    = gaussian * g                            # TI: depthwise smoothing (Dong et al. 2019)
@@ -9,25 +10,38 @@ Each step of :class:`IterativeAttack` is::
 
 Any combination is one configuration (``decay=1, diversity_prob=0.5, ti_kernel=7`` is
 TI-DIM). The gradient is taken through the model by autograd, so gradient transforms
-installed on a surrogate (SGM backward scaling, LinBP) compose with all of these. Unlike
-:class:`~robustlab.attacks.pgd.PGD`, the LAST iterate is returned: transfer attacks do not
-pick the best point on the surrogate. It is always inside the threat model.
+installed on a surrogate (SGM backward scaling, LinBP) compose with all of these. The
+steps go through :func:`~robustlab.attacks.optim.ascend` with the step rules of
+:mod:`robustlab.attacks.optim`. By default the LAST iterate is returned (transfer attacks do
+not pick the best point on the surrogate); ``returns="best"`` (PGD) keeps, per sample, the
+first successful iterate, else the highest-loss one, over restarts. Either is inside the
+threat model.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.criteria import strongest, success, unbroken
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
 from .losses import Loss, get_loss
+from .optim import Iterate, MomentumStep, Objective, SteepestStep, StepRule, ascend, iterates
+from .registry import register
+from .restarts import Best, Candidates, run_restarts
+from .surrogate import Ensemble
+
+#: What the engine returns: the last iterate, or per sample the best point over restarts.
+RETURNS = ("last", "best")
 
 
 def input_diversity(
@@ -81,15 +95,43 @@ def smooth_gradient(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(grad, weight, padding=size // 2, groups=channels)
 
 
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: torch.Tensor | None,
+    loss: str | Loss,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss and logits at ``x``: an ensemble's own objective, else loss(model(x))."""
+    if isinstance(model, Ensemble):
+        return model.evaluate(x, y, targets, loss)
+    logits = model(x)
+    return get_loss(loss)(logits, y, targets), logits
+
+
+@register("iterative", kind="surrogate", aliases=("surrogate-iterative",))
 @dataclass(frozen=True)
 class IterativeAttack(Attack):
-    """The shared engine: iterative FGSM with optional momentum, input diversity and TI.
+    """The one gradient engine of the FGSM / PGD family: every preset is a configuration of it.
 
     ``alpha`` defaults to eps / steps. ``decay`` > 0 turns on momentum over l1-normalised
     gradients; ``diversity_prob`` > 0 turns on DI with ``resize_rate`` in (0, 1];
     ``ti_kernel`` >= 1 (odd) turns on TI with a Gaussian of std ``ti_sigma`` (default
     (ti_kernel - 1) / 6); 0 turns it off. All randomness (random start, DI) comes from a
     generator seeded by ``seed``.
+
+    ``returns`` says which point comes back:
+
+    - ``"last"`` (transfer attacks): the last iterate of one run from the start point,
+      for every sample; ``restarts`` must be 1.
+    - ``"best"`` (PGD): per sample, the first iterate the model misclassifies (or assigns
+      to its target), else the one of highest loss, over ``restarts`` runs; each restart
+      (from a new random start when ``random_start``) attacks only the samples not yet
+      broken, and samples the model already gets wrong are returned unchanged. With DI on,
+      success and loss are judged on the untransformed iterate (one more forward pass).
+
+    On an :class:`~robustlab.attacks.surrogate.Ensemble` the objective is the ensemble's own
+    (:meth:`Ensemble.evaluate`): with ``combine="loss"`` the members' mean loss.
     """
 
     norm: str = "linf"
@@ -104,6 +146,8 @@ class IterativeAttack(Attack):
     random_start: bool = False
     loss: str | Loss = "ce"
     seed: int = 0
+    restarts: int = 1
+    returns: str = "last"
 
     name: ClassVar[str] = "iterative"
 
@@ -111,6 +155,14 @@ class IterativeAttack(Attack):
         ThreatModel(self.norm, self.eps)
         if self.steps < 1:
             raise RobustlabError(f"the attack needs steps >= 1, got {self.steps}")
+        if self.restarts < 1:
+            raise RobustlabError(f"the attack needs restarts >= 1, got {self.restarts}")
+        if self.returns not in RETURNS:
+            raise RobustlabError(
+                f"returns must be one of {', '.join(RETURNS)}, got '{self.returns}'"
+            )
+        if self.restarts > 1 and self.returns != "best":
+            raise RobustlabError("restarts > 1 need returns='best' (which restart's last point?)")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise RobustlabError(f"step size alpha must be > 0, got {self.alpha}")
         if not (math.isfinite(self.decay) and self.decay >= 0):
@@ -135,24 +187,37 @@ class IterativeAttack(Attack):
         """The step size actually used."""
         return self.alpha if self.alpha is not None else self.eps / self.steps
 
+    @property
+    def step_rule(self) -> StepRule:
+        """Momentum steps when ``decay`` > 0, else plain steepest steps of ``step_size``."""
+        if self.decay > 0:
+            return MomentumStep(self.step_size, self.decay)
+        return SteepestStep(self.step_size)
+
     def config(self) -> dict[str, Any]:
         """The full configuration, for result records."""
         loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "custom")
         return {**super().config(), "alpha": self.step_size, "loss": loss}
 
-    def gradient(
+    def objective(
         self,
         model: nn.Module,
-        x_adv: torch.Tensor,
         y: torch.Tensor,
         targets: torch.Tensor | None,
         generator: torch.Generator,
-    ) -> torch.Tensor:
-        """The raw loss gradient at ``x_adv``, through the DI transform when it is on."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        x_in = input_diversity(x_adv, self.diversity_prob, self.resize_rate, generator)
-        losses = get_loss(self.loss)(model(x_in), y, targets)
-        return torch.autograd.grad(losses.sum(), x_adv)[0]
+    ) -> Objective:
+        """Per-sample loss at an iterate (through DI when on) and the logits of that iterate.
+
+        The logits are None when DI transformed the input (they are not the iterate's own).
+        """
+
+        def objective(x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The loss and logits of one forward pass."""
+            x_in = input_diversity(x_adv, self.diversity_prob, self.resize_rate, generator)
+            losses, logits = evaluate(model, x_in, y, targets, self.loss)
+            return losses, (logits if x_in is x_adv else None)
+
+        return objective
 
     def run(
         self,
@@ -170,22 +235,50 @@ class IterativeAttack(Attack):
         threat = self.threat
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         kernel = gaussian_kernel(self.ti_kernel, self.ti_sigma) if self.ti_kernel else None
-        x_adv = threat.random_start(x, generator) if self.random_start else x.clone()
-        momentum = torch.zeros_like(x)
-        for _ in range(self.steps):
-            grad = self.gradient(model, x_adv, y, targets, generator)
-            with torch.no_grad():
-                if kernel is not None:
-                    grad = smooth_gradient(grad, kernel)
-                if self.decay > 0:
-                    l1 = grad.abs().flatten(1).sum(1).clamp_min(1e-12)
-                    momentum = self.decay * momentum + grad / l1.view(-1, *[1] * (x.dim() - 1))
-                    grad = momentum
-                x_adv = threat.project(x, x_adv + self.step_size * threat.steepest_step(grad))
-        return x_adv.detach()
+        transform = None if kernel is None else partial(smooth_gradient, kernel=kernel)
+
+        def start(xs: torch.Tensor) -> torch.Tensor:
+            """Where a run starts: a random point of the threat model, or the inputs."""
+            return threat.random_start(xs, generator) if self.random_start else xs.clone()
+
+        def climb(xs: torch.Tensor, ys: torch.Tensor, ts: torch.Tensor | None) -> Iterator[Iterate]:
+            """One run of the engine on some samples, from its start: every iterate."""
+            objective = self.objective(model, ys, ts, generator)
+            rule, steps = self.step_rule, self.steps
+            return iterates(objective, xs, start(xs), threat, rule, steps, transform=transform)
+
+        if self.returns == "last":
+            objective = self.objective(model, y, targets, generator)
+            rule, steps = self.step_rule, self.steps
+            return ascend(objective, x, start(x), threat, rule, steps, transform=transform)
+        return self._best(model, x, y, targets, climb)
+
+    def _best(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None,
+        climb: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Iterator[Iterate]],
+    ) -> torch.Tensor:
+        """Per sample, the first successful iterate, else the highest-loss one, over restarts."""
+        with torch.no_grad():
+            best = Best(x, unbroken(success(model(x), y, targets)))
+
+        def attempt(todo: torch.Tensor, restart: int) -> Candidates:
+            """One run on the samples ``todo``: every iterate, judged untransformed."""
+            ys = y[todo]
+            ts = None if targets is None else targets[todo]
+            for x_adv, losses, logits in climb(x[todo], ys, ts):
+                if logits is None:  # DI moved the engine's own pass: judge the iterate itself
+                    with torch.no_grad():
+                        losses, logits = evaluate(model, x_adv, ys, ts, self.loss)
+                yield x_adv, strongest(success(logits, ys, ts), losses)
+
+        return run_restarts(best, self.restarts, attempt).x
 
 
-class _Preset(Attack):
+class Preset(Attack):
     """A named configuration of :class:`IterativeAttack`: validated, run and recorded by it."""
 
     @property
@@ -197,8 +290,8 @@ class _Preset(Attack):
         _ = self.engine  # building the engine validates the fields
 
     def config(self) -> dict[str, Any]:
-        """The engine's full configuration under this preset's name."""
-        return {**self.engine.config(), "name": self.name}
+        """The engine's full configuration under this preset's (recorded) name."""
+        return {**self.engine.config(), **self.naming()}
 
     def run(
         self,
@@ -211,8 +304,9 @@ class _Preset(Attack):
         return self.engine.run(model, x, y, targets)
 
 
+@register("fgsm")
 @dataclass(frozen=True)
-class FGSM(_Preset):
+class FGSM(Preset):
     """FGSM (Goodfellow et al. 2015): one steepest step of size eps, no random start."""
 
     norm: str = "linf"
@@ -227,8 +321,9 @@ class FGSM(_Preset):
         return IterativeAttack(self.norm, self.eps, steps=1, alpha=self.eps, loss=self.loss)
 
 
+@register("bim", aliases=("ifgsm", "i-fgsm"))
 @dataclass(frozen=True)
-class IFGSM(_Preset):
+class IFGSM(Preset):
     """I-FGSM / BIM (Kurakin et al. 2017): ``steps`` steps of ``alpha`` (default eps / steps)."""
 
     norm: str = "linf"
@@ -251,8 +346,9 @@ class IFGSM(_Preset):
 BIM = IFGSM
 
 
+@register("mifgsm")
 @dataclass(frozen=True)
-class MIFGSM(_Preset):
+class MIFGSM(Preset):
     """MI-FGSM (Dong et al. 2018): momentum ``decay`` over l1-normalised gradients."""
 
     norm: str = "linf"
@@ -273,8 +369,9 @@ class MIFGSM(_Preset):
         )
 
 
+@register("difgsm")
 @dataclass(frozen=True)
-class DIFGSM(_Preset):
+class DIFGSM(Preset):
     """DI2-FGSM (Xie et al. 2019); with ``decay=1.0`` it is M-DI2-FGSM."""
 
     norm: str = "linf"
@@ -305,8 +402,9 @@ class DIFGSM(_Preset):
         )
 
 
+@register("tifgsm")
 @dataclass(frozen=True)
-class TIFGSM(_Preset):
+class TIFGSM(Preset):
     """TI-FGSM (Dong et al. 2019): the gradient smoothed by a Gaussian before the sign.
 
     The paper used a 15 x 15 kernel on 299 x 299 ImageNet inputs; the default here,

@@ -48,11 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.checks import check_batch
-from ..core.criteria import success
+from ..core.criteria import strongest, success, unbroken
 from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
+from .restarts import Best, Candidates, run_restarts
 
 SQUARE_NORMS = ("linf", "l2", "l1")
 SQUARE_LOSSES = ("margin", "ce")
@@ -153,26 +154,19 @@ class Square(Attack):
             queries = torch.zeros(n, dtype=torch.long, device=x.device)
             if n == 0:
                 return best, queries
-            done = success(model(x), y, targets)
             if self.eps == 0:  # nothing to search: the inputs are the only admissible points
                 return best, queries
+            kept = Best(x, unbroken(success(model(x), y, targets), x.dtype))
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
-            best_loss = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
-            for _ in range(self.restarts):
-                todo = (~done).nonzero().flatten()
-                if len(todo) == 0:
-                    break
+
+            def attempt(todo: torch.Tensor, _: int) -> Candidates:
+                """One run from a fresh start on the samples ``todo``; counts its queries."""
                 ts = None if targets is None else targets[todo]
-                x_run, loss_run, hit, used = self._single_run(
-                    model, x[todo], y[todo], ts, generator
-                )
+                run, used = self._single_run(model, x[todo], y[todo], ts, generator)
                 queries[todo] += used
-                better = hit | (loss_run < best_loss[todo])
-                idx = todo[better]
-                best[idx] = x_run[better]
-                best_loss[idx] = torch.where(hit, float("-inf"), loss_run)[better]
-                done[todo] |= hit
-        return best, queries
+                return [(run.x, run.standing)]
+
+            return run_restarts(kept, self.restarts, attempt).x, queries
 
     def _single_run(
         self,
@@ -181,21 +175,23 @@ class Square(Attack):
         y: torch.Tensor,
         targets: torch.Tensor | None,
         gen: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One run from a fresh start: best points, their losses, success flags, queries."""
+    ) -> tuple[Best, torch.Tensor]:
+        """One run from a fresh start: per sample the accepted point (successful, else of the
+        lowest loss; the loss is negated in its standing) and the queries spent."""
         if self.norm == "linf":
-            x_best = self._init_linf(x, gen)
+            x_init = self._init_linf(x, gen)
         else:
-            x_best = self._init_l2(x, gen) if self.norm == "l2" else self._init_l1(x, gen)
-        logits = model(x_best)
-        loss_min = self._objective(logits, y, targets)
-        hit = success(logits, y, targets)
+            x_init = self._init_l2(x, gen) if self.norm == "l2" else self._init_l1(x, gen)
+        logits = model(x_init)
+        run = Best(
+            x_init, strongest(success(logits, y, targets), -self._objective(logits, y, targets))
+        )
         used = torch.ones(len(x), dtype=torch.long, device=x.device)
         for it in range(self.queries - 1):
-            act = (~hit).nonzero().flatten()
+            act = run.todo()
             if len(act) == 0:
                 break
-            xa, xb = x[act], x_best[act]
+            xa, xb = x[act], run.x[act]
             p = p_selection(self.p_init, it, self.queries, self.rescale_schedule)
             if self.norm == "linf":
                 x_new = self._propose_linf(xa, xb, p, gen)
@@ -204,14 +200,9 @@ class Square(Attack):
             ta = None if targets is None else targets[act]
             logits = model(x_new)
             loss = self._objective(logits, y[act], ta)
-            hit_new = success(logits, y[act], ta)
-            accept = hit_new | (loss < loss_min[act])
-            idx = act[accept]
-            x_best[idx] = x_new[accept]
-            loss_min[idx] = loss[accept]
-            hit[idx] = hit_new[accept]
+            run.offer(x_new, strongest(success(logits, y[act], ta), -loss), act)
             used[act] += 1
-        return x_best, loss_min, hit, used
+        return run, used
 
     # -- linf -----------------------------------------------------------------------------
 

@@ -11,9 +11,8 @@ Two ways of combining:
 - ``combine="logits"``: the attack's loss is taken on the averaged logits. Works with every
   attack of robustlab (PGD, APGD, the FGSM family...) since the ensemble is just a model.
 - ``combine="loss"``: the loss is averaged over the members (each member's loss on its own
-  logits). Attacks of the FGSM family do this through :class:`SurrogateAttack` (or
-  :func:`on_surrogate`), which asks an ensemble for its averaged loss; other attacks see
-  averaged logits.
+  logits). The gradient engine (FGSM family, PGD) asks an ensemble for this objective
+  itself (:meth:`Ensemble.evaluate`); other attacks see averaged logits.
 
 Gradient transforms apply to ensembles as to any model: ``skip_gradient(ensemble, 0.2)``
 scales the residual branches of every member that has some (and refuses only when none
@@ -24,15 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import RobustlabError
-from .base import Attack
-from .iterative import IterativeAttack, input_diversity
 from .losses import Loss, get_loss
 
 COMBINE = ("logits", "loss")
@@ -127,11 +123,27 @@ class Ensemble(nn.Module):
         loss: str | Loss = "ce",
     ) -> torch.Tensor:
         """Per-sample objective: members' mean loss (``combine="loss"``) or the loss of the mean logits."""
+        return self.evaluate(x, y, targets, loss)[0]
+
+    def evaluate(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None,
+        loss: str | Loss = "ce",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-sample objective (see :meth:`loss`) and the mean logits, from one pass."""
         fn = get_loss(loss)
         if self.combine == "logits":
-            return fn(self(x), y, targets)
-        per_member = [fn(z, y, targets) for z in self.member_logits(x)]
-        return _weighted_sum(per_member, self.weights, detach_weights=self._normalising(x))
+            logits = self(x)
+            return fn(logits, y, targets), logits
+        per_member = self.member_logits(x)
+        normalising = self._normalising(x)
+        losses = [fn(z, y, targets) for z in per_member]
+        return (
+            _weighted_sum(losses, self.weights, detach_weights=normalising),
+            _weighted_sum(per_member, self.weights, detach_weights=normalising),
+        )
 
 
 def _weighted_sum(
@@ -150,39 +162,3 @@ def _weighted_sum(
     plain = sum(values)
     assert isinstance(plain, torch.Tensor)
     return total.detach() + plain - plain.detach()
-
-
-@dataclass(frozen=True)
-class SurrogateAttack(IterativeAttack):
-    """The FGSM-family engine, asking an :class:`Ensemble` surrogate for its combined loss.
-
-    On any other model it is exactly :class:`~robustlab.attacks.iterative.IterativeAttack`.
-    """
-
-    name: ClassVar[str] = "surrogate-iterative"
-
-    def gradient(
-        self,
-        model: nn.Module,
-        x_adv: torch.Tensor,
-        y: torch.Tensor,
-        targets: torch.Tensor | None,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        """The loss gradient at ``x_adv``; an ensemble combines its members' normalised gradients."""
-        if not isinstance(model, Ensemble):
-            return super().gradient(model, x_adv, y, targets, generator)
-        x_adv = x_adv.detach().requires_grad_(True)
-        x_in = input_diversity(x_adv, self.diversity_prob, self.resize_rate, generator)
-        losses = model.loss(x_in, y, targets, self.loss)
-        return torch.autograd.grad(losses.sum(), x_adv)[0]
-
-
-def on_surrogate(attack: Attack) -> SurrogateAttack:
-    """The same FGSM-family configuration (engine or preset) as a :class:`SurrogateAttack`."""
-    engine = getattr(attack, "engine", attack)
-    if not isinstance(engine, IterativeAttack):
-        raise RobustlabError(
-            f"only attacks of the FGSM family engine run on ensemble surrogates, got {attack!r}"
-        )
-    return SurrogateAttack(**{f.name: getattr(engine, f.name) for f in fields(engine)})

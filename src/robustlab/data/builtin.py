@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import RobustlabError
-from .datasets import Dataset, LoadedData, cache_dir
+from .dataset import Dataset, LoadedData, cache_dir
 
 MNIST5K_CSV = ("data", "data", "mnist_5k.csv.gz")
 MNIST5K_CACHE = "mnist5k-v1.npz"

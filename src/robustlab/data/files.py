@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import RobustlabError
-from .datasets import Dataset, LoadedData
+from ..io import check_regular, limits, size_text
+from .dataset import Dataset, LoadedData
 from .validate import (
     check_all_classes,
     check_images,
@@ -24,16 +27,52 @@ UNSPLIT_KEYS = ("x", "y")
 SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+GRAY_8BIT = ("1", "L", "LA", "La")  # converted to L: 0..255
+GRAY_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")  # 0..65535
+COLOUR_8BIT = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+FLOAT_BYTES = 4  # every image is decoded to float32
+
+
+def _npy_size(member: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of one .npy inside an .npz, without reading its data."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def _check_npz_sizes(path: Path, where: str) -> None:
+    """Refuse an archive whose arrays (by their headers) would not fit the data limit."""
+    most = limits().data_bytes
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                shape, dtype = _npy_size(member)
+            decoded = int(np.prod(shape, dtype=object)) * max(dtype.itemsize, FLOAT_BYTES)
+            total += decoded
+            if total > most:
+                raise RobustlabError(
+                    f"{where}: array {info.filename[:-4]} of shape {shape} ({dtype}) would take "
+                    f"{size_text(decoded)}, beyond the limit of {size_text(most)} for a data "
+                    "source (ROBUSTLAB_MAX_DATA_BYTES)"
+                )
 
 
 def _read_npz(path: Path, where: str) -> dict[str, np.ndarray]:
-    """Every array of an .npz archive (no pickles), or a clear error."""
+    """Every array of an .npz archive (no pickles), its sizes checked first, or a clear error."""
     if not path.exists():
         raise RobustlabError(f"{where} does not exist")
     if not path.is_file():
         raise RobustlabError(f"{where} is not a file")
+    check_regular(path, "npz file", limits().data_bytes)
     try:
+        if zipfile.is_zipfile(path):
+            _check_npz_sizes(path, where)
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise RobustlabError(f"{where} is not an .npz archive (it holds a single array)")
@@ -127,16 +166,61 @@ def _image_files(folder: Path, where: str) -> list[Path]:
     return files
 
 
-def _read_image(path: Path, where: str) -> tuple[np.ndarray, bool]:
-    """One image as a uint8 array (H, W) if grayscale else (H, W, 3), and whether it is gray."""
+def _scaled(img: Image.Image, path: Path, where: str) -> tuple[np.ndarray, bool]:
+    """Pixels as float32 in [0, 1], scaled by the mode's true range, and whether gray;
+    a mode without a known range is refused."""
+    mode = img.mode
+    if mode in GRAY_8BIT:
+        return np.asarray(img.convert("L"), dtype=np.float32) / np.float32(255.0), True
+    if mode in GRAY_16BIT or mode == "I" and img.format == "PNG":  # PNG has no 32-bit ints
+        return np.asarray(img).astype(np.float32) / np.float32(65535.0), True
+    if mode in COLOUR_8BIT:
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0), False
+    if mode == "F":
+        pixels = np.asarray(img, dtype=np.float32)
+        if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+            raise RobustlabError(
+                f"{where}: the floating-point image {path} has values outside [0, 1]"
+            )
+        return pixels, True
+    raise RobustlabError(
+        f"{where}: image {path} has pixel mode {mode}, whose value range is unknown; "
+        "save it as 8- or 16-bit grayscale or RGB"
+    )
+
+
+def _read_image(path: Path, where: str, budget: list[int]) -> tuple[np.ndarray, bool]:
+    """One image as float32 in [0, 1], (H, W) if gray else (H, W, 3), and whether it is gray;
+    its size is read from the header and checked before its pixels are decoded."""
+    bounds = limits()
+    check_regular(path, "image file", bounds.data_bytes)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: our limit decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            width, height = img.size
+            if max(width, height) > bounds.image_side:
+                raise RobustlabError(
+                    f"{where}: image {path} is {width}x{height} pixels, beyond the limit of "
+                    f"{bounds.image_side} per side (ROBUSTLAB_MAX_IMAGE_SIDE)"
+                )
+            budget[0] += width * height * 3 * FLOAT_BYTES
+            if budget[0] > bounds.data_bytes:
+                raise RobustlabError(
+                    f"{where}: the images up to {path} would take more than the limit of "
+                    f"{size_text(bounds.data_bytes)} for a data source (ROBUSTLAB_MAX_DATA_BYTES)"
+                )
             img.load()
-            gray = img.mode in GRAY_MODES
-            pixels = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            return _scaled(img, path, where)
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as exc:
         raise RobustlabError(f"{where}: cannot read image file {path} ({exc})") from exc
-    return pixels, gray
 
 
 def load_folder(root: Path, spec: str) -> LoadedData:
@@ -147,9 +231,10 @@ def load_folder(root: Path, spec: str) -> LoadedData:
     grays: list[bool] = []
     labels: list[int] = []
     first: Path | None = None
+    budget = [0]
     for label, folder in enumerate(folders):
         for path in _image_files(folder, where):
-            pixels, gray = _read_image(path, where)
+            pixels, gray = _read_image(path, where, budget)
             if first is None:
                 first = path
             elif pixels.shape[:2] != pictures[0].shape[:2]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import RobustlabError
-from .datasets import Dataset, LoadedData, cache_dir
+from .dataset import Dataset, LoadedData, cache_dir
 from .validate import check_images, check_labels, count_classes
 
 DOWNLOAD_TIMEOUT = 20.0

@@ -11,8 +11,18 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import RobustlabError
+from ..io import limits
 
 CHANNEL_COUNTS = (1, 3, 4)
+MAX_SEED = 2**62  # leaves room for the per-batch offsets added to a seed
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """A seed as a whole number from 0 to MAX_SEED (every generator robustlab uses takes it)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
+        raise RobustlabError(f"{what} must be a non-negative whole number up to 2**62, got {shown}")
+    return seed
 
 
 def _fail(where: str, message: str) -> RobustlabError:
@@ -122,6 +132,8 @@ def check_labels(y: np.ndarray, n: int, where: str, name: str = "y") -> np.ndarr
         raise _fail(where, f"the images have {n} samples but labels {name} has {y.shape[0]}")
     if n and int(y.min()) < 0:
         raise _fail(where, f"labels {name} must be >= 0, found {int(y.min())}")
+    if n and int(y.max()) > np.iinfo(np.int64).max:  # uint64 beyond int64 would wrap
+        raise _fail(where, f"labels {name} go up to {int(y.max())}, too large for a class number")
     return y.astype(np.int64)
 
 
@@ -138,7 +150,25 @@ def count_classes(labels: list[np.ndarray], where: str, names: str = "y") -> int
             f"class {missing} has no samples in {names} (labels run 0..{int(present[-1])}, "
             "so every class in between needs at least one)",
         )
+    most = limits().classes
+    if present.size > most:
+        raise _fail(
+            where,
+            f"{names} holds {present.size} classes, beyond the limit of {most} "
+            "(ROBUSTLAB_MAX_CLASSES)",
+        )
     return int(present.size)
+
+
+def check_several_classes(num_classes: int, where: str, names: tuple[str, ...] = ()) -> None:
+    """Refuse a data source of one class: every model scores 100 % on it, which means nothing."""
+    if num_classes < 2:
+        only = f" ({names[0]!r})" if names else ""
+        raise _fail(
+            where,
+            f"it holds a single class{only}; accuracy on one class is meaningless (always "
+            "answering it scores 100 %), so at least two classes are needed",
+        )
 
 
 def check_all_classes(y: np.ndarray, num_classes: int, where: str, name: str) -> None:

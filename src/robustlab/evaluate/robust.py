@@ -7,7 +7,9 @@ resumes without redoing finished batches.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import sys
@@ -23,9 +25,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..attacks.base import Attack
+from ..core.checks import check_batch
 from ..core.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
+from ..io import limits, read_regular_text, starts_with
 from ..version import __version__
 from .checks import black_box_warning, masking_checks
 from .fast import fast_copy
@@ -61,16 +65,38 @@ class EvalRecord:
         return d
 
 
+SAMPLE_COLUMNS = (
+    "eps",
+    "index",
+    "label",
+    "clean_pred",
+    "final_pred",
+    "robust",
+    "broken_by",
+    "perturbation_norm",
+)
+SAMPLES_HEADER = ",".join(SAMPLE_COLUMNS).encode() + b"\r\n"
+is_samples_csv = starts_with(SAMPLES_HEADER)  # recognises the per-sample CSV robustlab wrote
+ONE_CLASS_WARNING = (
+    "the data has a single class, so accuracy on it is meaningless (always answering that "
+    "class scores 100 %)"
+)
+
+
+def samples_csv(records: Sequence[EvalRecord]) -> str:
+    """The per-sample table of evaluation records as CSV text (one row per point and eps)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SAMPLE_COLUMNS)
+    writer.writeheader()
+    for rec in records:
+        for row in rec.samples:
+            writer.writerow({"eps": rec.threat_model["eps"], **row})
+    return buf.getvalue()
+
+
 def check_inputs(x: torch.Tensor) -> None:
-    """Refuse inputs an attack cannot treat honestly: NaN/Inf, or values outside [0,1]."""
-    if not torch.isfinite(x).all():
-        raise RobustlabError("inputs contain NaN or Inf values")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0 or hi > 1:
-        raise RobustlabError(
-            "inputs must lie in [0,1] (normalisation belongs inside the model); "
-            f"got [{lo:.3g}, {hi:.3g}]"
-        )
+    """Refuse inputs an attack cannot treat honestly (``core.checks.check_batch`` decides)."""
+    check_batch(x, torch.zeros(len(x), dtype=torch.int64), None)
 
 
 def evaluate(
@@ -86,6 +112,7 @@ def evaluate(
     progress: bool = True,
     resume: str | Path | None = None,
     fold_batchnorm: bool = True,
+    keep_resume: bool = False,
 ) -> EvalRecord:
     """Clean and robust accuracy of ``model`` on the first ``n`` points of ``data``.
 
@@ -104,6 +131,7 @@ def evaluate(
         progress=progress,
         resume=resume,
         fold_batchnorm=fold_batchnorm,
+        keep_resume=keep_resume,
     )[0]
 
 
@@ -123,43 +151,129 @@ def _run(
     return x_adv, names, {attack.name: time.perf_counter() - t0}
 
 
+def _digest(h: Any, tensor: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes into a hash."""
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    h.update(f"{t.dtype}{tuple(tensor.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes())
+
+
 def _run_key(
     attacks: Sequence[Attack],
+    model: nn.Module,
     data: Dataset,
     total: int,
     batch_size: int,
     seed: int,
-    model_info: dict[str, object] | None,
 ) -> str:
-    blob = json.dumps(
-        [[a.config() for a in attacks], data.name, total, batch_size, seed, model_info or {}],
-        sort_keys=True,
-        default=str,
+    """What a resumed run must share with the first: the model (its structure and every
+    weight and buffer), the evaluated points and the configuration; never a path or name."""
+    h = hashlib.sha256()
+    h.update(repr(model).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        _digest(h, tensor)
+    _digest(h, data.x[:total])
+    _digest(h, data.y[:total])
+    config = [[a.config() for a in attacks], total, batch_size, seed]
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _check_row(row: Any, index: int, label: int) -> bool:
+    """Whether one stored per-sample row is well formed and belongs to this point."""
+    if not isinstance(row, dict) or row.get("index") != index or row.get("label") != label:
+        return False
+    preds = row.get("clean_pred"), row.get("final_pred")
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in preds):
+        return False
+    robust, by, norm = row.get("robust"), row.get("broken_by"), row.get("perturbation_norm")
+    if not isinstance(robust, bool) or not (by is None or isinstance(by, str)):
+        return False
+    if robust and preds != (label, label):
+        return False
+    return norm is None or isinstance(norm, (int, float)) and not isinstance(norm, bool)
+
+
+def _check_batch_record(batch: Any, data: Dataset, total: int, size: int, eps: int) -> bool:
+    """Whether one stored batch is well formed for this evaluation (points, labels, eps)."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("per_eps"), dict):
+        return False
+    start = batch.get("start")
+    if (
+        not isinstance(start, int)
+        or isinstance(start, bool)
+        or start % size
+        or not 0 <= start < total
+    ):
+        return False
+    end = min(total, start + size)
+    per_eps = batch["per_eps"]
+    if set(per_eps) != {str(i) for i in range(eps)}:
+        return False
+    labels = data.y[start:end].tolist()
+    for entry in per_eps.values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("rows"), list):
+            return False
+        seconds, spent = entry.get("seconds"), entry.get("total_s")
+        if not isinstance(seconds, dict) or not isinstance(spent, (int, float)):
+            return False
+        if not all(isinstance(v, (int, float)) for v in seconds.values()):
+            return False
+        rows = entry["rows"]
+        if len(rows) != end - start or not all(
+            _check_row(r, start + j, labels[j]) for j, r in enumerate(rows)
+        ):
+            return False
+    return True
+
+
+def _damaged(path: Path, line: int) -> RobustlabError:
+    """The error for a progress file whose content is not what robustlab wrote."""
+    return RobustlabError(
+        f"progress file {path} is damaged or was edited (line {line}); delete it to start "
+        "the evaluation over"
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _read_progress(path: Path, key: str) -> dict[int, dict[str, Any]]:
-    """Finished batches of an earlier run with the same key (a torn last line is ignored)."""
-    if not path.exists():
-        return {}
-    lines = path.read_text().splitlines()
+def _read_progress(
+    path: Path, key: str, data: Dataset, total: int, size: int, eps: int
+) -> tuple[dict[int, dict[str, Any]], bool]:
+    """Finished batches of an earlier run with the same key, and whether the file must be
+    started afresh (missing, empty, or cut before its first line ended). A line cut short by
+    a kill is dropped from the file; any other damage is refused with a sentence."""
+    if not path.exists() and not path.is_symlink():
+        return {}, True
+    text = read_regular_text(path, "progress file", limits().text_bytes)
+    complete, _, torn = text.rpartition("\n")
+    if not complete.strip():
+        return {}, True  # killed before the first line was written whole
+    lines = complete.split("\n")
     try:
-        head = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        head = {}
-    if head.get("key") != key:
+        head = json.loads(lines[0])
+    except ValueError:
+        head = None
+    if not isinstance(head, dict) or not isinstance(head.get("key"), str):
+        raise RobustlabError(
+            f"{path} is not a robustlab progress file; delete it or use another --json"
+        )
+    if head["key"] != key:
         raise RobustlabError(
             f"{path} holds progress of a different evaluation; delete it or use another --json"
         )
     done: dict[int, dict[str, Any]] = {}
-    for line in lines[1:]:
+    for number, line in enumerate(lines[1:], start=2):
         try:
             batch = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the run was killed while writing this line: redo that batch
-        done[int(batch["start"])] = batch
-    return done
+        except ValueError:
+            raise _damaged(path, number) from None
+        if not _check_batch_record(batch, data, total, size, eps) or batch["start"] in done:
+            raise _damaged(path, number)
+        done[batch["start"]] = batch
+    if torn:
+        with open(path, "r+b") as f:  # drop the line a kill cut short; it is redone
+            f.truncate(len(complete.encode()) + 1)
+    return done, False
 
 
 def _append(path: Path, obj: dict[str, Any]) -> None:
@@ -183,6 +297,7 @@ def evaluate_curve(
     resume: str | Path | None = None,
     channels_last: bool | None = None,
     fold_batchnorm: bool = True,
+    keep_resume: bool = False,
 ) -> list[EvalRecord]:
     """One record per attack, for attacks of one norm at growing eps (a robustness curve).
 
@@ -190,7 +305,10 @@ def evaluate_curve(
     also lies in every larger ball, so that point stays broken and is not attacked again.
     Robust accuracy therefore never rises with eps, and the curve costs less than separate runs.
     With ``resume`` (a file path), each finished batch is recorded there; a run started again
-    with the same settings skips those batches and gives the same result. The attacks run
+    with the same model, points and settings (however the model's file was named) skips
+    those batches and gives the same result. The file is removed at the end unless
+    ``keep_resume`` (the CLI removes it, through ``io.resume_state``, only after every output
+    was written). The attacks run
     on a private copy with BatchNorm folded into the layer before it (``fold_batchnorm``)
     and, on CPU, channels_last weights (``channels_last``; None decides): the same function
     to float rounding, fewer and faster passes.
@@ -208,15 +326,18 @@ def evaluate_curve(
         raise RobustlabError(f"asked for n={total} points but the test split has only {len(data)}")
     if batch_size < 1:
         raise RobustlabError(f"batch size must be >= 1, got {batch_size}")
-    check_inputs(data.x[:total])
+    check_batch(data.x[:total], data.y[:total], None)
     progress_path = Path(resume) if resume is not None else None
-    key = _run_key(attacks, data, total, batch_size, seed, model_info)
-    done = _read_progress(progress_path, key) if progress_path else {}
+    done: dict[int, dict[str, Any]] = {}
+    if progress_path is not None:
+        key = _run_key(attacks, model, data, total, batch_size, seed)
+        done, fresh = _read_progress(progress_path, key, data, total, batch_size, len(attacks))
+        if fresh:
+            progress_path.parent.mkdir(parents=True, exist_ok=True)
+            progress_path.unlink(missing_ok=True)
+            _append(progress_path, {"key": key})
     resumed = len(done)
-    if progress_path and not progress_path.exists():
-        progress_path.parent.mkdir(parents=True, exist_ok=True)
-        _append(progress_path, {"key": key})
-    warnings: list[str] = []
+    warnings: list[str] = [ONE_CLASS_WARNING] if data.num_classes < 2 else []
     name = attacks[0].config().get("name")
     model = _fast_copy(model, data, device, channels_last, fold_batchnorm)
     with (
@@ -245,7 +366,7 @@ def evaluate_curve(
     records = _records(attacks, done, total, data, model_info, seed, warnings)
     for rec in records:
         rec.resumed_batches = resumed
-    if progress_path:
+    if progress_path and not keep_resume:
         progress_path.unlink(missing_ok=True)
     return records
 

@@ -16,7 +16,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import RobustlabError
-from ..io import atomic_path, atomic_write_text
+from ..io import (
+    Output,
+    atomic_path,
+    atomic_write_text,
+    check_regular,
+    limits,
+    read_regular_bytes,
+)
 from .blocks import Normalize
 from .multiexit import MultiExitNetwork
 from .registry import build_model
@@ -36,7 +43,8 @@ class Checkpoint:
 
 
 def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a regular file's bytes (a device or FIFO is refused, never read)."""
+    check_regular(path, "file")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -122,10 +130,48 @@ def save_checkpoint(model: nn.Module, directory: str | Path, manifest: dict[str,
     return out
 
 
+def checkpoint_outputs(directory: str | Path, option: str = "--out") -> list[Output]:
+    """The outputs of writing a checkpoint into a folder, for ``io.check_outputs``: a file
+    there counts as robustlab's when the folder's manifest is a robustlab manifest."""
+    folder = Path(directory).expanduser()
+
+    def in_checkpoint(_: Path) -> bool:
+        """Whether the folder holds a robustlab checkpoint manifest."""
+        try:
+            return _read_manifest(folder / MANIFEST) is not None
+        except RobustlabError:
+            return False
+
+    return [
+        Output(folder, option, folder=True),
+        Output(folder / WEIGHTS, option, ours=in_checkpoint),
+        Output(folder / MANIFEST, option, ours=in_checkpoint),
+    ]
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files a checkpoint path stands for: [manifest, weights], or [file] for a legacy
+    .pt/.pth (the inputs ``io.check_outputs`` must never write over)."""
+    p = Path(path).expanduser()
+    if p.suffix in (".pt", ".pth", ".bin"):
+        return [p]
+    if p.is_dir():
+        return [p / MANIFEST, p / WEIGHTS]
+    if p.name.endswith(".json"):
+        return [p, p.parent / WEIGHTS]
+    if p.suffix == ".safetensors":
+        return [p.parent / MANIFEST, p]
+    raise RobustlabError(
+        f"{p} is not a checkpoint: give a checkpoint folder, its manifest.json, "
+        "its model.safetensors, or a legacy .pt/.pth file"
+    )
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
+    raw = read_regular_bytes(path, "checkpoint manifest")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise RobustlabError(f"cannot read checkpoint manifest {path}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "robustlab-checkpoint":
         raise RobustlabError(f"{path} is not a robustlab checkpoint manifest")
@@ -143,9 +189,76 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -
         raise RobustlabError(f"weights in {where} do not fit the architecture: {detail}") from None
 
 
-def load_checkpoint(path: str | Path, **legacy: Any) -> Checkpoint:
+def _within(config: dict[str, Any], key: str, limit: int, what: str) -> None:
+    """A manifest number that sizes the model is within its limit (other faults of it are
+    left to ``build_from_config``, which names them)."""
+    try:
+        value = int(config[key])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return
+    if value > limit:
+        raise RobustlabError(
+            f"checkpoint manifest asks for {key} {value}, more than the limit of {limit} {what} "
+            f"(ROBUSTLAB_MAX_{'IMAGE_SIDE' if key == 'image_size' else 'CLASSES'})"
+        )
+
+
+def check_model_size(config: dict[str, Any]) -> None:
+    """Refuse a manifest whose model would exhaust memory, before any weight is allocated:
+    image size and classes are checked, then the parameters counted on the meta device."""
+    if not isinstance(config, dict):
+        raise RobustlabError("checkpoint manifest has an incomplete or invalid model section")
+    bounds = limits()
+    _within(config, "image_size", bounds.image_side, "pixels")
+    _within(config, "num_classes", bounds.classes, "classes")
+    backbone = {k: v for k, v in config.items() if k != "multi_exit"}
+    try:
+        with torch.device("meta"):
+            shape = build_from_config(backbone)
+    except (RuntimeError, NotImplementedError):
+        return  # an architecture that cannot be sized on meta is sized by its real build
+    count = sum(t.numel() for t in shape.parameters()) + sum(t.numel() for t in shape.buffers())
+    if count > bounds.parameters:
+        raise RobustlabError(
+            f"checkpoint manifest describes a model of {count:,} parameters, more than the "
+            f"limit of {bounds.parameters:,} (ROBUSTLAB_MAX_PARAMETERS)"
+        )
+
+
+def _checked_weights(
+    manifest: dict[str, Any], manifest_path: Path, weights_path: Path, trust_unhashed: bool
+) -> dict[str, Any]:
+    """The manifest's weights section after the hash check; an unhashed one only if trusted,
+    and then recorded (``trusted_unhashed``) with the hash of the weights actually loaded."""
+    check_regular(weights_path, "weights file", limits().data_bytes)
+    info = manifest.get("weights")
+    if info is None and "weights" in manifest or info is not None and not isinstance(info, dict):
+        raise RobustlabError(f"{manifest_path} has an invalid 'weights' section")
+    expected = (info or {}).get("sha256")
+    if expected is not None and not isinstance(expected, str):
+        raise RobustlabError(f"{manifest_path} has an invalid 'weights' section")
+    actual = file_sha256(weights_path)
+    if expected:
+        if actual != expected:
+            raise RobustlabError(
+                f"weights {weights_path} do not match the hash in its manifest "
+                "(corrupted or replaced)"
+            )
+        return dict(info or {})
+    missing = "no 'weights' section" if info is None else "an empty or missing weights hash"
+    if not trust_unhashed:
+        raise RobustlabError(
+            f"{manifest_path} has {missing}, so the weights cannot be checked; "
+            "load it only if you trust it (trust_unhashed, --trust-unhashed)"
+        )
+    return {**(info or {}), "file": WEIGHTS, "sha256": actual, "trusted_unhashed": True}
+
+
+def load_checkpoint(path: str | Path, *, trust_unhashed: bool = False, **legacy: Any) -> Checkpoint:
     """Rebuild a model from a checkpoint folder, its manifest or weights file, or a legacy .pt.
 
+    The weights must match the SHA-256 in the manifest; a manifest without one is refused
+    unless ``trust_unhashed``, and then the returned manifest says so (``trusted_unhashed``).
     A legacy ``.pt``/``.pth`` holds only weights: pass the architecture as keyword arguments
     (``arch=..., in_channels=..., num_classes=..., image_size=..., mean=..., std=...``). It is
     read with ``weights_only=True``; a file that needs arbitrary code to unpickle is refused.
@@ -153,33 +266,18 @@ def load_checkpoint(path: str | Path, **legacy: Any) -> Checkpoint:
     p = Path(path)
     if not p.exists():
         raise RobustlabError(f"checkpoint {p} does not exist")
-    if p.suffix in (".pt", ".pth", ".bin"):
+    files = checkpoint_files(p)
+    if len(files) == 1:
         return _load_legacy(p, legacy)
-    if p.is_dir():
-        manifest_path, weights_path = p / MANIFEST, p / WEIGHTS
-    elif p.name.endswith(".json"):
-        manifest_path, weights_path = p, p.parent / WEIGHTS
-    elif p.suffix == ".safetensors":
-        manifest_path, weights_path = p.parent / MANIFEST, p
-    else:
-        raise RobustlabError(
-            f"{p} is not a checkpoint: give a checkpoint folder, its manifest.json, "
-            "its model.safetensors, or a legacy .pt/.pth file"
-        )
+    manifest_path, weights_path = files
     if not manifest_path.exists():
         raise RobustlabError(f"checkpoint {p} has no {MANIFEST}")
     if not weights_path.exists():
         raise RobustlabError(f"checkpoint {p} has no {WEIGHTS}")
     manifest = _read_manifest(manifest_path)
-    weights_info = manifest.get("weights", {})
-    if not isinstance(weights_info, dict):
-        raise RobustlabError(f"{manifest_path} has an invalid 'weights' section")
-    expected = weights_info.get("sha256")
-    if expected and file_sha256(weights_path) != expected:
-        raise RobustlabError(
-            f"weights {weights_path} do not match the hash in its manifest (corrupted or replaced)"
-        )
+    manifest["weights"] = _checked_weights(manifest, manifest_path, weights_path, trust_unhashed)
     config = manifest.get("model", {})
+    check_model_size(config)
     if isinstance(config, dict) and "multi_exit" in config:  # exits over a zoo backbone
         model: nn.Module = multiexit_from_config(config)
     else:
@@ -210,24 +308,32 @@ def _unpickling_reason(message: str) -> str:
     return reason[:160] or "unsafe or unknown content"
 
 
-def _load_legacy(p: Path, legacy: dict[str, Any]) -> Checkpoint:
+def read_torch_file(
+    p: Path, what: str = "a PyTorch weights file", map_location: str | torch.device = "cpu"
+) -> Any:
+    """A ``torch.load(weights_only=True)`` of a regular file, every failure one sentence that
+    never repeats torch's advice to load unsafely (weights files and training resume state)."""
+    check_regular(p, what.removeprefix("a "), limits().data_bytes)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise RobustlabError(
-            f"refusing to load {p}: it is not a plain weights file and unpickling it could run "
-            f"code ({_unpickling_reason(str(exc))})"
+            f"refusing to load {p}: it is not {what} of plain tensors and unpickling it could "
+            f"run code ({_unpickling_reason(str(exc))})"
         ) from None
     except EOFError:
-        raise RobustlabError(
-            f"cannot read {p} as a PyTorch weights file: it is empty or cut short"
-        ) from None
+        raise RobustlabError(f"cannot read {p} as {what}: it is empty or cut short") from None
     except Exception as exc:  # a corrupt file makes torch's unpickler raise nearly anything
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no details"
+        text = _unpickling_reason(str(exc)) if "weights_only" in str(exc) else str(exc).strip()
+        first = text.splitlines()[0][:200] if text else "no details"
         raise RobustlabError(
-            f"cannot read {p} as a PyTorch weights file, it is corrupt or of another kind "
+            f"cannot read {p} as {what}, it is corrupt or of another kind "
             f"({type(exc).__name__}: {first})"
         ) from None
+
+
+def _load_legacy(p: Path, legacy: dict[str, Any]) -> Checkpoint:
+    obj = read_torch_file(p)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(
@@ -250,6 +356,7 @@ def _load_legacy(p: Path, legacy: dict[str, Any]) -> Checkpoint:
     config = model_config(
         legacy.pop("arch"), in_channels, num_classes, image_size, mean, std, legacy
     )
+    check_model_size(config)
     model = build_from_config(config)
     state = dict(obj)
     if not any(k.startswith("normalize.") for k in state):

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..analysis.efficiency import efficacy_curve  # noqa: E402
-from .plots import png_base64  # noqa: E402
+from .plots import embedded_png, plot, save_figure  # noqa: E402
 
 
 def _field(record: Any, name: str) -> Any:
@@ -22,12 +22,9 @@ def _field(record: Any, name: str) -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Lay the figure out and save it."""
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _legend_below(ax: Any, entries: int) -> None:
@@ -41,6 +38,7 @@ def _legend_below(ax: Any, entries: int) -> None:
     )
 
 
+@plot
 def exit_histogram(
     records: Mapping[str, Any], path: str | Path, *, title: str = "Where inputs exit"
 ) -> Path:
@@ -65,6 +63,7 @@ def exit_histogram(
     return _save(fig, path)
 
 
+@plot
 def efficacy_curves(
     records: Mapping[str, Any],
     path: str | Path,
@@ -125,12 +124,8 @@ def sloth_section_html(record: Mapping[str, Any], *, title: str = "DeepSloth slo
         "relative to the backbone alone, so it is negative when the exit heads cost more than "
         "early exits save. Latency is measured per input at batch size "
         f"{int(clean.get('latency_batch_size', 1))} (– where not measured).</p>",
-        '<img alt="exit histogram" src="data:image/png;base64,'
-        + png_base64(exit_histogram, runs, title="Where inputs exit")
-        + '">',
-        '<img alt="efficacy curves" src="data:image/png;base64,'
-        + png_base64(efficacy_curves, runs)
-        + '">',
+        embedded_png("exit histogram", exit_histogram, runs, title="Where inputs exit"),
+        embedded_png("efficacy curves", efficacy_curves, runs),
     ]
     head = (
         "<tr><th class=l>inputs</th><th>efficacy</th><th>efficacy drop</th><th>avg FLOPs</th>"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import html
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_text
 from ..store import ResultStore
+from ..version import __version__
 from .exit_plots import sloth_section_html
-from .plots import png_base64, robustness_curve
+from .plots import embedded_png, robustness_curve
 from .transfer_plots import transfer_section_html
 
 CSS = """
@@ -21,6 +23,23 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px s
 th{background:#f1f3f8} td.l,th.l{text-align:left} .muted{color:#667;font-size:.9em}
 img{max-width:100%;border:1px solid #eee}
 """
+
+
+GENERATOR = b'<meta name=generator content="robustlab'  # the marker of a report we wrote
+LEGACY_HEAD = b"<!doctype html><html lang=en><head><meta charset=utf-8><title>"
+
+
+def is_robustlab_report(path: Path) -> bool:
+    """Whether a file is an HTML report robustlab wrote (its generator tag, or the exact head
+    and style sheet of the reports written before the tag)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    if GENERATOR in head:
+        return True
+    return head.startswith(LEGACY_HEAD) and f"</title><style>{CSS}</style>".encode() in head
 
 
 def _pct(v: Any) -> str:
@@ -113,6 +132,39 @@ def _title(record: dict[str, Any], heading: str, default_label: str) -> str:
     return f"{heading}: {label}" if label and label != default_label else heading
 
 
+def _evals_section(evals: list[dict[str, Any]]) -> str:
+    """The robustness curve, its table and the attack note of the stored evaluations."""
+    return "\n".join(
+        [
+            "<h2>Robustness curve</h2>",
+            embedded_png(
+                "accuracy vs eps",
+                robustness_curve,
+                _curves(evals),
+                xlabel=f"{evals[-1]['threat_model']['norm']} eps",
+            ),
+            _eval_table(evals),
+            _attack_note(evals),
+        ]
+    )
+
+
+def _models_section(trains: list[dict[str, Any]]) -> str:
+    """The table of trained models."""
+    return "<h2>Models</h2>" + _models_table(trains)
+
+
+def _section(kind: str, render: Callable[..., str], *args: Any, **kw: Any) -> str:
+    """A section of the report; a stored record it cannot read gives a note, not a crash."""
+    try:
+        return render(*args, **kw)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        return (
+            f"<p class=muted>(stored {html.escape(kind)} records that could not be shown: "
+            f"{html.escape(type(exc).__name__)} {html.escape(str(exc)[:200])})</p>"
+        )
+
+
 def render_report(
     store: ResultStore, out: str | Path, *, title: str = "robustlab report", intro: str = ""
 ) -> Path:
@@ -130,24 +182,19 @@ def render_report(
     if data_names:
         parts.append(f"<p class=muted>data: {html.escape(', '.join(data_names))}</p>")
     if trains:
-        parts.append("<h2>Models</h2>" + _models_table(trains))
+        parts.append(_section("train", _models_section, trains))
     if evals:
-        b64 = png_base64(
-            robustness_curve, _curves(evals), xlabel=f"{evals[-1]['threat_model']['norm']} eps"
-        )
-        parts.append("<h2>Robustness curve</h2>")
-        parts.append(f'<img alt="accuracy vs eps" src="data:image/png;base64,{b64}">')
-        parts.append(_eval_table(evals))
-        parts.append(_attack_note(evals))
+        parts.append(_section("eval", _evals_section, evals))
     for record in transfers:
-        parts.append(
-            transfer_section_html(record, title=_title(record, "Transfer matrix", "transfer"))
-        )
+        title = _title(record, "Transfer matrix", "transfer")
+        parts.append(_section("transfer", transfer_section_html, record, title=title))
     for record in sloths:
-        parts.append(sloth_section_html(record, title=_title(record, "DeepSloth", "sloth")))
-    parts.append(_timing_table(timings))
+        title = _title(record, "DeepSloth", "sloth")
+        parts.append(_section("sloth", sloth_section_html, record, title=title))
+    parts.append(_section("timing", _timing_table, timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f'<meta name=generator content="robustlab {__version__}">'
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(parts)
         + "</body></html>\n"

@@ -3,15 +3,69 @@
 from __future__ import annotations
 
 import base64
+import functools
+import html
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from ..errors import RobustlabError  # noqa: E402
+from ..version import __version__  # noqa: E402
+
+PNG_SOFTWARE = f"robustlab {__version__}"  # the marker of a PNG robustlab drew
+Draw = TypeVar("Draw", bound=Callable[..., Path])
+
+
+def plot(draw: Draw) -> Draw:
+    """Every plotting function goes through this: text from users (labels, names) is shown as
+    text (no mathtext, so '$' and '\\' are plain characters), and a failure to draw is one
+    RobustlabError sentence."""
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kw: Any) -> Path:
+        """The plot, drawn with plain text."""
+        try:
+            with plt.rc_context({"text.parse_math": False, "text.usetex": False}):
+                return draw(*args, **kw)
+        except RobustlabError:
+            raise
+        except Exception as exc:  # matplotlib raises many kinds; the plot is what failed
+            plt.close("all")
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise RobustlabError(
+                f"could not draw the {draw.__name__.replace('_', ' ')} plot "
+                f"({type(exc).__name__}: {detail})"
+            ) from None
+
+    return drawn  # type: ignore[return-value]
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a figure as a PNG marked as robustlab's (creating the folder) and close it."""
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, metadata={"Software": PNG_SOFTWARE})
+    finally:
+        plt.close(fig)
+    return out
+
+
+def is_robustlab_png(path: Path) -> bool:
+    """Whether a file is a PNG plot robustlab drew (its Software text chunk says so)."""
+    try:
+        with Image.open(path) as img:
+            software = str(getattr(img, "text", {}).get("Software", ""))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+    return software.startswith("robustlab")
 
 
 def png_base64(draw: Callable[..., Path], data: Any, **kw: Any) -> str:
@@ -21,6 +75,17 @@ def png_base64(draw: Callable[..., Path], data: Any, **kw: Any) -> str:
         return base64.b64encode(png.read_bytes()).decode()
 
 
+def embedded_png(alt: str, draw: Callable[..., Path], data: Any, **kw: Any) -> str:
+    """An <img> of the plot for an HTML report; if it cannot be drawn, a note saying why,
+    so that a plot never stops a report (or a record) from being written."""
+    try:
+        b64 = png_base64(draw, data, **kw)
+    except RobustlabError as exc:
+        return f"<p class=muted>({html.escape(alt)} not shown: {html.escape(str(exc))})</p>"
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+@plot
 def robustness_curve(
     curves: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -47,8 +112,4 @@ def robustness_curve(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

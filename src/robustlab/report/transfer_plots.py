@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .plots import png_base64  # noqa: E402
+from .plots import embedded_png, plot, save_figure  # noqa: E402
 
 
 def _cells(result: Any) -> tuple[list[dict[str, Any]], list[str]]:
@@ -33,15 +33,7 @@ def _row_label(cell: Mapping[str, Any]) -> str:
     return f"{cell['source']}: {attack}"
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    """Write a figure as PNG (creating the folder) and close it."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
+@plot
 def transfer_heatmap(
     result: Any,
     path: str | Path,
@@ -73,9 +65,10 @@ def transfer_heatmap(
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
+@plot
 def gamma_sweep_plot(
     result: Any,
     path: str | Path,
@@ -106,7 +99,7 @@ def gamma_sweep_plot(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def transfer_section_html(record: Mapping[str, Any], *, title: str = "Transfer matrix") -> str:
@@ -123,17 +116,11 @@ def transfer_section_html(record: Mapping[str, Any], *, title: str = "Transfer m
         "all points). * marks white-box cells (the target is the source). Cost: "
         f"{record.get('generations')} attack generations, {record.get('target_forwards')} "
         "target passes.</p>",
-        '<img alt="transfer heatmap" src="data:image/png;base64,'
-        + png_base64(transfer_heatmap, record)
-        + '">',
+        embedded_png("transfer heatmap", transfer_heatmap, record),
     ]
     gammas = {c.get("gamma") for c in cells if c.get("gamma") is not None}
     if len(gammas) > 1 and any(not c.get("white_box") for c in cells if c.get("gamma")):
-        parts.append(
-            '<img alt="success vs gamma" src="data:image/png;base64,'
-            + png_base64(gamma_sweep_plot, record)
-            + '">'
-        )
+        parts.append(embedded_png("success vs gamma", gamma_sweep_plot, record))
     rows: dict[str, dict[str, Mapping[str, Any]]] = {}
     for c in cells:
         rows.setdefault(_row_label(c), {})[c["target"]] = c

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..data import DataSplits
+from ..data import DataSplits, cache_dir
 from ..models.checkpoint import MANIFEST, load_checkpoint
 from .loop import TrainConfig, train
 
 
 def cache_root() -> Path:
     """Where trained zoo models are kept for reuse (ROBUSTLAB_CACHE, else ~/.cache/robustlab)."""
-    base = os.environ.get("ROBUSTLAB_CACHE") or str(Path.home() / ".cache" / "robustlab")
-    return Path(base) / "demo"
+    return cache_dir() / "demo"
 
 
 def config_key(cfg: TrainConfig) -> str:
