@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from robustlab.analysis.efficiency import measure_efficiency
-from robustlab.attacks import ATTACKS, Attack, DeepSloth, ExitPGD, ThreatModel, make_attack
+from robustlab.attacks import REGISTRY, Attack, ThreatModel, make_attack
+from robustlab.attacks.registry import KINDS
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
@@ -42,15 +43,23 @@ FAST: dict[str, dict[str, object]] = {
     "fab-t": {"steps": 10, "n_target_classes": 2},
     "square": {"queries": 50},
     "autoattack": {"attacks": ("apgd-ce", "apgd-t"), "version": "custom"},
-    # multi-exit attacks (see STRONG and PENDING below; the lead: rename to registered names)
+    "iterative": {"steps": 5},
     "deepsloth": {"steps": 5},
-    "exit-pgd": {"steps": 5},
     "pgd-final": {"steps": 5},
     "pgd-avg": {"steps": 5},
     "pgd-max": {"steps": 5},
 }
 NORMS = {"cw": ["l2"]}
-CASES = [(name, norm) for name in ATTACKS for norm in NORMS.get(name, ["linf", "l2", "l1"])]
+# The model each kind of registered attack runs on (the per-name hook: an attack's kind in
+# the registry): "net" a conv net, "multi-exit" the same with exits (see _model, _model_for).
+MODEL_FOR_KIND = {"classifier": "net", "surrogate": "net", "multi-exit": "multi-exit"}
+# Kinds the table cannot run, each with the reason and where it is tested instead.
+ELSEWHERE = {
+    "transfer": "built by analysis.transfer.parse_attack from a base name above plus gradient "
+    "transforms (not by make_attack); tests/analysis/test_transfer_matrix.py runs it",
+}
+NAMES = [name for name, entry in REGISTRY.items() if entry.kind in MODEL_FOR_KIND]
+CASES = [(name, norm) for name in NAMES for norm in NORMS.get(name, ["linf", "l2", "l1"])]
 
 
 EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0}
@@ -59,10 +68,10 @@ ZERO_EPS_REFUSED = {"fgsm", "bim", "mifgsm", "difgsm", "tifgsm"}  # their step s
 
 def _model(name: str = "") -> nn.Module:
     """A small untrained conv net with batch norm (train-mode state that must survive the
-    attack) on 1x6x6 inputs with 5 classes; for an attack whose STRONG row needs a
-    multi-exit network (the per-name hook), a width-4 resnet8 with exits after units 0, 1."""
+    attack) on 1x6x6 inputs with 5 classes; for an attack of the multi-exit kind, a width-4
+    resnet8 with exits after units 0 and 1."""
     torch.manual_seed(0)
-    if name in STRONG and STRONG[name].model == "multi-exit":
+    if name and MODEL_FOR_KIND[REGISTRY[name].kind] == "multi-exit":
         return attach_exits(build_model("resnet8", 1, 5, 6, width=4), (1, 6, 6), 5, [0, 1])
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),
@@ -115,8 +124,8 @@ def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
 
 
 def test_the_table_covers_every_registered_attack() -> None:
-    assert set(ATTACKS) <= set(FAST), f"add rows to FAST for {sorted(set(ATTACKS) - set(FAST))}"
-    assert set(FAST) - set(ATTACKS) <= set(PENDING)
+    assert set(KINDS) == set(MODEL_FOR_KIND) | set(ELSEWHERE), "a new kind: run it or say why"
+    assert set(FAST) == set(NAMES), f"FAST rows differ from the registry's names {NAMES}"
 
 
 @pytest.mark.parametrize(("name", "norm"), CASES)
@@ -173,7 +182,7 @@ def test_every_attack_restores_the_model_when_the_forward_pass_raises(name: str,
     assert _same(_snapshot(model), before)
 
 
-@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("name", NAMES)
 def test_every_attack_refuses_bad_inputs(name: str) -> None:
     norm = "l2" if name == "cw" else "linf"
     attack = make_attack(name, norm, 0.1, **FAST[name])
@@ -204,9 +213,8 @@ class Strong:
     """How the success table runs one attack name.
 
     ``options``: make_attack options (fewer steps/queries than published only where the
-    attack still must succeed). ``model``: "net" (the trained conv net) or "multi-exit" (it
-    with trained exits); the invariant checks above follow it too (:func:`_model`).
-    ``goal``: a key of GOALS, the score the attack must push down. ``bound``: per norm, the
+    attack still must succeed); the model is the trained one MODEL_FOR_KIND names for the
+    attack's kind (the conv net, or it with trained exits). ``goal``: a key of GOALS, the score the attack must push down. ``bound``: per norm, the
     adversarial score must be <= bound x the clean score (default 0.5). ``hit``: per norm,
     the least fraction of points classified as their target when targets are given (default
     0.5; below 0.5 the target's margin must also rise on >= 90 % of points); ``hit=None``:
@@ -214,7 +222,6 @@ class Strong:
     """
 
     options: dict[str, object] = field(default_factory=dict)
-    model: str = "net"
     goal: str = "misclassify"
     bound: dict[str, float] = field(default_factory=dict)
     hit: dict[str, float] | None = field(default_factory=dict)
@@ -237,6 +244,9 @@ STRONG: dict[str, Strong] = {
     "mifgsm": Strong(bound={"l1": 0.75}, hit={"l1": WEAK_L1_HIT}),  # l1: ratio 0.61, hit 0.15
     "difgsm": Strong(hit={"l1": WEAK_L1_HIT}),  # l1: ratio 0.31, hit 0.28
     "tifgsm": Strong(bound={"l1": 0.75}, hit={"l1": 0.05}),  # l1: ratio 0.62, hit 0.09
+    # the engine itself (surrogate kind) at its defaults: BIM's steps, the last iterate;
+    # l1: ratio 0.55, hit 0.21
+    "iterative": Strong(bound={"l1": 0.75}, hit={"l1": WEAK_L1_HIT}),
     # published 9 x 100 steps take 5 s here; 2 x 20 with a larger c and lr still break 97 %
     # and hit 64 % of targets (4 x 50: 99 %, 81 %, 3x the time)
     "cw": Strong({"steps": 20, "binary_steps": 2, "c": 10.0, "lr": 0.1}),
@@ -247,27 +257,16 @@ STRONG: dict[str, Strong] = {
     "fab-t": Strong({"steps": 20, "n_target_classes": 3}),
     "square": Strong({"queries": 300}),
     "autoattack": Strong({"attacks": ("apgd-ce", "apgd-t"), "version": "custom"}, hit=None),
-    # Multi-exit attacks, ready for when they join the registry (the lead: rename the keys to
-    # the registered names; options are make_attack options). Their goals are their own:
+    # Multi-exit attacks, on the net with trained exits. Their goals are their own:
     # DeepSloth lowers the early-exit efficacy, the exit PGD baselines the accuracy of the
     # exits they attack. Clean: efficacy 0.34, exit accuracies 0.62 / 0.46 / 0.84 / 0.94
     # (mean 0.72), all exits right on 0.33 of points. Adversarial / clean score measured at
-    # 10 steps, linf / l2 / l1: deepsloth 0 / 0.01 / 0.32, exit-pgd and pgd-avg 0.03 / 0.01 /
-    # 0.41, pgd-final 0 / 0 / 0.28, pgd-max 0 / 0 / 0.30.
-    "deepsloth": Strong({"steps": 10}, model="multi-exit", goal="slowdown", hit=None),
-    "exit-pgd": Strong({"steps": 10}, model="multi-exit", goal="mean-exit", hit=None),
-    "pgd-final": Strong({"steps": 10}, model="multi-exit", goal="final-exit", hit=None),
-    "pgd-avg": Strong({"steps": 10}, model="multi-exit", goal="mean-exit", hit=None),
-    "pgd-max": Strong({"steps": 10}, model="multi-exit", goal="every-exit", hit=None),
-}
-# Names above that are not registered yet (today: the multi-exit ones). Each is still run,
-# built from its class, by test_multi_exit_attacks_reach_their_goals.
-PENDING: dict[str, Callable[..., Attack]] = {
-    "deepsloth": lambda norm, eps, **kw: DeepSloth(norm=norm, eps=eps, **kw),
-    "exit-pgd": lambda norm, eps, **kw: ExitPGD(norm=norm, eps=eps, **kw),
-    "pgd-final": lambda norm, eps, **kw: ExitPGD(norm=norm, eps=eps, target="final", **kw),
-    "pgd-avg": lambda norm, eps, **kw: ExitPGD(norm=norm, eps=eps, target="avg", **kw),
-    "pgd-max": lambda norm, eps, **kw: ExitPGD(norm=norm, eps=eps, target="max", **kw),
+    # 10 steps, linf / l2 / l1: deepsloth 0 / 0.01 / 0.32, pgd-avg 0.03 / 0.01 / 0.41,
+    # pgd-final 0 / 0 / 0.28, pgd-max 0 / 0 / 0.30.
+    "deepsloth": Strong({"steps": 10}, goal="slowdown", hit=None),
+    "pgd-final": Strong({"steps": 10}, goal="final-exit", hit=None),
+    "pgd-avg": Strong({"steps": 10}, goal="mean-exit", hit=None),
+    "pgd-max": Strong({"steps": 10}, goal="every-exit", hit=None),
 }
 
 
@@ -323,11 +322,10 @@ def _strong(name: str) -> Strong:
     return row
 
 
-def _model_for(row: Strong, request: pytest.FixtureRequest) -> nn.Module:
-    """The trained model an attack needs (the per-name hook: ``Strong.model``)."""
+def _model_for(name: str, request: pytest.FixtureRequest) -> nn.Module:
+    """The trained model an attack needs: MODEL_FOR_KIND of its kind in the registry."""
     fixtures = {"net": "digits_net", "multi-exit": "digits_multiexit"}
-    assert row.model in fixtures, f"unknown model kind '{row.model}' in STRONG"
-    model: nn.Module = request.getfixturevalue(fixtures[row.model])
+    model: nn.Module = request.getfixturevalue(fixtures[MODEL_FOR_KIND[REGISTRY[name].kind]])
     return model
 
 
@@ -355,30 +353,45 @@ def _check_goal(name: str, attack: Attack, norm: str, model: nn.Module, digits: 
     )
 
 
-STRONG_CASES = [(name, norm) for name in ATTACKS for norm in NORMS.get(name, ["linf", "l2", "l1"])]
-
-
 def test_every_registered_attack_has_a_success_row() -> None:
-    missing = sorted(set(ATTACKS) - set(STRONG))
+    missing = sorted(set(NAMES) - set(STRONG))
     assert not missing, f"add rows to STRONG (test_all_attacks.py) for {missing}"
-    assert set(STRONG) - set(ATTACKS) <= set(PENDING)
+    assert set(STRONG) <= set(NAMES), f"rows for unregistered names {set(STRONG) - set(NAMES)}"
 
 
-@pytest.mark.parametrize(("name", "norm"), STRONG_CASES)
+@pytest.mark.parametrize(("name", "norm"), CASES)
 def test_every_attack_reaches_its_goal_on_a_trained_model(
     name: str, norm: str, digits: DataSplits, request: pytest.FixtureRequest
 ) -> None:
     row = _strong(name)
     attack = make_attack(name, norm, STRONG_EPS[norm], seed=1, **row.options)
-    _check_goal(name, attack, norm, _model_for(row, request), digits)
+    _check_goal(name, attack, norm, _model_for(name, request), digits)
 
 
-@pytest.mark.parametrize(("name", "norm"), STRONG_CASES)
+# Known gap (src/robustlab/attacks/deepsloth.py): DeepSloth and the exit PGD baselines
+# accept targets and ignore them. Strict xfail: once they refuse targets, these cases pass
+# and the marker must go.
+IGNORES_TARGETS = {"deepsloth", "pgd-final", "pgd-avg", "pgd-max"}
+TARGET_CASES = [
+    pytest.param(
+        name,
+        norm,
+        marks=pytest.mark.xfail(
+            strict=True, raises=pytest.fail.Exception, reason="ignores targets silently"
+        ),
+    )
+    if name in IGNORES_TARGETS
+    else (name, norm)
+    for name, norm in CASES
+]
+
+
+@pytest.mark.parametrize(("name", "norm"), TARGET_CASES)
 def test_every_targeted_attack_reaches_its_targets(
     name: str, norm: str, digits: DataSplits, request: pytest.FixtureRequest
 ) -> None:
     row = _strong(name)
-    model = _model_for(row, request)
+    model = _model_for(name, request)
     attack = make_attack(name, norm, STRONG_EPS[norm], seed=1, **row.options)
     x, y, targets = _points(digits)
     if row.hit is None:  # an attack without targets says so instead of ignoring them
@@ -402,13 +415,3 @@ def _target_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per point: the target's logit minus the largest other logit (> 0: on target)."""
     own = logits.gather(1, targets[:, None])[:, 0]
     return own - logits.scatter(1, targets[:, None], float("-inf")).amax(1)
-
-
-@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
-@pytest.mark.parametrize("name", list(PENDING))
-def test_multi_exit_attacks_reach_their_goals(
-    name: str, norm: str, digits: DataSplits, digits_multiexit: MultiExitNetwork
-) -> None:
-    """The multi-exit rows of STRONG hold today, the attacks built from their classes."""
-    attack = PENDING[name](norm, STRONG_EPS[norm], seed=1, **_strong(name).options)
-    _check_goal(name, attack, norm, digits_multiexit, digits)
