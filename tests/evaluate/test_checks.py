@@ -35,7 +35,8 @@ class Noisy(nn.Module):
         self.lin = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x + 0.1 * torch.randn_like(x))
+        out: torch.Tensor = self.lin(x + 0.1 * torch.randn_like(x))
+        return out
 
 
 def test_randomness_is_flagged() -> None:
@@ -51,7 +52,8 @@ class Quantised(nn.Module):
         self.lin = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(torch.round(x * 4) / 4)
+        out: torch.Tensor = self.lin(torch.round(x * 4) / 4)
+        return out
 
 
 def test_zero_gradients_are_flagged_and_reach_the_record() -> None:
