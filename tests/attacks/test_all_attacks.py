@@ -368,25 +368,7 @@ def test_every_attack_reaches_its_goal_on_a_trained_model(
     _check_goal(name, attack, norm, _model_for(name, request), digits)
 
 
-# Known gap (src/robustlab/attacks/deepsloth.py): DeepSloth and the exit PGD baselines
-# accept targets and ignore them. Strict xfail: once they refuse targets, these cases pass
-# and the marker must go.
-IGNORES_TARGETS = {"deepsloth", "pgd-final", "pgd-avg", "pgd-max"}
-TARGET_CASES = [
-    pytest.param(
-        name,
-        norm,
-        marks=pytest.mark.xfail(
-            strict=True, raises=pytest.fail.Exception, reason="ignores targets silently"
-        ),
-    )
-    if name in IGNORES_TARGETS
-    else (name, norm)
-    for name, norm in CASES
-]
-
-
-@pytest.mark.parametrize(("name", "norm"), TARGET_CASES)
+@pytest.mark.parametrize(("name", "norm"), CASES)
 def test_every_targeted_attack_reaches_its_targets(
     name: str, norm: str, digits: DataSplits, request: pytest.FixtureRequest
 ) -> None:

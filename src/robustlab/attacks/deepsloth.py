@@ -71,6 +71,12 @@ def _multi_exit(model: nn.Module) -> MultiExitNetwork:
     return model
 
 
+def _untargeted(name: str, targets: torch.Tensor | None) -> None:
+    """Slowdown attacks and their baselines have no target classes: refuse targets, never ignore."""
+    if targets is not None:
+        raise RobustlabError(f"{name} takes no target labels: it attacks the exits, not a class")
+
+
 def uniform_objective(ic_logits: list[torch.Tensor]) -> torch.Tensor:
     """Per sample, sum over ICs of CE(uniform, softmax): the paper's objective (to minimise)."""
     return torch.stack([-F.log_softmax(z, dim=1).mean(dim=1) for z in ic_logits]).sum(0)
@@ -209,6 +215,7 @@ class DeepSloth(Attack):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The attack proper, on a model already in eval mode with frozen parameters."""
+        _untargeted("DeepSloth", targets)
         net = _multi_exit(model)
         q = net.threshold if self.threshold is None else self.threshold
         rule = self.rule or net.rule
@@ -323,6 +330,7 @@ class ExitPGD(Attack):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """PGD from a random start on the chosen exit objective."""
+        _untargeted(f"exit PGD ({self.variant})", targets)
         net = _multi_exit(model)
         threat = self.threat
         alpha = self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
