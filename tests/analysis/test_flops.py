@@ -60,7 +60,7 @@ def test_exit_costs_are_cumulative_and_count_earlier_heads() -> None:
     units, head = unit_flops(model), head_flops(model)
     backbone = count_flops(model.backbone, torch.zeros(1, 1, 8, 8))
     assert sum(units) + head == backbone
-    heads = [count_flops(h, torch.zeros(1, *h.feature_shape)) for h in model.heads]
+    heads = [count_flops(h, torch.zeros(1, *h.feature_shape)) for h in model.exit_heads]
     costs = exit_flops(model)
     assert costs[0] == units[0] + heads[0]
     assert costs[1] == sum(units[:3]) + heads[0] + heads[1]

@@ -78,7 +78,8 @@ class CountForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.inner(x)
+        logits: torch.Tensor = self.inner(x)
+        return logits
 
 
 def _untrained(arch: str, seed: int) -> nn.Module:

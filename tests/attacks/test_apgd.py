@@ -23,11 +23,11 @@ from robustlab.attacks.apgd import (
     _Engine,
     _sparse_step,
     _State,
-    checkpoints,
     l1_check_every,
     large_eps_stages,
 )
-from robustlab.attacks.optim import APGDControl
+from robustlab.attacks.losses import dlr
+from robustlab.attacks.optim import APGDControl, checkpoints
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models.mlp import MLP
@@ -98,7 +98,8 @@ def _reach(w: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "linf":
         return torch.ones_like(w)
     if norm == "l2":
-        return w.abs() / w.norm()
+        reach: torch.Tensor = w.abs() / w.norm()
+        return reach
     return (w.abs() == w.abs().max()).to(w.dtype)  # all of eps on any strongest coordinate
 
 
@@ -359,7 +360,8 @@ class Counting(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         self.rows += len(x)
-        return self.body(x)
+        logits: torch.Tensor = self.body(x)
+        return logits
 
 
 class Noisy(nn.Module):
@@ -370,7 +372,8 @@ class Noisy(nn.Module):
         self.body = body
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x + 0.05 * torch.randn_like(x))
+        logits: torch.Tensor = self.body(x + 0.05 * torch.randn_like(x))
+        return logits
 
 
 # --- APGD-T target selection --------------------------------------------------------------------
@@ -384,7 +387,7 @@ def test_apgd_t_targets_the_largest_other_logits_in_order(monkeypatch: pytest.Mo
         logits = model(x)
     y = logits.argmax(1)
     seen: list[torch.Tensor] = []
-    real = apgd_module.dlr
+    real = dlr
 
     def spy(z: torch.Tensor, yy: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         assert t is not None
@@ -542,7 +545,7 @@ def test_l1_runs_start_sparse_and_step_from_the_top_fifth() -> None:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(apgd_module, "_sparse_step", spy)
-        adv = engine.run(model, x, y, None, None, apgd_module.dlr).x
+        adv = engine.run(model, x, y, None, None, dlr).x
     assert seen[0] == 20  # ceil(0.2 * 100) coordinates before the first checkpoint
     assert bool(ThreatModel("l1", 1.0).contains(x, adv).all())
 
@@ -617,7 +620,8 @@ class NoModeSwitch(nn.Module):
         raise AssertionError("run() switched the model's mode")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        logits: torch.Tensor = self.body(x)
+        return logits
 
 
 @pytest.mark.parametrize("make", [APGD, APGDT])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 import pytest
 import torch
-from _linear_cases import three_class_case, tiny_mlp, two_class_case
+from _linear_cases import Linear2, three_class_case, tiny_mlp, two_class_case
 from hypothesis import given, settings
 from torch import nn
 
@@ -22,7 +22,7 @@ from robustlab.errors import RobustlabError
 
 def _linear_case(
     eps: float, n: int = 200
-) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[Linear2, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The shared two-class l2 case and each point's minimal l2 distance |margin| / ||w||_2."""
     model, x, y, _ = two_class_case("l2", eps, n=n)
     with torch.no_grad():

@@ -266,7 +266,7 @@ def digits_mlp(digits: DataSplits) -> nn.Module:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = digits.train.x, digits.train.y
     for _ in range(8):
-        for idx in torch.randperm(len(x)).split(128):
+        for idx in torch.split(torch.randperm(len(x)), 128):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()

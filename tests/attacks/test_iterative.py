@@ -58,7 +58,8 @@ def _gradient(objective: Objective, x: torch.Tensor) -> torch.Tensor:
 
 def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(x_adv).argmax(1) == y
+        pred: torch.Tensor = model(x_adv).argmax(1)
+        return pred == y
 
 
 @settings(max_examples=30, deadline=None)

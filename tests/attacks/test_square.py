@@ -41,7 +41,8 @@ class Recorder(nn.Module):
         self.sizes.append(len(x))
         self.grad_enabled.append(torch.is_grad_enabled())
         self.input_requires_grad.append(x.requires_grad)
-        return self.body(x)
+        logits: torch.Tensor = self.body(x)
+        return logits
 
 
 class Constant(nn.Module):

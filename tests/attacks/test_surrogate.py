@@ -36,7 +36,8 @@ def _input_grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 
 def _unit(g: torch.Tensor) -> torch.Tensor:
-    return g / g.norm(dim=1, keepdim=True)
+    unit: torch.Tensor = g / g.norm(dim=1, keepdim=True)
+    return unit
 
 
 def test_logits_ensemble_normalises_each_member_before_combining() -> None:

@@ -26,7 +26,8 @@ def _bisect(norm_at: Callable[[np.ndarray], np.ndarray], hi: np.ndarray, eps: fl
         mid = 0.5 * (lo_s + hi_s)
         too_big = norm_at(mid) > eps
         lo_s, hi_s = np.where(too_big, mid, lo_s), np.where(too_big, hi_s, mid)
-    return 0.5 * (lo_s + hi_s)
+    root: np.ndarray = 0.5 * (lo_s + hi_s)
+    return root
 
 
 def ref_l1(x: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
@@ -35,11 +36,13 @@ def ref_l1(x: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
     room = np.where(d >= 0, 1 - x, x)
 
     def at(lam: np.ndarray) -> np.ndarray:
-        return np.clip(np.abs(d) - lam[:, None], 0.0, room)
+        amount: np.ndarray = np.clip(np.abs(d) - lam[:, None], 0.0, room)
+        return amount
 
     lam = _bisect(lambda s: at(s).sum(1), np.abs(d).max(1), eps)
     lam = np.where(at(np.zeros(len(d))).sum(1) <= eps, 0.0, lam)
-    return x + np.sign(d) * at(lam)
+    z: np.ndarray = x + np.sign(d) * at(lam)
+    return z
 
 
 def ref_l2(x: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
@@ -47,11 +50,13 @@ def ref_l2(x: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
     d = v - x
 
     def at(mu: np.ndarray) -> np.ndarray:
-        return np.clip(x + d / (1 + mu[:, None]), 0.0, 1.0) - x
+        delta: np.ndarray = np.clip(x + d / (1 + mu[:, None]), 0.0, 1.0) - x
+        return delta
 
     mu = _bisect(lambda s: np.linalg.norm(at(s), axis=1), np.full(len(d), 1e12), eps)
     mu = np.where(np.linalg.norm(at(np.zeros(len(d))), axis=1) <= eps, 0.0, mu)
-    return x + at(mu)
+    z: np.ndarray = x + at(mu)
+    return z
 
 
 def slsqp(norm: str, x: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
@@ -78,7 +83,8 @@ def slsqp(norm: str, x: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
             method="SLSQP",
             options=options,
         )
-        return x + res.x[:n] - res.x[n:]
+        z: np.ndarray = x + res.x[:n] - res.x[n:]
+        return z
     cons = {
         "type": "ineq",
         "fun": lambda z: eps**2 - np.sum((z - x) ** 2),

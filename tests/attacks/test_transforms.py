@@ -61,7 +61,8 @@ class Toy(nn.Module):
             self.head.weight.copy_(head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x))
+        logits: torch.Tensor = self.head(self.blocks(x))
+        return logits
 
 
 def _toy_weights(d: int = 6, h: int = 8, k: int = 3) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -364,7 +365,8 @@ class ForeignBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         out += identity
-        return self.relu(out)
+        result: torch.Tensor = self.relu(out)
+        return result
 
 
 class ForeignNet(nn.Module):
@@ -377,7 +379,8 @@ class ForeignNet(nn.Module):
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layer(self.stem(x)).mean((2, 3)))
+        logits: torch.Tensor = self.fc(self.layer(self.stem(x)).mean((2, 3)))
+        return logits
 
 
 def _as_robustlab(net: ForeignNet) -> nn.Module:
@@ -394,7 +397,8 @@ def _as_robustlab(net: ForeignNet) -> nn.Module:
             self.stem, self.blocks, self.fc = net.stem, nn.Sequential(*blocks), net.fc
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+            logits: torch.Tensor = self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+            return logits
 
     return Same().eval()
 
@@ -438,7 +442,7 @@ def test_declared_foreign_blocks_match_the_robustlab_equivalent() -> None:
 
 def test_declaring_one_instance_and_bad_declarations() -> None:
     net = _foreign()
-    undo = declare_residual(net.layer[1], lambda b: b.bn2)
+    undo = declare_residual(net.layer[1], lambda b: b.get_submodule("bn2"))
     try:
         with skip_gradient(net, 0.5) as sites:
             assert [s.block for s in sites] == [net.layer[1]]
@@ -470,7 +474,10 @@ class _DenseLayerLike(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(features, 1)
-        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+        out: torch.Tensor = self.conv2(
+            self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x)))))
+        )
+        return out
 
 
 class _DenseNetLike(nn.Module):
@@ -486,7 +493,8 @@ class _DenseNetLike(nn.Module):
         features = [self.stem(x)]
         for layer in self.layers:
             features.append(layer(features))
-        return self.fc(torch.cat(features, 1).mean((2, 3)))
+        logits: torch.Tensor = self.fc(torch.cat(features, 1).mean((2, 3)))
+        return logits
 
 
 class _VitBlockLike(nn.Module):
@@ -502,7 +510,8 @@ class _VitBlockLike(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        out: torch.Tensor = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return out
 
 
 def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **classes: type[nn.Module]) -> None:
@@ -608,7 +617,8 @@ class OneBlock(nn.Module):
             self.head.weight.copy_(head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(x))
+        logits: torch.Tensor = self.head(self.block(x))
+        return logits
 
 
 @pytest.mark.parametrize("inplace", [False, True])

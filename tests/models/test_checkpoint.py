@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from robustlab.errors import RobustlabError
+from robustlab.io import atomic_write_text
 from robustlab.models import build_model
 from robustlab.models import checkpoint as ckpt
 from robustlab.models.checkpoint import (
     MANIFEST,
     WEIGHTS,
-    atomic_write_text,
     load_checkpoint,
     model_config,
     save_checkpoint,
@@ -63,7 +63,9 @@ def trained_like(
     return model
 
 
-def manifest_for(arch: str, in_channels: int, size: int, mean: list[float], std: list[float]):
+def manifest_for(
+    arch: str, in_channels: int, size: int, mean: list[float], std: list[float]
+) -> dict[str, Any]:
     return {
         "model": model_config(arch, in_channels, 10, size, mean, std),
         "dataset": {"name": "toy", "samples": 8},
@@ -132,11 +134,15 @@ def test_saved_files_are_readable_like_any_new_file(saved: Path) -> None:
 def test_save_overwrites_an_older_checkpoint(saved: Path) -> None:
     spec = ROUND_TRIP[-1]
     other = trained_like(*spec)
+    fc = other[1].fc
+    assert isinstance(fc, nn.Linear)
     with torch.no_grad():
-        other[1].fc.bias.fill_(3.0)
+        fc.bias.fill_(3.0)
     save_checkpoint(other, saved, manifest_for(*spec))
     assert sorted(p.name for p in saved.iterdir()) == [MANIFEST, WEIGHTS]
-    assert torch.equal(ckpt.load(saved)[1].fc.bias, torch.full((10,), 3.0))
+    loaded_fc = ckpt.load(saved).get_submodule("net.fc")
+    assert isinstance(loaded_fc, nn.Linear)
+    assert torch.equal(loaded_fc.bias, torch.full((10,), 3.0))
 
 
 def test_save_needs_a_model_section(tmp_path: Path) -> None:
@@ -324,7 +330,7 @@ def write_pickle(obj: object, path: Path) -> None:
         pickle.dump(obj, f)
 
 
-WRITERS: dict[str, Callable[[object, Path], None]] = {
+WRITERS: dict[str, Callable[[object, Path], object]] = {
     "pickle.dump": write_pickle,
     "pickle.dump-protocol0": lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=0)),
     "torch.save": lambda obj, path: torch.save(obj, path),
@@ -361,7 +367,8 @@ def test_malicious_pickle_is_refused_without_running_it(
     evil = tmp_path / f"evil{suffix}"
     WRITERS[writer](PAYLOADS[payload](marker), evil)
     assert not marker.exists()
-    for kwargs in ({}, {"arch": "mlp", "image_size": 8}):
+    legacy_options: tuple[dict[str, Any], ...] = ({}, {"arch": "mlp", "image_size": 8})
+    for kwargs in legacy_options:
         with pytest.raises(RobustlabError, match="refusing to load .*could run code") as info:
             load_checkpoint(evil, **kwargs)
         message = str(info.value)
@@ -397,8 +404,9 @@ def resnet() -> nn.Sequential:
     return trained_like("resnet8", 3, 8, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]).eval()
 
 
-LEGACY = {"arch": "resnet8", "in_channels": 3, "image_size": 8}
-NORM = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+# keyword arguments of load_checkpoint (its **legacy: Any)
+LEGACY: dict[str, Any] = {"arch": "resnet8", "in_channels": 3, "image_size": 8}
+NORM: dict[str, Any] = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
 
 
 def same_outputs(a: nn.Module, b: nn.Module) -> bool:

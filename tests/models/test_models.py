@@ -57,7 +57,9 @@ UNSUPPORTED: set[tuple[str, tuple[int, int, int]]] = set()
 _CACHE: dict[tuple[str, int, int, int], nn.Sequential] = {}
 
 
-def model_for(arch: str, in_channels: int = 1, num_classes: int = 10, size: int = 28) -> nn.Module:
+def model_for(
+    arch: str, in_channels: int = 1, num_classes: int = 10, size: int = 28
+) -> nn.Sequential:
     """A seeded model in eval mode, built once per session and shape (tests must not train it)."""
     key = (arch, in_channels, num_classes, size)
     if key not in _CACHE:
@@ -269,8 +271,10 @@ def test_count_parameters(arch: str) -> None:
 def test_count_parameters_skips_frozen() -> None:
     model = build_model("mlp", image_size=8)
     total = count_parameters(model)
-    model[1].fc.weight.requires_grad_(False)
-    assert count_parameters(model) == total - model[1].fc.weight.numel()
+    fc = model[1].fc
+    assert isinstance(fc, nn.Linear)
+    fc.weight.requires_grad_(False)
+    assert count_parameters(model) == total - fc.weight.numel()
 
 
 def test_unknown_architecture_lists_known_names() -> None:

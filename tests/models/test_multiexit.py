@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ SHAPE = (1, 8, 8)
 
 
 def _model(
-    arch: str = "resnet8", positions: list[int] | None = None, **opts: int
+    arch: str = "resnet8", positions: list[int] | None = None, **opts: Any
 ) -> MultiExitNetwork:
     torch.manual_seed(0)
     backbone = build_model(arch, 1, 10, 8, **opts)
@@ -183,7 +184,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = _model("resnet8", [1, 2])
     model.threshold = 0.7
     with torch.no_grad():
-        for head in model.heads:
+        for head in model.exit_heads:
             head.alpha_logit.fill_(0.3)
     config = model_config("resnet8", 1, 10, 8, [0.0], [1.0])
     save_checkpoint(model, tmp_path / "me", {"model": {**config, "multi_exit": model.config()}})

@@ -134,7 +134,8 @@ class Foreign(nn.Module):
         self.classifier = nn.Linear(6, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.second(self.first(x))))
+        logits: torch.Tensor = self.classifier(self.pool(self.second(self.first(x))))
+        return logits
 
 
 def _foreign_units(net: Foreign) -> Plan:

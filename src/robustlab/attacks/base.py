@@ -57,7 +57,7 @@ class Attack(ABC):
 
     def config(self) -> dict[str, Any]:
         """The full configuration, for result records."""
-        fields: dict[str, Any] = asdict(self) if is_dataclass(self) else {}  # type: ignore[arg-type]
+        fields: dict[str, Any] = asdict(self) if is_dataclass(self) else {}
         return {**self.naming(), **fields}
 
     def __call__(

@@ -403,7 +403,8 @@ def project_ball(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     if norm == "linf":
         return delta.clamp(-eps, eps)
     if norm == "l2":
-        scale = (eps / flat.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        norms: torch.Tensor = flat.norm(dim=1)
+        scale = (eps / norms.clamp_min(1e-12)).clamp(max=1.0)
         return delta * scale.view(-1, *([1] * (delta.dim() - 1)))
     # l1 (Duchi et al. 2008): soft-threshold |delta| by the theta that puts it on the sphere
     a = flat.abs()

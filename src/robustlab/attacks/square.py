@@ -69,7 +69,8 @@ def p_selection(p_init: float, it: int, queries: int, rescale: bool = True) -> f
     ``rescale`` maps the iteration onto the 10,000-query schedule; without it (AutoAttack's
     setting) the schedule's iteration bounds are used as they are."""
     scaled = int(it / queries * 10000) if rescale else it
-    return p_init / 2 ** sum(scaled > bound for bound in P_SCHEDULE)
+    halvings = sum(scaled > bound for bound in P_SCHEDULE)
+    return p_init / 2.0**halvings
 
 
 @register("square")
@@ -275,7 +276,8 @@ class Square(Attack):
 
     def _to_ball(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """x + delta rescaled to l2 norm eps, clipped to the box, projected as a safety net."""
-        norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        norm: torch.Tensor = delta.flatten(1).norm(dim=1)
+        norm = norm.view(-1, 1, 1, 1)
         x_new = (x + delta / (norm + 1e-12) * self.eps).clamp(0.0, 1.0)
         threat = self.threat
         over = threat.norms(x_new - x) > self.eps  # only float rounding can get here

@@ -109,6 +109,10 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+# torch leaves Function.apply unannotated: this is its typed entry point
+_scale_grad: Callable[[torch.Tensor, float], torch.Tensor] = _ScaleGrad.apply
+
+
 def _map_outputs(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to the tensor(s) a module returned that carry a gradient; None if none do."""
     if isinstance(output, torch.Tensor):
@@ -127,7 +131,7 @@ def _scaling_hook(scale: float) -> Callable[[nn.Module, Any, Any], Any]:
     def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
         if not torch.is_grad_enabled():
             return None
-        return _map_outputs(output, lambda t: _ScaleGrad.apply(t, scale))
+        return _map_outputs(output, lambda t: _scale_grad(t, scale))
 
     return hook
 
@@ -181,6 +185,10 @@ class _LinearThrough(torch.autograd.Function):
         return grad, None
 
 
+# torch leaves Function.apply unannotated: this is its typed entry point
+_linear_through: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _LinearThrough.apply
+
+
 @dataclass
 class _BranchPass:
     """One call of a branch under LinBP: its detached input, the true graph, the output grad."""
@@ -214,6 +222,10 @@ class _RenormIn(torch.autograd.Function):
         return grad * ratio.view(-1, *dims).to(grad.dtype), None
 
 
+# torch leaves Function.apply unannotated: this is its typed entry point
+_renorm_in: Callable[[torch.Tensor, _BranchPass], torch.Tensor] = _RenormIn.apply
+
+
 class _CaptureOut(torch.autograd.Function):
     """At a branch output: remember the gradient arriving there, for :class:`_RenormIn`."""
 
@@ -226,6 +238,10 @@ class _CaptureOut(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         ctx.state.grad_out = grad
         return grad, None
+
+
+# torch leaves Function.apply unannotated: this is its typed entry point
+_capture_out: Callable[[torch.Tensor, _BranchPass], torch.Tensor] = _CaptureOut.apply
 
 
 @dataclass
@@ -262,7 +278,7 @@ def _activation_hooks(
         pre_act = state.pending[id(module)].pop()
         if pre_act is None or not isinstance(output, torch.Tensor):
             return None
-        return _LinearThrough.apply(pre_act, output)
+        return _linear_through(pre_act, output)
 
     return pre, hook
 
@@ -285,7 +301,7 @@ def _branch_hooks(
             return None
         run = _BranchPass(x_true=x.detach().requires_grad_(True))
         stack.append(run)
-        return (_RenormIn.apply(x, run), *args[1:])
+        return (_renorm_in(x, run), *args[1:])
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         run = state.passes[id(module)].pop()
@@ -297,7 +313,7 @@ def _branch_hooks(
                 run.out_true = branch.forward(run.x_true, *args[1:])  # no hooks of this module
         finally:
             state.bypass = False
-        return _CaptureOut.apply(output, run)
+        return _capture_out(output, run)
 
     return pre, hook
 

@@ -128,7 +128,8 @@ class ThreatModel:
             return flat.abs().amax(dim=1)
         if self.norm == "l1":
             return flat.abs().sum(dim=1)
-        return flat.norm(p=2, dim=1)
+        l2: torch.Tensor = flat.norm(p=2, dim=1)
+        return l2
 
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """The nearest point to ``x_adv`` (Euclidean) in the threat model around ``x``.
@@ -180,7 +181,8 @@ class ThreatModel:
             step = torch.zeros_like(flat).scatter(1, top, flat.gather(1, top).sign())
             count = step.abs().sum(dim=1, keepdim=True).clamp_min(1)
             return (step / count).view(grad.shape)
-        n = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+        n: torch.Tensor = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        n = n.view(-1, *([1] * (grad.dim() - 1)))
         return grad / n
 
     def contains(self, x: torch.Tensor, x_adv: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:

@@ -49,7 +49,8 @@ class ResidualBlock(nn.Module):
         self.post = post if post is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post(self.shortcut(x) + self.branch(x))
+        out: torch.Tensor = self.post(self.shortcut(x) + self.branch(x))
+        return out
 
     def flops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Cost of the merge itself: one addition per output element."""
@@ -62,7 +63,8 @@ class DenseLayer(ResidualBlock):
     merge = "concat"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post(torch.cat([self.shortcut(x), self.branch(x)], dim=1))
+        out: torch.Tensor = self.post(torch.cat([self.shortcut(x), self.branch(x)], dim=1))
+        return out
 
     def flops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """A concatenation costs no arithmetic."""

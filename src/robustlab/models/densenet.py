@@ -63,7 +63,8 @@ class DenseNet(nn.Module):
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.head(self.features(x)))
+        logits: torch.Tensor = self.fc(self.head(self.features(x)))
+        return logits
 
 
 def densenet_units(net: DenseNet) -> Plan:

@@ -27,7 +27,8 @@ class MLP(nn.Module):
         self.fc = nn.Linear(d, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        logits: torch.Tensor = self.fc(self.features(x))
+        return logits
 
 
 def mlp_units(net: MLP) -> Plan:

@@ -147,12 +147,15 @@ class ExitHead(nn.Module):
 
     def classify(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Logits from :meth:`features` (kept apart so that a frozen backbone's can be cached)."""
+        logits: torch.Tensor
         if self.pool:
             a = torch.sigmoid(self.alpha_logit)
-            return self.fc((a * parts[0] + (1 - a) * parts[1]).flatten(1))
-        if len(self.feature_shape) == 2:
-            return self.fc(self.norm(parts[0]))
-        return self.fc(parts[0].flatten(1))
+            logits = self.fc((a * parts[0] + (1 - a) * parts[1]).flatten(1))
+        elif len(self.feature_shape) == 2:
+            logits = self.fc(self.norm(parts[0]))
+        else:
+            logits = self.fc(parts[0].flatten(1))
+        return logits
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of this exit from the features after its block."""

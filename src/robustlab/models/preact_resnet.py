@@ -54,7 +54,8 @@ class PreActResNet(nn.Module):
         self.fc = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.head(self.blocks(self.stem(x))))
+        logits: torch.Tensor = self.fc(self.head(self.blocks(self.stem(x))))
+        return logits
 
 
 def preact_resnet_units(net: PreActResNet) -> Plan:

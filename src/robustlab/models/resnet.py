@@ -62,7 +62,8 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.blocks(self.stem(x))))
+        logits: torch.Tensor = self.fc(self.pool(self.blocks(self.stem(x))))
+        return logits
 
 
 def resnet_units(net: ResNet) -> Plan:

@@ -44,7 +44,8 @@ class VGG(nn.Module):
         self.fc = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.features(x)))
+        logits: torch.Tensor = self.fc(self.pool(self.features(x)))
+        return logits
 
 
 def vgg_units(net: VGG) -> Plan:

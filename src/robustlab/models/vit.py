@@ -25,7 +25,8 @@ class SelfAttention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         out = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        projected: torch.Tensor = self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return projected
 
     def flops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Multiply-accumulates of ``Q K^T`` and ``A V`` (its linear maps count on their own)."""
@@ -88,7 +89,8 @@ class ViT(nn.Module):
         return t[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.class_token(self.norm(self.layers(self.tokens(x)))))
+        logits: torch.Tensor = self.fc(self.class_token(self.norm(self.layers(self.tokens(x)))))
+        return logits
 
 
 def vit_units(net: ViT) -> Plan:
