@@ -6,6 +6,8 @@ test_all_attacks.py; the l1 knapsack case comes from _linear_cases.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -36,7 +38,7 @@ NORMS = ["linf", "l2", "l1"]
 EPS = {"linf": (0.01, 0.05), "l2": (0.1, 0.3), "l1": (0.1, 0.3)}
 
 
-def _as_in_autoattack(norm: str, targeted: bool = False) -> dict[str, object]:
+def _as_in_autoattack(norm: str, targeted: bool = False) -> dict[str, Any]:
     """l1: AutoAttack's l1-APGD setting (3/2/1 x eps schedule; APGD with 5 restarts).
 
     One l1-APGD run moves the coordinates of its step set by equal amounts, so on a linear
@@ -186,7 +188,7 @@ def test_apgd_finds_the_exact_robust_set_of_a_two_class_linear_model(norm: str, 
     for eps in EPS[norm]:
         model, x, y = _two_class(norm, eps)
         exact, keep = _exact_robust(model, x, y, eps, norm)
-        x_adv = APGD(norm=norm, eps=eps, loss=loss, **_as_in_autoattack(norm))(model, x, y)  # type: ignore[arg-type]
+        x_adv = APGD(norm=norm, eps=eps, loss=loss, **_as_in_autoattack(norm))(model, x, y)
         assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
         assert torch.equal(_robust(model, x_adv, y)[keep], exact[keep])
         assert 0 < int(exact[keep].sum()) < int(keep.sum())  # not trivial either way
@@ -199,7 +201,7 @@ def test_apgd_finds_the_exact_robust_set_of_a_three_class_linear_model(
     for eps in EPS[norm]:
         model, x, y = _three_class(norm, eps)
         exact, keep = _exact_robust(model, x, y, eps, norm)
-        x_adv = APGD(norm=norm, eps=eps, loss=loss, **_as_in_autoattack(norm))(model, x, y)  # type: ignore[arg-type]
+        x_adv = APGD(norm=norm, eps=eps, loss=loss, **_as_in_autoattack(norm))(model, x, y)
         assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
         assert torch.equal(_robust(model, x_adv, y)[keep], exact[keep])
         assert 0 < int(exact[keep].sum()) < int(keep.sum())
@@ -211,7 +213,7 @@ def test_apgd_t_finds_the_exact_robust_set_of_a_four_class_linear_model(norm: st
     eps = EPS[norm][1]
     model, x, y = _four_class(norm, eps, near="zero")
     exact, keep = _exact_robust(model, x, y, eps, norm)
-    x_adv = APGDT(norm=norm, eps=eps, **_as_in_autoattack(norm, True))(model, x, y)  # type: ignore[arg-type]
+    x_adv = APGDT(norm=norm, eps=eps, **_as_in_autoattack(norm, True))(model, x, y)
     assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
     assert torch.equal(_robust(model, x_adv, y)[keep], exact[keep])
     assert 0 < int(exact[keep].sum()) < int(keep.sum())
@@ -229,7 +231,7 @@ def test_apgd_t_reaches_explicit_targets_exactly_when_reachable(norm: str) -> No
     a2 = 4 * reach
     reachable = ((targets == 1) & (s + reach > 0)) | ((targets == 2) & (s - reach < -a2))
     keep = ((s + reach).abs() > 1e-3 * reach) & ((s - reach + a2).abs() > 1e-3 * reach)
-    x_adv = APGDT(norm=norm, eps=eps, **_as_in_autoattack(norm, True))(model, x, y, targets)  # type: ignore[arg-type]
+    x_adv = APGDT(norm=norm, eps=eps, **_as_in_autoattack(norm, True))(model, x, y, targets)
     assert bool(ThreatModel(norm, eps).contains(x, x_adv).all())
     with torch.no_grad():
         hit = model(x_adv).argmax(1) == targets
@@ -661,4 +663,4 @@ def test_bad_attack_configuration(
     make: type[APGD], kwargs: dict[str, object], message: str
 ) -> None:
     with pytest.raises(RobustlabError, match=message):
-        make(**kwargs)  # type: ignore[arg-type]
+        make(**kwargs)  # type: ignore[arg-type]  # bad arguments on purpose

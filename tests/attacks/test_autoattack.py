@@ -118,7 +118,7 @@ def test_autoattack_not_weaker_than_pgd_with_restarts(
 )
 def test_bad_autoattack_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(RobustlabError, match=message):
-        AutoAttack(**{"norm": "linf", "eps": 0.3, **kwargs})  # type: ignore[arg-type]
+        AutoAttack(**{"norm": "linf", "eps": 0.3, **kwargs})  # type: ignore[arg-type]  # bad arguments on purpose
 
 
 @pytest.mark.slow

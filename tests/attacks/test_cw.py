@@ -139,7 +139,7 @@ def test_cw_targeted_reaches_the_targets_on_a_three_class_linear_model() -> None
 )
 def test_bad_cw_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(RobustlabError, match=message):
-        CWL2(**kwargs)  # type: ignore[arg-type]
+        CWL2(**kwargs)  # type: ignore[arg-type]  # bad arguments on purpose
 
 
 def test_cw_config_is_recorded() -> None:

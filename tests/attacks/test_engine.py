@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,9 +115,15 @@ def test_pgd_matches_a_literal_best_keeping_loop() -> None:
 
 def test_best_with_input_diversity_is_judged_on_the_iterate_itself() -> None:
     model, (x, y) = _convnet(2), _batch(16)
-    options = {"eps": 0.03, "steps": 5, "diversity_prob": 1.0, "resize_rate": 0.5, "seed": 4}
-    best = IterativeAttack(**options, returns="best")(model, x, y)  # type: ignore[arg-type]
-    last = IterativeAttack(**options)(model, x, y)  # type: ignore[arg-type]
+    options: dict[str, Any] = {
+        "eps": 0.03,
+        "steps": 5,
+        "diversity_prob": 1.0,
+        "resize_rate": 0.5,
+        "seed": 4,
+    }
+    best = IterativeAttack(**options, returns="best")(model, x, y)
+    last = IterativeAttack(**options)(model, x, y)
     with torch.no_grad():
         clean_wrong = model(x).argmax(1) != y
         fooled_best, fooled_last = model(best).argmax(1) != y, model(last).argmax(1) != y
@@ -134,4 +142,4 @@ def test_best_with_input_diversity_is_judged_on_the_iterate_itself() -> None:
 )
 def test_bad_engine_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(RobustlabError, match=message):
-        IterativeAttack(**kwargs)  # type: ignore[arg-type]
+        IterativeAttack(**kwargs)  # type: ignore[arg-type]  # bad arguments on purpose

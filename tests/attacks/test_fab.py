@@ -320,7 +320,7 @@ def test_names_and_config() -> None:
 )
 def test_bad_fab_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(RobustlabError, match=message):
-        FAB(**kwargs)  # type: ignore[arg-type]
+        FAB(**kwargs)  # type: ignore[arg-type]  # bad arguments on purpose
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -6,6 +6,8 @@ test_all_attacks.py; the linear cases come from _linear_cases.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -287,6 +289,6 @@ def test_di_and_ti_need_image_batches() -> None:
         (lambda: IterativeAttack(loss="nope"), "unknown loss 'nope'"),
     ],
 )
-def test_bad_attack_configuration(make: object, message: str) -> None:
+def test_bad_attack_configuration(make: Callable[[], object], message: str) -> None:
     with pytest.raises(RobustlabError, match=message):
-        make()  # type: ignore[operator]
+        make()

@@ -139,4 +139,4 @@ def test_frozen_eval_restores_mixed_modes() -> None:
 )
 def test_bad_attack_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(RobustlabError, match=message):
-        PGD(**kwargs)  # type: ignore[arg-type]
+        PGD(**kwargs)  # type: ignore[arg-type]  # bad arguments on purpose

@@ -93,7 +93,7 @@ def test_transfer_bases_are_the_registry_attacks_with_the_protocol_options(base:
     assert record["base"] == base
     if lookup(base).name != base:
         assert record["base_alias_of"] == lookup(base).name
-    engine = preset.engine  # type: ignore[attr-defined]
+    engine = preset.engine  # type: ignore[attr-defined]  # every transfer base is an engine attack
     if base == "fgsm":
         # one step of eps; the protocol sets only the seed (for DI), which fgsm lacks
         assert spec.attack == dataclasses.replace(engine, seed=3)

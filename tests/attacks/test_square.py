@@ -316,7 +316,7 @@ def test_config_records_the_full_setup() -> None:
 )
 def test_bad_square_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(RobustlabError, match=message):
-        Square(**kwargs)  # type: ignore[arg-type]
+        Square(**kwargs)  # type: ignore[arg-type]  # bad arguments on purpose
 
 
 def test_square_needs_image_batches() -> None:

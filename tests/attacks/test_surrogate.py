@@ -62,7 +62,7 @@ def test_loss_ensemble_averages_normalised_member_loss_gradients() -> None:
     x = _x()
     for norm, p in (("l2", 2), ("l1", 1)):
         ens = Ensemble([a, b], combine="loss", normalize=norm)
-        grad = _input_grad(lambda t, e=ens: e.loss(t, y, None), x)  # type: ignore[misc]
+        grad = _input_grad(lambda t, e=ens: e.loss(t, y, None), x)  # type: ignore[misc]  # a lambda default has no type
         ga = _input_grad(lambda t: F.cross_entropy(a(t), y, reduction="none"), x)
         gb = _input_grad(lambda t: F.cross_entropy(b(t), y, reduction="none"), x)
         expected = 0.5 * ga / ga.norm(p=p, dim=1, keepdim=True)
@@ -84,7 +84,7 @@ def test_engine_on_an_ensemble_uses_the_combined_loss_and_stays_in_the_threat_mo
         assert not torch.equal(x_adv, x)
         # one step of the engine follows the sign of the ensemble's own objective
         one = IterativeAttack(eps=0.1, steps=1)(ens, x, y)
-        grad = _input_grad(lambda t, e=ens: e.loss(t, y, None), x)  # type: ignore[misc]
+        grad = _input_grad(lambda t, e=ens: e.loss(t, y, None), x)  # type: ignore[misc]  # a lambda default has no type
         assert torch.equal(one, ThreatModel("linf", 0.1).project(x, x + 0.1 * grad.sign()))
         steps[combine] = one
     assert not torch.equal(steps["logits"], steps["loss"])  # the combinations differ
@@ -125,4 +125,4 @@ def test_skip_gradient_acts_on_the_residual_members_of_an_ensemble() -> None:
 def test_bad_ensembles_are_refused(kwargs: dict[str, object], message: str) -> None:
     models = kwargs.pop("models", [_linear(1, 0), _linear(1, 1)])
     with pytest.raises(RobustlabError, match=message):
-        Ensemble(models, **kwargs)  # type: ignore[arg-type]
+        Ensemble(models, **kwargs)  # type: ignore[arg-type]  # bad arguments on purpose

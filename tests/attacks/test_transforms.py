@@ -457,7 +457,7 @@ def test_declaring_one_instance_and_bad_declarations() -> None:
     with pytest.raises(RobustlabError, match="power"):
         declare_residual(ForeignBlock, "bn2", power=0)
     with pytest.raises(RobustlabError, match="nn.Module"):
-        declare_residual(int, "bn2")  # type: ignore[arg-type]
+        declare_residual(int, "bn2")  # type: ignore[arg-type]  # bad arguments on purpose
 
 
 class _DenseLayerLike(nn.Module):
@@ -466,10 +466,10 @@ class _DenseLayerLike(nn.Module):
     def __init__(self, c_in: int, growth: int) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(c_in)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1: nn.Module = nn.ReLU(inplace=True)  # a test swaps it for a scaled ReLU
         self.conv1 = nn.Conv2d(c_in, 2 * growth, 1, bias=False)
         self.norm2 = nn.BatchNorm2d(2 * growth)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.relu2: nn.Module = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(2 * growth, growth, 3, 1, 1, bias=False)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -503,10 +503,12 @@ class _VitBlockLike(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), nn.Linear(dim, dim)
-        self.ls1, self.drop_path1 = nn.Identity(), nn.Identity()
+        self.ls1: nn.Module = nn.Identity()  # a test swaps in a layer scale
+        self.drop_path1 = nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.ls2, self.drop_path2 = nn.Identity(), nn.Identity()
+        self.ls2: nn.Module = nn.Identity()
+        self.drop_path2 = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
@@ -560,8 +562,8 @@ def test_torchvision_style_dense_layers_follow_the_sqrt_gamma_convention(
         layer.__class__ = layer_cls
     for layer in ref.layers:  # the paper's way: sqrt(gamma) after each of the two ReLUs
         assert isinstance(layer, _DenseLayerLike)
-        layer.relu1 = nn.Sequential(nn.ReLU(), _Scale(math.sqrt(0.5)))  # type: ignore[assignment]
-        layer.relu2 = nn.Sequential(nn.ReLU(), _Scale(math.sqrt(0.5)))  # type: ignore[assignment]
+        layer.relu1 = nn.Sequential(nn.ReLU(), _Scale(math.sqrt(0.5)))
+        layer.relu2 = nn.Sequential(nn.ReLU(), _Scale(math.sqrt(0.5)))
     x, y = _batch()
     with skip_gradient(net, 0.5) as sites:
         assert len(sites) == 3
@@ -581,8 +583,8 @@ def test_timm_style_vit_blocks_scale_each_sub_block_by_sqrt_gamma(
         block.__class__ = block_cls
     for block in list(ref)[:2]:
         assert isinstance(block, _VitBlockLike)
-        block.ls1 = _Scale(math.sqrt(0.6))  # type: ignore[assignment]
-        block.ls2 = _Scale(math.sqrt(0.6))  # type: ignore[assignment]
+        block.ls1 = _Scale(math.sqrt(0.6))
+        block.ls2 = _Scale(math.sqrt(0.6))
     x = torch.rand(5, 4, 6)
     y = torch.randint(0, 10, (5,))
     with skip_gradient(net, 0.6) as sites:
@@ -675,7 +677,7 @@ def test_linbp_bad_input() -> None:
     model = _zoo("resnet8")
     with pytest.raises(RobustlabError, match="out of range.*3 residual blocks"), linbp(model, 3):
         pass
-    with pytest.raises(RobustlabError, match="integer"), linbp(model, 1.5):  # type: ignore[arg-type]
+    with pytest.raises(RobustlabError, match="integer"), linbp(model, 1.5):  # type: ignore[arg-type]  # bad arguments on purpose
         pass
     net = _foreign()
     undo = declare_residual(ForeignBlock, "bn2")

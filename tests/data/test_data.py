@@ -52,7 +52,7 @@ def images(
 def write_npz(tmp_path: Path, name: str = "data.npz", **arrays: object) -> str:
     """Save arrays to tmp_path/name and return the npz: spec."""
     path = tmp_path / name
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # mypy matches **arrays against allow_pickle
     return f"npz:{path}"
 
 
@@ -350,7 +350,7 @@ def test_bad_seed_and_calibration_values() -> None:
     with pytest.raises(RobustlabError, match="calibration must be >= 0"):
         load_data("digits", calibration=-5)
     with pytest.raises(RobustlabError, match="calibration must be a whole number"):
-        load_data("digits", calibration=0.5)  # type: ignore[arg-type]
+        load_data("digits", calibration=0.5)  # type: ignore[arg-type]  # bad arguments on purpose
     with pytest.raises(RobustlabError, match=r"must be smaller than the train split .*4000"):
         load_data("mnist5k", calibration=4000)
 

@@ -21,9 +21,10 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             n = m.num_features
+            assert m.running_mean is not None and m.running_var is not None
             with torch.no_grad():
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)  # type: ignore[union-attr]
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)  # type: ignore[union-attr]
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
                 m.weight.copy_(torch.randn(n, generator=g))
                 m.bias.copy_(torch.randn(n, generator=g))
 

@@ -517,7 +517,7 @@ def test_atomic_write_text_failure_keeps_old_content(
     target = tmp_path / "out.json"
     atomic_write_text(target, "old\n")
     with pytest.raises(TypeError):
-        atomic_write_text(target, 123)  # type: ignore[arg-type]
+        atomic_write_text(target, 123)  # type: ignore[arg-type]  # bad arguments on purpose
 
     def broken_replace(src: object, dst: object) -> None:
         raise OSError("disk full")

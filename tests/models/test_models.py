@@ -137,7 +137,7 @@ def test_impossible_shapes_are_robustlab_errors(
     arch: str, field: str, kwargs: dict[str, object]
 ) -> None:
     with pytest.raises(RobustlabError, match=f"{field} must be a positive integer"):
-        build_model(arch, **kwargs)  # type: ignore[arg-type]
+        build_model(arch, **kwargs)  # type: ignore[arg-type]  # bad arguments on purpose
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_impossible_options_are_robustlab_errors(
     arch: str, options: dict[str, object], match: str
 ) -> None:
     with pytest.raises(RobustlabError, match=match):
-        build_model(arch, **options)  # type: ignore[arg-type]
+        build_model(arch, **options)  # type: ignore[arg-type]  # bad arguments on purpose
 
 
 # ---------------------------------------------------------------- normalisation

@@ -178,7 +178,7 @@ def test_foreign_features_are_declared_with_one_call() -> None:
     finally:
         undo()
     with pytest.raises(RobustlabError, match="nn.Module"):
-        declare_features(int, "fc")  # type: ignore[arg-type]
+        declare_features(int, "fc")  # type: ignore[arg-type]  # bad arguments on purpose
 
 
 def test_a_new_architecture_takes_exits_once_it_declares_its_units() -> None:

@@ -79,7 +79,7 @@ class FAB(Attack):
             raise RobustlabError(f"fab needs the backward step beta in (0, 1], got {self.beta}")
 
     @property
-    def name(self) -> str:  # type: ignore[override]
+    def name(self) -> str:  # type: ignore[override]  # fab-t or fab: per instance
         """'fab' or 'fab-t' (targeted)."""
         return "fab-t" if self.targeted else "fab"
 

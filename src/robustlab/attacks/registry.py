@@ -129,6 +129,7 @@ def make_attack(name: str, norm: str, eps: float, **options: Any) -> Attack:
     """
     entry = lookup(name)
     cls = attack_class(name)
+    # every registered attack is a dataclass; the Attack ABC they share is not one
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     given = {k: v for k, v in options.items() if v is not None}
     if "seed" not in fields:  # a deterministic attack has no seed to set
@@ -145,6 +146,7 @@ def make_attack(name: str, norm: str, eps: float, **options: Any) -> Attack:
     elif norm != "l2":
         raise RobustlabError(f"attack '{name}' supports only the l2 norm")
     try:
+        # the attack's dataclass __init__ takes eps; the Attack ABC declares no __init__
         attack = cls(eps=eps, **kwargs)  # type: ignore[call-arg]
     except TypeError as exc:
         raise RobustlabError(f"bad option for attack '{name}': {exc}") from None

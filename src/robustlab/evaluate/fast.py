@@ -57,12 +57,13 @@ def fold_batchnorm(model: nn.Module) -> int:
             if layer is None or bn is None or not _foldable(layer, bn):
                 continue
             requires_grad = bool(layer.get_parameter("weight").requires_grad)
+            assert isinstance(bn, nn.modules.batchnorm._BatchNorm)  # _foldable checked it
             fused: nn.Module
             if isinstance(layer, nn.Linear):
-                fused = fuse_linear_bn_eval(layer, bn)  # type: ignore[arg-type]
+                fused = fuse_linear_bn_eval(layer, bn)
             else:
                 assert isinstance(layer, nn.modules.conv._ConvNd)
-                fused = fuse_conv_bn_eval(layer, bn)  # type: ignore[arg-type]
+                fused = fuse_conv_bn_eval(layer, bn)
             for p in fused.parameters():
                 p.requires_grad_(requires_grad)
             seq._modules[a] = fused
@@ -86,5 +87,6 @@ def fast_copy(
         with evaluating(fast), torch.no_grad():
             fold_batchnorm(fast)
     if channels_last:
+        # torch accepts memory_format in Module.to but its overloads do not list it
         fast = fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return fast

@@ -8,7 +8,7 @@ import html
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec
 
 import matplotlib
 
@@ -20,16 +20,16 @@ from ..errors import RobustlabError  # noqa: E402
 from ..version import __version__  # noqa: E402
 
 PNG_SOFTWARE = f"robustlab {__version__}"  # the marker of a PNG robustlab drew
-Draw = TypeVar("Draw", bound=Callable[..., Path])
+P = ParamSpec("P")
 
 
-def plot(draw: Draw) -> Draw:
+def plot(draw: Callable[P, Path]) -> Callable[P, Path]:
     """Every plotting function goes through this: text from users (labels, names) is shown as
     text (no mathtext, so '$' and '\\' are plain characters), and a failure to draw is one
     RobustlabError sentence."""
 
     @functools.wraps(draw)
-    def drawn(*args: Any, **kw: Any) -> Path:
+    def drawn(*args: P.args, **kw: P.kwargs) -> Path:
         """The plot, drawn with plain text."""
         try:
             with plt.rc_context({"text.parse_math": False, "text.usetex": False}):
@@ -44,7 +44,7 @@ def plot(draw: Draw) -> Draw:
                 f"({type(exc).__name__}: {detail})"
             ) from None
 
-    return drawn  # type: ignore[return-value]
+    return drawn
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
