@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_command, add_common, check_output_dir, check_output_file, write_json
+from ..io import Output, write_json
+from .common import add_command, add_common, checked_outputs, json_output, store_output
 
 DESCRIPTION = (
     "the main job on the built-in data, end to end, offline: train or reuse a standard and a "
@@ -20,7 +21,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--out",
         default="robustlab-demo",
-        help="folder for the report; the records are appended to results.sqlite there",
+        help="folder for the report; the records are appended to results.sqlite there (a "
+        "store there is never replaced)",
     )
     p.add_argument(
         "--cache",
@@ -37,10 +39,17 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the outputs, run the demo, say where its report is."""
-    from ..demo import demo
+    from ..demo import REPORT, STORE, demo
+    from ..report.html import is_robustlab_report
 
-    check_output_dir(args.out, "--out")
-    check_output_file(args.json, "--json")
+    out = Path(args.out)
+    outputs = [
+        Output(out, "--out", folder=True),
+        Output(out / REPORT, "--out", ours=is_robustlab_report),
+        store_output(out / STORE, "--out"),  # appended to, never replaced
+        json_output(args.json),
+    ]
+    checked_outputs(args, outputs)
     result = demo(
         out=Path(args.out),
         cache=Path(args.cache) if args.cache else None,
@@ -55,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
         "store": str(result.store),
         "records": result.records,
     }
-    write_json(args.json, record)
+    if args.json:
+        write_json(args.json, record)
     return 0

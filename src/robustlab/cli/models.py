@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from ..errors import RobustlabError
-from .common import add_command, check_output_file, write_json
+from ..io import write_json
+from .common import add_command, add_overwrite, checked_outputs, json_output
 
 DESCRIPTION = "list the registered architectures with their parameter counts"
 
@@ -26,6 +27,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--json", metavar="PATH", help="write the list as JSON here (default: not written)"
     )
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     """Build every architecture at the given shape and print its parameter count."""
     from ..models import ARCHITECTURES, build_model, count_parameters
 
-    check_output_file(args.json, "--json")
+    checked_outputs(args, [json_output(args.json)])
     rows: list[dict[str, Any]] = []
     for name in sorted(ARCHITECTURES):
         row: dict[str, Any] = {"arch": name, "description": ARCHITECTURES[name].description}
@@ -60,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             print(f"{r['arch']:<{width}}  {r['parameters']:>10,}  {r['description']}")
-    write_json(args.json, rows)
+    if args.json:
+        write_json(args.json, rows)
     return 0
