@@ -300,3 +300,14 @@ def test_an_unhashed_checkpoint_loads_only_when_trusted_and_the_record_says_so(
     hashed = robustlab("eval", "--model", "good", *QUICK, "--json", "g.json", cwd=place)
     assert hashed.returncode == 0, hashed.stderr[-2000:]
     assert "trusted_unhashed" not in json.loads((place / "g.json").read_text())["model"]
+
+
+def test_overwrite_replaces_a_file_robustlab_did_not_write_and_then_it_is_ours(
+    place: Path,
+) -> None:
+    done = robustlab("models", "--json", "notes.json", "--overwrite", cwd=place)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((place / "notes.json").read_text())
+    assert {r["arch"] for r in rows} >= {"mlp", "resnet8"}
+    again = robustlab("models", "--json", "notes.json", cwd=place)  # robustlab's own now
+    assert again.returncode == 0, again.stderr[-2000:]
