@@ -193,6 +193,11 @@ ROWS: list[tuple[list[str], str]] = [
     (["exits", "--model", "good", "--data", "digits", "--out", "afile"], "must be a folder"),
     (["sloth", "--model", "good", *QUICK, "--plots", "afile"], "must be a folder"),
     (["demo", "--out", "afile"], "must be a folder"),
+    (["demo", "--cache", "afile"], "--cache afile names a file; it must be a folder"),
+    (
+        ["transfer", "--sources", "mlp", "--targets", "mlp", *QUICK, "--cache", "afile"],
+        "--cache afile names a file; it must be a folder",
+    ),
     # files robustlab did not write: only with --overwrite
     (["eval", "--model", "good", *QUICK, "--json", "notes.json"], "pass --overwrite"),
     (["report", "--store", "s.sqlite", "--out", "afile"], "pass --overwrite"),

@@ -146,6 +146,11 @@ def store_output(path: str | Path | None, option: str = "--store") -> Output | N
     return Output(Path(path), option, ours=_store_to_append, appends=True) if path else None
 
 
+def cache_output(folder: Path) -> Output:
+    """The model cache a command trains zoo models into (its models are inputs as well)."""
+    return Output(folder, "--cache", folder=True)
+
+
 def plot_outputs(folder: str | Path | None, files: Iterable[str], option: str) -> list[Output]:
     """A folder of plots and each PNG the command draws there (none when not asked for)."""
     if not folder:

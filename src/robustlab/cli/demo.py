@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from ..io import Output, write_json
-from .common import add_command, add_common, checked_outputs, json_output, store_output
+from .common import (
+    add_command,
+    add_common,
+    cache_output,
+    checked_outputs,
+    json_output,
+    store_output,
+)
 
 DESCRIPTION = (
     "the main job on the built-in data, end to end, offline: train or reuse a standard and a "
@@ -41,15 +48,18 @@ def run(args: argparse.Namespace) -> int:
     """Check the outputs, run the demo, say where its report is."""
     from ..demo import REPORT, STORE, demo
     from ..report.html import is_robustlab_report
+    from ..train.cache import cache_root
 
     out = Path(args.out)
+    cache = Path(args.cache) if args.cache else cache_root()
     outputs = [
         Output(out, "--out", folder=True),
         Output(out / REPORT, "--out", ours=is_robustlab_report),
         store_output(out / STORE, "--out"),  # appended to, never replaced
         json_output(args.json),
+        cache_output(cache),
     ]
-    checked_outputs(args, outputs)
+    checked_outputs(args, outputs, inputs=[cache])  # the cached models it may reuse
     result = demo(
         out=Path(args.out),
         cache=Path(args.cache) if args.cache else None,

@@ -25,6 +25,7 @@ from .common import (
     add_overwrite,
     add_store,
     add_trust_unhashed,
+    cache_output,
     checked_outputs,
     draw_plots,
     floats,
@@ -266,15 +267,21 @@ def run(args: argparse.Namespace) -> int:
             raise RobustlabError(f"source '{s}' has an empty ensemble member")
     pngs = [HEATMAP, SWEEP] if gammas and len(gammas) > 1 else [HEATMAP]
     outputs = [json_output(args.json), store_output(args.store)]
+    cache = Path(args.cache) if args.cache else cache_root()
+    zoo = any(m.path is None for m in members.values())  # trained into or reused from the cache
     checked_outputs(
         args,
-        [*outputs, *plot_outputs(args.plots, pngs, "--plots")],
+        [
+            *outputs,
+            *plot_outputs(args.plots, pngs, "--plots"),
+            cache_output(cache) if zoo else None,
+        ],
         models=[m.path for m in members.values()],
         data=[args.data],
+        inputs=[cache] if zoo else [],
     )
     device = resolve_device(args.device)
     splits = load_data(args.data)
-    cache = Path(args.cache) if args.cache else cache_root()
     models: dict[str, Any] = {}
     infos: dict[str, dict[str, Any]] = {}
     # before any training: the checkpoints' shapes, then the sources' structure (zoo models
