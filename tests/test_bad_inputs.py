@@ -124,6 +124,7 @@ ROWS: list[tuple[list[str], str]] = [
     (["eval", "--model", "good", *QUICK, "--device", "mps"], "MPS is not available here"),
     (["train", "--data", "digits", "--arch", "mlp", "--out", "t", "--device", "mps"], "MPS is not"),
     (["eval", "--model", "good", *QUICK, "--device", "cuda:x"], "unknown device 'cuda:x'"),
+    (["attack", "--model", "good", *QUICK, "--batch-size", "0", "--save", "a.npz"], "batch size"),
     (["eval", "--model", "good", *QUICK, "--seed", "-1"], "--seed must be a non-negative whole"),
     (["sloth", "--model", "good", *QUICK, "--seed", str(2**64)], "whole number up to 2**62"),
     (["train", "--data", "digits", "--out", "t", "--data-seed", str(10**30)], "--data-seed must"),
@@ -316,3 +317,10 @@ def test_overwrite_replaces_a_file_robustlab_did_not_write_and_then_it_is_ours(
     assert {r["arch"] for r in rows} >= {"mlp", "resnet8"}
     again = robustlab("models", "--json", "notes.json", cwd=place)  # robustlab's own now
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_models_at_an_image_size_beyond_memory_counts_without_allocating(place: Path) -> None:
+    done = robustlab("models", "--image-size", "100000", "--json", "m.json", cwd=place)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    rows = {r["arch"]: r for r in json.loads((place / "m.json").read_text())}
+    assert rows["mlp"]["parameters"] == 100_000**2 * 256 + 256 + 256 * 10 + 10 + 256**2 + 256

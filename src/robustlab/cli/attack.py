@@ -13,6 +13,7 @@ from .common import (
     add_command,
     add_common,
     attack_options,
+    check_batch_size,
     checked_outputs,
     floats,
     json_output,
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if len(eps) != 1:
         raise RobustlabError("robustlab attack takes one eps; use robustlab eval for a curve")
     attack = make_attack(args.attack, args.norm, eps[0], **attack_options(args))
+    check_batch_size(args.batch_size)
     save = Output(Path(args.save), "--save", ours=npz_with_keys(ARRAYS))
     checked_outputs(args, [save, json_output(args.json)], models=[args.model], data=[args.data])
     model, splits, device, info = load_model_and_data(args)

@@ -23,6 +23,7 @@ from .common import (
     add_common,
     add_store,
     add_trust_unhashed,
+    check_batch_size,
     check_fit,
     checked_outputs,
     draw_plots,
@@ -106,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
         margin=args.margin,
         seed=args.seed,
     )
-    if args.batch_size < 1:
-        raise RobustlabError(f"batch size must be >= 1, got {args.batch_size}")
+    check_batch_size(args.batch_size)
     if (args.universal or args.class_universal) and min(
         args.universal_epochs, args.universal_samples
     ) < 1:
