@@ -10,9 +10,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .. import io
 from ..errors import RobustlabError
-from ..io import Output, is_robustlab_json
+from ..io import Output, check_outputs, is_robustlab_json
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N or mps"
 DATA_HELP = "data: mnist5k, digits, npz:PATH, folder:PATH or torchvision:NAME"
@@ -181,7 +180,7 @@ def checked_outputs(
             path = Path(model).expanduser()
             read.extend(checkpoint_files(path) if path.exists() else [path])
     read.extend(source_path(spec) for spec in data if spec)
-    io.check_outputs(outputs, read, overwrite=bool(getattr(args, "overwrite", False)))
+    check_outputs(outputs, read, overwrite=bool(getattr(args, "overwrite", False)))
 
 
 def draw_plots(plots: Iterable[Callable[[], Path]]) -> list[Path]:
@@ -194,7 +193,8 @@ def draw_plots(plots: Iterable[Callable[[], Path]]) -> list[Path]:
         except RobustlabError as exc:
             failed.append(str(exc))
     if failed:
-        raise RobustlabError(f"{'; '.join(failed)}; the records were written without it")
+        which = "this plot" if len(failed) == 1 else "these plots"
+        raise RobustlabError(f"{'; '.join(failed)}; the records were written, without {which}")
     return drawn
 
 
