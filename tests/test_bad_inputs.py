@@ -108,6 +108,11 @@ ROWS: list[tuple[list[str], str]] = [
     # checkpoints: hashes, sizes, files that are not regular
     (["eval", "--model", "empty-hash", *QUICK], "cannot be checked; load it only if you trust"),
     (["eval", "--model", "no-weights", *QUICK], "has no 'weights' section"),
+    (
+        ["transfer", "--sources", "empty-hash", "--targets", "good", *QUICK],
+        "cannot be checked; load it only if you trust",
+    ),
+    (["sloth", "--model", "empty-hash", *QUICK], "cannot be checked; load it only if you trust"),
     (["attack", "--model", "no-weights", "--save", "a.npz", *QUICK], "no 'weights' section"),
     (["eval", "--model", "wide", *QUICK], "parameters, more than the limit"),
     (["eval", "--model", "huge-images", *QUICK], "image_size 100000, more than the limit"),

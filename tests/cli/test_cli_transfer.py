@@ -203,3 +203,21 @@ def test_a_plot_that_fails_never_costs_the_records(
     _fails([*args, "--plots", str(tmp_path / "plots"), *FAST], capsys, "records were written")
     assert len(json.loads((tmp_path / "t.json").read_text())["cells"]) == 1
     assert [r["kind"] for r in ResultStore(tmp_path / "s.sqlite").records()] == ["transfer"]
+
+
+def test_an_unhashed_checkpoint_is_used_only_when_trusted_and_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = save_checkpoint(
+        build_model("mlp", 1, 10, 8),
+        tmp_path / "m",
+        {"model": model_config("mlp", 1, 10, 8, [0.0], [1.0])},
+    )
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["weights"]["sha256"] = ""
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    args = ["transfer", "--sources", str(ckpt), "--targets", str(ckpt), "--attacks", "pgd"]
+    args += ["--json", str(tmp_path / "t.json"), *FAST]
+    _fails(args, capsys, "load it only if you trust it")
+    assert main([*args, "--trust-unhashed"]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["models"][str(ckpt)]["trusted_unhashed"]

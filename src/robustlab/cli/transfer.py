@@ -176,14 +176,21 @@ def _describe(manifest: dict[str, Any], where: Path, spec: ModelSpec) -> dict[st
 
 
 def _obtain(
-    spec: ModelSpec, args: argparse.Namespace, splits: Any, device: str, cache: Path
+    spec: ModelSpec,
+    args: argparse.Namespace,
+    splits: Any,
+    device: str,
+    cache: Path,
+    *,
+    trust_unhashed: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """Load a checkpoint, or reuse / train a zoo model; returns it and a description."""
+    """Load a checkpoint (one without a weights hash only if ``trust_unhashed``), or reuse /
+    train a zoo model; returns it and a description."""
     from ..models.checkpoint import load_checkpoint
     from ..train.cache import cached_folder, is_cached, obtain
 
     if spec.path is not None:
-        ckpt = load_checkpoint(spec.path, trust_unhashed=args.trust_unhashed)
+        ckpt = load_checkpoint(spec.path, trust_unhashed=trust_unhashed)
         return ckpt.model.to(device).eval(), _describe(ckpt.manifest, ckpt.path, spec)
     cfg = _train_config(spec, args)
     where = cached_folder(cfg, cache)
@@ -268,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
     pngs = [HEATMAP, SWEEP] if gammas and len(gammas) > 1 else [HEATMAP]
     outputs = [json_output(args.json), store_output(args.store)]
     cache = Path(args.cache) if args.cache else cache_root()
+    trust = args.trust_unhashed
     zoo = any(m.path is None for m in members.values())  # trained into or reused from the cache
     checked_outputs(
         args,
@@ -289,7 +297,9 @@ def run(args: argparse.Namespace) -> int:
     for name, member in members.items():
         if member.path is None:
             continue
-        models[name], infos[name] = _obtain(member, args, splits, device, cache)
+        models[name], infos[name] = _obtain(
+            member, args, splits, device, cache, trust_unhashed=trust
+        )
         role = "target" if name in targets else "source"
         peers = [n for n in (sources if role == "target" else targets) if n != name]
         other_role = "source" if role == "target" else "target"
@@ -299,7 +309,9 @@ def run(args: argparse.Namespace) -> int:
     check_sources(attacks, _ensembles(sources, skeletons))
     for name, member in members.items():
         if member.path is None:
-            models[name], infos[name] = _obtain(member, args, splits, device, cache)
+            models[name], infos[name] = _obtain(
+                member, args, splits, device, cache, trust_unhashed=trust
+            )
     result = transfer_matrix(
         _ensembles(sources, models),
         {t: models[t] for t in targets},
