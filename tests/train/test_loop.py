@@ -209,3 +209,23 @@ def test_a_distributed_sampler_can_replace_the_epoch_sampler(digits: DataSplits)
         assert seen[epoch] == list(sampler)  # this rank's half, in the epoch's order
         assert len(set(seen[epoch])) == n // 2
     assert seen[0] != seen[1]  # the loop told the sampler which epoch it is
+
+
+class _StopAfter(Hook):
+    """Ends training after the given epoch, as an early-stopping check would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def end_epoch(self, end: EpochEnd) -> None:
+        end.stop = end.epoch == self.epoch
+
+
+def test_a_hook_can_stop_training_after_an_epoch(tmp_path: Path, digits: DataSplits) -> None:
+    cfg = TrainConfig(**MLP, epochs=3)
+    stopped = train(cfg, tmp_path / "stop", splits=digits, progress=False, hooks=[_StopAfter(1)])
+    assert stopped.manifest["training"]["stopped_after_epoch"] == 1
+    assert not (tmp_path / "stop" / "resume.pt").exists()
+    part = train(cfg, tmp_path / "part", splits=digits, progress=False, stop_after_epochs=1)
+    for k, v in part.model.state_dict().items():
+        assert torch.equal(stopped.model.state_dict()[k], v), k

@@ -169,7 +169,7 @@ def fit(
     method's generator (random starts). ``method`` and then ``hooks`` are called around every
     step (see ``methods``). After each epoch the loss and every weight must be finite, else
     ``Diverged`` is raised before any ``end_epoch`` hook (so no state of that epoch is saved).
-    Returns the mean batch loss of each epoch run.
+    Returns the mean batch loss of each epoch run (fewer if a hook stopped training).
     """
     batches = BatchSampler(sampler, batch_size, drop_last=False)
     per_epoch = len(batches)
@@ -223,8 +223,11 @@ def fit(
                 raise Diverged(epoch + 1, mean)
             history.append(mean)
             bar.set_postfix(epoch=epoch + 1, loss=f"{mean:.3f}")
+            end_state = EpochEnd(model, optimizer, epoch + 1, mean, started)
             for hook in around:
-                hook.end_epoch(EpochEnd(model, optimizer, epoch + 1, mean, started))
+                hook.end_epoch(end_state)
+            if end_state.stop:
+                break
     finally:
         bar.close()
     return history
@@ -294,7 +297,8 @@ def train(
     ``hooks`` are add-ons called around every step after the method's own (see ``methods``).
     ``stop_after_epochs`` ends the run early as if interrupted (for tests of resumption).
     If training diverges, the resume state of the last finished epoch stays and nothing else
-    is written.
+    is written. If a hook stops training early, the checkpoint is written and its manifest says
+    after which epoch (``training.stopped_after_epoch``).
     """
     cfg = config.resolved()
     method = cfg.make_method()
@@ -350,7 +354,7 @@ def train(
     writer = _ResumeWriter(resume_path, header, (gen, attack_gen), elapsed)
     end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
     try:
-        fit(
+        history = fit(
             model,
             method,
             optimizer,
@@ -378,9 +382,13 @@ def train(
             f"{exc}; no checkpoint was written and {kept}; try a lower learning rate"
         ) from None
     model.eval()
-    if end_epoch < cfg.epochs:
+    ran = start_epoch + len(history)
+    if ran == end_epoch < cfg.epochs:
         return TrainResult(model, out_dir, {"unfinished": True, "epoch": end_epoch})
     clean = accuracy(model, splits.test, device=dev)
+    training: dict[str, Any] = {**_config_key(cfg), "method_config": method.config()}
+    if ran < cfg.epochs:  # a hook stopped training early
+        training["stopped_after_epoch"] = ran
     manifest = {
         "model": model_config(
             cfg.arch,
@@ -392,7 +400,7 @@ def train(
             cfg.arch_options,
         ),
         "dataset": splits.info(),
-        "training": {**_config_key(cfg), "method_config": method.config()},
+        "training": training,
         "metrics": {"clean_accuracy": clean, "test_samples": len(splits.test)},
         "train_time_s": round(writer.elapsed, 2),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -66,7 +66,8 @@ class EpochEnd:
     """What end-of-epoch hooks see: the epoch just finished (from 1) and its mean batch loss.
 
     ``started`` is the ``time.perf_counter()`` at the epoch's start; the loss and every weight
-    were checked finite before any hook sees this.
+    were checked finite before any hook sees this. A hook sets ``stop`` to end training after
+    this epoch (say, a catastrophic-overfitting check); the hooks after it still run.
     """
 
     model: nn.Module
@@ -74,6 +75,7 @@ class EpochEnd:
     epoch: int
     loss: float
     started: float
+    stop: bool = False
 
 
 class Hook:

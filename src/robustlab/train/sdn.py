@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks.deepsloth import DeepSloth
 from ..core.guard import evaluating, frozen_eval
 from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
-from ..models.multiexit import MultiExitNetwork
+from ..models.multiexit import MultiExitNetwork, exit_predictions
 from .loop import Diverged, EpochSampler, fit
 from .methods import Method, Step, require_finite
 
@@ -121,8 +122,6 @@ def adversarial_batch(
     with frozen_eval(model, warn_train_mode=False):
         if cfg.adversary == "pgd":
             return _pgd_avg(model, x, y, cfg, gen)
-        from ..attacks.deepsloth import DeepSloth
-
         attack = DeepSloth(
             norm=cfg.adv_norm,
             eps=cfg.adv_eps,
@@ -286,7 +285,5 @@ def head_features(
 @torch.no_grad()
 def exit_accuracies(model: MultiExitNetwork, data: Dataset, batch_size: int = 500) -> list[float]:
     """Accuracy of every exit on ``data`` (ICs in order, the final exit last), eval mode."""
-    from ..models.multiexit import exit_predictions
-
     _, preds = exit_predictions(model, data.x, model.rule, batch_size)
     return [float(v) for v in (preds == data.y[:, None].cpu()).float().mean(0)]
