@@ -173,6 +173,8 @@ def fit(
     """
     batches = BatchSampler(sampler, batch_size, drop_last=False)
     per_epoch = len(batches)
+    if per_epoch == 0:
+        raise RobustlabError("cannot train on an empty training set")
     total = epochs * per_epoch
     end = epochs if end_epoch is None else end_epoch
     around = [method, *hooks]
