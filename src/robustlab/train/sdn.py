@@ -9,6 +9,8 @@
   also attacked, with PGD on the average cross-entropy over every exit (``pgd``, the
   "PGD-avg" of DeepSloth) or with DeepSloth examples (``deepsloth``); the loss averages the
   clean and the adversarial batch.
+
+All three are one strategy, ``ExitTraining``, run by the one training loop (``loop.fit``).
 """
 
 from __future__ import annotations
