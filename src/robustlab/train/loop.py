@@ -24,7 +24,7 @@ from ..data import Dataset, DataSplits, load_data
 from ..errors import RobustlabError
 from ..io import atomic_write
 from ..models import build_model
-from ..models.checkpoint import MANIFEST, model_config, save_checkpoint
+from ..models.checkpoint import MANIFEST, model_config, read_torch_file, save_checkpoint
 from ..version import __version__
 from .methods import METHODS, EpochEnd, Hook, Method, Step, make_method, require_finite
 from .recipes import recipe_for
@@ -333,10 +333,9 @@ def train(
     attack_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     start_epoch, elapsed = 0, 0.0
     if resume_path.exists():
-        try:
-            state = torch.load(resume_path, map_location=dev, weights_only=True)
-        except Exception as exc:  # a torn or foreign file: say so rather than train over it
-            raise RobustlabError(f"cannot read the resume state {resume_path}: {exc}") from None
+        state = read_torch_file(resume_path, "a training resume state", map_location=dev)
+        if not isinstance(state, dict):
+            raise RobustlabError(f"{resume_path} is not a robustlab training resume state")
         if state.get("config") != _config_key(cfg):
             raise RobustlabError(
                 f"{out_dir} holds an unfinished run with a different configuration; "

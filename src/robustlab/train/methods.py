@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks.optim import SteepestStep, ascend
 from ..core.guard import evaluating
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
@@ -200,20 +201,17 @@ class _Adversarial(Method):
         y: torch.Tensor,
     ) -> torch.Tensor:
         """Maximise the inner objective by projected steepest ascent, with BN in eval mode."""
-        alpha = self.alpha_ratio * threat.eps / self.steps
-        x_adv = start
+        step = SteepestStep(self.alpha_ratio * threat.eps / self.steps)
+
+        def value(z: torch.Tensor) -> torch.Tensor:
+            """Per-sample cross-entropy, or the method's own (summed) objective."""
+            out = model(z)
+            return (
+                F.cross_entropy(out, y, reduction="none") if objective is None else objective(out)
+            )
+
         with evaluating(model):
-            for _ in range(self.steps):
-                x_adv = x_adv.detach().requires_grad_(True)
-                out = model(x_adv)
-                obj = (
-                    F.cross_entropy(out, y, reduction="sum")
-                    if objective is None
-                    else objective(out)
-                )
-                grad = torch.autograd.grad(obj, x_adv)[0]
-                x_adv = threat.project(x, x_adv.detach() + alpha * threat.steepest_step(grad))
-        return x_adv.detach()
+            return ascend(value, x, start, threat, step, self.steps).detach()
 
 
 @register_method("pgd-at")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.deepsloth import DeepSloth
+from ..attacks.optim import SteepestStep, ascend
 from ..core.guard import evaluating, frozen_eval
 from ..core.threat import ThreatModel
 from ..data import Dataset
@@ -106,15 +107,14 @@ def _pgd_avg(
 ) -> torch.Tensor:
     """PGD maximising the cross-entropy averaged over every exit, from a random start."""
     threat = ThreatModel(cfg.adv_norm, cfg.adv_eps)
-    alpha = 2.5 * cfg.adv_eps / cfg.adv_steps
-    x_adv = threat.random_start(x, gen)
-    for _ in range(cfg.adv_steps):
-        x_adv = x_adv.detach().requires_grad_(True)
-        outs = model.all_exits(x_adv)
-        obj = torch.stack([F.cross_entropy(o, y, reduction="sum") for o in outs]).sum()
-        grad = torch.autograd.grad(obj, x_adv)[0]
-        x_adv = threat.project(x, x_adv.detach() + alpha * threat.steepest_step(grad))
-    return x_adv.detach()
+
+    def every_exit(z: torch.Tensor) -> torch.Tensor:
+        """Per sample, the sum of every exit's cross-entropy."""
+        outs = model.all_exits(z)
+        return torch.stack([F.cross_entropy(o, y, reduction="none") for o in outs]).sum(0)
+
+    step = SteepestStep(2.5 * cfg.adv_eps / cfg.adv_steps)
+    return ascend(every_exit, x, threat.random_start(x, gen), threat, step, cfg.adv_steps).detach()
 
 
 def adversarial_batch(
