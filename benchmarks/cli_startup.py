@@ -10,10 +10,7 @@ the same rounds:
     python benchmarks/cli_startup.py --runs 15 --base /tmp/base-cli
     git worktree remove /tmp/base-cli
 
-Measured 2026-12-02 (15 interleaved runs, medians, 2 shared CPU cores, python 3.11.7):
-python -c pass 0.028 s, import torch 3.405 s; robustlab --help 0.148 s and eval --help
-0.148 s (0.04x import torch), where the base commit 0be4c77 took 3.300 s and 3.544 s
-(0.97x / 1.04x import torch: its sloth command imported torch at module level).
+Results, with their date: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ status 2, no traceback), and what it was given is left as it was. One row per ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,6 @@ from robustlab.models import build_model
 from robustlab.models.checkpoint import MANIFEST, WEIGHTS, model_config, save_checkpoint
 from robustlab.store import ResultStore
 
-WIRING = "needs CLI wiring of io.check_outputs"
 QUICK = ["--data", "digits", "--eps", "0.1", "--steps", "1", "--n", "4", "--batch-size", "4"]
 QUICK += ["--device", "cpu", "--no-progress"]
 
@@ -94,43 +94,125 @@ def place(tmp_path: Path) -> Path:
     (root / "afile").write_text("mine\n")
     (root / "notes.json").write_text('{"mine": true}\n')
     (root / "t.json.progress.jsonl").write_text("my own notes\n")
+    (root / "appdir").mkdir()
+    shutil.copy(root / "app.db", root / "appdir" / "results.sqlite")
+    (root / "foreign").mkdir()
+    (root / "foreign" / MANIFEST).write_text('{"my": "own manifest"}\n')
+    (root / "photos").mkdir()
+    Image.new("L", (4, 4)).save(root / "photos" / "transfer_heatmap.png")
     return root
 
 
-# (command line, the sentence on stderr); the library changes of issue 11 answer these now
+# (command line, the sentence on stderr)
 ROWS: list[tuple[list[str], str]] = [
+    # checkpoints: hashes, sizes, files that are not regular
     (["eval", "--model", "empty-hash", *QUICK], "cannot be checked; load it only if you trust"),
     (["eval", "--model", "no-weights", *QUICK], "has no 'weights' section"),
+    (
+        ["transfer", "--sources", "empty-hash", "--targets", "good", *QUICK],
+        "cannot be checked; load it only if you trust",
+    ),
+    (["sloth", "--model", "empty-hash", *QUICK], "cannot be checked; load it only if you trust"),
     (["attack", "--model", "no-weights", "--save", "a.npz", *QUICK], "no 'weights' section"),
     (["eval", "--model", "wide", *QUICK], "parameters, more than the limit"),
     (["eval", "--model", "huge-images", *QUICK], "image_size 100000, more than the limit"),
     (["eval", "--model", "zero-weights", *QUICK], "is not a regular file"),
     (["eval", "--model", "fifo-manifest", *QUICK], "is not a regular file"),
     (["sloth", "--model", "fifo-manifest", *QUICK], "is not a regular file"),
+    (["exits", "--model", "no-weights", "--data", "digits", "--out", "e"], "no 'weights' section"),
+    # data
     (["eval", "--model", "good", *QUICK, "--data", "npz:huge.npz"], "beyond the limit of"),
     (["eval", "--model", "good", *QUICK, "--data", "folder:bigpng"], "beyond the limit of 4096"),
     (["eval", "--model", "good", *QUICK, "--data", "npz:uint64.npz"], "too large for a class"),
     (["eval", "--model", "good", *QUICK, "--data", "npz:one-class.npz"], "single class"),
+    # devices, seeds, architecture options
     (["eval", "--model", "good", *QUICK, "--device", "mps"], "MPS is not available here"),
+    (["train", "--data", "digits", "--arch", "mlp", "--out", "t", "--device", "mps"], "MPS is not"),
     (["eval", "--model", "good", *QUICK, "--device", "cuda:x"], "unknown device 'cuda:x'"),
+    (["attack", "--model", "good", *QUICK, "--batch-size", "0", "--save", "a.npz"], "batch size"),
+    (["eval", "--model", "good", *QUICK, "--seed", "-1"], "--seed must be a non-negative whole"),
+    (["sloth", "--model", "good", *QUICK, "--seed", str(2**64)], "whole number up to 2**62"),
+    (["train", "--data", "digits", "--out", "t", "--data-seed", str(10**30)], "--data-seed must"),
+    (
+        [
+            "train",
+            "--data",
+            "digits",
+            "--arch",
+            "mlp",
+            "--out",
+            "t",
+            "--arch-option",
+            "in_channels=3",
+        ],
+        "architecture 'mlp' has no option in_channels",
+    ),
+    # results stores: only robustlab's, written into, never replaced
     (["report", "--store", "app.db", "--out", "r.html"], "another application"),
     (["eval", "--model", "good", *QUICK, "--store", "app.db"], "another application"),
-    (["eval", "--model", "good", *QUICK, "--store", "adir"], "adir is a folder, not a file"),
+    (["sloth", "--model", "good", *QUICK, "--store", "app.db"], "another application"),
+    (["demo", "--out", "appdir"], "another application"),
+    (["eval", "--model", "good", *QUICK, "--store", "adir"], "adir is a folder; give a file name"),
     (["report", "--store", "damaged.sqlite", "--out", "r.html"], "not a robustlab results store"),
     (["eval", "--model", "good", *QUICK, "--json", "t.json"], "not a robustlab progress file"),
-]
-# rows the CLI answers once it checks every output (and the seed) before any work
-XFAIL_ROWS: list[tuple[list[str], str]] = [
+    # outputs over inputs: refused even with --overwrite
     (["eval", "--model", "good", *QUICK, "--json", "good/manifest.json"], "same file as the"),
+    (
+        ["eval", "--model", "good", *QUICK, "--json", "good/manifest.json", "--overwrite"],
+        "robustlab never writes over a file it reads",
+    ),
+    (
+        ["attack", "--model", "good", *QUICK, "--save", "good/model.safetensors", "--overwrite"],
+        "same file as the input",
+    ),
+    (
+        ["eval", "--model", "good", *QUICK, "--data", "npz:uint64.npz", "--json", "uint64.npz"],
+        "same file as the input",
+    ),
     (["report", "--store", "s.sqlite", "--out", "s.sqlite"], "same file as the input"),
+    (["report", "--store", "s.sqlite", "--json", "s.sqlite", "--overwrite"], "same file as the"),
+    (
+        [
+            "exits",
+            "--model",
+            "good",
+            "--data",
+            "digits",
+            "--out",
+            "e",
+            "--json",
+            "good/manifest.json",
+        ],
+        "same file as the input",
+    ),
+    # outputs that are folders, in files, named twice
     (["eval", "--model", "good", *QUICK, "--json", "adir"], "is a folder; give a file name"),
     (["eval", "--model", "good", *QUICK, "--samples", "adir"], "is a folder; give a file name"),
     (["eval", "--model", "good", *QUICK, "--json", "afile/r.json"], "is a file, not a folder"),
+    (["eval", "--model", "good", *QUICK, "--json", "r.json", "--samples", "r.json"], "both name"),
     (["attack", "--model", "good", *QUICK, "--save", "adir"], "is a folder; give a file name"),
+    (
+        ["transfer", "--sources", "good", "--targets", "good", *QUICK, "--json", "adir"],
+        "is a folder; give a file name",
+    ),
+    (["train", "--data", "digits", "--arch", "mlp", "--out", "afile"], "must be a folder"),
+    (["exits", "--model", "good", "--data", "digits", "--out", "afile"], "must be a folder"),
+    (["sloth", "--model", "good", *QUICK, "--plots", "afile"], "must be a folder"),
+    (["demo", "--out", "afile"], "must be a folder"),
+    (["demo", "--cache", "afile"], "--cache afile names a file; it must be a folder"),
+    (
+        ["transfer", "--sources", "mlp", "--targets", "mlp", *QUICK, "--cache", "afile"],
+        "--cache afile names a file; it must be a folder",
+    ),
+    # files robustlab did not write: only with --overwrite
     (["eval", "--model", "good", *QUICK, "--json", "notes.json"], "pass --overwrite"),
     (["report", "--store", "s.sqlite", "--out", "afile"], "pass --overwrite"),
-    (["train", "--data", "digits", "--arch", "mlp", "--out", "afile"], "must be a folder"),
-    (["sloth", "--model", "good", *QUICK, "--plots", "afile"], "must be a folder"),
+    (["models", "--json", "notes.json"], "pass --overwrite"),
+    (["train", "--data", "digits", "--arch", "mlp", "--out", "foreign"], "pass --overwrite"),
+    (
+        ["transfer", "--sources", "good", "--targets", "good", *QUICK, "--plots", "photos"],
+        "pass --overwrite",
+    ),
 ]
 
 
@@ -164,15 +246,6 @@ def test_bad_input_gets_a_sentence(place: Path, args: list[str], sentence: str) 
     check_row(place, args, sentence)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
-@pytest.mark.parametrize(("args", "sentence"), XFAIL_ROWS, ids=[_id(r) for r in XFAIL_ROWS])
-def test_bad_output_gets_a_sentence_before_any_work(
-    place: Path, args: list[str], sentence: str
-) -> None:
-    check_row(place, args, sentence)
-
-
-@pytest.mark.xfail(strict=True, reason="needs CLI wiring of data.validate.check_seed")
 def test_a_seed_beyond_every_generator_gets_a_sentence(place: Path) -> None:
     check_row(
         place,
@@ -181,7 +254,6 @@ def test_a_seed_beyond_every_generator_gets_a_sentence(place: Path) -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="needs CLI wiring: report opens ResultStore(read_only=True)")
 def test_report_leaves_a_store_from_before_the_marker_unchanged(place: Path) -> None:
     legacy = place / "legacy.sqlite"
     with sqlite3.connect(legacy) as db:
@@ -210,3 +282,50 @@ def test_a_report_shows_user_text_as_text(place: Path) -> None:
     done = robustlab("report", "--store", "tex.sqlite", "--out", "r.html", cwd=place)
     assert done.returncode == 0, done.stderr[-2000:]
     assert r"$\foo{$" in (place / "r.html").read_text()
+
+
+def test_models_at_a_size_one_architecture_cannot_take_lists_the_others(place: Path) -> None:
+    done = robustlab("models", "--image-size", "3", "--json", "m.json", cwd=place)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    rows = {r["arch"]: r for r in json.loads((place / "m.json").read_text())}
+    assert (
+        rows["vit"]["parameters"] is None and "must divide the image size 3" in rows["vit"]["error"]
+    )
+    assert rows["mlp"]["parameters"] > 0 and rows["resnet8"]["parameters"] > 0
+    vit = next(line for line in done.stdout.splitlines() if line.startswith("vit "))
+    assert "not at this size" in vit and "must divide the image size 3" in vit
+    assert any(line.startswith("mlp ") and "70" in line for line in done.stdout.splitlines())
+
+
+def test_an_unhashed_checkpoint_loads_only_when_trusted_and_the_record_says_so(
+    place: Path,
+) -> None:
+    args = ["--model", "empty-hash", *QUICK, "--json", "e.json", "--store", "e.sqlite"]
+    done = robustlab("eval", *args, "--trust-unhashed", cwd=place)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = json.loads((place / "e.json").read_text())["model"]
+    weights = place / "empty-hash" / WEIGHTS
+    assert model["trusted_unhashed"] is True
+    assert model["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert ResultStore(place / "e.sqlite").records()[0]["model"]["trusted_unhashed"] is True
+    hashed = robustlab("eval", "--model", "good", *QUICK, "--json", "g.json", cwd=place)
+    assert hashed.returncode == 0, hashed.stderr[-2000:]
+    assert "trusted_unhashed" not in json.loads((place / "g.json").read_text())["model"]
+
+
+def test_overwrite_replaces_a_file_robustlab_did_not_write_and_then_it_is_ours(
+    place: Path,
+) -> None:
+    done = robustlab("models", "--json", "notes.json", "--overwrite", cwd=place)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((place / "notes.json").read_text())
+    assert {r["arch"] for r in rows} >= {"mlp", "resnet8"}
+    again = robustlab("models", "--json", "notes.json", cwd=place)  # robustlab's own now
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_models_at_an_image_size_beyond_memory_counts_without_allocating(place: Path) -> None:
+    done = robustlab("models", "--image-size", "100000", "--json", "m.json", cwd=place)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    rows = {r["arch"]: r for r in json.loads((place / "m.json").read_text())}
+    assert rows["mlp"]["parameters"] == 100_000**2 * 256 + 256 + 256 * 10 + 10 + 256**2 + 256

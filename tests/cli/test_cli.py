@@ -178,9 +178,9 @@ def test_train_refuses_to_overwrite_a_checkpoint(
         ),
         (
             ["train", "--data", "digits", "--out", "{ckpt}/manifest.json"],
-            "is a file; give a folder",
+            "names a file; it must be a folder",
         ),
-        (["demo", "--out", "{ckpt}/manifest.json"], "is a file; give a folder"),
+        (["demo", "--out", "{ckpt}/manifest.json"], "names a file; it must be a folder"),
         (["report", "--store", "{tmp}/s.sqlite", "--out", "{tmp}"], "--out {tmp} is a folder"),
         (
             ["eval", "--model", "{ckpt}", "--arch", "resnet8", "--data", "digits", "--eps", "0.1"],

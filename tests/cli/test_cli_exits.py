@@ -11,7 +11,10 @@ import pytest
 
 import robustlab
 from robustlab.cli import main
+from robustlab.errors import RobustlabError
 from robustlab.models.multiexit import MultiExitNetwork
+from robustlab.report import exit_plots
+from robustlab.store import ResultStore
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +233,28 @@ def test_sloth_bad_input(
 def test_sloth_refuses_a_plain_model(backbone: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sloth", "--model", str(backbone), "--data", "digits", "--eps", "0.1"]) == 2
     assert "not a multi-exit checkpoint" in capsys.readouterr().err
+
+
+def test_a_sloth_plot_that_fails_never_costs_the_records(
+    multi_exit: tuple[Path, dict[str, object]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The JSON record and the store row come first; the other plot is still drawn."""
+    out, _ = multi_exit
+
+    def broken(*args: object, **kw: object) -> Path:
+        """An exit histogram that cannot be drawn."""
+        raise RobustlabError("could not draw the exit histogram plot (ValueError: bad)")
+
+    monkeypatch.setattr(exit_plots, "exit_histogram", broken)
+    args = ["sloth", "--model", str(out), "--data", "digits", "--eps", "0.1", "--n", "20"]
+    args += ["--steps", "2", "--latency-samples", "0", "--no-progress"]
+    args += ["--json", str(tmp_path / "s.json"), "--store", str(tmp_path / "s.sqlite")]
+    assert main([*args, "--plots", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert "exit histogram" in err and "records were written" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "s.json").read_text())["kind"] == "sloth"
+    assert [r["kind"] for r in ResultStore(tmp_path / "s.sqlite").records()] == ["sloth"]
+    assert (tmp_path / "plots" / "sloth_efficacy_curve.png").exists()

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from robustlab.cli import main
+from robustlab.errors import RobustlabError
 from robustlab.models import build_model
 from robustlab.models.checkpoint import model_config, save_checkpoint
+from robustlab.report import transfer_plots
+from robustlab.store import ResultStore
 
 FAST = ["--data", "digits", "--epochs", "1", "--n", "40", "--steps", "2", "--no-progress"]
 
@@ -175,6 +178,46 @@ def test_output_paths_are_checked_before_any_training(
     (tmp_path / "file").write_text("")
     base = ["transfer", "--sources", "mlp", "--targets", "mlp", "--cache", str(cache), *FAST]
     _fails([*base, "--json", str(tmp_path)], capsys, "is a folder")
-    _fails([*base, "--plots", str(tmp_path / "file")], capsys, "is a file")
-    _fails([*base, "--store", str(tmp_path / "file" / "s.sqlite")], capsys, "cannot be created")
+    _fails([*base, "--plots", str(tmp_path / "file")], capsys, "names a file; it must be a folder")
+    _fails([*base, "--store", str(tmp_path / "file" / "s.sqlite")], capsys, "cannot be written")
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_plot_that_fails_never_costs_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The JSON record and the store row are written before any plot is drawn."""
+    ckpt = save_checkpoint(
+        build_model("mlp", 1, 10, 8),
+        tmp_path / "m",
+        {"model": model_config("mlp", 1, 10, 8, [0.0], [1.0])},
+    )
+
+    def broken(*args: object, **kw: object) -> Path:
+        """A heatmap that cannot be drawn."""
+        raise RobustlabError("could not draw the transfer heatmap plot (ValueError: bad)")
+
+    monkeypatch.setattr(transfer_plots, "transfer_heatmap", broken)
+    args = ["transfer", "--sources", str(ckpt), "--targets", str(ckpt), "--attacks", "pgd"]
+    args += ["--json", str(tmp_path / "t.json"), "--store", str(tmp_path / "s.sqlite")]
+    _fails([*args, "--plots", str(tmp_path / "plots"), *FAST], capsys, "records were written")
+    assert len(json.loads((tmp_path / "t.json").read_text())["cells"]) == 1
+    assert [r["kind"] for r in ResultStore(tmp_path / "s.sqlite").records()] == ["transfer"]
+
+
+def test_an_unhashed_checkpoint_is_used_only_when_trusted_and_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = save_checkpoint(
+        build_model("mlp", 1, 10, 8),
+        tmp_path / "m",
+        {"model": model_config("mlp", 1, 10, 8, [0.0], [1.0])},
+    )
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["weights"]["sha256"] = ""
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    args = ["transfer", "--sources", str(ckpt), "--targets", str(ckpt), "--attacks", "pgd"]
+    args += ["--json", str(tmp_path / "t.json"), *FAST]
+    _fails(args, capsys, "load it only if you trust it")
+    assert main([*args, "--trust-unhashed"]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["models"][str(ckpt)]["trusted_unhashed"]

@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 from robustlab.attacks import PGD
+from robustlab.cli import eval as cli_eval
+from robustlab.cli import main
 from robustlab.data import Dataset
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import evaluate_curve
+from robustlab.models import build_model
+from robustlab.models.checkpoint import model_config, save_checkpoint
 
 BATCH = 10
 
@@ -167,3 +171,34 @@ def test_keep_resume_leaves_the_progress_for_the_caller(tmp_path: Path) -> None:
     assert progress.exists()
     again = evaluate_curve(model, data, [PGD(eps=0.1, steps=1)], progress=False, resume=progress)
     assert again[0].resumed_batches == 1 and not progress.exists()
+
+
+def test_the_cli_resumes_a_checkpoint_named_by_an_absolute_then_a_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after evaluating (its --json could not be written), eval keeps the progress and
+    a run naming the same checkpoint by a relative path resumes every batch, then removes it."""
+    torch.manual_seed(0)
+    model = build_model("mlp", 1, 10, 8)
+    save_checkpoint(model, tmp_path / "m", {"model": model_config("mlp", 1, 10, 8, [0.0], [1.0])})
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", "digits", "--eps", "0.1", "--steps", "2", "--n", "30", "--batch-size", "10"]
+    args += ["--device", "cpu", "--no-progress"]
+    assert main(["eval", "--model", "m", *args, "--json", "whole.json", "--no-resume"]) == 0
+
+    def killed(path: Any, obj: Any) -> None:
+        """The --json write, cut short by a kill."""
+        raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(cli_eval, "write_json", killed)
+        with pytest.raises(Killed):
+            main(["eval", "--model", str(tmp_path / "m"), *args, "--json", "r.json"])
+    progress = tmp_path / "r.json.progress.jsonl"
+    assert progress.exists() and not (tmp_path / "r.json").exists()
+    assert main(["eval", "--model", "m", *args, "--json", "r.json"]) == 0
+    resumed = json.loads((tmp_path / "r.json").read_text())
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert resumed["resumed_batches"] == 3 and not progress.exists()
+    assert resumed["robust_accuracy"] == whole["robust_accuracy"]
+    assert (tmp_path / "r.samples.csv").read_text() == (tmp_path / "whole.samples.csv").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,22 @@ def test_bad_configs_are_refused() -> None:
         SDNConfig(adversary="pgd", adv_eps=0.0)
     with pytest.raises(RobustlabError, match="epochs >= 1"):
         SDNConfig(epochs=0)
+    with pytest.raises(RobustlabError, match="lr must be a finite number, got inf"):
+        SDNConfig(lr=math.inf)
+    with pytest.raises(RobustlabError, match="weight_decay must be a finite number"):
+        SDNConfig(weight_decay=math.nan)
+    with pytest.raises(RobustlabError, match="adv_eps must be a finite number"):
+        SDNConfig(adversary="pgd", adv_eps=math.nan)
+
+
+def test_diverging_exit_training_stops_with_an_error(
+    digits: DataSplits, backbone_state: dict[str, torch.Tensor]
+) -> None:
+    model = _fresh(backbone_state)
+    cfg = SDNConfig(mode="end-to-end", epochs=2, lr=1e30)
+    with pytest.raises(RobustlabError, match="diverged in epoch 1"):
+        train_exits(model, digits.train.head(256), cfg, progress=False)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
 
 
 def test_cached_features_give_the_heads_logits(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,9 +17,25 @@ from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import evaluate
 from robustlab.models.checkpoint import load_checkpoint
-from robustlab.train import RECIPES, TrainConfig, lr_at, make_method, train
+from robustlab.train import (
+    METHODS,
+    PGDAT,
+    RECIPES,
+    TRADES,
+    Hook,
+    Step,
+    TrainConfig,
+    lr_at,
+    make_method,
+    train,
+)
 
-FAST = {"arch": "resnet8", "data": "digits", "epochs": 2, "arch_options": {"width": 8}}
+FAST: dict[str, Any] = {
+    "arch": "resnet8",
+    "data": "digits",
+    "epochs": 2,
+    "arch_options": {"width": 8},
+}
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,7 +93,12 @@ def test_manifest_describes_the_run_and_reloads(tmp_path: Path, digits: DataSpli
 
 
 def test_adversarial_training_buys_robustness(tmp_path: Path, digits: DataSplits) -> None:
-    base = {"arch": "mlp", "data": "digits", "epochs": 6, "arch_options": {"width": 64}}
+    base: dict[str, Any] = {
+        "arch": "mlp",
+        "data": "digits",
+        "epochs": 6,
+        "arch_options": {"width": 64},
+    }
     std = train(TrainConfig(**base), tmp_path / "std", splits=digits, progress=False)
     adv = train(
         TrainConfig(**base, method="pgd-at", eps=0.1, steps=5),
@@ -117,7 +143,7 @@ def test_one_cycle_schedule() -> None:
 def test_bad_training_input(
     tmp_path: Path, digits: DataSplits, kwargs: dict[str, object], message: str
 ) -> None:
-    cfg = TrainConfig(**{**FAST, **kwargs})  # type: ignore[arg-type]
+    cfg = TrainConfig(**{**FAST, **kwargs})
     with pytest.raises(RobustlabError, match=message):
         train(cfg, tmp_path, splits=digits, progress=False)
 
@@ -125,3 +151,157 @@ def test_bad_training_input(
 def test_make_method_rejects_unknown_options() -> None:
     with pytest.raises(RobustlabError, match="bad option for method 'pgd-at'"):
         make_method("pgd-at", eps=0.1, gamma=3)
+
+
+def test_methods_are_registered_and_own_their_options() -> None:
+    assert {"standard", "pgd-at", "trades"} <= set(METHODS)
+    trades = TrainConfig(method="trades", eps=0.1, beta=2.0).make_method()
+    assert isinstance(trades, TRADES) and trades.beta == 2.0
+    pgd = TrainConfig(method="pgd-at", eps=0.1, beta=2.0).make_method()  # beta is TRADES' own
+    assert isinstance(pgd, PGDAT) and "beta" not in pgd.config()
+    with pytest.raises(RobustlabError, match="bad option for method 'pgd-at'"):
+        make_method("pgd-at", eps=0.1, beta=2.0)
+    with pytest.raises(RobustlabError, match="beta must be a finite number, got nan"):
+        make_method("trades", eps=0.1, beta=math.nan)
+    with pytest.raises(RobustlabError, match="trades needs beta >= 0"):
+        make_method("trades", eps=0.1, beta=-1.0)
+
+
+# Recorded from 0be4c77, before the loop took hooks and a sampler: the demo's model cache key
+# hashes the resolved config, and the manifest's training section is what users' records hold.
+# A change here would retrain every cached model and change every record.
+_KEYS = {
+    "85c8ab7571c35b7f": TrainConfig(arch="resnet8", method="standard"),
+    "935af823feda1ebb": TrainConfig(
+        arch="resnet8", method="pgd-at", eps=0.3, epochs=10, steps=5, eps_warmup=0.3
+    ),
+    "f56594bdfa109582": TrainConfig(arch="resnet8", method="trades", eps=0.3, beta=3.0),
+}
+_COMMON = {
+    "arch": "mlp",
+    "arch_options": {},
+    "batch_size": 64,
+    "channels_last": True,
+    "data": "digits",
+    "epochs": 1,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "seed": 0,
+    "weight_decay": 0.0005,
+}
+_ADV = {"alpha": 0.25, "alpha_ratio": 2.5, "eps": 0.1, "eps_warmup": 0.3, "steps": 1}
+_TRAINING = [
+    (
+        {},
+        {
+            **_COMMON,
+            "beta": 6.0,
+            "eps": None,
+            "eps_warmup": None,
+            "method": "standard",
+            "method_config": {"name": "standard"},
+            "norm": "linf",
+            "steps": None,
+        },
+    ),
+    (
+        {"method": "pgd-at", "eps": 0.1, "steps": 1},
+        {
+            **_COMMON,
+            "beta": 6.0,
+            "eps": 0.1,
+            "eps_warmup": 0.3,
+            "method": "pgd-at",
+            "method_config": {**_ADV, "name": "pgd-at", "norm": "linf"},
+            "norm": "linf",
+            "steps": 1,
+        },
+    ),
+    (
+        {"method": "trades", "eps": 0.1, "steps": 1, "beta": 2.0, "norm": "l2"},
+        {
+            **_COMMON,
+            "beta": 2.0,
+            "eps": 0.1,
+            "eps_warmup": 0.3,
+            "method": "trades",
+            "method_config": {**_ADV, "beta": 2.0, "name": "trades", "norm": "l2"},
+            "norm": "l2",
+            "steps": 1,
+        },
+    ),
+]
+
+
+def test_cache_key_config_is_unchanged_for_existing_methods() -> None:
+    for key, cfg in _KEYS.items():
+        blob = json.dumps(asdict(cfg.resolved()), sort_keys=True, default=str)
+        assert hashlib.sha256(blob.encode()).hexdigest()[:16] == key, cfg.method
+
+
+@pytest.mark.parametrize(("options", "expected"), _TRAINING)
+def test_manifest_training_section_is_unchanged_for_existing_methods(
+    tmp_path: Path, digits: DataSplits, options: dict[str, Any], expected: dict[str, object]
+) -> None:
+    cfg = TrainConfig(arch="mlp", data="digits", epochs=1, **options)
+    result = train(cfg, tmp_path, splits=digits, progress=False)
+    assert result.manifest["training"] == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": math.inf}, "lr must be a finite number, got inf"),
+        ({"lr": math.nan}, "lr must be a finite number, got nan"),
+        ({"momentum": math.nan}, "momentum must be a finite number"),
+        ({"weight_decay": math.inf}, "weight_decay must be a finite number"),
+        ({"method": "trades", "eps": 0.1, "beta": math.nan}, "beta must be a finite number"),
+        ({"beta": math.inf}, "beta must be a finite number"),
+        ({"method": "pgd-at", "eps": math.nan}, "eps must be a finite number"),
+        ({"method": "pgd-at", "eps": 0.1, "eps_warmup": math.nan}, "eps_warmup must be a finite"),
+        ({"momentum": 1.5}, "momentum must be in \\[0, 1\\)"),
+        ({"weight_decay": -1e-4}, "weight decay must be >= 0"),
+    ],
+)
+def test_non_finite_or_impossible_hyper_parameters_are_refused_before_any_work(
+    tmp_path: Path, digits: DataSplits, kwargs: dict[str, Any], message: str
+) -> None:
+    cfg = TrainConfig(**{**FAST, **kwargs})
+    with pytest.raises(RobustlabError, match=message):
+        train(cfg, tmp_path / "out", splits=digits, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_and_writes_no_checkpoint(tmp_path: Path, digits: DataSplits) -> None:
+    cfg = TrainConfig(**{**FAST, "lr": 1e30})
+    with pytest.raises(RobustlabError, match="training diverged in epoch 1.*no checkpoint"):
+        train(cfg, tmp_path, splits=digits, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _PoisonInEpoch(Hook):
+    """Makes a weight infinite after the first step of one epoch, so the next losses are NaN."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def after_step(self, step: Step) -> None:
+        if step.epoch == self.epoch:
+            with torch.no_grad():
+                next(step.model.parameters()).fill_(math.inf)
+
+
+def test_divergence_keeps_the_resume_state_of_the_last_good_epoch(
+    tmp_path: Path, digits: DataSplits
+) -> None:
+    cfg = TrainConfig(**FAST)
+    with pytest.raises(RobustlabError, match="diverged in epoch 2.*state after epoch 1 stays"):
+        train(cfg, tmp_path / "run", splits=digits, progress=False, hooks=[_PoisonInEpoch(1)])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["resume.pt"]
+    state = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
+    assert state["epoch"] == 1
+    good = train(cfg, tmp_path / "good", splits=digits, progress=False, stop_after_epochs=1)
+    assert _same(state["model"], _weights(good.model))
+    resumed = train(cfg, tmp_path / "run", splits=digits, progress=False)
+    whole = train(cfg, tmp_path / "whole", splits=digits, progress=False)
+    assert _same(_weights(resumed.model), _weights(whole.model))

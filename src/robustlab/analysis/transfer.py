@@ -370,6 +370,20 @@ def _rate(hits: torch.Tensor, over: torch.Tensor) -> float:
     return float((hits & over).sum()) / count if count else math.nan
 
 
+def check_sources(attacks: Sequence[TransferAttack], sources: Mapping[str, nn.Module]) -> None:
+    """Every source has what its attacks' gradient transforms need (SGM and LinBP: residual
+    blocks); an untrained model of the same architecture answers as well as a trained one."""
+    for a in attacks:
+        if not a.sgm and a.linbp_block is None:
+            continue
+        for name, model in sources.items():
+            try:
+                with a.transforms(model):
+                    pass
+            except RobustlabError as exc:
+                raise RobustlabError(f"attack '{a.label}' on source '{name}': {exc}") from None
+
+
 def _contains(source: nn.Module, target: nn.Module) -> bool:
     """Whether the target is the source or one of its submodules (an ensemble member)."""
     return any(m is target for m in source.modules())
@@ -416,14 +430,7 @@ def transfer_matrix(
     for role, models in (("source", sources), ("target", targets)):
         for name, model in models.items():
             _probe(name, role, model, x, data.num_classes)
-    for a in attacks:
-        for name, model in sources.items():
-            if a.sgm or a.linbp_block is not None:
-                try:
-                    with a.transforms(model):
-                        pass
-                except RobustlabError as exc:
-                    raise RobustlabError(f"attack '{a.label}' on source '{name}': {exc}") from None
+    check_sources(attacks, sources)
 
     everyone = torch.ones(count, dtype=torch.bool, device=x.device)
     clean: dict[str, torch.Tensor] = {}

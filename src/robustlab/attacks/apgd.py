@@ -131,6 +131,17 @@ def _check_large_eps(norm: str, large_eps: bool, attack: str) -> None:
         raise RobustlabError(f"{attack}: large_eps is the l1 schedule; norm '{norm}' has none")
 
 
+def _check_settings(attack: APGD | APGDT, name: str) -> None:
+    """Refuse settings of APGD or APGD-T that the algorithm cannot run, one sentence each."""
+    ThreatModel(attack.norm, attack.eps)
+    _whole("steps", attack.steps, 1, name)
+    _whole("restarts", attack.restarts, 1, name)
+    _whole("eot_iter", attack.eot_iter, 1, name)
+    _fraction("rho", attack.rho, name)
+    _fraction("momentum", attack.momentum, name, closed_top=True)
+    _check_large_eps(attack.norm, attack.large_eps, name)
+
+
 def _loss_name(loss: str | Loss) -> str:
     """A loss's name for records."""
     return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
@@ -164,13 +175,7 @@ class APGD(Attack):
     name: ClassVar[str] = "apgd"
 
     def __post_init__(self) -> None:
-        ThreatModel(self.norm, self.eps)
-        _whole("steps", self.steps, 1, "apgd")
-        _whole("restarts", self.restarts, 1, "apgd")
-        _whole("eot_iter", self.eot_iter, 1, "apgd")
-        _fraction("rho", self.rho, "apgd")
-        _fraction("momentum", self.momentum, "apgd", closed_top=True)
-        _check_large_eps(self.norm, self.large_eps, "apgd")
+        _check_settings(self, "apgd")
         get_loss(self.loss)
 
     def config(self) -> dict[str, Any]:
@@ -225,14 +230,8 @@ class APGDT(Attack):
     name: ClassVar[str] = "apgd-t"
 
     def __post_init__(self) -> None:
-        ThreatModel(self.norm, self.eps)
-        _whole("steps", self.steps, 1, "apgd-t")
-        _whole("restarts", self.restarts, 1, "apgd-t")
+        _check_settings(self, "apgd-t")
         _whole("n_target_classes", self.n_target_classes, 1, "apgd-t")
-        _whole("eot_iter", self.eot_iter, 1, "apgd-t")
-        _fraction("rho", self.rho, "apgd-t")
-        _fraction("momentum", self.momentum, "apgd-t", closed_top=True)
-        _check_large_eps(self.norm, self.large_eps, "apgd-t")
 
     def config(self) -> dict[str, Any]:
         """The full configuration, for result records."""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from ..errors import RobustlabError
 from ..version import __version__
 from . import attack, demo, eval, exits, models, report, sloth, train, transfer
-from .common import HelpFormatter
+from .common import HelpFormatter, check_seeds
 
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (demo, models, train, eval, attack, transfer, exits, sloth, report)
@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            check_seeds(args)  # before any command starts: a seed every generator takes
             return int(args.func(args))
     except RobustlabError as exc:
         print(f"robustlab: error: {exc}", file=sys.stderr)

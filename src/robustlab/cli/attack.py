@@ -7,18 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RobustlabError
+from ..io import Output, atomic_write, npz_with_keys, write_json
 from .common import (
     add_attack_options,
     add_command,
     add_common,
     attack_options,
-    check_output_file,
+    check_batch_size,
+    checked_outputs,
     floats,
+    json_output,
     load_model_and_data,
-    write_json,
 )
 
 DESCRIPTION = "run an attack on test points and save the adversarial examples as .npz"
+ARRAYS = ("x_adv", "y", "index", "clean_pred", "adv_pred")  # what the saved .npz holds
 
 
 def register(sub: Any) -> None:
@@ -38,14 +41,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..attacks.registry import make_attack
-    from ..io import atomic_write
 
     eps = floats(args.eps, "--eps")
     if len(eps) != 1:
         raise RobustlabError("robustlab attack takes one eps; use robustlab eval for a curve")
     attack = make_attack(args.attack, args.norm, eps[0], **attack_options(args))
-    check_output_file(args.save, "--save")
-    check_output_file(args.json, "--json")
+    check_batch_size(args.batch_size)
+    save = Output(Path(args.save), "--save", ours=npz_with_keys(ARRAYS))
+    checked_outputs(args, [save, json_output(args.json)], models=[args.model], data=[args.data])
     model, splits, device, info = load_model_and_data(args)
     test = splits.test
     n = len(test) if args.n is None else args.n
@@ -62,15 +65,11 @@ def run(args: argparse.Namespace) -> int:
         xs.append(x_adv.cpu())
     x_all, y_all = torch.cat(xs), test.y[:n]
     c, a = torch.cat(clean), torch.cat(adv)
-    arrays = {
-        "x_adv": x_all.numpy().astype(np.float32),
-        "y": y_all.numpy(),
-        "index": np.arange(n),
-        "clean_pred": c.numpy(),
-        "adv_pred": a.numpy(),
-    }
+    values = (x_all.numpy().astype(np.float32), y_all.numpy(), np.arange(n), c.numpy(), a.numpy())
+    arrays = dict(zip(ARRAYS, values, strict=True))
 
     def write(tmp: Path) -> None:
+        """Write the arrays into the temporary file."""
         with open(tmp, "wb") as f:  # a file object: numpy would append .npz to a path
             np.savez_compressed(f, **arrays)
 
@@ -80,15 +79,14 @@ def run(args: argparse.Namespace) -> int:
         f"saved {n} adversarial examples to {args.save}: clean {100 * float((c == y_all).float().mean()):.2f} %, "
         f"robust {100 * robust:.2f} %"
     )
-    write_json(
-        args.json,
-        {
+    if args.json:
+        record = {
             "kind": "attack",
             "attack": attack.config(),
             "model": info,
             "n": n,
             "robust_accuracy": robust,
             "saved": str(args.save),
-        },
-    )
+        }
+        write_json(args.json, record)
     return 0

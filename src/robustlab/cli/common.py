@@ -1,18 +1,41 @@
-"""Argument helpers every command shares: common options, list parsing, output checks, messages."""
+"""Argument helpers every command shares: common options, list parsing, the declaration of
+a command's outputs and inputs for ``io.check_outputs``, loading checkpoints, messages."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from ..errors import RobustlabError
+from ..io import Output, check_outputs, is_robustlab_json
 
-DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N or mps"
 DATA_HELP = "data: mnist5k, digits, npz:PATH, folder:PATH or torchvision:NAME"
+OVERWRITE_HELP = (
+    "replace existing output files that robustlab did not write (files the command reads are "
+    "never replaced, and a results store is only ever appended to)"
+)
+TRUST_HELP = (
+    "load a checkpoint whose manifest has no weights hash, so its weights cannot be checked "
+    "(the record says so)"
+)
+
+
+class ShownLater(str):
+    """Help text completed only when --help shows it: ``fill`` may import modules that load
+    torch, which building the parser must not (``robustlab --help`` stays fast)."""
+
+    fill: Callable[[], str]
+
+    def __new__(cls, text: str, fill: Callable[[], str]) -> ShownLater:
+        """The short text (what the option is), completed by ``fill()`` when shown."""
+        obj = super().__new__(cls, text)
+        obj.fill = fill
+        return obj
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -24,10 +47,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         """The help text, with the default appended where it says something."""
-        text = action.help or ""
+        text = action.help.fill() if isinstance(action.help, ShownLater) else action.help or ""
         if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             return text
-        return super()._get_help_string(action)
+        return text + " (default: %(default)s)"
 
 
 def add_command(sub: Any, name: str, description: str) -> argparse.ArgumentParser:
@@ -48,15 +71,28 @@ def add_common(
     seed: bool = True,
     device: bool = True,
     progress: bool = True,
+    overwrite_help: str = OVERWRITE_HELP,
 ) -> None:
-    """The options (--seed, --device, --json, --no-progress) shared by the commands."""
+    """The options (--seed, --device, --json, --overwrite, --no-progress) shared by the
+    commands."""
     if seed:
         p.add_argument("--seed", type=int, default=0, help="random seed")
     if device:
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", metavar="PATH", help=json_help)
+    add_overwrite(p, overwrite_help)
     if progress:
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_overwrite(p: argparse.ArgumentParser, text: str = OVERWRITE_HELP) -> None:
+    """--overwrite: the one permission to replace a file robustlab did not write."""
+    p.add_argument("--overwrite", action="store_true", help=text)
+
+
+def add_trust_unhashed(p: argparse.ArgumentParser) -> None:
+    """--trust-unhashed: load a checkpoint without a weights hash, recorded as such."""
+    p.add_argument("--trust-unhashed", action="store_true", help=TRUST_HELP)
 
 
 def add_store(p: argparse.ArgumentParser, default_label: str) -> None:
@@ -80,17 +116,98 @@ def add_legacy_arch(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_seeds(args: argparse.Namespace) -> None:
+    """--seed and --data-seed, where a command takes them, within what every generator takes."""
+    from ..data.validate import check_seed
+
+    for dest, option in (("seed", "--seed"), ("data_seed", "--data-seed")):
+        value = getattr(args, dest, None)
+        if value is not None:
+            check_seed(value, option)
+
+
+def json_output(path: str | None, option: str = "--json") -> Output | None:
+    """A JSON record output (replaced only if robustlab wrote it); None when not asked for."""
+    return Output(Path(path), option, ours=is_robustlab_json) if path else None
+
+
+def _store_to_append(path: Path) -> bool:
+    """Whether an existing file is a results store robustlab may append to; any other file is
+    refused with the store's own reason (another application's database, a damaged file)."""
+    from ..store import ResultStore
+
+    ResultStore(path, read_only=True)
+    return True
+
+
+def store_output(path: str | Path | None, option: str = "--store") -> Output | None:
+    """A results store the command appends to (never replaced); None when not asked for."""
+    return Output(Path(path), option, ours=_store_to_append, appends=True) if path else None
+
+
+def cache_output(folder: Path) -> Output:
+    """The model cache a command trains zoo models into (its models are inputs as well)."""
+    return Output(folder, "--cache", folder=True)
+
+
+def plot_outputs(folder: str | Path | None, files: Iterable[str], option: str) -> list[Output]:
+    """A folder of plots and each PNG the command draws there (none when not asked for)."""
+    if not folder:
+        return []
+    from ..report.plots import is_robustlab_png
+
+    root = Path(folder)
+    pngs = [Output(root / name, option, ours=is_robustlab_png) for name in files]
+    return [Output(root, option, folder=True), *pngs]
+
+
+def checked_outputs(
+    args: argparse.Namespace,
+    outputs: Iterable[Output | None],
+    *,
+    models: Iterable[str | Path | None] = (),
+    data: Iterable[str | None] = (),
+    inputs: Iterable[str | Path | None] = (),
+) -> None:
+    """Check every output of a command before it does any work (``io.check_outputs``), with
+    the files it reads as inputs: each checkpoint's files and each data source."""
+    from ..data.datasets import source_path
+    from ..models.checkpoint import checkpoint_files
+
+    read: list[str | Path | None] = list(inputs)
+    for model in models:
+        if model is not None:  # a path that does not exist is said by the loader
+            path = Path(model).expanduser()
+            read.extend(checkpoint_files(path) if path.exists() else [path])
+    read.extend(source_path(spec) for spec in data if spec)
+    check_outputs(outputs, read, overwrite=bool(getattr(args, "overwrite", False)))
+
+
+def draw_plots(plots: Iterable[Callable[[], Path]]) -> list[Path]:
+    """Draw each plot once the records are written; one that fails does not stop the others,
+    and the error says the records were kept."""
+    drawn, failed = [], []
+    for draw in plots:
+        try:
+            drawn.append(draw())
+        except RobustlabError as exc:
+            failed.append(str(exc))
+    if failed:
+        which = "this plot" if len(failed) == 1 else "these plots"
+        raise RobustlabError(f"{'; '.join(failed)}; the records were written, without {which}")
+    return drawn
+
+
+def check_batch_size(size: int) -> int:
+    """A batch size of at least one point (commands that batch themselves check it first)."""
+    if size < 1:
+        raise RobustlabError(f"batch size must be >= 1, got {size}")
+    return size
+
+
 def say(msg: str) -> None:
     """A progress message on stderr (stdout carries the results)."""
     print(msg, file=sys.stderr, flush=True)
-
-
-def write_json(path: str | None, record: Any) -> None:
-    """Write a record as indented JSON, atomically (nothing when no path was given)."""
-    if path:
-        from ..io import atomic_write_text
-
-        atomic_write_text(Path(path), json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def floats(text: str, what: str) -> list[float]:
@@ -138,71 +255,41 @@ def key_values(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def _existing_ancestor(path: Path) -> Path:
-    """The nearest part of ``path`` (itself included) that exists."""
-    here = path.absolute()
-    while not here.exists() and here != here.parent:
-        here = here.parent
-    return here
-
-
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse, before any work, an output file that names a folder or cannot be created."""
-    if not path:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise RobustlabError(f"{flag} {p} is a folder; give a file path")
-    _check_creatable(p.parent, p, flag)
-
-
-def check_output_dir(path: str | None, flag: str) -> None:
-    """Refuse, before any work, an output folder that names a file or cannot be created."""
-    if not path:
-        return
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise RobustlabError(f"{flag} {p} is a file; give a folder")
-    _check_creatable(p, p, flag)
-
-
-def check_store(path: str | None, flag: str = "--store") -> None:
-    """Refuse, before any work, a store path that cannot be written or an existing file that
-    is not a results store (a store that does not exist yet is created only at the end)."""
-    check_output_file(path, flag)
-    if path and Path(path).exists():
-        from ..store import ResultStore
-
-        ResultStore(path)
-
-
-def _check_creatable(folder: Path, target: Path, flag: str) -> None:
-    """The folder that will hold an output must exist or be creatable, and be writable."""
-    base = _existing_ancestor(folder)
-    if not base.is_dir():
-        raise RobustlabError(f"{flag} {target} cannot be created: {base} is a file")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise RobustlabError(f"{flag} {target} cannot be created: {base} is not writable")
-
-
-def load_model(path: str, arch: str | None = None, splits: Any = None) -> Any:
-    """Load a checkpoint; ``arch`` builds a legacy .pt/.pth for the data's shape and classes."""
+def load_model(
+    path: str, arch: str | None = None, splits: Any = None, *, trust_unhashed: bool = False
+) -> Any:
+    """Load a checkpoint; ``arch`` builds a legacy .pt/.pth for the data's shape and classes;
+    ``trust_unhashed`` (--trust-unhashed) accepts a manifest without a weights hash."""
     from ..models.checkpoint import load_checkpoint
 
     if arch is None:
-        return load_checkpoint(path)
+        return load_checkpoint(path, trust_unhashed=trust_unhashed)
     shape = {
         "in_channels": splits.in_channels,
         "image_size": splits.image_size,
         "num_classes": splits.num_classes,
     }
-    ckpt = load_checkpoint(path, arch=arch, **shape)
+    ckpt = load_checkpoint(path, trust_unhashed=trust_unhashed, arch=arch, **shape)
     if ckpt.manifest["model"]["arch"] != arch:
         raise RobustlabError(
             f"{path} is a {ckpt.manifest['model']['arch']} checkpoint with a manifest; --arch "
             "only names the architecture of a legacy .pt/.pth weights file"
         )
     return ckpt
+
+
+def model_info(manifest: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """What a record says of the model it used: where, its weights' hash, its architecture,
+    and ``trusted_unhashed`` when its manifest had no hash and --trust-unhashed let it load."""
+    weights = manifest.get("weights") or {}
+    info: dict[str, Any] = {
+        "path": str(path),
+        "sha256": weights.get("sha256"),
+        "arch": (manifest.get("model") or {}).get("arch"),
+    }
+    if weights.get("trusted_unhashed"):
+        info["trusted_unhashed"] = True
+    return info
 
 
 def check_fit(manifest: dict[str, Any], splits: Any) -> None:
@@ -221,10 +308,14 @@ def check_fit(manifest: dict[str, Any], splits: Any) -> None:
         )
 
 
-ATTACKS_HELP = (
-    "pgd, fgsm, bim, mifgsm, difgsm, tifgsm, cw, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square "
-    "or autoattack"
-)
+def attack_names() -> str:
+    """The attacks eval and attack offer, as users type them (from the attack registry)."""
+    from ..attacks.registry import ALIASES, ATTACKS
+
+    names = sorted(ATTACKS)
+    text = f"attack to run: {', '.join(names[:-1])} or {names[-1]}"
+    aliases = sorted(f"{a} = {n}" for a, n in ALIASES.items() if n in ATTACKS)
+    return text + (f" (also {', '.join(aliases)})" if aliases else "")
 
 
 def add_attack_options(p: argparse.ArgumentParser) -> None:
@@ -232,7 +323,7 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder, manifest or legacy .pt/.pth")
     add_legacy_arch(p)
     p.add_argument("--data", default="mnist5k", help=f"test {DATA_HELP}")
-    p.add_argument("--attack", default="pgd", help=ATTACKS_HELP)
+    p.add_argument("--attack", default="pgd", help=ShownLater("attack to run", attack_names))
     p.add_argument("--norm", default="linf", help="norm of the budget: linf, l2 or l1")
     p.add_argument("--steps", type=int, help="iterations (default: the attack's published number)")
     p.add_argument("--restarts", type=int, help="random restarts (default: the attack's)")
@@ -249,6 +340,7 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
         help="AutoAttack sub-attacks to run, e.g. apgd-ce,apgd-t (default: the version's)",
     )
     p.add_argument("--batch-size", type=int, default=250, help="points attacked at once")
+    add_trust_unhashed(p)
 
 
 def attack_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -274,16 +366,12 @@ def load_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, str, dict[s
     from ..data import load_data
 
     device = resolve_device(args.device)
+    trust = args.trust_unhashed
     if args.arch is None:  # a bad checkpoint path fails before the data is read
-        ckpt = load_model(args.model)
+        ckpt = load_model(args.model, trust_unhashed=trust)
         splits = load_data(args.data)
     else:
         splits = load_data(args.data)
-        ckpt = load_model(args.model, args.arch, splits)
+        ckpt = load_model(args.model, args.arch, splits, trust_unhashed=trust)
     check_fit(ckpt.manifest, splits)
-    info = {
-        "path": str(ckpt.path),
-        "sha256": ckpt.manifest["weights"]["sha256"],
-        "arch": ckpt.manifest["model"]["arch"],
-    }
-    return ckpt.model.to(device), splits, device, info
+    return ckpt.model.to(device), splits, device, model_info(ckpt.manifest, ckpt.path)

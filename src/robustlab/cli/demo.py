@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_command, add_common, check_output_dir, check_output_file, write_json
+from ..io import Output, write_json
+from .common import (
+    add_command,
+    add_common,
+    cache_output,
+    checked_outputs,
+    json_output,
+    store_output,
+)
 
 DESCRIPTION = (
     "the main job on the built-in data, end to end, offline: train or reuse a standard and a "
@@ -20,7 +28,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--out",
         default="robustlab-demo",
-        help="folder for the report; the records are appended to results.sqlite there",
+        help="folder for the report; the records are appended to results.sqlite there (a "
+        "store there is never replaced)",
     )
     p.add_argument(
         "--cache",
@@ -37,10 +46,20 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the outputs, run the demo, say where its report is."""
-    from ..demo import demo
+    from ..demo import REPORT, STORE, demo
+    from ..report.html import is_robustlab_report
+    from ..train.cache import cache_root
 
-    check_output_dir(args.out, "--out")
-    check_output_file(args.json, "--json")
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else cache_root()
+    outputs = [
+        Output(out, "--out", folder=True),
+        Output(out / REPORT, "--out", ours=is_robustlab_report),
+        store_output(out / STORE, "--out"),  # appended to, never replaced
+        json_output(args.json),
+        cache_output(cache),
+    ]
+    checked_outputs(args, outputs, inputs=[cache])  # the cached models it may reuse
     result = demo(
         out=Path(args.out),
         cache=Path(args.cache) if args.cache else None,
@@ -55,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
         "store": str(result.store),
         "records": result.records,
     }
-    write_json(args.json, record)
+    if args.json:
+        write_json(args.json, record)
     return 0

@@ -12,26 +12,33 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..errors import RobustlabError
+from ..io import write_json
 from .common import (
     DATA_HELP,
     add_command,
     add_common,
     add_legacy_arch,
+    add_trust_unhashed,
     check_fit,
-    check_output_dir,
-    check_output_file,
+    checked_outputs,
+    draw_plots,
     floats,
     ints,
+    json_output,
     load_model,
+    model_info,
+    plot_outputs,
     say,
-    write_json,
 )
 
 DESCRIPTION = "attach, train and calibrate early exits (SDN) on a trained backbone"
+HISTOGRAM = "exit_histogram.png"
+CURVES = "efficacy_curve.png"
 
 
 def _held_out(manifest: dict[str, Any], data: str) -> tuple[int, int] | None:
@@ -50,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.efficiency import calibrate, measure_efficiency
     from ..core.device import resolve_device
     from ..data import load_data
-    from ..models.checkpoint import MANIFEST, save_checkpoint
+    from ..models.checkpoint import MANIFEST, checkpoint_outputs, save_checkpoint
     from ..models.multiexit import (
         MultiExitNetwork,
         attach_exits,
@@ -63,8 +70,12 @@ def run(args: argparse.Namespace) -> int:
     from ..version import __version__
 
     out = Path(args.out)
-    check_output_dir(args.out, "--out")
-    check_output_file(args.json, "--json")
+    outputs = [
+        *checkpoint_outputs(out),
+        *plot_outputs(out, [HISTOGRAM, CURVES], "--out"),
+        json_output(args.json),
+    ]
+    checked_outputs(args, outputs, models=[args.model], data=[args.data])
     if (out / MANIFEST).exists() and not args.overwrite:
         raise RobustlabError(
             f"{out} already holds a checkpoint; pass --overwrite or choose another --out"
@@ -90,7 +101,12 @@ def run(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device)
     # a legacy .pt is built for the data's shape, so the data is read first
-    ckpt = load_model(args.model, args.arch, load_data(args.data) if args.arch else None)
+    ckpt = load_model(
+        args.model,
+        args.arch,
+        load_data(args.data) if args.arch else None,
+        trust_unhashed=args.trust_unhashed,
+    )
     if isinstance(ckpt.model, MultiExitNetwork) or "multi_exit" in ckpt.manifest["model"]:
         raise RobustlabError(f"{args.model} already has exits; give the backbone's checkpoint")
     held = _held_out(ckpt.manifest, args.data.strip())  # the name load_data gives the data
@@ -154,20 +170,27 @@ def run(args: argparse.Namespace) -> int:
         "training": {"backbone": ckpt.manifest.get("training", {}), "exits": record},
         "calibration": {**calib.as_dict(), "seen_by_backbone": seen},
         "metrics": metrics,
-        "backbone": {"path": str(ckpt.path), "sha256": ckpt.manifest["weights"]["sha256"]},
+        "backbone": model_info(ckpt.manifest, ckpt.path),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "robustlab_version": __version__,
     }
     save_checkpoint(model, out, manifest)
-    records = {f"drop {k}": v for k, v in per_drop.items()}
-    exit_histogram(records, out / "exit_histogram.png", title="Where test inputs exit")
-    efficacy_curves(records, out / "efficacy_curve.png")
     print(
         f"multi-exit checkpoint in {out}: {len(model.positions)} ICs, threshold "
         f"{model.threshold:.4f} ({args.rule}, <= {100 * args.drop:g} % drop on calibration); "
         f"test FLOPs saved {100 * per_drop[f'{100 * args.drop:g}%']['flops_saving']:.1f} %"
     )
-    write_json(args.json, json.loads((out / MANIFEST).read_text()))
+    if args.json:
+        write_json(args.json, json.loads((out / MANIFEST).read_text()))
+    # the checkpoint and its record first: a plot that cannot be drawn never costs them
+    records = {f"drop {k}": v for k, v in per_drop.items()}
+    title = "Where test inputs exit"
+    draw_plots(
+        [
+            partial(exit_histogram, records, out / HISTOGRAM, title=title),
+            partial(efficacy_curves, records, out / CURVES),
+        ]
+    )
     return 0
 
 
@@ -226,9 +249,11 @@ def register(sub: Any) -> None:
         default=200,
         help="test inputs timed one by one for the latency (0: skip)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint in --out")
+    add_trust_unhashed(p)
     add_common(
         p,
         json_help="write the multi-exit checkpoint's manifest as JSON here (default: not written)",
+        overwrite_help="replace a checkpoint in --out, and output files robustlab did not write "
+        "(files the command reads are never replaced)",
     )
     p.set_defaults(func=run)

@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from ..errors import RobustlabError
-from .common import add_command, check_output_file, write_json
+from ..io import write_json
+from .common import add_command, add_overwrite, checked_outputs, json_output
 
 DESCRIPTION = "list the registered architectures with their parameter counts"
 
@@ -26,20 +27,35 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--json", metavar="PATH", help="write the list as JSON here (default: not written)"
     )
+    add_overwrite(p)
     p.set_defaults(func=run)
+
+
+def _count(name: str, args: argparse.Namespace) -> int:
+    """The parameters of an architecture at the asked shape, counted on the meta device (no
+    weight is allocated, so a huge --image-size cannot exhaust memory)."""
+    import torch
+
+    from ..models import build_model, count_parameters
+
+    shape = (args.in_channels, args.num_classes, args.image_size)
+    try:
+        with torch.device("meta"):
+            return count_parameters(build_model(name, *shape))
+    except (RuntimeError, NotImplementedError):  # an architecture that needs real tensors
+        return count_parameters(build_model(name, *shape))
 
 
 def run(args: argparse.Namespace) -> int:
     """Build every architecture at the given shape and print its parameter count."""
-    from ..models import ARCHITECTURES, build_model, count_parameters
+    from ..models import ARCHITECTURES
 
-    check_output_file(args.json, "--json")
+    checked_outputs(args, [json_output(args.json)])
     rows: list[dict[str, Any]] = []
     for name in sorted(ARCHITECTURES):
         row: dict[str, Any] = {"arch": name, "description": ARCHITECTURES[name].description}
         try:  # one architecture that cannot take this shape does not hide the others
-            model = build_model(name, args.in_channels, args.num_classes, args.image_size)
-            row["parameters"] = count_parameters(model)
+            row["parameters"] = _count(name, args)
         except RobustlabError as exc:
             row.update(parameters=None, error=str(exc))
         rows.append(row)
@@ -60,5 +76,6 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             print(f"{r['arch']:<{width}}  {r['parameters']:>10,}  {r['description']}")
-    write_json(args.json, rows)
+    if args.json:
+        write_json(args.json, rows)
     return 0

@@ -11,27 +11,35 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RobustlabError
+from ..io import write_json
 from .common import (
     DATA_HELP,
     add_command,
     add_common,
     add_store,
+    add_trust_unhashed,
+    check_batch_size,
     check_fit,
-    check_output_dir,
-    check_output_file,
-    check_store,
+    checked_outputs,
+    draw_plots,
+    json_output,
+    model_info,
+    plot_outputs,
     say,
-    write_json,
+    store_output,
 )
 
 if TYPE_CHECKING:
     import torch
 
 DESCRIPTION = "DeepSloth slowdown attack on a multi-exit checkpoint, clean vs attacked"
+HISTOGRAM = "sloth_exit_histogram.png"
+CURVES = "sloth_efficacy_curve.png"
 
 
 def _summary(label: str, rec: Any, clean: Any) -> str:
@@ -44,12 +52,12 @@ def _summary(label: str, rec: Any, clean: Any) -> str:
     )
 
 
-def _load_multi_exit(path: str, device: str) -> tuple[Any, dict[str, Any]]:
+def _load_multi_exit(path: str, device: str, trust_unhashed: bool) -> tuple[Any, dict[str, Any]]:
     """Load a multi-exit checkpoint (from robustlab exits) onto the device."""
     from ..models.checkpoint import load_checkpoint
     from ..models.multiexit import MultiExitNetwork
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust_unhashed=trust_unhashed)
     if not isinstance(ckpt.model, MultiExitNetwork):
         raise RobustlabError(
             f"{path} is not a multi-exit checkpoint; attach exits first with robustlab exits"
@@ -80,21 +88,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.efficiency import measure_efficiency
-    from ..attacks.deepsloth import (
-        DeepSloth,
-        ExitPGD,
-        apply,
-        class_universal_perturbations,
-        universal_perturbation,
-    )
+    from ..attacks.deepsloth import apply, class_universal_perturbations, universal_perturbation
+    from ..attacks.registry import make_attack
     from ..core.device import resolve_device
     from ..data import load_data
     from ..models.multiexit import check_threshold
 
     device = resolve_device(args.device)
-    attack = DeepSloth(
-        norm=args.norm,
-        eps=args.eps,
+    attack: Any = make_attack(
+        "deepsloth",
+        args.norm,
+        args.eps,
         steps=args.steps,
         alpha=args.alpha,
         objective=args.objective,
@@ -103,18 +107,22 @@ def run(args: argparse.Namespace) -> int:
         margin=args.margin,
         seed=args.seed,
     )
-    if args.batch_size < 1:
-        raise RobustlabError(f"batch size must be >= 1, got {args.batch_size}")
+    check_batch_size(args.batch_size)
     if (args.universal or args.class_universal) and min(
         args.universal_epochs, args.universal_samples
     ) < 1:
         raise RobustlabError("--universal-epochs and --universal-samples must be >= 1")
-    check_output_file(args.json, "--json")
-    check_store(args.store)
-    check_output_dir(args.plots, "--plots")
-    model, manifest = _load_multi_exit(args.model, device)
+    outputs = [json_output(args.json), store_output(args.store)]
+    checked_outputs(
+        args,
+        [*outputs, *plot_outputs(args.plots, [HISTOGRAM, CURVES], "--plots")],
+        models=[args.model, args.surrogate],
+        data=[args.data],
+    )
+    trust = args.trust_unhashed
+    model, manifest = _load_multi_exit(args.model, device, trust)
     # the surrogate is loaded now, not after the (long) white-box attack
-    surrogate = _load_multi_exit(args.surrogate, device)[0] if args.surrogate else None
+    surrogate = _load_multi_exit(args.surrogate, device, trust)[0] if args.surrogate else None
     if args.threshold is not None:
         model.threshold = check_threshold(args.threshold)
     elif args.drop is not None:
@@ -161,12 +169,7 @@ def run(args: argparse.Namespace) -> int:
         "variant": attack.variant,
         "attack": attack.config(),
         "threat_model": attack.threat.as_dict(),
-        "model": {
-            "path": str(args.model),
-            "sha256": manifest["weights"]["sha256"],
-            "arch": m["arch"],
-            "positions": m["multi_exit"]["positions"],
-        },
+        "model": {**model_info(manifest, args.model), "positions": m["multi_exit"]["positions"]},
         "data": splits.name,
         "n": n,
         "seed": args.seed,
@@ -196,10 +199,10 @@ def run(args: argparse.Namespace) -> int:
         extra["class_universal"] = measure(apply(x, deltas[y]))
     if args.baselines:
         for target in ("final", "avg", "max"):
-            pgd = ExitPGD(norm=args.norm, eps=args.eps, steps=args.steps, target=target)
+            pgd: Any = make_attack(f"pgd-{target}", args.norm, args.eps, steps=args.steps)
             extra[pgd.variant] = measure(_craft(pgd, model, x, y, args.batch_size, progress))
-        paper = DeepSloth(
-            norm=args.norm, eps=args.eps, steps=args.steps, objective="uniform", optimizer="pgd"
+        paper: Any = make_attack(
+            "deepsloth", args.norm, args.eps, steps=args.steps, objective="uniform", optimizer="pgd"
         )
         if paper.variant != attack.variant:
             extra[paper.variant] = measure(_craft(paper, model, x, y, args.batch_size, progress))
@@ -210,24 +213,31 @@ def run(args: argparse.Namespace) -> int:
         say(_summary(label, rec, clean))
         record[label] = {**rec.to_dict(), "efficacy_drop": _drop(clean.efficacy, rec.efficacy)}
     record["extras"] = list(extra)
-    if args.plots:
-        from ..report.exit_plots import efficacy_curves, exit_histogram
-
-        shown = {"clean": clean, attack.variant: attacked, **extra}
-        out = Path(args.plots)
-        exit_histogram(shown, out / "sloth_exit_histogram.png", title="Where inputs exit")
-        efficacy_curves(shown, out / "sloth_efficacy_curve.png")
     print(
         f"{attack.variant} at {args.norm} eps={args.eps}: efficacy {clean.efficacy:.3f} -> "
         f"{attacked.efficacy:.3f} ({100 * record['efficacy_drop']:.1f} % drop), latency "
         f"{clean.latency_ms:.2f} -> {attacked.latency_ms:.2f} ms per input, final-exit accuracy "
         f"{100 * attacked.accuracy_final:.1f} %"
     )
-    write_json(args.json, record)
+    # the records first: a plot that cannot be drawn never costs one
+    if args.json:
+        write_json(args.json, record)
     if args.store:
         from ..store import ResultStore
 
         ResultStore(args.store).add(record, label=args.label or "sloth")
+    if args.plots:
+        from ..report.exit_plots import efficacy_curves, exit_histogram
+
+        shown = {"clean": clean, attack.variant: attacked, **extra}
+        out = Path(args.plots)
+        title = "Where inputs exit"
+        draw_plots(
+            [
+                partial(exit_histogram, shown, out / HISTOGRAM, title=title),
+                partial(efficacy_curves, shown, out / CURVES),
+            ]
+        )
     return 0
 
 
@@ -305,5 +315,6 @@ def register(sub: Any) -> None:
         "--latency-samples", type=int, default=200, help="inputs timed one by one (0: skip)"
     )
     add_store(p, "sloth")
+    add_trust_unhashed(p)
     add_common(p)
     p.set_defaults(func=run)

@@ -7,15 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RobustlabError
-from .common import (
-    DATA_HELP,
-    add_command,
-    add_common,
-    check_output_dir,
-    check_output_file,
-    key_values,
-    write_json,
-)
+from ..io import write_json
+from .common import DATA_HELP, add_command, add_common, checked_outputs, json_output, key_values
 
 DESCRIPTION = "train a model (standard, pgd-at or trades) and write its checkpoint"
 RECIPE = "(default: the method's recipe)"
@@ -55,9 +48,6 @@ def register(sub: Any) -> None:
         "--out", required=True, help="checkpoint folder (an interrupted run there resumes)"
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace a finished checkpoint in --out"
-    )
-    p.add_argument(
         "--calibration",
         type=int,
         default=0,
@@ -65,19 +55,27 @@ def register(sub: Any) -> None:
         "chooses thresholds on (0: train on all)",
     )
     p.add_argument("--data-seed", type=int, default=0, help="seed of the calibration split")
-    add_common(p, json_help="write the checkpoint's manifest as JSON here (default: not written)")
+    add_common(
+        p,
+        json_help="write the checkpoint's manifest as JSON here (default: not written)",
+        overwrite_help="replace a finished checkpoint in --out, and output files robustlab did "
+        "not write (files the command reads are never replaced)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the outputs, train, say how it went."""
-    from ..models.checkpoint import MANIFEST
+    from ..models import get_architecture
+    from ..models.checkpoint import MANIFEST, checkpoint_outputs
     from ..train import TrainConfig, train
     from ..train.loop import RESUME
 
     out = Path(args.out)
-    check_output_dir(args.out, "--out")
-    check_output_file(args.json, "--json")
+    outputs = [*checkpoint_outputs(out), json_output(args.json)]
+    checked_outputs(args, outputs, data=[args.data])
+    arch_options = key_values(args.arch_option)
+    get_architecture(args.arch).arguments(**arch_options)  # its options, before any work
     if (out / MANIFEST).exists() and not (out / RESUME).exists() and not args.overwrite:
         raise RobustlabError(
             f"{out} already holds a trained checkpoint; pass --overwrite or choose another --out"
@@ -95,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         beta=args.beta,
         eps_warmup=args.eps_warmup,
         seed=args.seed,
-        arch_options=key_values(args.arch_option),
+        arch_options=arch_options,
     )
     splits = None
     if args.calibration:
@@ -110,5 +108,6 @@ def run(args: argparse.Namespace) -> int:
         f"trained {cfg.arch} ({cfg.method}) in {result.manifest['train_time_s']:.0f} s: "
         f"clean test accuracy {100 * acc:.2f} %; checkpoint in {out}"
     )
-    write_json(args.json, result.manifest)
+    if args.json:
+        write_json(args.json, result.manifest)
     return 0

@@ -12,27 +12,36 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..errors import RobustlabError
+from ..io import write_json
 from .common import (
     DATA_HELP,
     DEVICE_HELP,
     add_command,
+    add_overwrite,
     add_store,
-    check_output_dir,
-    check_output_file,
-    check_store,
+    add_trust_unhashed,
+    cache_output,
+    checked_outputs,
+    draw_plots,
     floats,
+    json_output,
+    model_info,
     names,
+    plot_outputs,
     say,
-    write_json,
+    store_output,
 )
 
 DESCRIPTION = "transfer matrix: attacks crafted on sources (SGM, MI, DI, ...), evaluated on targets"
 DEFAULT_ATTACKS = "pgd,mi,di,sgm,sgm+mi+di"
 AT_METHODS = ("pgd-at", "trades")
+HEATMAP = "transfer_heatmap.png"
+SWEEP = "gamma_sweep.png"
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,8 @@ def register(sub: Any) -> None:
         metavar="PATH",
         help="write the result record (key 'cells') here (default: not written)",
     )
+    add_overwrite(p)
+    add_trust_unhashed(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -157,24 +168,29 @@ def _describe(manifest: dict[str, Any], where: Path, spec: ModelSpec) -> dict[st
     """The record's description of a model: where it is, what it is, how it was trained."""
     m = manifest.get("model", {})
     return {
-        "path": str(where),
-        "arch": m.get("arch"),
+        **model_info(manifest, where),
         "method": (manifest.get("training") or {}).get("method", spec.method),
-        "sha256": (manifest.get("weights") or {}).get("sha256"),
         "input_shape": [m.get("in_channels"), m.get("image_size"), m.get("image_size")],
         "clean_accuracy": (manifest.get("metrics") or {}).get("clean_accuracy"),
     }
 
 
 def _obtain(
-    spec: ModelSpec, args: argparse.Namespace, splits: Any, device: str, cache: Path
+    spec: ModelSpec,
+    args: argparse.Namespace,
+    splits: Any,
+    device: str,
+    cache: Path,
+    *,
+    trust_unhashed: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """Load a checkpoint, or reuse / train a zoo model; returns it and a description."""
+    """Load a checkpoint (one without a weights hash only if ``trust_unhashed``), or reuse /
+    train a zoo model; returns it and a description."""
     from ..models.checkpoint import load_checkpoint
     from ..train.cache import cached_folder, is_cached, obtain
 
     if spec.path is not None:
-        ckpt = load_checkpoint(spec.path)
+        ckpt = load_checkpoint(spec.path, trust_unhashed=trust_unhashed)
         return ckpt.model.to(device).eval(), _describe(ckpt.manifest, ckpt.path, spec)
     cfg = _train_config(spec, args)
     where = cached_folder(cfg, cache)
@@ -205,19 +221,6 @@ def _check_shape(name: str, role: str, info: dict[str, Any], splits: Any, others
         f"{role} '{name}' takes {shape} inputs, but {others} take {data_shape} inputs "
         f"({splits.name} images); sources and targets must share the input shape"
     )
-
-
-def _check_transforms(attacks: list[Any], sources: dict[str, Any]) -> None:
-    """Every source must have what its attacks' transforms need (SGM, LinBP: residual blocks)."""
-    for a in attacks:
-        if not a.sgm and a.linbp_block is None:
-            continue
-        for name, model in sources.items():
-            try:
-                with a.transforms(model):
-                    pass
-            except RobustlabError as exc:
-                raise RobustlabError(f"attack '{a.label}' on source '{name}': {exc}") from None
 
 
 def _ensembles(sources: list[str], models: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +256,7 @@ def _attacks(args: argparse.Namespace, gammas: list[float] | None) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything cheap first, then obtain the models, build and report the matrix."""
-    from ..analysis.transfer import transfer_matrix
+    from ..analysis.transfer import check_sources, transfer_matrix
     from ..core.device import resolve_device
     from ..data import load_data
     from ..train.cache import cache_root
@@ -269,12 +272,24 @@ def run(args: argparse.Namespace) -> int:
     for s in sources:
         if "" in s.split("+"):
             raise RobustlabError(f"source '{s}' has an empty ensemble member")
-    check_output_file(args.json, "--json")
-    check_store(args.store)
-    check_output_dir(args.plots, "--plots")
+    pngs = [HEATMAP, SWEEP] if gammas and len(gammas) > 1 else [HEATMAP]
+    outputs = [json_output(args.json), store_output(args.store)]
+    cache = Path(args.cache) if args.cache else cache_root()
+    trust = args.trust_unhashed
+    zoo = any(m.path is None for m in members.values())  # trained into or reused from the cache
+    checked_outputs(
+        args,
+        [
+            *outputs,
+            *plot_outputs(args.plots, pngs, "--plots"),
+            cache_output(cache) if zoo else None,
+        ],
+        models=[m.path for m in members.values()],
+        data=[args.data],
+        inputs=[cache] if zoo else [],
+    )
     device = resolve_device(args.device)
     splits = load_data(args.data)
-    cache = Path(args.cache) if args.cache else cache_root()
     models: dict[str, Any] = {}
     infos: dict[str, dict[str, Any]] = {}
     # before any training: the checkpoints' shapes, then the sources' structure (zoo models
@@ -282,17 +297,21 @@ def run(args: argparse.Namespace) -> int:
     for name, member in members.items():
         if member.path is None:
             continue
-        models[name], infos[name] = _obtain(member, args, splits, device, cache)
+        models[name], infos[name] = _obtain(
+            member, args, splits, device, cache, trust_unhashed=trust
+        )
         role = "target" if name in targets else "source"
         peers = [n for n in (sources if role == "target" else targets) if n != name]
         other_role = "source" if role == "target" else "target"
         others = f"the {other_role}s ({', '.join(peers)})"
         _check_shape(name, role, infos[name], splits, others if peers else "the data's")
     skeletons = {n: models[n] if n in models else _skeleton(m, splits) for n, m in members.items()}
-    _check_transforms(attacks, _ensembles(sources, skeletons))
+    check_sources(attacks, _ensembles(sources, skeletons))
     for name, member in members.items():
         if member.path is None:
-            models[name], infos[name] = _obtain(member, args, splits, device, cache)
+            models[name], infos[name] = _obtain(
+                member, args, splits, device, cache, trust_unhashed=trust
+            )
     result = transfer_matrix(
         _ensembles(sources, models),
         {t: models[t] for t in targets},
@@ -317,17 +336,21 @@ def run(args: argparse.Namespace) -> int:
         f"passes over the points, {result.elapsed_s:.1f} s"
     )
     record = result.to_dict()
+    sweep = bool(gammas and len(gammas) > 1 and any(not c.white_box for c in result.cells))
+    drawn = [HEATMAP, SWEEP] if sweep else [HEATMAP]
     if args.plots:
-        from ..report.transfer_plots import gamma_sweep_plot, transfer_heatmap
-
-        folder = Path(args.plots)
-        record["plots"] = [str(transfer_heatmap(result, folder / "transfer_heatmap.png"))]
-        if gammas and len(gammas) > 1 and any(not c.white_box for c in result.cells):
-            record["plots"].append(str(gamma_sweep_plot(result, folder / "gamma_sweep.png")))
-        print(f"plots: {', '.join(record['plots'])}")
-    write_json(args.json, record)
+        record["plots"] = [str(Path(args.plots) / name) for name in drawn]
+    # the records first: a plot that cannot be drawn never costs one
+    if args.json:
+        write_json(args.json, record)
     if args.store:
         from ..store import ResultStore
 
         ResultStore(args.store).add(record, label=args.label or "transfer")
+    if args.plots:
+        from ..report.transfer_plots import gamma_sweep_plot, transfer_heatmap
+
+        draw = {HEATMAP: transfer_heatmap, SWEEP: gamma_sweep_plot}
+        draw_plots(partial(draw[name], result, Path(args.plots) / name) for name in drawn)
+        print(f"plots: {', '.join(record['plots'])}")
     return 0

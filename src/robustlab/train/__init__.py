@@ -1,7 +1,29 @@
-"""Training: one loop, methods as strategies (standard, PGD-AT, TRADES), default recipes."""
+"""Training: one loop with hooks around the step, batches from a sampler, methods as registered
+strategies (standard, PGD-AT, TRADES, SDN exits), default recipes."""
 
-from .loop import TrainConfig, TrainResult, accuracy, lr_at, train
-from .methods import METHODS, PGDAT, TRADES, Method, Standard, make_method
+from .loop import (
+    Diverged,
+    EpochSampler,
+    TrainConfig,
+    TrainResult,
+    accuracy,
+    fit,
+    lr_at,
+    train,
+)
+from .methods import (
+    METHODS,
+    PGDAT,
+    TRADES,
+    EpochEnd,
+    Hook,
+    Method,
+    Standard,
+    Step,
+    make_method,
+    register_method,
+    require_finite,
+)
 from .recipes import RECIPES, recipe_for
 
 __all__ = [
@@ -9,13 +31,21 @@ __all__ = [
     "PGDAT",
     "RECIPES",
     "TRADES",
+    "Diverged",
+    "EpochEnd",
+    "EpochSampler",
+    "Hook",
     "Method",
     "Standard",
+    "Step",
     "TrainConfig",
     "TrainResult",
     "accuracy",
+    "fit",
     "lr_at",
     "make_method",
     "recipe_for",
+    "register_method",
+    "require_finite",
     "train",
 ]

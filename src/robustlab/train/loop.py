@@ -1,27 +1,32 @@
-"""The one training loop: seeded, resumable per epoch, methods plugged in as strategies."""
+"""The one training loop: batches from a sampler, a method and add-on hooks around each step,
+a divergence check per epoch; ``train`` runs it seeded and resumable per epoch."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler, Sampler
 from tqdm import tqdm
 
 from ..core.device import resolve_device
+from ..core.guard import evaluating
 from ..data import Dataset, DataSplits, load_data
 from ..errors import RobustlabError
 from ..io import atomic_write
 from ..models import build_model
-from ..models.checkpoint import MANIFEST, model_config, save_checkpoint
+from ..models.checkpoint import MANIFEST, model_config, read_torch_file, save_checkpoint
 from ..version import __version__
-from .methods import Method, make_method
+from .methods import METHODS, EpochEnd, Hook, Method, Step, make_method, require_finite
 from .recipes import recipe_for
 
 RESUME = "resume.pt"
@@ -29,7 +34,11 @@ RESUME = "resume.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run; unset fields take the method's recipe defaults."""
+    """Everything that defines a training run; unset fields take the method's recipe defaults.
+
+    Method options (eps, norm, steps, eps_warmup, beta) are handed to the method that takes
+    them, which validates them; the others are the loop's.
+    """
 
     arch: str = "resnet8"
     data: str = "mnist5k"
@@ -49,30 +58,30 @@ class TrainConfig:
     arch_options: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
-        """This config with every unset field filled from the recipe of its method."""
+        """This config with every unset field filled from the recipe of its method, checked."""
         recipe = recipe_for(self.method)
         filled = {k: recipe[k] for k in recipe if getattr(self, k, None) is None}
         cfg = replace(self, **filled)
+        require_finite(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
         if cfg.epochs is None or cfg.epochs < 1:
             raise RobustlabError(f"epochs must be >= 1, got {cfg.epochs}")
         if cfg.batch_size is None or cfg.batch_size < 1:
             raise RobustlabError(f"batch size must be >= 1, got {cfg.batch_size}")
         if cfg.lr is None or not cfg.lr > 0:
             raise RobustlabError(f"learning rate must be > 0, got {cfg.lr}")
+        if not 0 <= cfg.momentum < 1:
+            raise RobustlabError(f"momentum must be in [0, 1), got {cfg.momentum}")
+        if cfg.weight_decay is not None and cfg.weight_decay < 0:
+            raise RobustlabError(f"weight decay must be >= 0, got {cfg.weight_decay}")
         return cfg
 
     def make_method(self) -> Method:
-        """The training strategy this config names."""
-        if self.method == "standard":
-            return make_method("standard")
-        return make_method(
-            self.method,
-            eps=self.eps,
-            norm=self.norm,
-            steps=self.steps or 10,
-            eps_warmup=self.eps_warmup or 0.0,
-            **({"beta": self.beta} if self.method == "trades" else {}),
-        )
+        """The training strategy this config names, given the options it takes from here."""
+        own = {f.name for f in fields(self)}
+        cls = METHODS.get(self.method)
+        takes = [f.name for f in fields(cls) if f.init and f.name in own] if cls else []  # type: ignore[arg-type]
+        options = {k: getattr(self, k) for k in takes if getattr(self, k) is not None}
+        return make_method(self.method, **options)
 
 
 @dataclass
@@ -84,6 +93,41 @@ class TrainResult:
     manifest: dict[str, Any]
 
 
+class Diverged(RobustlabError):
+    """Training stopped because the loss or the weights became NaN or infinite."""
+
+    def __init__(self, epoch: int, loss: float) -> None:
+        super().__init__(
+            f"training diverged in epoch {epoch}: the loss or a weight became NaN or infinite "
+            f"(mean loss of the epoch {loss:.4g})"
+        )
+        self.epoch = epoch
+
+
+class EpochSampler(Sampler[int]):
+    """A new random order of the ``n`` training samples each epoch, drawn from ``generator``.
+
+    Its state lives in the generator (which resume restores), so ``set_epoch`` has nothing to
+    do; it is there so torch's ``DistributedSampler`` (which derives each epoch's order from a
+    seed and the epoch) can take this sampler's place in the loop.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n = n
+        self.generator = generator
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        """This epoch's order: one permutation drawn from the generator."""
+        yield from torch.randperm(self.n, generator=self.generator).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: the order comes from the generator's state."""
+
+
 def lr_at(step: int, total: int, lr: float, warmup: float = 0.15) -> float:
     """One-cycle schedule: linear warm-up over the first 15 % of steps, then cosine to zero."""
     w = max(1, int(total * warmup))
@@ -92,24 +136,117 @@ def lr_at(step: int, total: int, lr: float, warmup: float = 0.15) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
+def _all_finite(model: nn.Module) -> bool:
+    """Whether every floating-point weight and buffer of the model is finite."""
+    return all(
+        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+    )
+
+
+def fit(
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sampler: Sampler[int],
+    *,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    gen: torch.Generator,
+    hooks: Sequence[Hook] = (),
+    start_epoch: int = 0,
+    end_epoch: int | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    progress: bool = False,
+    desc: str = "train",
+) -> list[float]:
+    """Train epochs ``start_epoch`` to ``end_epoch`` (default ``epochs``) of an ``epochs`` run.
+
+    ``x``, ``y`` are the training set (where batches are gathered, e.g. on the device) and
+    ``sampler`` orders it; the learning rate follows ``lr_at`` over the whole run; ``gen`` is the
+    method's generator (random starts). ``method`` and then ``hooks`` are called around every
+    step (see ``methods``). After each epoch the loss and every weight must be finite, else
+    ``Diverged`` is raised before any ``end_epoch`` hook (so no state of that epoch is saved).
+    Returns the mean batch loss of each epoch run (fewer if a hook stopped training).
+    """
+    batches = BatchSampler(sampler, batch_size, drop_last=False)
+    per_epoch = len(batches)
+    if per_epoch == 0:
+        raise RobustlabError("cannot train on an empty training set")
+    total = epochs * per_epoch
+    end = epochs if end_epoch is None else end_epoch
+    around = [method, *hooks]
+    unwind = around[::-1]
+    history: list[float] = []
+    bar = tqdm(
+        total=(end - start_epoch) * per_epoch,
+        desc=desc,
+        disable=not progress,
+        file=sys.stderr,
+        unit="batch",
+        leave=False,
+    )
+    model.train()
+    for hook in around:
+        hook.start(model)
+    try:
+        for epoch in range(start_epoch, end):
+            started = time.perf_counter()
+            set_epoch = getattr(sampler, "set_epoch", None)
+            if set_epoch is not None:
+                set_epoch(epoch)
+            losses: list[torch.Tensor] = []
+            for b, indices in enumerate(batches):
+                number = epoch * per_epoch + b
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(number, total, lr)
+                index = torch.tensor(indices, device=x.device)
+                xb = x[index].contiguous(memory_format=memory_format)
+                step = Step(model, optimizer, xb, y[index], index, epoch, number, total, gen)
+                for hook in around:
+                    hook.before_forward(step)
+                loss = step.loss = method.loss(model, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for hook in around:
+                    hook.after_backward(step)
+                optimizer.step()
+                for hook in unwind:
+                    hook.after_step(step)
+                losses.append(loss.detach())
+                bar.update(1)
+            mean = 0.0
+            for value in torch.stack(losses).tolist():
+                mean += value
+            mean /= len(losses)
+            if not math.isfinite(mean) or not _all_finite(model):
+                raise Diverged(epoch + 1, mean)
+            history.append(mean)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{mean:.3f}")
+            end_state = EpochEnd(model, optimizer, epoch + 1, mean, started)
+            for hook in around:
+                hook.end_epoch(end_state)
+            if end_state.stop:
+                break
+    finally:
+        bar.close()
+    return history
+
+
 def accuracy(model: nn.Module, data: Dataset, batch_size: int = 500, device: str = "cpu") -> float:
-    """Top-1 accuracy of a model on a dataset, in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
+    """Top-1 accuracy of a model on a dataset, in eval mode (the model's modes are restored)."""
     correct = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), evaluating(model):
         for i in range(0, len(data), batch_size):
             x = data.x[i : i + batch_size].to(device)
             correct += int((model(x).argmax(1).cpu() == data.y[i : i + batch_size]).sum())
-    model.train(was_training)
     return correct / len(data)
 
 
-def _save_resume(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
 def _config_key(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config as resume states and manifests record it."""
     return asdict(cfg)
 
 
@@ -120,6 +257,33 @@ def _split_key(splits: DataSplits | None) -> str:
     return f"calibration={len(splits.calibration)},seed={splits.seed}"
 
 
+class _ResumeWriter(Hook):
+    """Writes the resume state after every finished epoch and counts the training time."""
+
+    def __init__(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        gens: tuple[torch.Generator, torch.Generator],
+        elapsed: float,
+    ) -> None:
+        self.path, self.header, self.gens, self.elapsed = path, header, gens, elapsed
+
+    def end_epoch(self, end: EpochEnd) -> None:
+        """Save everything a resumed run needs to continue bit for bit."""
+        state = {
+            **self.header,
+            "epoch": end.epoch,
+            "elapsed": self.elapsed + time.perf_counter() - end.started,
+            "model": end.model.state_dict(),
+            "optimizer": end.optimizer.state_dict(),
+            "gen": self.gens[0].get_state(),
+            "attack_gen": self.gens[1].get_state(),
+        }
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        self.elapsed += time.perf_counter() - end.started  # saving is part of training's cost
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -128,10 +292,15 @@ def train(
     device: str = "auto",
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> TrainResult:
     """Train a model and write its checkpoint to ``out``; resumes an interrupted run there.
 
+    ``hooks`` are add-ons called around every step after the method's own (see ``methods``).
     ``stop_after_epochs`` ends the run early as if interrupted (for tests of resumption).
+    If training diverges, the resume state of the last finished epoch stays and nothing else
+    is written. If a hook stops training early, the checkpoint is written and its manifest says
+    after which epoch (``training.stopped_after_epoch``).
     """
     cfg = config.resolved()
     method = cfg.make_method()
@@ -164,10 +333,9 @@ def train(
     attack_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     start_epoch, elapsed = 0, 0.0
     if resume_path.exists():
-        try:
-            state = torch.load(resume_path, map_location=dev, weights_only=True)
-        except Exception as exc:  # a torn or foreign file: say so rather than train over it
-            raise RobustlabError(f"cannot read the resume state {resume_path}: {exc}") from None
+        state = read_torch_file(resume_path, "a training resume state", map_location=dev)
+        if not isinstance(state, dict):
+            raise RobustlabError(f"{resume_path} is not a robustlab training resume state")
         if state.get("config") != _config_key(cfg):
             raise RobustlabError(
                 f"{out_dir} holds an unfinished run with a different configuration; "
@@ -183,56 +351,45 @@ def train(
         gen.set_state(state["gen"])
         attack_gen.set_state(state["attack_gen"])
         start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
-    x_train, y_train = splits.train.x.to(dev), splits.train.y.to(dev)
-    n = len(x_train)
-    batches = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * batches
+    header = {"config": _config_key(cfg), "split": _split_key(splits)}
+    writer = _ResumeWriter(resume_path, header, (gen, attack_gen), elapsed)
     end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
-    bar = tqdm(
-        total=(end_epoch - start_epoch) * batches,
-        desc=f"train {cfg.arch} {method.name}",
-        disable=not progress,
-        file=sys.stderr,
-        unit="batch",
-        leave=False,
-    )
-    model.train()
-    for epoch in range(start_epoch, end_epoch):
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(dev)
-        running = torch.zeros((), device=dev)
-        for b in range(batches):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * batches + b, total, cfg.lr)
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x = x_train[idx].contiguous(memory_format=memory_format)
-            step = epoch * batches + b
-            loss = method.loss(model, x, y_train[idx], (step + 1) / total, attack_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach()
-            bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{float(running) / batches:.3f}")
-        _save_resume(
-            resume_path,
-            {
-                "config": _config_key(cfg),
-                "split": _split_key(splits),
-                "epoch": epoch + 1,
-                "elapsed": elapsed + time.perf_counter() - t0,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "gen": gen.get_state(),
-                "attack_gen": attack_gen.get_state(),
-            },
+    try:
+        history = fit(
+            model,
+            method,
+            optimizer,
+            splits.train.x.to(dev),
+            splits.train.y.to(dev),
+            EpochSampler(len(splits.train), gen),
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            gen=attack_gen,
+            hooks=[*hooks, writer],
+            start_epoch=start_epoch,
+            end_epoch=end_epoch,
+            memory_format=memory_format,
+            progress=progress,
+            desc=f"train {cfg.arch} {method.name}",
         )
-        elapsed += time.perf_counter() - t0  # the resume state is part of the cost of training
-    bar.close()
+    except Diverged as exc:
+        kept = (
+            f"the state after epoch {exc.epoch - 1} stays in {resume_path}"
+            if resume_path.exists()
+            else "no epoch finished, so nothing was saved"
+        )
+        raise RobustlabError(
+            f"{exc}; no checkpoint was written and {kept}; try a lower learning rate"
+        ) from None
     model.eval()
-    if end_epoch < cfg.epochs:
+    ran = start_epoch + len(history)
+    if ran == end_epoch < cfg.epochs:
         return TrainResult(model, out_dir, {"unfinished": True, "epoch": end_epoch})
     clean = accuracy(model, splits.test, device=dev)
+    training: dict[str, Any] = {**_config_key(cfg), "method_config": method.config()}
+    if ran < cfg.epochs:  # a hook stopped training early
+        training["stopped_after_epoch"] = ran
     manifest = {
         "model": model_config(
             cfg.arch,
@@ -244,14 +401,14 @@ def train(
             cfg.arch_options,
         ),
         "dataset": splits.info(),
-        "training": {**_config_key(cfg), "method_config": method.config()},
+        "training": training,
         "metrics": {"clean_accuracy": clean, "test_samples": len(splits.test)},
-        "train_time_s": round(elapsed, 2),
+        "train_time_s": round(writer.elapsed, 2),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "robustlab_version": __version__,
     }
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     save_checkpoint(model, out_dir, manifest)
     resume_path.unlink(missing_ok=True)
-    manifest = __import__("json").loads((out_dir / MANIFEST).read_text())
+    manifest = json.loads((out_dir / MANIFEST).read_text())
     return TrainResult(model, out_dir, manifest)

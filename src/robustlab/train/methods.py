@@ -1,60 +1,164 @@
-"""Training methods as small strategies: each turns a batch into the loss to minimise."""
+"""Training methods as strategies, and the hooks around the optimisation step they plug into.
+
+The loop (``loop.fit``) runs, for every batch: the learning rate is set; ``before_forward``
+(the method first, where it crafts what its loss needs, e.g. adversarial examples; then any
+add-on); the method's ``loss`` and its backward; ``after_backward``; the optimiser step;
+``after_step`` (add-ons in reverse order, so a perturbation made before the forward is undone
+after the step, as AWP does); and once per epoch ``end_epoch``. Each method registers itself
+by name beside its definition and owns its options (TRADES' beta belongs to TRADES).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Protocol
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks.optim import SteepestStep, ascend
+from ..core.guard import evaluating
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 
 
-class Method(Protocol):
-    """A training method: the loss of one batch at a point of training (progress in [0,1))."""
+def require_finite(**values: object) -> None:
+    """Refuse a NaN or infinite hyper-parameter with one sentence naming it."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RobustlabError(f"{name} must be a finite number, got {value}")
+
+
+@dataclass
+class Step:
+    """One optimisation step as methods and hooks see it (``number`` counts steps from 0)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    epoch: int
+    number: int
+    total: int
+    gen: torch.Generator
+    x_adv: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
     @property
-    def name(self) -> str: ...
+    def progress(self) -> float:
+        """How far training is once this step is taken, in (0, 1]."""
+        return (self.number + 1) / self.total
 
-    def loss(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        progress: float,
-        gen: torch.Generator,
-    ) -> torch.Tensor: ...
-
-    def config(self) -> dict[str, object]: ...
+    @property
+    def adversarial(self) -> torch.Tensor:
+        """The adversarial batch the method crafted in ``before_forward``."""
+        if self.x_adv is None:
+            raise RuntimeError("no adversarial batch: the method's before_forward crafted none")
+        return self.x_adv
 
 
-@dataclass(frozen=True)
-class Standard:
-    """Plain empirical risk minimisation with cross-entropy."""
+@dataclass
+class EpochEnd:
+    """What end-of-epoch hooks see: the epoch just finished (from 1) and its mean batch loss.
 
-    name: str = "standard"
+    ``started`` is the ``time.perf_counter()`` at the epoch's start; the loss and every weight
+    were checked finite before any hook sees this. A hook sets ``stop`` to end training after
+    this epoch (say, a catastrophic-overfitting check); the hooks after it still run.
+    """
 
-    def loss(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        progress: float,
-        gen: torch.Generator,
-    ) -> torch.Tensor:
-        """Cross-entropy on the clean batch."""
-        return F.cross_entropy(model(x), y)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int
+    loss: float
+    started: float
+    stop: bool = False
+
+
+class Hook:
+    """Code run around each optimisation step; every point is a no-op until overridden."""
+
+    def start(self, model: nn.Module) -> None:
+        """Once before the first step of a (possibly resumed) run, the model in train mode."""
+
+    def before_forward(self, step: Step) -> None:
+        """Before the loss's forward and backward (the method's own hook runs first)."""
+
+    def after_backward(self, step: Step) -> None:
+        """Gradients are in ``.grad`` and ``step.loss`` is set; the optimiser has not stepped."""
+
+    def after_step(self, step: Step) -> None:
+        """After the optimiser step (add-ons in reverse order of installation)."""
+
+    def end_epoch(self, end: EpochEnd) -> None:
+        """After an epoch whose loss and weights were found finite."""
+
+
+class Method(Hook, ABC):
+    """A training strategy: hooks around the step plus the loss of one batch to minimise."""
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
+        """The batch's objective under ``model`` (add-ons such as AWP call it on a proxy)."""
 
     def config(self) -> dict[str, object]:
-        """JSON-able description."""
-        return {"name": self.name}
+        """JSON-able description: the method's options and its name."""
+        options: dict[str, object] = asdict(self) if is_dataclass(self) else {}
+        return {**options, "name": self.name}
+
+
+METHODS: dict[str, type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: make a method selectable by ``name`` (``--method``)."""
+
+    def add(cls: M) -> M:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def make_method(name: str, **options: object) -> Method:
+    """Build a registered training method by name from its own options."""
+    if name not in METHODS:
+        raise RobustlabError(f"unknown training method '{name}'; use one of {', '.join(METHODS)}")
+    cls = METHODS[name]
+    required = [
+        f.name
+        for f in fields(cls)  # type: ignore[arg-type]
+        if f.init and f.default is MISSING and f.default_factory is MISSING
+    ]
+    for option in required:
+        if options.get(option) is None:
+            raise RobustlabError(f"method '{name}' needs --{option.replace('_', '-')}")
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise RobustlabError(f"bad option for method '{name}': {exc}") from None
+
+
+@register_method("standard")
+@dataclass(frozen=True)
+class Standard(Method):
+    """Plain empirical risk minimisation with cross-entropy."""
+
+    def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
+        """Cross-entropy on the clean batch."""
+        return F.cross_entropy(model(step.x), step.y)
 
 
 @dataclass(frozen=True)
-class _Adversarial:
+class _Adversarial(Method):
     """Shared settings of adversarial training: threat model, inner steps, eps warm-up."""
 
     eps: float
@@ -65,10 +169,13 @@ class _Adversarial:
 
     def __post_init__(self) -> None:
         ThreatModel(self.norm, self.eps)
+        require_finite(alpha_ratio=self.alpha_ratio, eps_warmup=self.eps_warmup)
         if self.eps == 0:
             raise RobustlabError("adversarial training needs eps > 0 (use --method standard)")
         if self.steps < 1:
             raise RobustlabError("adversarial training needs at least one inner step")
+        if not self.alpha_ratio > 0:
+            raise RobustlabError(f"the step-size ratio must be > 0, got {self.alpha_ratio}")
         if not 0 <= self.eps_warmup < 1:
             raise RobustlabError(
                 f"eps warm-up must be a fraction of training in [0, 1), got {self.eps_warmup}"
@@ -76,7 +183,7 @@ class _Adversarial:
 
     def config(self) -> dict[str, object]:
         """JSON-able description, with the step size actually used."""
-        return {**asdict(self), "alpha": self.alpha_ratio * self.eps / self.steps}
+        return {**super().config(), "alpha": self.alpha_ratio * self.eps / self.steps}
 
     def threat_at(self, progress: float) -> ThreatModel:
         """The threat model trained against now: eps grows linearly over the warm-up fraction."""
@@ -94,44 +201,33 @@ class _Adversarial:
         y: torch.Tensor,
     ) -> torch.Tensor:
         """Maximise the inner objective by projected steepest ascent, with BN in eval mode."""
-        alpha = self.alpha_ratio * threat.eps / self.steps
-        was_training = model.training
-        model.eval()
-        x_adv = start
-        try:
-            for _ in range(self.steps):
-                x_adv = x_adv.detach().requires_grad_(True)
-                out = model(x_adv)
-                obj = (
-                    F.cross_entropy(out, y, reduction="sum")
-                    if objective is None
-                    else objective(out)
-                )
-                grad = torch.autograd.grad(obj, x_adv)[0]
-                x_adv = threat.project(x, x_adv.detach() + alpha * threat.steepest_step(grad))
-        finally:
-            model.train(was_training)
-        return x_adv.detach()
+        step = SteepestStep(self.alpha_ratio * threat.eps / self.steps)
+
+        def value(z: torch.Tensor) -> torch.Tensor:
+            """Per-sample cross-entropy, or the method's own (summed) objective."""
+            out = model(z)
+            return (
+                F.cross_entropy(out, y, reduction="none") if objective is None else objective(out)
+            )
+
+        with evaluating(model):
+            return ascend(value, x, start, threat, step, self.steps).detach()
 
 
+@register_method("pgd-at")
 @dataclass(frozen=True)
 class PGDAT(_Adversarial):
     """Madry et al. (2018): cross-entropy on PGD examples from a random start."""
 
-    name: str = "pgd-at"
+    def before_forward(self, step: Step) -> None:
+        """Craft the batch's PGD examples."""
+        threat = self.threat_at(step.progress)
+        start = threat.random_start(step.x, step.gen)
+        step.x_adv = self.inner(step.model, step.x, start, threat, None, step.y)
 
-    def loss(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        progress: float,
-        gen: torch.Generator,
-    ) -> torch.Tensor:
+    def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
         """Cross-entropy on the PGD examples of the batch."""
-        threat = self.threat_at(progress)
-        x_adv = self.inner(model, x, threat.random_start(x, gen), threat, None, y)
-        return F.cross_entropy(model(x_adv), y)
+        return F.cross_entropy(model(step.adversarial), step.y)
 
 
 class _KLToClean(nn.Module):
@@ -142,52 +238,35 @@ class _KLToClean(nn.Module):
         self.p_clean = p_clean
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """The objective for the current adversarial logits."""
         return F.kl_div(F.log_softmax(logits, dim=1), self.p_clean, reduction="sum")
 
 
+@register_method("trades")
 @dataclass(frozen=True)
 class TRADES(_Adversarial):
     """Zhang et al. (2019): clean cross-entropy + beta * KL(clean || adversarial)."""
 
     beta: float = 6.0
-    name: str = "trades"
 
-    def loss(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        progress: float,
-        gen: torch.Generator,
-    ) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_finite(beta=self.beta)
+        if self.beta < 0:
+            raise RobustlabError(f"trades needs beta >= 0, got {self.beta}")
+
+    def before_forward(self, step: Step) -> None:
+        """Craft the examples that maximise the KL to the clean prediction (eval mode)."""
+        threat = self.threat_at(step.progress)
+        x = step.x
+        with torch.no_grad(), evaluating(step.model):
+            p_clean = F.softmax(step.model(x), dim=1)
+        noise = 0.001 * torch.randn(x.shape, generator=step.gen, dtype=x.dtype, device=x.device)
+        start = threat.project(x, x + noise)
+        step.x_adv = self.inner(step.model, x, start, threat, _KLToClean(p_clean), step.y)
+
+    def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
         """The TRADES objective on the batch."""
-        threat = self.threat_at(progress)
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            p_clean = F.softmax(model(x), dim=1)
-            model.train(was_training)
-        noise = 0.001 * torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
-        x_adv = self.inner(model, x, threat.project(x, x + noise), threat, _KLToClean(p_clean), y)
-        clean, adv = model(x), model(x_adv)
+        clean, adv = model(step.x), model(step.adversarial)
         robust = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
-        return F.cross_entropy(clean, y) + self.beta * robust
-
-
-METHODS = ("standard", "pgd-at", "trades")
-
-
-def make_method(name: str, eps: float | None = None, **options: object) -> Method:
-    """Build a training method by name; adversarial ones need eps."""
-    if name == "standard":
-        return Standard()
-    if name not in METHODS:
-        raise RobustlabError(f"unknown training method '{name}'; use one of {', '.join(METHODS)}")
-    if eps is None:
-        raise RobustlabError(f"method '{name}' needs --eps")
-    cls = PGDAT if name == "pgd-at" else TRADES
-    try:
-        method: Method = cls(eps=eps, **options)  # type: ignore[arg-type]
-        return method
-    except TypeError as exc:
-        raise RobustlabError(f"bad option for method '{name}': {exc}") from None
+        return F.cross_entropy(clean, step.y) + self.beta * robust

@@ -9,25 +9,29 @@
   also attacked, with PGD on the average cross-entropy over every exit (``pgd``, the
   "PGD-avg" of DeepSloth) or with DeepSloth examples (``deepsloth``); the loss averages the
   clean and the adversarial batch.
+
+All three are one strategy, ``ExitTraining``, run by the one training loop (``loop.fit``).
 """
 
 from __future__ import annotations
 
-import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from torch import nn
 
+from ..attacks.deepsloth import DeepSloth
+from ..attacks.optim import SteepestStep, ascend
+from ..core.guard import evaluating, frozen_eval
 from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
-from ..models.multiexit import MultiExitNetwork
-from .loop import lr_at
+from ..models.multiexit import MultiExitNetwork, exit_predictions
+from .loop import Diverged, EpochSampler, fit
+from .methods import Method, Step, require_finite
 
 MODES = ("ic-only", "end-to-end")
 ADVERSARIES = ("none", "pgd", "deepsloth")
@@ -49,6 +53,7 @@ class SDNConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        require_finite(lr=self.lr, weight_decay=self.weight_decay, adv_eps=self.adv_eps)
         if self.mode not in MODES:
             raise RobustlabError(
                 f"unknown exit training mode '{self.mode}'; use {' or '.join(MODES)}"
@@ -64,6 +69,8 @@ class SDNConfig:
             )
         if self.lr is not None and not self.lr > 0:
             raise RobustlabError(f"learning rate must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise RobustlabError(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.adversary != "none":
             ThreatModel(self.adv_norm, self.adv_eps)
             if self.adv_eps <= 0 or self.adv_steps < 1:
@@ -100,31 +107,23 @@ def _pgd_avg(
 ) -> torch.Tensor:
     """PGD maximising the cross-entropy averaged over every exit, from a random start."""
     threat = ThreatModel(cfg.adv_norm, cfg.adv_eps)
-    alpha = 2.5 * cfg.adv_eps / cfg.adv_steps
-    x_adv = threat.random_start(x, gen)
-    for _ in range(cfg.adv_steps):
-        x_adv = x_adv.detach().requires_grad_(True)
-        outs = model.all_exits(x_adv)
-        obj = torch.stack([F.cross_entropy(o, y, reduction="sum") for o in outs]).sum()
-        grad = torch.autograd.grad(obj, x_adv)[0]
-        x_adv = threat.project(x, x_adv.detach() + alpha * threat.steepest_step(grad))
-    return x_adv.detach()
+
+    def every_exit(z: torch.Tensor) -> torch.Tensor:
+        """Per sample, the sum of every exit's cross-entropy."""
+        outs = model.all_exits(z)
+        return torch.stack([F.cross_entropy(o, y, reduction="none") for o in outs]).sum(0)
+
+    step = SteepestStep(2.5 * cfg.adv_eps / cfg.adv_steps)
+    return ascend(every_exit, x, threat.random_start(x, gen), threat, step, cfg.adv_steps).detach()
 
 
 def adversarial_batch(
     model: MultiExitNetwork, x: torch.Tensor, y: torch.Tensor, cfg: SDNConfig, gen: torch.Generator
 ) -> torch.Tensor:
     """The batch's adversarial examples for exit training, crafted with the model in eval mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in grads:
-            p.requires_grad_(False)
+    with frozen_eval(model, warn_train_mode=False):
         if cfg.adversary == "pgd":
             return _pgd_avg(model, x, y, cfg, gen)
-        from ..attacks.deepsloth import DeepSloth
-
         attack = DeepSloth(
             norm=cfg.adv_norm,
             eps=cfg.adv_eps,
@@ -134,11 +133,64 @@ def adversarial_batch(
             seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
         )
         return attack.run(model, x, y)
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, requires_grad in grads:
-            p.requires_grad_(requires_grad)
+
+
+class ExitTraining(Method):
+    """Exit training as a strategy of the loop: IC-only (backbone frozen; heads on cached
+    features when the inputs are clean) or end-to-end with SDN's IC weights, and optionally
+    on adversarial examples too (the loss averages the clean and the adversarial batch)."""
+
+    name = "sdn-exits"
+
+    def __init__(
+        self, cfg: SDNConfig, cached: list[tuple[torch.Tensor, ...]] | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.cached = cached
+
+    def start(self, model: nn.Module) -> None:
+        """IC-only: the frozen backbone stays in eval mode (its batch-norm statistics as trained)."""
+        if self.cfg.mode == "ic-only":
+            assert isinstance(model, MultiExitNetwork)
+            model.backbone.eval()
+
+    def before_forward(self, step: Step) -> None:
+        """Craft the batch's adversarial examples, if exits are trained against an adversary."""
+        if self.cfg.adversary != "none":
+            assert isinstance(step.model, MultiExitNetwork)
+            step.x_adv = adversarial_batch(step.model, step.x, step.y, self.cfg, step.gen)
+
+    def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
+        """IC-only: the sum of the ICs' losses; end-to-end: final loss + weighted IC losses."""
+        assert isinstance(model, MultiExitNetwork)
+        ic_only = self.cfg.mode == "ic-only"
+        inputs = [step.x] if step.x_adv is None else [step.x, step.x_adv]
+        device = step.x.device
+        loss = torch.zeros((), device=device)
+        for xb in inputs:
+            if self.cached is not None:  # frozen backbone, clean inputs: heads only
+                outs = [
+                    head.classify(tuple(t[step.index] for t in parts))
+                    for head, parts in zip(model.exit_heads, self.cached, strict=True)
+                ]
+                outs.append(outs[-1])  # the final exit does not enter the IC-only loss
+            else:
+                outs = model.all_exits(xb)
+            losses = exit_losses(outs, step.y)
+            if ic_only:
+                part = sum(losses[:-1], torch.zeros((), device=device))
+            else:
+                w = ic_weights(model, step.progress)
+                part = losses[-1] + sum(
+                    (wk * lk for wk, lk in zip(w, losses[:-1], strict=True)),
+                    torch.zeros((), device=device),
+                )
+            loss = loss + part / len(inputs)
+        return loss
+
+    def config(self) -> dict[str, object]:
+        """JSON-able description: the exit training configuration."""
+        return self.cfg.as_dict()
 
 
 def train_exits(
@@ -177,64 +229,26 @@ def train_exits(
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     x_all, y_all = data.x.to(device), data.y.to(device)
     n = len(x_all)
-    batches = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * batches
-    history: list[float] = []
     t0 = time.perf_counter()
     cached = head_features(model, x_all) if ic_only and cfg.adversary == "none" else None
-    bar = tqdm(
-        total=total,
-        desc=f"train exits ({cfg.mode})",
-        disable=not progress,
-        file=sys.stderr,
-        unit="batch",
-        leave=False,
-    )
     try:
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen).to(device)
-            running = 0.0
-            for b in range(batches):
-                step = epoch * batches + b
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, cfg.learning_rate)
-                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                x, y = x_all[idx], y_all[idx]
-                inputs = [x]
-                if cfg.adversary != "none":
-                    inputs.append(adversarial_batch(model, x, y, cfg, attack_gen))
-                model.train()
-                if ic_only:
-                    model.backbone.eval()  # frozen: batch-norm statistics stay as trained
-                loss = torch.zeros((), device=device)
-                for xb in inputs:
-                    if cached is not None:  # frozen backbone, clean inputs: heads only
-                        outs = [
-                            head.classify(tuple(t[idx] for t in parts))
-                            for head, parts in zip(model.exit_heads, cached, strict=True)
-                        ]
-                        outs.append(outs[-1])  # the final exit does not enter the IC-only loss
-                    else:
-                        outs = model.all_exits(xb)
-                    losses = exit_losses(outs, y)
-                    if ic_only:
-                        part = sum(losses[:-1], torch.zeros((), device=device))
-                    else:
-                        w = ic_weights(model, (step + 1) / total)
-                        part = losses[-1] + sum(
-                            (wk * lk for wk, lk in zip(w, losses[:-1], strict=True)),
-                            torch.zeros((), device=device),
-                        )
-                    loss = loss + part / len(inputs)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += float(loss.detach())
-                bar.update(1)
-            history.append(running / batches)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
+        history = fit(
+            model,
+            ExitTraining(cfg, cached),
+            optimizer,
+            x_all,
+            y_all,
+            EpochSampler(n, gen),
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            lr=cfg.learning_rate,
+            gen=attack_gen,
+            progress=progress,
+            desc=f"train exits ({cfg.mode})",
+        )
+    except Diverged as exc:
+        raise RobustlabError(f"{exc}; try a lower learning rate") from None
     finally:
-        bar.close()
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
@@ -255,10 +269,8 @@ def head_features(
     With the backbone frozen and clean inputs these never change, so IC-only training computes
     them once instead of running the backbone every epoch.
     """
-    modes = [(m, m.training) for m in model.modules()]
     chunks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in model.heads]
-    try:
-        model.eval()
+    with evaluating(model):
         for i in range(0, len(x), batch_size):
             h = x[i : i + batch_size]
             k = 0
@@ -269,16 +281,11 @@ def head_features(
                 if model.positions[k] == u:
                     chunks[k].append(model.exit_heads[k].features(h))
                     k += 1
-    finally:
-        for m, training in modes:
-            m.training = training
     return [tuple(torch.cat(parts) for parts in zip(*per, strict=True)) for per in chunks]
 
 
 @torch.no_grad()
 def exit_accuracies(model: MultiExitNetwork, data: Dataset, batch_size: int = 500) -> list[float]:
     """Accuracy of every exit on ``data`` (ICs in order, the final exit last), eval mode."""
-    from ..models.multiexit import exit_predictions
-
     _, preds = exit_predictions(model, data.x, model.rule, batch_size)
     return [float(v) for v in (preds == data.y[:, None].cpu()).float().mean(0)]
