@@ -93,7 +93,7 @@ def main() -> None:
             name = str(step["attack"])
             floor += entering * budget[name]
             steps.append({**step, "entering": round(entering)})
-            entering = float(step["robust_accuracy_after"]) * rec.n  # type: ignore[arg-type]
+            entering = float(step["robust_accuracy_after"]) * rec.n
         out = {
             "model": path,
             "n": rec.n,

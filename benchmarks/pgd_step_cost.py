@@ -53,7 +53,7 @@ def main() -> None:
         model = load(args.model).eval()
         xs = x
         if fmt == "channels_last":
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
             xs = x.contiguous(memory_format=torch.channels_last)
         for p_ in model.parameters():
             p_.requires_grad_(False)

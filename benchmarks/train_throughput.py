@@ -35,7 +35,7 @@ def hand_loop(arch: str, epochs: int, batch: int, channels_last: bool, clock: Cl
     torch.manual_seed(0)
     model = build_model(arch, 1, 10, 28, splits.mean, splits.std)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)  # type: ignore[call-overload]
+    model.to(memory_format=fmt)  # type: ignore[call-overload]  # torch's Module.to overloads omit memory_format
     opt = torch.optim.SGD(
         model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
 
 import pytest
 import torch
@@ -103,7 +102,7 @@ def test_autoattack_not_weaker_than_pgd_with_restarts(
     assert aa.robust_accuracy <= pgd.robust_accuracy
     steps = [p["attack"] for p in aa.per_attack]
     assert steps == ["apgd-ce", "apgd-t"]
-    afters = [cast(float, p["robust_accuracy_after"]) for p in aa.per_attack]
+    afters = [p["robust_accuracy_after"] for p in aa.per_attack]
     assert afters == sorted(afters, reverse=True) and afters[-1] == aa.robust_accuracy
 
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,13 +228,19 @@ def test_demo_pipeline_end_to_end_in_small(
         "standard mlp": TrainConfig(arch="mlp", method="standard", epochs=1),
         "PGD-AT mlp": TrainConfig(arch="mlp", method="pgd-at", eps=0.3, epochs=1, steps=2),
     }
-    kwargs = {"models": models, "eps_grid": (0.0, 0.1, 0.3), "n": 50, "steps": 3, "progress": False}
-    report = run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {
+        "models": models,
+        "eps_grid": (0.0, 0.1, 0.3),
+        "n": 50,
+        "steps": 3,
+        "progress": False,
+    }
+    report = run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)
     first = capsys.readouterr().err
     assert "train standard mlp" in first and "render report" in first
     html = report.read_text()
     assert "standard mlp" in html and "PGD-AT mlp" in html and "data:image/png;base64," in html
-    run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)  # type: ignore[arg-type]
+    run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)
     second = capsys.readouterr().err
     assert "reuse standard mlp" in second and "train standard mlp" not in second
 
@@ -395,8 +402,14 @@ def test_demo_keeps_the_records_already_in_its_store(tmp_path: Path) -> None:
     mine = ResultStore(out / "results.sqlite")
     mine.add({"kind": "eval", "robust_accuracy": 0.5, "created": "x"}, label="my own model")
     models = {"standard mlp": TrainConfig(arch="mlp", method="standard", epochs=1)}
-    kwargs = {"models": models, "eps_grid": (0.0, 0.1), "n": 20, "steps": 2, "progress": False}
-    report = run_demo(out, cache=tmp_path / "cache", **kwargs)  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {
+        "models": models,
+        "eps_grid": (0.0, 0.1),
+        "n": 20,
+        "steps": 2,
+        "progress": False,
+    }
+    report = run_demo(out, cache=tmp_path / "cache", **kwargs)
     kept = ResultStore(out / "results.sqlite").records(label="my own model")
     assert kept == [
         {"kind": "eval", "robust_accuracy": 0.5, "created": "x", "label": "my own model"}

@@ -42,7 +42,7 @@ class DiesAfter(PGD):
         return super().run(model, x, y, *a, **k)
 
 
-def toy() -> tuple[nn.Module, Dataset]:
+def toy() -> tuple[nn.Sequential, Dataset]:
     """A small model and 60 points it mostly classifies right."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
@@ -90,8 +90,10 @@ def test_other_weights_do_not_resume(tmp_path: Path) -> None:
     model, data = toy()
     progress = tmp_path / "p.progress"
     killed_run(model, data, progress)
+    first = model[1]
+    assert isinstance(first, nn.Linear)
     with torch.no_grad():
-        model[1].bias.add_(0.01)
+        first.bias.add_(0.01)
     with pytest.raises(RobustlabError, match="progress of a different evaluation"):
         run(model, data, progress, "/abs/ckpt")
 

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             )
             for step in rec.per_attack:
                 print(
-                    f"    after {step['attack']}: {100 * float(step['robust_accuracy_after']):.2f} % "  # type: ignore[arg-type]
+                    f"    after {step['attack']}: {100 * step['robust_accuracy_after']:.2f} % "
                     f"({step['seconds']} s)"
                 )
             for warning in rec.warnings:

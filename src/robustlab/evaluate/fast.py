@@ -87,6 +87,6 @@ def fast_copy(
         with evaluating(fast), torch.no_grad():
             fold_batchnorm(fast)
     if channels_last:
-        # torch accepts memory_format in Module.to but its overloads do not list it
-        fast = fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # Module.to works in place; torch accepts memory_format there but its overloads omit it
+        fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return fast

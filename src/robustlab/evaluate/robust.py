@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -35,6 +35,15 @@ from .checks import black_box_warning, masking_checks
 from .fast import fast_copy
 
 
+class AttackStep(TypedDict):
+    """One attack of an ensemble in a record: robust accuracy after it, what it broke, its time."""
+
+    attack: str
+    robust_accuracy_after: float
+    broken: int
+    seconds: float
+
+
 @dataclass
 class EvalRecord:
     """The result of evaluating one model under one attack on ``n`` test points."""
@@ -48,7 +57,7 @@ class EvalRecord:
     data: str
     elapsed_s: float
     seed: int
-    per_attack: list[dict[str, object]] = field(default_factory=list)
+    per_attack: list[AttackStep] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resumed_batches: int = 0
     created: str = field(
@@ -483,7 +492,7 @@ def _records(
                 sub = str(r["broken_by"]).split("@")[0]
                 broken_here[sub] = broken_here.get(sub, 0) + 1
         before = robust + sum(broken_here.values())
-        per_attack = []
+        per_attack: list[AttackStep] = []
         for sub in seconds:
             before -= broken_here.get(sub, 0)
             per_attack.append(

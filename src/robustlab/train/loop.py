@@ -79,6 +79,7 @@ class TrainConfig:
         """The training strategy this config names, given the options it takes from here."""
         own = {f.name for f in fields(self)}
         cls = METHODS.get(self.method)
+        # every registered method is a dataclass; the Method ABC they share is not one
         takes = [f.name for f in fields(cls) if f.init and f.name in own] if cls else []  # type: ignore[arg-type]
         options = {k: getattr(self, k) for k in takes if getattr(self, k) is not None}
         return make_method(self.method, **options)
@@ -320,7 +321,8 @@ def train(
         **cfg.arch_options,
     ).to(dev)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
+    # Module.to works in place; torch's overloads of it omit memory_format (accepted at runtime)
+    model.to(memory_format=memory_format)  # type: ignore[call-overload]
     assert cfg.lr is not None and cfg.epochs is not None and cfg.batch_size is not None
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -407,7 +409,7 @@ def train(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "robustlab_version": __version__,
     }
-    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
     save_checkpoint(model, out_dir, manifest)
     resume_path.unlink(missing_ok=True)
     manifest = json.loads((out_dir / MANIFEST).read_text())

@@ -135,7 +135,7 @@ def make_method(name: str, **options: object) -> Method:
     cls = METHODS[name]
     required = [
         f.name
-        for f in fields(cls)  # type: ignore[arg-type]
+        for f in fields(cls)  # type: ignore[arg-type]  # methods are dataclasses, their ABC is not
         if f.init and f.default is MISSING and f.default_factory is MISSING
     ]
     for option in required:
