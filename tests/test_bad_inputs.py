@@ -94,6 +94,7 @@ def place(tmp_path: Path) -> Path:
     (root / "afile").write_text("mine\n")
     (root / "notes.json").write_text('{"mine": true}\n')
     (root / "t.json.progress.jsonl").write_text("my own notes\n")
+    (root / "u.json.progress.jsonl").write_text("mine")  # no newline: looked like a torn file
     (root / "appdir").mkdir()
     shutil.copy(root / "app.db", root / "appdir" / "results.sqlite")
     (root / "foreign").mkdir()
@@ -154,7 +155,21 @@ ROWS: list[tuple[list[str], str]] = [
     (["demo", "--out", "appdir"], "another application"),
     (["eval", "--model", "good", *QUICK, "--store", "adir"], "adir is a folder; give a file name"),
     (["report", "--store", "damaged.sqlite", "--out", "r.html"], "not a robustlab results store"),
-    (["eval", "--model", "good", *QUICK, "--json", "t.json"], "not a robustlab progress file"),
+    (["eval", "--model", "good", *QUICK, "--json", "t.json"], "pass --overwrite"),
+    (["eval", "--model", "good", *QUICK, "--json", "u.json"], "pass --overwrite"),
+    (
+        [
+            "eval",
+            "--model",
+            "good",
+            *QUICK,
+            "--json",
+            "v.json",
+            "--samples",
+            "v.json.progress.jsonl",
+        ],
+        "both name v.json.progress.jsonl; give each its own file",
+    ),
     # outputs over inputs: refused even with --overwrite
     (["eval", "--model", "good", *QUICK, "--json", "good/manifest.json"], "same file as the"),
     (
@@ -244,6 +259,13 @@ def check_row(place: Path, args: list[str], sentence: str) -> None:
 @pytest.mark.parametrize(("args", "sentence"), ROWS, ids=[_id(r) for r in ROWS])
 def test_bad_input_gets_a_sentence(place: Path, args: list[str], sentence: str) -> None:
     check_row(place, args, sentence)
+
+
+def test_eval_never_deletes_a_file_in_the_place_of_its_progress_file(place: Path) -> None:
+    for name in ("t", "u"):
+        check_row(place, ["eval", "--model", "good", *QUICK, "--json", f"{name}.json"], "overwrite")
+    assert (place / "t.json.progress.jsonl").read_text() == "my own notes\n"
+    assert (place / "u.json.progress.jsonl").read_text() == "mine"
 
 
 def test_a_seed_beyond_every_generator_gets_a_sentence(place: Path) -> None:

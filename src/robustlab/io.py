@@ -187,7 +187,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json_text(obj))
 
 
-def _head(path: Path, n: int) -> bytes:
+def read_head(path: Path, n: int) -> bytes:
     """The first ``n`` bytes of a regular file (empty if it cannot be read)."""
     try:
         check_regular(path, "file")
@@ -221,7 +221,7 @@ def starts_with(prefix: bytes) -> Callable[[Path], bool]:
 
     def recognise(path: Path) -> bool:
         """Whether the file begins with the prefix."""
-        return _head(path, len(prefix)) == prefix
+        return read_head(path, len(prefix)) == prefix
 
     return recognise
 
@@ -232,7 +232,7 @@ def npz_with_keys(keys: Iterable[str]) -> Callable[[Path], bool]:
 
     def recognise(path: Path) -> bool:
         """Whether the archive holds exactly the wanted arrays."""
-        if not _head(path, 4).startswith(b"PK"):
+        if not read_head(path, 4).startswith(b"PK"):
             return False
         try:
             with zipfile.ZipFile(path) as z:

@@ -29,7 +29,7 @@ from robustlab.attacks.apgd import (
     large_eps_stages,
 )
 from robustlab.attacks.losses import dlr
-from robustlab.attacks.optim import APGDControl, checkpoints
+from robustlab.attacks.optim import APGDControl, checkpoints, first_step
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models.mlp import MLP
@@ -454,7 +454,7 @@ def _state(ups: list[int], halved: list[bool], best: list[float], check: list[fl
 
 def test_checkpoint_conditions_are_per_sample() -> None:
     engine = _Engine(ThreatModel("linf", 0.2), 100, 0.75, 0.75, 1, 0, torch.zeros(1))
-    assert engine.eta0 == pytest.approx(0.4)
+    assert first_step("linf", 0.2) == pytest.approx(0.4)
     gaps = APGDControl.start(
         torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, 1), 0.4, engine.marks
     ).gaps
@@ -474,8 +474,8 @@ def test_checkpoint_conditions_are_per_sample() -> None:
 
 
 def test_l1_starts_with_step_eps() -> None:
-    assert _Engine(ThreatModel("l1", 3.0), 100, 0.75, 0.75, 1, 0, torch.zeros(1)).eta0 == 3.0
-    assert _Engine(ThreatModel("l2", 3.0), 100, 0.75, 0.75, 1, 0, torch.zeros(1)).eta0 == 6.0
+    assert first_step("l1", 3.0) == 3.0
+    assert first_step("l2", 3.0) == 6.0
 
 
 # --- l1-APGD (Croce & Hein 2021) -----------------------------------------------------------------

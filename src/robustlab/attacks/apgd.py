@@ -75,8 +75,8 @@ from ..core.criteria import Standing, strongest, success, unbroken
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
-from .losses import Loss, dlr, get_loss
-from .optim import APGDControl, checkpoints
+from .losses import Loss, dlr, get_loss, loss_name
+from .optim import APGDControl, checkpoints, first_step
 from .registry import register
 from .restarts import Best, Candidates, run_restarts
 
@@ -142,11 +142,6 @@ def _check_settings(attack: APGD | APGDT, name: str) -> None:
     _check_large_eps(attack.norm, attack.large_eps, name)
 
 
-def _loss_name(loss: str | Loss) -> str:
-    """A loss's name for records."""
-    return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
-
-
 @register("apgd-ce", loss="ce")
 @register("apgd-dlr", loss="dlr")
 @dataclass(frozen=True)
@@ -180,7 +175,7 @@ class APGD(Attack):
 
     def config(self) -> dict[str, Any]:
         """The full configuration, for result records."""
-        return {**super().config(), "loss": _loss_name(self.loss)}
+        return {**super().config(), "loss": loss_name(self.loss)}
 
     def run(
         self,
@@ -349,7 +344,6 @@ class _Engine:
         self.generator = torch.Generator(device=like.device).manual_seed(seed)
         self.l1 = threat.norm == "l1"
         self.marks = [] if self.l1 else checkpoints(steps)  # l1-APGD checks every l1_check_every
-        self.eta0 = (1.0 if self.l1 else 2.0) * threat.eps
         self.stages = large_eps_stages(threat.eps, steps) if large_eps else [(threat.eps, steps)]
 
     def candidate(
@@ -441,7 +435,7 @@ class _Engine:
                 x0,
                 loss0,
                 grad0,
-                (1.0 if self.l1 else 2.0) * eps,
+                first_step(threat.norm, eps),
                 self.marks,
                 self.rho,
                 None if self.l1 else self.momentum,

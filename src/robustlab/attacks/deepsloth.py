@@ -48,11 +48,11 @@ from torch import nn
 from ..core.checks import check_batch
 from ..core.criteria import slowest
 from ..core.guard import frozen_eval
-from ..core.threat import ThreatModel
+from ..core.threat import ThreatModel, column
 from ..errors import RobustlabError
 from ..models.multiexit import MultiExitNetwork, check_threshold, confidence, first_exit
 from .base import Attack
-from .optim import APGDControl, SteepestStep, ascend, checkpoints, iterates
+from .optim import APGDControl, SteepestStep, ascend, checkpoints, first_step, iterates
 from .registry import register
 from .restarts import Best, Candidates, run_restarts
 
@@ -204,7 +204,7 @@ class DeepSloth(Attack):
         if self.alpha is not None:
             return self.alpha
         if self.optimizer == "apgd":
-            return (1.0 if self.norm == "l1" else 2.0) * self.eps
+            return first_step(self.norm, self.eps)
         return 2.5 * self.eps / self.steps
 
     def run(
@@ -345,7 +345,7 @@ class ExitPGD(Attack):
             return ce.mean(1) if self.target == "avg" else ce.amax(1)
 
         start = threat.random_start(x, gen)
-        return ascend(objective, x, start, threat, SteepestStep(alpha), self.steps).detach()
+        return ascend(objective, x, start, threat, SteepestStep(alpha), self.steps)
 
 
 def universal_perturbation(
@@ -405,7 +405,7 @@ def project_ball(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     if norm == "l2":
         norms: torch.Tensor = flat.norm(dim=1)
         scale = (eps / norms.clamp_min(1e-12)).clamp(max=1.0)
-        return delta * scale.view(-1, *([1] * (delta.dim() - 1)))
+        return delta * column(scale, delta)
     # l1 (Duchi et al. 2008): soft-threshold |delta| by the theta that puts it on the sphere
     a = flat.abs()
     inside = a.sum(dim=1) <= eps

@@ -34,7 +34,7 @@ from ..core.criteria import strongest, success, unbroken
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 from .base import Attack
-from .losses import Loss, get_loss
+from .losses import Loss, get_loss, loss_name
 from .optim import Iterate, MomentumStep, Objective, SteepestStep, StepRule, ascend, iterates
 from .registry import register
 from .restarts import Best, Candidates, run_restarts
@@ -196,8 +196,7 @@ class IterativeAttack(Attack):
 
     def config(self) -> dict[str, Any]:
         """The full configuration, for result records."""
-        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "custom")
-        return {**super().config(), "alpha": self.step_size, "loss": loss}
+        return {**super().config(), "alpha": self.step_size, "loss": loss_name(self.loss)}
 
     def objective(
         self,

@@ -72,6 +72,11 @@ def dlr(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = No
 LOSSES: dict[str, Loss] = {"ce": cross_entropy, "cw": cw_margin, "dlr": dlr}
 
 
+def loss_name(loss: str | Loss) -> str:
+    """A loss's name for records: its registered name, or a callable's __name__."""
+    return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+
+
 def get_loss(loss: str | Loss) -> Loss:
     """A loss by name (ce, cw, dlr) or a user-supplied callable ``(logits, y, targets)``."""
     if callable(loss):

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ..core.threat import ThreatModel
+from ..core.threat import ThreatModel, column
 
 # -- APGD step-size control and Adam ------------------------------------------------------
 
@@ -32,9 +32,9 @@ def checkpoints(steps: int) -> list[int]:
     return marks
 
 
-def column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample vector shaped to broadcast against a batch like ``like``."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
+def first_step(norm: str, eps: float) -> float:
+    """APGD's initial step size: 2 * eps (linf, l2), eps for l1-APGD."""
+    return (1.0 if norm == "l1" else 2.0) * eps
 
 
 @dataclass
@@ -241,7 +241,7 @@ class MomentumStep:
         """The step along the updated momentum, and the momentum."""
         momentum = torch.zeros_like(grad) if state is None else state
         l1 = grad.abs().flatten(1).sum(1).clamp_min(1e-12)
-        momentum = self.decay * momentum + grad / l1.view(-1, *[1] * (grad.dim() - 1))
+        momentum = self.decay * momentum + grad / column(l1, grad)
         return self.size * threat.steepest_step(momentum), momentum
 
 

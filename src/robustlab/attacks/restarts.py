@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from ..core.criteria import Standing, success
-from ..core.threat import ThreatModel
-from .optim import column
+from ..core.threat import ThreatModel, column
 
 Candidates = Iterable[tuple[torch.Tensor, Standing]]
 """Points an attempt proposes (rows = the samples it ran on) with their standings."""

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     """Check the options and outputs, evaluate, print and write the records."""
     from ..attacks.registry import make_attack
     from ..evaluate import evaluate_curve
-    from ..evaluate.robust import is_samples_csv, samples_csv
+    from ..evaluate.robust import is_progress_file, is_samples_csv, samples_csv
     from ..store import ResultStore
 
     options = attack_options(args)
@@ -60,16 +60,19 @@ def run(args: argparse.Namespace) -> int:
         samples = Path(args.samples)
     elif args.json:
         samples = Path(args.json).with_suffix(".samples.csv")
+    progress = None
+    if args.json and not args.no_resume:
+        progress = Path(args.json + ".progress.jsonl")
     outputs = [
         json_output(args.json),
         Output(samples, "--samples", ours=is_samples_csv) if samples else None,
         store_output(args.store),
+        Output(progress, "--json (its .progress.jsonl)", ours=is_progress_file)
+        if progress
+        else None,
     ]
     checked_outputs(args, outputs, models=[args.model], data=[args.data])
     model, splits, device, info = load_model_and_data(args)
-    progress = None
-    if args.json and not args.no_resume:
-        progress = Path(args.json + ".progress.jsonl")
     # the resume state goes only once every output below was written
     with resume_state(progress) as resume:
         records = evaluate_curve(

@@ -40,7 +40,7 @@ NORMS = ("linf", "l2", "l1")
 L1_TOP_FRACTION = 0.01
 
 
-def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-sample vector shaped to broadcast against a batch like ``like``."""
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -158,10 +158,10 @@ class ThreatModel:
                 e = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 s = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 g = -torch.log1p(-e) * torch.where(s < 0.5, -1.0, 1.0)
-            g = g / _col(self.norms(g).clamp_min(1e-12), x)
+            g = g / column(self.norms(g).clamp_min(1e-12), x)
             d = max(1, math.prod(x.shape[1:]))
             r = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-            delta = g * _col(self.eps * r ** (1.0 / d), x)
+            delta = g * column(self.eps * r ** (1.0 / d), x)
         return self.project(x, x + delta)
 
     def steepest_step(self, grad: torch.Tensor) -> torch.Tensor:
@@ -182,7 +182,7 @@ class ThreatModel:
             count = step.abs().sum(dim=1, keepdim=True).clamp_min(1)
             return (step / count).view(grad.shape)
         n: torch.Tensor = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-        n = n.view(-1, *([1] * (grad.dim() - 1)))
+        n = column(n, grad)
         return grad / n
 
     def contains(self, x: torch.Tensor, x_adv: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..core.checks import check_batch
 from ..core.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
-from ..io import limits, read_regular_text, starts_with
+from ..io import limits, read_head, read_regular_text, starts_with
 from ..version import __version__
 from .checks import black_box_warning, masking_checks
 from .fast import fast_copy
@@ -283,6 +283,17 @@ def _read_progress(
         with open(path, "r+b") as f:  # drop the line a kill cut short; it is redone
             f.truncate(len(complete.encode()) + 1)
     return done, False
+
+
+#: How every progress file robustlab writes begins: its first line is {"key": "<run key>"}.
+PROGRESS_PREFIX = b'{"key": "'
+
+
+def is_progress_file(path: Path) -> bool:
+    """Whether a file is an evaluation progress file robustlab wrote (possibly killed before
+    its first line was whole: empty, or a prefix of that line), so a run may replace it."""
+    head = read_head(path, len(PROGRESS_PREFIX))
+    return PROGRESS_PREFIX.startswith(head)
 
 
 def _append(path: Path, obj: dict[str, Any]) -> None:

@@ -211,7 +211,7 @@ class _Adversarial(Method):
             )
 
         with evaluating(model):
-            return ascend(value, x, start, threat, step, self.steps).detach()
+            return ascend(value, x, start, threat, step, self.steps)
 
 
 @register_method("pgd-at")

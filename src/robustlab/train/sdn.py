@@ -114,7 +114,7 @@ def _pgd_avg(
         return torch.stack([F.cross_entropy(o, y, reduction="none") for o in outs]).sum(0)
 
     step = SteepestStep(2.5 * cfg.adv_eps / cfg.adv_steps)
-    return ascend(every_exit, x, threat.random_start(x, gen), threat, step, cfg.adv_steps).detach()
+    return ascend(every_exit, x, threat.random_start(x, gen), threat, step, cfg.adv_steps)
 
 
 def adversarial_batch(
