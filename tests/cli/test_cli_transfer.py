@@ -183,6 +183,15 @@ def test_output_paths_are_checked_before_any_training(
     assert not cache.exists() or not any(cache.iterdir())
 
 
+def test_the_batch_size_is_checked_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    base = ["transfer", "--sources", "mlp", "--targets", "mlp", "--cache", str(cache), *FAST]
+    _fails([*base, "--batch-size", "0"], capsys, "batch size must be >= 1, got 0")
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 def test_a_plot_that_fails_never_costs_the_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

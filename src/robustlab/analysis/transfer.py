@@ -38,6 +38,7 @@ from ..attacks.iterative import Preset
 from ..attacks.losses import cross_entropy
 from ..attacks.registry import lookup, make_attack, register
 from ..attacks.transforms import check_gamma, find_residual_sites, linbp, skip_gradient
+from ..core.checks import check_batch_size
 from ..core.guard import evaluating, frozen_eval
 from ..core.threat import ThreatModel
 from ..data import Dataset
@@ -413,8 +414,7 @@ def transfer_matrix(
     """
     if not sources or not targets or not attacks:
         raise RobustlabError("a transfer matrix needs at least one source, target and attack")
-    if batch_size < 1:
-        raise RobustlabError(f"batch size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     total = len(data)
     count = total if n is None else n
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= total:

@@ -13,7 +13,6 @@ from .common import (
     add_command,
     add_common,
     attack_options,
-    check_batch_size,
     checked_outputs,
     floats,
     json_output,
@@ -41,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..attacks.registry import make_attack
+    from ..core.checks import check_batch_size
 
     eps = floats(args.eps, "--eps")
     if len(eps) != 1:

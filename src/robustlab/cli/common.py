@@ -198,13 +198,6 @@ def draw_plots(plots: Iterable[Callable[[], Path]]) -> list[Path]:
     return drawn
 
 
-def check_batch_size(size: int) -> int:
-    """A batch size of at least one point (commands that batch themselves check it first)."""
-    if size < 1:
-        raise RobustlabError(f"batch size must be >= 1, got {size}")
-    return size
-
-
 def say(msg: str) -> None:
     """A progress message on stderr (stdout carries the results)."""
     print(msg, file=sys.stderr, flush=True)

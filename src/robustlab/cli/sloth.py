@@ -23,7 +23,6 @@ from .common import (
     add_common,
     add_store,
     add_trust_unhashed,
-    check_batch_size,
     check_fit,
     checked_outputs,
     draw_plots,
@@ -90,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.efficiency import measure_efficiency
     from ..attacks.deepsloth import apply, class_universal_perturbations, universal_perturbation
     from ..attacks.registry import make_attack
+    from ..core.checks import check_batch_size
     from ..core.device import resolve_device
     from ..data import load_data
     from ..models.multiexit import check_threshold

@@ -257,6 +257,7 @@ def _attacks(args: argparse.Namespace, gammas: list[float] | None) -> list[Any]:
 def run(args: argparse.Namespace) -> int:
     """Check everything cheap first, then obtain the models, build and report the matrix."""
     from ..analysis.transfer import check_sources, transfer_matrix
+    from ..core.checks import check_batch_size
     from ..core.device import resolve_device
     from ..data import load_data
     from ..train.cache import cache_root
@@ -267,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     attacks = _attacks(args, gammas)
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
+    check_batch_size(args.batch_size)
     members = {m: parse_model(m) for s in sources for m in s.split("+") if m}
     members.update({t: parse_model(t) for t in targets})
     for s in sources:

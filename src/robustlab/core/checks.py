@@ -24,3 +24,10 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) 
             "inputs must lie in [0,1] (normalisation belongs inside the model); "
             f"got [{float(x.min()):.3g}, {float(x.max()):.3g}]"
         )
+
+
+def check_batch_size(size: int | None) -> int:
+    """A batch size of at least one point, or one clear sentence."""
+    if size is None or isinstance(size, bool) or size < 1:
+        raise RobustlabError(f"batch size must be >= 1, got {size}")
+    return size

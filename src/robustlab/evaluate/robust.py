@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..attacks.base import Attack
-from ..core.checks import check_batch
+from ..core.checks import check_batch, check_batch_size
 from ..core.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
@@ -344,8 +344,7 @@ def evaluate_curve(
         raise RobustlabError(f"n must be >= 1, got {total}")
     if total > len(data):
         raise RobustlabError(f"asked for n={total} points but the test split has only {len(data)}")
-    if batch_size < 1:
-        raise RobustlabError(f"batch size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     check_batch(data.x[:total], data.y[:total], None)
     progress_path = Path(resume) if resume is not None else None
     done: dict[int, dict[str, Any]] = {}

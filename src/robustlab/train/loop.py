@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, Sampler
 from tqdm import tqdm
 
+from ..core.checks import check_batch_size
 from ..core.device import resolve_device
 from ..core.guard import evaluating
 from ..data import Dataset, DataSplits, load_data
@@ -65,8 +66,7 @@ class TrainConfig:
         require_finite(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
         if cfg.epochs is None or cfg.epochs < 1:
             raise RobustlabError(f"epochs must be >= 1, got {cfg.epochs}")
-        if cfg.batch_size is None or cfg.batch_size < 1:
-            raise RobustlabError(f"batch size must be >= 1, got {cfg.batch_size}")
+        check_batch_size(cfg.batch_size)
         if cfg.lr is None or not cfg.lr > 0:
             raise RobustlabError(f"learning rate must be > 0, got {cfg.lr}")
         if not 0 <= cfg.momentum < 1:
