@@ -258,3 +258,26 @@ def test_a_sloth_plot_that_fails_never_costs_the_records(
     assert json.loads((tmp_path / "s.json").read_text())["kind"] == "sloth"
     assert [r["kind"] for r in ResultStore(tmp_path / "s.sqlite").records()] == ["sloth"]
     assert (tmp_path / "plots" / "sloth_efficacy_curve.png").exists()
+
+
+def test_sloth_checks_the_surrogate_fits_the_data_before_attacking(
+    multi_exit: tuple[Path, dict[str, object]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A surrogate built for other inputs is refused with a sentence, not a torch traceback."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(200, 3, 10, 10), dtype=np.uint8)
+    np.savez(tmp_path / "other.npz", x=x, y=np.arange(200) % 4)
+    data = f"npz:{tmp_path / 'other.npz'}"
+    bb, me = tmp_path / "bb", tmp_path / "me"
+    common = ["--data", data, "--epochs", "1", "--no-progress"]
+    assert main(["train", "--arch", "mlp", "--out", str(bb), *common]) == 0
+    assert (
+        main(["exits", "--model", str(bb), "--out", str(me), "--calibration", "50", *common]) == 0
+    )
+    args = ["sloth", "--model", str(multi_exit[0]), "--data", "digits", "--surrogate", str(me)]
+    assert main([*args, "--eps", "0.1", "--n", "4", "--no-progress"]) == 2
+    assert "the model takes 3x10x10 inputs but digits has 1x8x8 images" in capsys.readouterr().err

@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     trust = args.trust_unhashed
     model, manifest = _load_multi_exit(args.model, device, trust)
     # the surrogate is loaded now, not after the (long) white-box attack
-    surrogate = _load_multi_exit(args.surrogate, device, trust)[0] if args.surrogate else None
+    surrogate, surrogate_manifest = (
+        _load_multi_exit(args.surrogate, device, trust) if args.surrogate else (None, None)
+    )
     if args.threshold is not None:
         model.threshold = check_threshold(args.threshold)
     elif args.drop is not None:
@@ -136,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         model.threshold = check_threshold(float(table[key]))
     splits = load_data(args.data)
     check_fit(manifest, splits)
+    if surrogate_manifest is not None:  # before the long white-box attack, like the model
+        check_fit(surrogate_manifest, splits)
     m = manifest["model"]
     test = splits.test
     n = len(test) if args.n is None else args.n
