@@ -278,6 +278,13 @@ class Calibration:
         return asdict(self)
 
 
+def check_drops(drops: Sequence[float]) -> None:
+    """Refuse a relative accuracy drop outside [0, 1) with one sentence."""
+    for d in drops:
+        if not 0 <= d < 1:
+            raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
+
+
 def drop_key(drop: float) -> str:
     """The key of a relative accuracy drop, e.g. 0.05 -> '5%'."""
     return f"{100 * drop:g}%"
@@ -305,9 +312,7 @@ def calibrate(
         raise RobustlabError(
             "threshold calibration needs a non-empty calibration split (never the test set)"
         )
-    for d in drops:
-        if not 0 <= d < 1:
-            raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
+    check_drops(drops)
     rule = check_rule(rule or model.rule)
     scores, preds = exit_predictions(model, data.x, rule, batch_size)
     y = data.y.cpu()

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     """Attach, train and calibrate exits on a backbone checkpoint; write the multi-exit one."""
     import torch
 
-    from ..analysis.efficiency import calibrate, measure_efficiency
+    from ..analysis.efficiency import calibrate, check_drops, drop_key, measure_efficiency
     from ..core.device import resolve_device
     from ..data import load_data
     from ..models.checkpoint import MANIFEST, checkpoint_outputs, save_checkpoint
@@ -83,9 +83,7 @@ def run(args: argparse.Namespace) -> int:
     drops = floats(args.drops, "--drops")
     if args.drop not in drops:
         drops = [args.drop, *drops]
-    for d in drops:
-        if not 0 <= d < 1:
-            raise RobustlabError(f"a relative accuracy drop must lie in [0, 1), got {d}")
+    check_drops(drops)
     check_rule(args.rule)
     positions = None if args.exits in ("auto", "all") else ints(args.exits, "--exits")
     cfg = SDNConfig(
@@ -148,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             "samples and the thresholds may be optimistic (its confidence there is higher than "
             "on unseen inputs); train it with robustlab train --calibration N to avoid this"
         )
-    model.threshold = check_threshold(calib.thresholds[f"{100 * args.drop:g}%"])
+    model.threshold = check_threshold(calib.thresholds[drop_key(args.drop)])
     test_acc = exit_accuracies(model, splits.test)
     metrics: dict[str, Any] = {"exit_accuracy_test": test_acc}
     per_drop: dict[str, Any] = {}
@@ -178,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"multi-exit checkpoint in {out}: {len(model.positions)} ICs, threshold "
         f"{model.threshold:.4f} ({args.rule}, <= {100 * args.drop:g} % drop on calibration); "
-        f"test FLOPs saved {100 * per_drop[f'{100 * args.drop:g}%']['flops_saving']:.1f} %"
+        f"test FLOPs saved {100 * per_drop[drop_key(args.drop)]['flops_saving']:.1f} %"
     )
     if args.json:
         write_json(args.json, json.loads((out / MANIFEST).read_text()))

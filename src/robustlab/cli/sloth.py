@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     """Attack a multi-exit checkpoint with DeepSloth and report clean vs attacked efficiency."""
     import torch
 
-    from ..analysis.efficiency import measure_efficiency
+    from ..analysis.efficiency import drop_key, measure_efficiency
     from ..attacks.deepsloth import apply, class_universal_perturbations, universal_perturbation
     from ..attacks.registry import make_attack
     from ..core.checks import check_batch_size
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         model.threshold = check_threshold(args.threshold)
     elif args.drop is not None:
         table = manifest.get("calibration", {}).get("thresholds", {})
-        key = f"{100 * args.drop:g}%"
+        key = drop_key(args.drop)
         if key not in table:
             raise RobustlabError(
                 f"the checkpoint has no threshold calibrated for a {key} drop; it has "

@@ -103,11 +103,6 @@ def samples_csv(records: Sequence[EvalRecord]) -> str:
     return buf.getvalue()
 
 
-def check_inputs(x: torch.Tensor) -> None:
-    """Refuse inputs an attack cannot treat honestly (``core.checks.check_batch`` decides)."""
-    check_batch(x, torch.zeros(len(x), dtype=torch.int64), None)
-
-
 def evaluate(
     model: nn.Module,
     data: Dataset,
