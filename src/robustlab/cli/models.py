@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import RobustlabError
 from ..io import write_json
-from .common import add_command, add_overwrite, checked_outputs, json_output
+from .common import add_command, add_common, checked_outputs, json_output
 
 DESCRIPTION = "list the registered architectures with their parameter counts"
 
@@ -24,10 +24,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--image-size", type=int, default=28, help="image height and width the models are built for"
     )
-    p.add_argument(
-        "--json", metavar="PATH", help="write the list as JSON here (default: not written)"
+    add_common(
+        p,
+        json_help="write the list as JSON here (default: not written)",
+        seed=False,
+        device=False,
+        progress=False,
     )
-    add_overwrite(p)
     p.set_defaults(func=run)
 
 

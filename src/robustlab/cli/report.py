@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import Output, write_json
-from .common import add_command, add_overwrite, checked_outputs, json_output
+from .common import add_command, add_common, checked_outputs, json_output
 
 DESCRIPTION = "render the HTML report of a results store"
 
@@ -22,13 +22,14 @@ def register(sub: Any) -> None:
         "--out", default="report.html", metavar="PATH", help="where to write the HTML report"
     )
     p.add_argument("--title", default="robustlab report", help="title of the report")
-    p.add_argument(
-        "--json",
-        metavar="PATH",
-        help="write what was rendered (report path, store, record counts by kind) as JSON here "
-        "(default: not written)",
+    add_common(
+        p,
+        json_help="write what was rendered (report path, store, record counts by kind) as JSON "
+        "here (default: not written)",
+        seed=False,
+        device=False,
+        progress=False,
     )
-    add_overwrite(p)
     p.set_defaults(func=run)
 
 

@@ -20,9 +20,8 @@ from ..errors import RobustlabError
 from ..io import write_json
 from .common import (
     DATA_HELP,
-    DEVICE_HELP,
     add_command,
-    add_overwrite,
+    add_common,
     add_store,
     add_trust_unhashed,
     cache_output,
@@ -109,16 +108,8 @@ def register(sub: Any) -> None:
         help="write the heatmap (and gamma sweep) into this folder (default: no plots)",
     )
     add_store(p, "transfer")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument(
-        "--json",
-        metavar="PATH",
-        help="write the result record (key 'cells') here (default: not written)",
-    )
-    add_overwrite(p)
+    add_common(p, json_help="write the result record (key 'cells') here (default: not written)")
     add_trust_unhashed(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
