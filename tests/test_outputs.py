@@ -176,7 +176,11 @@ def test_a_record_never_replaces_another_checkpoints_manifest(ckpt: Path) -> Non
 
 
 def test_checkpoint_outputs_recognise_robustlab_checkpoints(ckpt: Path, tmp_path: Path) -> None:
-    check_outputs(checkpoint_outputs(ckpt))
+    with pytest.raises(
+        RobustlabError, match="is a trained checkpoint's manifest; pass --overwrite"
+    ):
+        check_outputs(checkpoint_outputs(ckpt))  # a finished checkpoint is kept
+    check_outputs(checkpoint_outputs(ckpt), overwrite=True)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / WEIGHTS).write_bytes(b"someone else's weights")

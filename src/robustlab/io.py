@@ -255,6 +255,8 @@ class Output:
     ours: Callable[[Path], bool] | None = None  # None: only a new file may be written here
     appends: bool = False  # written into (a results store), not replaced
     folder: bool = False  # a folder the command fills; its files are listed as outputs too
+    keep: str | None = None  # what the file is when even robustlab's own is kept (say "a
+    # trained checkpoint's manifest"): it is replaced only with --overwrite
 
     def __post_init__(self) -> None:
         """Accept a str path."""
@@ -335,6 +337,11 @@ def _check_one(out: Output, inputs: dict[tuple[int, int], Path], overwrite: bool
     if out.appends and not os.access(path, os.W_OK):
         raise RobustlabError(f"{out.option} {path} cannot be written: no permission")
     if out.ours is not None and out.ours(path):
+        if out.keep and not overwrite:
+            raise RobustlabError(
+                f"{out.option} {path} is {out.keep}; pass --overwrite to replace it, "
+                "or choose another name"
+            )
         return
     if out.appends:
         raise RobustlabError(

@@ -93,7 +93,7 @@ def test_train_refuses_to_overwrite_a_checkpoint(
     digits_ckpt: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["train", "--arch", "mlp", "--data", "digits", "--out", str(digits_ckpt)]) == 2
-    assert "already holds a trained checkpoint" in capsys.readouterr().err
+    assert "is a trained checkpoint's manifest; pass --overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -281,3 +281,14 @@ def test_sloth_checks_the_surrogate_fits_the_data_before_attacking(
     args = ["sloth", "--model", str(multi_exit[0]), "--data", "digits", "--surrogate", str(me)]
     assert main([*args, "--eps", "0.1", "--n", "4", "--no-progress"]) == 2
     assert "the model takes 3x10x10 inputs but digits has 1x8x8 images" in capsys.readouterr().err
+
+
+def test_exits_keeps_a_finished_checkpoint_unless_told_to_overwrite(
+    backbone: Path, multi_exit: tuple[Path, dict[str, object]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = multi_exit[0]
+    before = (out / "manifest.json").read_bytes()
+    args = ["exits", "--model", str(backbone), "--data", "digits", "--out", str(out)]
+    assert main([*args, "--epochs", "1", "--no-progress"]) == 2
+    assert "is a trained checkpoint's manifest; pass --overwrite" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before

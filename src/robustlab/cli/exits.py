@@ -76,10 +76,6 @@ def run(args: argparse.Namespace) -> int:
         json_output(args.json),
     ]
     checked_outputs(args, outputs, models=[args.model], data=[args.data])
-    if (out / MANIFEST).exists() and not args.overwrite:
-        raise RobustlabError(
-            f"{out} already holds a checkpoint; pass --overwrite or choose another --out"
-        )
     drops = floats(args.drops, "--drops")
     if args.drop not in drops:
         drops = [args.drop, *drops]

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import RobustlabError
 from ..io import write_json
 from .common import DATA_HELP, add_command, add_common, checked_outputs, json_output, key_values
 
@@ -67,19 +66,14 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the outputs, train, say how it went."""
     from ..models import get_architecture
-    from ..models.checkpoint import MANIFEST, checkpoint_outputs
+    from ..models.checkpoint import checkpoint_outputs
     from ..train import TrainConfig, train
-    from ..train.loop import RESUME
 
     out = Path(args.out)
     outputs = [*checkpoint_outputs(out), json_output(args.json)]
     checked_outputs(args, outputs, data=[args.data])
     arch_options = key_values(args.arch_option)
     get_architecture(args.arch).arguments(**arch_options)  # its options, before any work
-    if (out / MANIFEST).exists() and not (out / RESUME).exists() and not args.overwrite:
-        raise RobustlabError(
-            f"{out} already holds a trained checkpoint; pass --overwrite or choose another --out"
-        )
     cfg = TrainConfig(
         arch=args.arch,
         data=args.data,

@@ -132,7 +132,8 @@ def save_checkpoint(model: nn.Module, directory: str | Path, manifest: dict[str,
 
 def checkpoint_outputs(directory: str | Path, option: str = "--out") -> list[Output]:
     """The outputs of writing a checkpoint into a folder, for ``io.check_outputs``: a file
-    there counts as robustlab's when the folder's manifest is a robustlab manifest."""
+    there counts as robustlab's when the folder's manifest is a robustlab manifest, and a
+    finished checkpoint (its manifest) is replaced only with --overwrite."""
     folder = Path(directory).expanduser()
 
     def in_checkpoint(_: Path) -> bool:
@@ -145,7 +146,9 @@ def checkpoint_outputs(directory: str | Path, option: str = "--out") -> list[Out
     return [
         Output(folder, option, folder=True),
         Output(folder / WEIGHTS, option, ours=in_checkpoint),
-        Output(folder / MANIFEST, option, ours=in_checkpoint),
+        Output(
+            folder / MANIFEST, option, ours=in_checkpoint, keep="a trained checkpoint's manifest"
+        ),
     ]
 
 
