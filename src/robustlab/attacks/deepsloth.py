@@ -235,10 +235,7 @@ class DeepSloth(Attack):
 
         # the first descent runs on every input, also those already at the final exit: a
         # lower objective still helps (transfer to other models, exit training on them)
-        everyone = torch.arange(len(x), device=x.device)
-        for x_adv, standing in attempt(everyone, 0):
-            best.offer(x_adv, standing, everyone)
-        return run_restarts(best, self.restarts - 1, lambda todo, r: attempt(todo, r + 1)).x
+        return run_restarts(best, self.restarts, attempt, first_on_all=True).x
 
     def _pgd(
         self,

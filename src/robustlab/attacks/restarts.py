@@ -57,11 +57,18 @@ class Best:
         return better
 
 
-def run_restarts(best: Best, rounds: int, attempt: Attempt) -> Best:
+def run_restarts(best: Best, rounds: int, attempt: Attempt, *, first_on_all: bool = False) -> Best:
     """Run ``attempt`` up to ``rounds`` times, each on the samples not yet successful, and
-    offer every point it proposes to ``best``; stops early once every sample succeeded."""
+    offer every point it proposes to ``best``; stops early once every sample succeeded.
+
+    ``first_on_all``: the first round runs on every sample, successful or not (for goals whose
+    successes keep improving, such as DeepSloth's lower objective at the final exit)."""
     for r in range(rounds):
-        todo = best.todo()
+        todo = (
+            torch.arange(len(best.x), device=best.x.device)
+            if first_on_all and r == 0
+            else best.todo()
+        )
         if len(todo) == 0:
             break
         for x, standing in attempt(todo, r):
