@@ -135,22 +135,3 @@ def demo(
             )
     _say(f"total: {time.perf_counter() - start:.1f} s")
     return DemoRun(report, store.path, rec.records)
-
-
-def run_demo(
-    out: Path,
-    cache: Path | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
-    *,
-    models: dict[str, TrainConfig] | None = None,
-    eps_grid: tuple[float, ...] = EPS_GRID,
-    n: int = EVAL_POINTS,
-    steps: int = EVAL_STEPS,
-) -> Path:
-    """The demo (see :func:`demo`); returns the path of its HTML report."""
-    run = demo(
-        out, cache, device, seed, progress, models=models, eps_grid=eps_grid, n=n, steps=steps
-    )
-    return run.report

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from robustlab.cli import main
-from robustlab.demo import run_demo
+from robustlab.demo import demo
 from robustlab.store import ResultStore
 from robustlab.train import TrainConfig
 
@@ -235,12 +235,12 @@ def test_demo_pipeline_end_to_end_in_small(
         "steps": 3,
         "progress": False,
     }
-    report = run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)
+    report = demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs).report
     first = capsys.readouterr().err
     assert "train standard mlp" in first and "render report" in first
     html = report.read_text()
     assert "standard mlp" in html and "PGD-AT mlp" in html and "data:image/png;base64," in html
-    run_demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)
+    demo(tmp_path / "out", cache=tmp_path / "cache", **kwargs)
     second = capsys.readouterr().err
     assert "reuse standard mlp" in second and "train standard mlp" not in second
 
@@ -409,7 +409,7 @@ def test_demo_keeps_the_records_already_in_its_store(tmp_path: Path) -> None:
         "steps": 2,
         "progress": False,
     }
-    report = run_demo(out, cache=tmp_path / "cache", **kwargs)
+    report = demo(out, cache=tmp_path / "cache", **kwargs).report
     kept = ResultStore(out / "results.sqlite").records(label="my own model")
     assert kept == [
         {"kind": "eval", "robust_accuracy": 0.5, "created": "x", "label": "my own model"}
