@@ -200,3 +200,27 @@ def test_a_new_architecture_takes_exits_once_it_declares_its_units() -> None:
         undo()
     with pytest.raises(RobustlabError, match="declares no units"):
         plan_for(backbone)
+
+
+def test_surrogates_are_declared_with_one_call_and_undone() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(RobustlabError, match="no declared surrogates"):
+        structure.surrogates_for(net)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    undo = structure.declare_surrogates(net, lambda m: [("self", m), ("other", other)])
+    found = structure.surrogates_for(nn.Sequential(net))  # found through a wrapper too
+    assert [n for n, _ in found] == ["self", "other"]
+    assert found[0][1] is net and found[1][1] is other
+    undo()
+    with pytest.raises(RobustlabError, match="no declared surrogates"):
+        structure.surrogates_for(net)
+
+
+def test_surrogates_with_repeated_names_are_refused() -> None:
+    net = nn.Linear(4, 3)
+    undo = structure.declare_surrogates(net, lambda m: [("a", m), ("a", m)])
+    try:
+        with pytest.raises(RobustlabError, match="repeated"):
+            structure.surrogates_for(net)
+    finally:
+        undo()

@@ -440,3 +440,45 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every convolution and linear layer, with its path, in module order (for compression)."""
     kinds = (nn.modules.conv._ConvNd, nn.Linear)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+# ---- surrogates of defended models (for the MSA protocol) --------------------------------
+
+#: A function of a defended model returning its named differentiable stand-ins.
+SurrogateSpec = Callable[[nn.Module], Sequence[tuple[str, nn.Module]]]
+
+_SURROGATES: _Declarations[SurrogateSpec] = _Declarations()
+
+
+def declare_surrogates(
+    target: type[nn.Module] | nn.Module, spec: SurrogateSpec
+) -> Callable[[], None]:
+    """Declare the surrogates of a defended model class (or one model); returns an undo function.
+
+    ``spec(model)`` returns ``[(name, surrogate), ...]``: differentiable modules that take the
+    same inputs as ``model`` and whose gradients an attacker may follow instead of its own
+    (the Mixed Surrogate Attack protocol attacks each and judges on ``model``).
+    """
+    if not callable(spec):
+        raise RobustlabError("declare_surrogates: spec must be a function of the model")
+    return _SURROGATES.declare("declare_surrogates", target, spec)
+
+
+def surrogates_for(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The declared surrogates of a model (searched through its submodules), or an error saying how to declare them."""
+    for module in model.modules():
+        spec = _SURROGATES.lookup(module)
+        if spec is None:
+            continue
+        found = [(str(name), s) for name, s in spec(module)]
+        names = [n for n, _ in found]
+        if not found or len(set(names)) != len(names):
+            raise RobustlabError(
+                f"{type(module).__name__} declares surrogates with empty or repeated names: {names}"
+            )
+        return found
+    inner = model[-1] if isinstance(model, nn.Sequential) and len(model) else model
+    raise RobustlabError(
+        f"{type(inner).__name__} has no declared surrogates; the MSA protocol needs them "
+        "(robustlab.models.structure.declare_surrogates, or pass surrogates explicitly)"
+    )
