@@ -121,6 +121,20 @@ ROWS: list[tuple[list[str], str]] = [
     (["eval", "--model", "fifo-manifest", *QUICK], "is not a regular file"),
     (["sloth", "--model", "fifo-manifest", *QUICK], "is not a regular file"),
     (["exits", "--model", "no-weights", "--data", "digits", "--out", "e"], "no 'weights' section"),
+    (["hpm", "--model", "no-weights", "--data", "digits", "--out", "h"], "no 'weights' section"),
+    # HPM settings
+    (
+        ["hpm", "--model", "good", "--data", "digits", "--out", "h", "--mix", "2"],
+        "in [0, 1], got 2",
+    ),
+    (
+        ["hpm", "--model", "good", "--data", "digits", "--out", "h", "--momentum", "0"],
+        "momentum must lie strictly between 0 and 1, got 0.0",
+    ),
+    (
+        ["hpm", "--model", "good", "--data", "digits", "--out", "h", "--eval-batch-size", "0"],
+        "batch size must be >= 1, got 0",
+    ),
     # data
     (["eval", "--model", "good", *QUICK, "--data", "npz:huge.npz"], "beyond the limit of"),
     (["eval", "--model", "good", *QUICK, "--data", "folder:bigpng"], "beyond the limit of 4096"),
@@ -212,6 +226,7 @@ ROWS: list[tuple[list[str], str]] = [
     ),
     (["train", "--data", "digits", "--arch", "mlp", "--out", "afile"], "must be a folder"),
     (["exits", "--model", "good", "--data", "digits", "--out", "afile"], "must be a folder"),
+    (["hpm", "--model", "good", "--data", "digits", "--out", "afile"], "must be a folder"),
     (["sloth", "--model", "good", *QUICK, "--plots", "afile"], "must be a folder"),
     (["demo", "--out", "afile"], "must be a folder"),
     (["demo", "--cache", "afile"], "--cache afile names a file; it must be a folder"),

@@ -6,6 +6,7 @@ importing them here (in the order they were always registered) completes the reg
 
 from . import resnet, preact_resnet, vgg, densenet, vit, mlp  # noqa: I001  (keeps registration order)
 from .blocks import DenseLayer, Normalize, ResidualBlock, residual_blocks
+from .hpm import HPMClassifier, HPMConfig, with_mode
 from .multiexit import MultiExitNetwork, attach_exits
 from .registry import (
     ARCHITECTURES,
@@ -33,6 +34,8 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "DenseLayer",
+    "HPMClassifier",
+    "HPMConfig",
     "MultiExitNetwork",
     "Normalize",
     "Plan",
@@ -59,4 +62,5 @@ __all__ = [
     "vgg",
     "vit",
     "weight_layers",
+    "with_mode",
 ]

@@ -25,6 +25,7 @@ from ..io import (
     read_regular_bytes,
 )
 from .blocks import Normalize
+from .hpm import HPMClassifier, HPMConfig
 from .multiexit import MultiExitNetwork
 from .registry import build_model
 
@@ -112,6 +113,24 @@ def multiexit_from_config(config: dict[str, Any]) -> MultiExitNetwork:
         raise RobustlabError(
             f"checkpoint manifest has an invalid multi_exit section ({exc})"
         ) from None
+
+
+def hpm_from_config(config: dict[str, Any]) -> HPMClassifier:
+    """Rebuild an (untrained) HPM model from a manifest's ``model`` section: its base from the
+    rest of the section (a zoo model, or one with exits), the head from the ``hpm`` object."""
+    spec = config.get("hpm")
+    if not isinstance(spec, dict):
+        raise RobustlabError("checkpoint manifest has an invalid hpm section")
+    rest = {k: v for k, v in config.items() if k != "hpm"}
+    base = multiexit_from_config(rest) if "multi_exit" in rest else build_from_config(rest)
+    shape = (int(rest["in_channels"]), int(rest["image_size"]), int(rest["image_size"]))
+    model = HPMClassifier(base, HPMConfig.from_dict(spec.get("config")), input_shape=shape)
+    if spec.get("feature_dim") != model.feature_dim:
+        raise RobustlabError(
+            f"checkpoint manifest's hpm section records {spec.get('feature_dim')!r} features "
+            f"but its model has {model.feature_dim}"
+        )
+    return model
 
 
 def save_checkpoint(model: nn.Module, directory: str | Path, manifest: dict[str, Any]) -> Path:
@@ -281,8 +300,10 @@ def load_checkpoint(path: str | Path, *, trust_unhashed: bool = False, **legacy:
     manifest["weights"] = _checked_weights(manifest, manifest_path, weights_path, trust_unhashed)
     config = manifest.get("model", {})
     check_model_size(config)
-    if isinstance(config, dict) and "multi_exit" in config:  # exits over a zoo backbone
-        model: nn.Module = multiexit_from_config(config)
+    if isinstance(config, dict) and "hpm" in config:  # the HPM head over a base model
+        model: nn.Module = hpm_from_config(config)
+    elif isinstance(config, dict) and "multi_exit" in config:  # exits over a zoo backbone
+        model = multiexit_from_config(config)
     else:
         model = build_from_config(config)
     try:

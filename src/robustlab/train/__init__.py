@@ -1,6 +1,7 @@
 """Training: one loop with hooks around the step, batches from a sampler, methods as registered
-strategies (standard, PGD-AT, TRADES, SDN exits), default recipes."""
+strategies (standard, PGD-AT, TRADES, SDN exits, HPM fine-tuning), default recipes."""
 
+from .hpm import HPMAdversarial, HPMTrainConfig, finetune_hpm
 from .loop import (
     Diverged,
     EpochSampler,
@@ -34,6 +35,8 @@ __all__ = [
     "Diverged",
     "EpochEnd",
     "EpochSampler",
+    "HPMAdversarial",
+    "HPMTrainConfig",
     "Hook",
     "Method",
     "Standard",
@@ -41,6 +44,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "accuracy",
+    "finetune_hpm",
     "fit",
     "lr_at",
     "make_method",

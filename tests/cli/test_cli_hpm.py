@@ -1,0 +1,111 @@
+"""robustlab hpm: end to end on digits (a checkpoint every command loads), and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import robustlab
+from robustlab.cli import main
+from robustlab.models.checkpoint import file_sha256
+from robustlab.models.hpm import HPMClassifier
+
+QUICK = ["--data", "digits", "--eps", "0.1", "--steps", "2", "--epochs", "1"]
+QUICK += ["--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hpm") / "base"
+    args = ["train", "--arch", "resnet8", "--data", "digits", "--epochs", "4"]
+    args += ["--arch-option", "width=8", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def hpm(base: Path) -> tuple[Path, dict[str, Any]]:
+    out, record = base.parent / "hpm", base.parent / "hpm.json"
+    args = ["hpm", "--model", str(base), "--out", str(out), "--json", str(record), *QUICK]
+    args += ["--mix", "0.4", "--momentum", "0.8", "--eval-batch-size", "100"]
+    assert main(args) == 0
+    return out, json.loads(record.read_text())
+
+
+def test_hpm_writes_a_checkpoint_that_robustlab_load_rebuilds(
+    base: Path, hpm: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, manifest = hpm
+    model = robustlab.load(out)
+    assert isinstance(model, HPMClassifier) and model.mode == "mix"
+    section = manifest["model"]["hpm"]
+    assert section["base_sha256"] == file_sha256(base / "model.safetensors")
+    assert section["config"]["mix"] == 0.4 and section["config"]["momentum"] == 0.8
+    assert section["feature_dim"] == model.feature_dim == 32
+    assert manifest["base"]["path"] == str(base)
+    metrics = manifest["metrics"]
+    assert metrics["eval_batch_size"] == 100
+    assert metrics["clean_accuracy"] == metrics["clean_accuracy_hpm_mix"]
+    for key in ("base_fc", "fc", "hpm_mix", "hpm_ema"):
+        assert 0.8 < metrics[f"clean_accuracy_{key}"] <= 1.0
+    assert manifest["training"]["hpm"]["config"]["tune"] == "head"
+    assert not torch.equal(model.prototypes, torch.zeros_like(model.prototypes))
+
+
+def test_an_hpm_checkpoint_is_evaluated_by_eval(
+    hpm: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    out, _ = hpm
+    record = tmp_path / "eval.json"
+    args = ["eval", "--model", str(out), "--data", "digits", "--eps", "0.1", "--steps", "2"]
+    args += ["--n", "20", "--batch-size", "20", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--json", str(record)]) == 0
+    assert json.loads(record.read_text())["n"] == 20
+
+
+@pytest.mark.parametrize(
+    ("extra", "sentence"),
+    [
+        (["--mix", "1.5"], "mixing weight must lie in [0, 1], got 1.5"),
+        (["--momentum", "1"], "momentum must lie strictly between 0 and 1, got 1.0"),
+        (["--scale", "0"], "logit scale must be a finite number > 0"),
+        (["--eval-batch-size", "0"], "batch size must be >= 1, got 0"),
+        (["--tune", "body"], "unknown --tune 'body'; use head or last-block"),
+    ],
+)
+def test_bad_options_are_one_sentence(
+    base: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    sentence: str,
+) -> None:
+    out = tmp_path / "o"
+    assert main(["hpm", "--model", str(base), "--out", str(out), *QUICK, *extra]) == 2
+    err = capsys.readouterr().err
+    assert sentence in err and err.count("\n") == 1
+    assert not (out / "manifest.json").exists()
+
+
+def test_an_hpm_checkpoint_is_not_wrapped_twice(
+    hpm: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = hpm
+    assert main(["hpm", "--model", str(out), "--out", str(tmp_path / "o"), *QUICK]) == 2
+    assert "already has an HPM head; give the base's checkpoint" in capsys.readouterr().err
+
+
+def test_a_model_with_more_classes_than_the_data_is_refused(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = (torch.rand(40, 8, 8) * 255).to(torch.uint8).numpy()
+    y = (torch.arange(40) % 4).numpy()
+    np.savez(tmp_path / "four.npz", x=x, y=y)
+    args = ["hpm", "--model", str(base), "--out", str(tmp_path / "o"), *QUICK]
+    assert main([*args, "--data", f"npz:{tmp_path / 'four.npz'}"]) == 2
+    assert "classes [4, 5, 6, 7, 8, 9] have none" in capsys.readouterr().err
