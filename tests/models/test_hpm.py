@@ -3,7 +3,6 @@ surrogates, checkpoints and bad settings."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,7 +148,7 @@ def test_logits_are_scaled_l2_distances_to_the_mixed_prototypes() -> None:
     model, x, _ = small_hpm(scale=3.0, mix=0.0)
     with torch.no_grad():
         f, _ = model.features_and_logits(x[:5])
-        expected = -3.0 * torch.cdist(f, model.prototypes) / math.sqrt(6)
+        expected = -3.0 * torch.cdist(f, model.prototypes) / model.distance_unit
         torch.testing.assert_close(model(x[:5]), expected)  # mix 0: the dataset prototypes
 
 
@@ -177,12 +176,14 @@ def test_ema_update_follows_its_formula_and_leaves_absent_classes() -> None:
     assert torch.equal(model.prototypes[1], mu[1])
 
 
-def test_init_prototypes_are_the_class_means_and_need_every_class() -> None:
+def test_init_sets_class_means_and_the_distance_unit_and_needs_every_class() -> None:
     model, x, y = small_hpm()
     with torch.no_grad():
         f, _ = model.features_and_logits(x)
     for c in range(3):
         torch.testing.assert_close(model.prototypes[c], f[y == c].mean(0))
+    own = (f - model.prototypes[y]).norm(dim=1).mean()
+    torch.testing.assert_close(model.distance_unit, own)
     with pytest.raises(RobustlabError, match=r"every class .* classes \[1\] have none"):
         init_prototypes(model, x[y != 1], y[y != 1])
 
@@ -246,7 +247,8 @@ def test_surrogates_compute_what_they_are_named_for() -> None:
             assert torch.equal(s["hpm-ste"](xb), s["hpm-detached"](xb))  # still the mix forward
         f, z = model.features_and_logits(xb)
         soft = mixed_prototypes(f, F.softmax(z, 1), model.prototypes, 0.5)
-        torch.testing.assert_close(s["hpm-soft"](xb), l2_logits(f, soft, 4.0))
+        scale = 2.0 / model.distance_unit
+        torch.testing.assert_close(s["hpm-soft"](xb), l2_logits(f, soft, scale))
 
 
 def test_the_ste_surrogate_follows_the_model_even_when_the_model_has_no_ste() -> None:
@@ -284,6 +286,7 @@ def test_a_checkpoint_round_trip_rebuilds_the_same_model(tmp_path: Path) -> None
     model = HPMClassifier(base, HPMConfig(mix=0.3, momentum=0.95, scale=2.0)).eval()
     with torch.no_grad():
         model.prototypes.copy_(torch.randn_like(model.prototypes))
+        model.distance_unit.fill_(0.7)
     section = model_section(model_config("mlp", 1, 10, 8, [0.0], [1.0]), model, "ab" * 32)
     save_checkpoint(model, tmp_path / "c", {"model": section})
     ckpt = load_checkpoint(tmp_path / "c")
@@ -292,6 +295,7 @@ def test_a_checkpoint_round_trip_rebuilds_the_same_model(tmp_path: Path) -> None
     x = torch.rand(9, 1, 8, 8)
     assert torch.equal(loaded(x), model(x))
     assert torch.equal(loaded.prototypes, model.prototypes)
+    assert float(loaded.distance_unit) == pytest.approx(0.7)
     hpm = ckpt.manifest["model"]["hpm"]
     assert hpm["base_sha256"] == "ab" * 32 and hpm["feature_dim"] == model.feature_dim
     assert HPMConfig.from_dict(hpm["config"]) == model.config

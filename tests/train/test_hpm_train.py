@@ -60,7 +60,7 @@ def test_head_tuning_changes_only_the_head_and_restores_requires_grad(
     head = {f"base.net.fc.{k}" for k, _ in fc.named_parameters()}
     for name, value in model.state_dict().items():
         changed = not torch.equal(value, before[name])
-        assert changed == (name in head or name == "prototypes"), name
+        assert changed == (name in head or name in ("prototypes", "distance_unit")), name
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 

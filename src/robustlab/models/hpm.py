@@ -17,10 +17,14 @@ Only the paper's abstract is public, so every equation below is **our** choice:
   assigned to falls back to its dataset prototype ``mu_c``.
 - Mixed prototype ``P_c = (1 - mix) * mu_c + mix * b_c`` (mode ``"mix"``); mode ``"ema"`` uses
   ``mu`` alone, so its predictions do not depend on the rest of the batch.
-- Logits ``-scale * ||f - P_c||_2 / sqrt(D)``: the plain l2 distance (1-Lipschitz in ``f``,
-  unlike its square, whose logit differences are linear in ``f``), divided by ``sqrt(D)`` so
-  that ``scale`` means the same for any feature width (the root-mean-square per-coordinate
-  distance). Default ``scale`` 4 (see README's HPM section for the measurement).
+- Logits ``-scale * ||f - P_c||_2 / r``: the plain l2 distance (1-Lipschitz in ``f``, unlike
+  its square, whose logit differences are linear in ``f``) in units of ``r``, the mean
+  distance of a training feature to its class prototype, measured once when the prototypes
+  are initialised (a buffer, fixed afterwards). So ``scale`` means the same whatever the
+  features' width and magnitude (adversarially trained features are several times smaller
+  than standard ones): the logit drop per typical within-class distance. Default ``scale`` 2:
+  on a PGD-AT resnet8 on mnist5k and a resnet8 on digits the median top softmax
+  probability is then 0.85 and 0.91, none above 0.999 (at 4: 10-40 % above 0.999).
 - Dataset prototypes are buffers, initialised to the class means of a pass over training
   data (:func:`init_prototypes`) and moved only by :meth:`HPMClassifier.update_prototypes`
   (``mu_c <- momentum * mu_c + (1 - momentum) * mean of the batch's clean features of true
@@ -71,7 +75,7 @@ class HPMConfig:
 
     mix: float = 0.5
     momentum: float = 0.9
-    scale: float = 4.0
+    scale: float = 2.0
     temperature: float = 1.0
     ste: bool = True
     mode: str = "mix"
@@ -117,15 +121,16 @@ def check_mode(mode: object) -> str:
     return str(mode)
 
 
-def l2_logits(f: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:
-    """``-scale * ||f_i - P_c|| / sqrt(D)`` for every input i and class c (N x K).
+def l2_logits(
+    f: torch.Tensor, prototypes: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
+    """``-scale * ||f_i - P_c||`` for every input i and class c (N x K).
 
     ``prototypes`` is K x D (shared by the batch). The distance is smoothed by 1e-12 under
     the square root so that its gradient stays finite when a point sits on a prototype.
     """
-    d = f.shape[1]
     sq = (f[:, None, :] - prototypes[None, :, :]).pow(2).sum(-1)
-    return -scale * torch.sqrt(sq + 1e-12) / math.sqrt(d)
+    return -scale * torch.sqrt(sq + 1e-12)
 
 
 def assignment(z: torch.Tensor, temperature: float, *, ste: bool, kind: str) -> torch.Tensor:
@@ -167,6 +172,7 @@ class HPMClassifier(nn.Module):
     """
 
     prototypes: torch.Tensor
+    distance_unit: torch.Tensor
 
     def __init__(
         self,
@@ -195,6 +201,7 @@ class HPMClassifier(nn.Module):
             )
         self.num_classes, self.feature_dim = int(num_classes), int(dim)
         self.register_buffer("prototypes", torch.zeros(self.num_classes, self.feature_dim))
+        self.register_buffer("distance_unit", torch.ones(()))
 
     def _features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The flattened penultimate features and the FC logits of one pass of the base."""
@@ -233,12 +240,11 @@ class HPMClassifier(nn.Module):
         """HPM logits from features and FC logits; options default to the model's own."""
         cfg = self.config
         mu = self.prototypes.to(f.dtype)
+        scale = cfg.scale / self.distance_unit.to(f.dtype)
         if check_mode(mode or self.mode) == "ema":
-            return l2_logits(f, mu, cfg.scale)
+            return l2_logits(f, mu, scale)
         a = assignment(z, cfg.temperature, ste=cfg.ste if ste is None else ste, kind=kind)
-        return l2_logits(
-            f, mixed_prototypes(f, a, mu, cfg.mix, detach_batch=detach_batch), cfg.scale
-        )
+        return l2_logits(f, mixed_prototypes(f, a, mu, cfg.mix, detach_batch=detach_batch), scale)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features, FC logits and HPM logits (current mode) of one pass over ``x``."""
@@ -283,8 +289,9 @@ def with_mode(model: HPMClassifier, mode: str) -> Iterator[HPMClassifier]:
 def init_prototypes(
     model: HPMClassifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500
 ) -> torch.Tensor:
-    """Set the dataset prototypes to the class means of the clean features of ``x`` (eval
-    mode, the model's modes restored); every class needs at least one sample."""
+    """Set the dataset prototypes to the class means of the clean features of ``x`` and the
+    distance unit to the mean distance of those features to their class's prototype (two
+    passes in eval mode, the model's modes restored); every class needs a sample."""
     counts = torch.bincount(y.cpu(), minlength=model.num_classes)
     if len(counts) > model.num_classes:
         raise RobustlabError(
@@ -305,6 +312,18 @@ def init_prototypes(
             yb = y[i : i + batch_size].to(device)
             sums.index_add_(0, yb, f.to(sums.dtype))
     model.prototypes.copy_(sums / counts.to(device, sums.dtype)[:, None])
+    total = torch.zeros((), dtype=sums.dtype, device=device)
+    with evaluating(model):
+        for i in range(0, len(x), batch_size):
+            f, _ = model.features_and_logits(x[i : i + batch_size].to(device))
+            own = model.prototypes[y[i : i + batch_size].to(device)]
+            total += (f.to(sums.dtype) - own).norm(dim=1).sum()
+    unit = total / len(x)
+    if not unit > 0:
+        raise RobustlabError(
+            "HPM cannot set its distance unit: every training feature sits on its class prototype"
+        )
+    model.distance_unit.copy_(unit)
     return model.prototypes
 
 
