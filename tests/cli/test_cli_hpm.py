@@ -12,7 +12,8 @@ import torch
 
 import robustlab
 from robustlab.cli import main
-from robustlab.models.checkpoint import file_sha256
+from robustlab.models import build_model
+from robustlab.models.checkpoint import file_sha256, model_config, save_checkpoint
 from robustlab.models.hpm import HPMClassifier
 
 QUICK = ["--data", "digits", "--eps", "0.1", "--steps", "2", "--epochs", "1"]
@@ -76,6 +77,7 @@ def test_an_hpm_checkpoint_is_evaluated_by_eval(
         (["--scale", "0"], "logit scale must be a finite number > 0"),
         (["--eval-batch-size", "0"], "batch size must be >= 1, got 0"),
         (["--tune", "body"], "unknown --tune 'body'; use head or last-block"),
+        (["--mode", "batch"], "unknown HPM mode 'batch'; use mix or ema"),
     ],
 )
 def test_bad_options_are_one_sentence(
@@ -109,3 +111,25 @@ def test_a_model_with_more_classes_than_the_data_is_refused(
     args = ["hpm", "--model", str(base), "--out", str(tmp_path / "o"), *QUICK]
     assert main([*args, "--data", f"npz:{tmp_path / 'four.npz'}"]) == 2
     assert "classes [4, 5, 6, 7, 8, 9] have none" in capsys.readouterr().err
+
+
+def test_a_model_with_fewer_classes_than_the_data_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    five = save_checkpoint(
+        build_model("mlp", 1, 5, 8),
+        tmp_path / "five",
+        {"model": model_config("mlp", 1, 5, 8, [0.0], [1.0])},
+    )
+    assert main(["hpm", "--model", str(five), "--out", str(tmp_path / "o"), *QUICK]) == 2
+    assert "digits has 10 classes but the model predicts 5" in capsys.readouterr().err
+
+
+def test_an_ema_checkpoint_is_fine_tuned_and_saved_in_ema_mode(base: Path, tmp_path: Path) -> None:
+    out, record = tmp_path / "ema", tmp_path / "ema.json"
+    args = ["hpm", "--model", str(base), "--out", str(out), *QUICK, "--mode", "ema"]
+    assert main([*args, "--json", str(record)]) == 0
+    model = robustlab.load(out)
+    assert isinstance(model, HPMClassifier) and model.mode == "ema"
+    metrics = json.loads(record.read_text())["metrics"]
+    assert metrics["clean_accuracy"] == metrics["clean_accuracy_hpm_ema"]

@@ -25,8 +25,10 @@ from robustlab.models.hpm import (
     l2_logits,
     mixed_prototypes,
     model_section,
+    with_config,
     with_mode,
 )
+from robustlab.models.multiexit import MultiExitNetwork, attach_exits
 from robustlab.models.structure import declare_features, surrogates_for
 
 
@@ -123,6 +125,30 @@ def test_with_mode_restores_the_mode_even_after_an_error() -> None:
         with_mode(model, "both"),
     ):
         pass
+
+
+def test_with_config_changes_settings_for_a_while_and_checks_them() -> None:
+    model, x, _ = small_hpm()
+    own = model.config
+    with torch.no_grad():
+        with with_mode(model, "ema"):
+            ema = model(x[:5])
+        with with_config(model, mix=0.0) as changed:
+            assert changed.config.mix == 0.0 and changed.mode == "mix"
+            torch.testing.assert_close(model(x[:5]), ema)  # mix 0: the dataset prototypes
+        assert model.config is own and not torch.allclose(model(x[:5]), ema)
+        with with_config(model, scale=4.0, mode="ema"):
+            assert model.mode == "ema"
+            torch.testing.assert_close(model(x[:5]), 2 * ema)  # logits linear in the scale
+        assert model.mode == "mix"
+    with (
+        pytest.raises(RobustlabError, match=r"mixing weight must lie in \[0, 1\]"),
+        with_config(model, mix=2.0),
+    ):
+        pass
+    with pytest.raises(RobustlabError, match="unknown HPM setting"), with_config(model, mixing=0.2):
+        pass
+    assert model.config is own
 
 
 def test_absent_classes_fall_back_to_the_dataset_prototype() -> None:
@@ -299,6 +325,20 @@ def test_a_checkpoint_round_trip_rebuilds_the_same_model(tmp_path: Path) -> None
     hpm = ckpt.manifest["model"]["hpm"]
     assert hpm["base_sha256"] == "ab" * 32 and hpm["feature_dim"] == model.feature_dim
     assert HPMConfig.from_dict(hpm["config"]) == model.config
+
+
+def test_an_hpm_head_over_a_multi_exit_network_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    exits = attach_exits(build_model("mlp", 1, 10, 8), (1, 8, 8), 10, [0])
+    model = HPMClassifier(exits, HPMConfig(mode="ema")).eval()
+    with torch.no_grad():
+        model.prototypes.copy_(torch.randn_like(model.prototypes))
+    base = {**model_config("mlp", 1, 10, 8, [0.0], [1.0]), "multi_exit": exits.config()}
+    save_checkpoint(model, tmp_path / "c", {"model": model_section(base, model, None)})
+    loaded = load_checkpoint(tmp_path / "c").model
+    assert isinstance(loaded, HPMClassifier) and isinstance(loaded.base, MultiExitNetwork)
+    x = torch.rand(3, 1, 8, 8)
+    assert loaded.mode == "ema" and torch.equal(loaded(x), model(x))
 
 
 def test_a_manifest_with_a_bad_hpm_config_is_refused(tmp_path: Path) -> None:

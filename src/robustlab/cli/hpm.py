@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         scale=args.scale,
         temperature=args.temperature,
         ste=not args.no_ste,
+        mode=args.mode,
     )
     cfg = HPMTrainConfig(
         eps=args.eps,
@@ -156,6 +157,12 @@ def register(sub: Any) -> None:
         "--no-ste",
         action="store_true",
         help="no straight-through gradient: the hard assignment carries no gradient",
+    )
+    p.add_argument(
+        "--mode",
+        default="mix",
+        help="inference mode the checkpoint is saved in, and fine-tuned in: mix (dataset and "
+        "batch prototypes) or ema (dataset prototypes alone, batch-independent)",
     )
     p.add_argument(
         "--eval-batch-size",

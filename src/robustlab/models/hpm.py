@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -283,6 +283,22 @@ def with_mode(model: HPMClassifier, mode: str) -> Iterator[HPMClassifier]:
         yield model
     finally:
         model.mode = before
+
+
+@contextmanager
+def with_config(model: HPMClassifier, **changes: Any) -> Iterator[HPMClassifier]:
+    """The model with some head settings changed (checked like any config; ``mode`` too), its
+    own restored on exit: for ablations of mix, scale, temperature or ste without retraining."""
+    try:
+        config = replace(model.config, **changes)
+    except TypeError as exc:
+        raise RobustlabError(f"unknown HPM setting: {exc}") from None
+    before, before_mode = model.config, model.mode
+    model.config, model.mode = config, changes.get("mode", model.mode)
+    try:
+        yield model
+    finally:
+        model.config, model.mode = before, before_mode
 
 
 @torch.no_grad()
