@@ -192,7 +192,7 @@ class HPMClassifier(nn.Module):
             param = next(base.parameters(), None)
             probe = torch.zeros(1, *input_shape, device=param.device if param is not None else None)
             with evaluating(base), torch.no_grad():
-                f, z = self._features_and_logits(probe)
+                f, z = self.features_and_logits(probe)
             num_classes, dim = z.shape[1], f.shape[1]
         else:
             raise RobustlabError(
@@ -203,8 +203,9 @@ class HPMClassifier(nn.Module):
         self.register_buffer("prototypes", torch.zeros(self.num_classes, self.feature_dim))
         self.register_buffer("distance_unit", torch.ones(()))
 
-    def _features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flattened penultimate features and the FC logits of one pass of the base."""
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flattened penultimate features (N x D) and the FC logits (N x K) of one pass of
+        the base (the head's input is caught by a hook held only during the pass)."""
         head = classifier_head(self.base)
         seen: list[torch.Tensor] = []
 
@@ -222,10 +223,6 @@ class HPMClassifier(nn.Module):
         if not isinstance(z, torch.Tensor) or z.dim() != 2:
             raise RobustlabError("HPM needs a base model that returns one logits tensor (N x K)")
         return seen[-1].flatten(1), z
-
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flattened penultimate features (N x D) and the FC logits (N x K) for ``x``."""
-        return self._features_and_logits(x)
 
     def hpm_logits(
         self,
@@ -248,12 +245,12 @@ class HPMClassifier(nn.Module):
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features, FC logits and HPM logits (current mode) of one pass over ``x``."""
-        f, z = self._features_and_logits(x)
+        f, z = self.features_and_logits(x)
         return f, z, self.hpm_logits(f, z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """HPM logits in the current mode."""
-        f, z = self._features_and_logits(x)
+        f, z = self.features_and_logits(x)
         return self.hpm_logits(f, z)
 
     @torch.no_grad()
