@@ -60,6 +60,7 @@ class EvalRecord:
     per_attack: list[AttackStep] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resumed_batches: int = 0
+    batch_size: int | None = None  # the evaluation batch: points attacked (and judged) together
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -101,6 +102,19 @@ def samples_csv(records: Sequence[EvalRecord]) -> str:
         for row in rec.samples:
             writer.writerow({"eps": rec.threat_model["eps"], **row})
     return buf.getvalue()
+
+
+def checked_points(data: Dataset, n: int | None, batch_size: int) -> int:
+    """How many points an evaluation covers (the first ``n``, default all), after checking
+    them and the batch size; one clear sentence for a bad value."""
+    total = len(data) if n is None else n
+    if total < 1:
+        raise RobustlabError(f"n must be >= 1, got {total}")
+    if total > len(data):
+        raise RobustlabError(f"asked for n={total} points but the test split has only {len(data)}")
+    check_batch_size(batch_size)
+    check_batch(data.x[:total], data.y[:total], None)
+    return total
 
 
 def evaluate(
@@ -334,13 +348,7 @@ def evaluate_curve(
     if len(norms) > 1:
         raise RobustlabError(f"a robustness curve needs one norm, got {', '.join(sorted(norms))}")
     order = sorted(range(len(attacks)), key=lambda i: attacks[i].threat.eps)
-    total = len(data) if n is None else n
-    if total < 1:
-        raise RobustlabError(f"n must be >= 1, got {total}")
-    if total > len(data):
-        raise RobustlabError(f"asked for n={total} points but the test split has only {len(data)}")
-    check_batch_size(batch_size)
-    check_batch(data.x[:total], data.y[:total], None)
+    total = checked_points(data, n, batch_size)
     progress_path = Path(resume) if resume is not None else None
     done: dict[int, dict[str, Any]] = {}
     if progress_path is not None:
@@ -380,6 +388,7 @@ def evaluate_curve(
     records = _records(attacks, done, total, data, model_info, seed, warnings)
     for rec in records:
         rec.resumed_batches = resumed
+        rec.batch_size = batch_size
     if progress_path and not keep_resume:
         progress_path.unlink(missing_ok=True)
     return records
