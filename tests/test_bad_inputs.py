@@ -231,6 +231,8 @@ ROWS: list[tuple[list[str], str]] = [
     (["eval", "--model", "good", *MSA, "--eps", "0.1,0.2"], "--protocol msa evaluates one --eps"),
     (["eval", "--model", "good", *MSA, "--attack", "fgsm"], "--protocol msa runs AutoAttack"),
     (["eval", "--model", "good", *MSA, "--steps", "1"], "'autoattack' has no option steps"),
+    (["eval", "--model", "good", *MSA, "--surrogate-attacks", "square"], "runs in the plain stage"),
+    (["eval", "--model", "good", *QUICK, "--surrogate-attacks", "apgd-ce"], "goes with --protocol"),
     (["train", "--data", "digits", "--arch", "mlp", "--out", "foreign"], "pass --overwrite"),
     (
         ["transfer", "--sources", "good", "--targets", "good", *QUICK, "--plots", "photos"],

@@ -4,7 +4,9 @@ points go on; a point is robust only if it survives every stage."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks.autoattack import AutoAttack
+from robustlab.cli import main
 from robustlab.core.guard import frozen_eval
 from robustlab.data import DataSplits, load_data
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import evaluate
 from robustlab.evaluate.msa import MSARecord, evaluate_msa, msa_batch, msa_stages
+from robustlab.models.mlp import MLP
 from robustlab.models.structure import declare_surrogates
+from robustlab.store import ResultStore
 from robustlab.train import TrainConfig, train
 
 
@@ -260,6 +265,8 @@ def test_declared_surrogates_are_found(
         ([("s", None)], {"batch_size": 0}, "batch size must be >= 1, got 0"),
         ([("s", None)], {"n": 0}, "n must be >= 1"),
         ([("s", None)], {"version": "fast"}, "unknown AutoAttack version"),
+        ([("s", None)], {"surrogate_attacks": ("square",)}, "runs in the plain stage"),
+        ([("s", None)], {"surrogate_attacks": ("pgd",)}, "unknown AutoAttack sub-attack pgd"),
     ],
 )
 def test_bad_msa_input_gets_a_sentence(
@@ -274,3 +281,38 @@ def test_bad_msa_input_gets_a_sentence(
         given = [(name, base if s is None else s) for name, s in surrogates]
     with pytest.raises(RobustlabError, match=message):
         evaluate_msa(base, splits.test, given, eps=0.1, progress=False, **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_cli_runs_msa_with_declared_surrogates_and_writes_every_output(
+    tmp_path: Path,
+) -> None:
+    cfg = TrainConfig(arch="mlp", data="digits", epochs=2, arch_options={"width": 16})
+    ckpt = tmp_path / "mlp"
+    train(cfg, ckpt, splits=load_data("digits"), progress=False)
+
+    def spec(model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The network itself (it takes normalised inputs: a rough stand-in, enough here)."""
+        return [("net", model)]
+
+    out, db = tmp_path / "msa.json", tmp_path / "r.db"
+    undo = declare_surrogates(MLP, spec)
+    try:
+        args = ["eval", "--model", str(ckpt), "--data", "digits", "--protocol", "msa"]
+        args += ["--eps", "0.1", "--n", "12", "--batch-size", "5", "--attacks", "apgd-ce,fab-t"]
+        args += ["--surrogate-attacks", "apgd-ce", "--json", str(out), "--store", str(db)]
+        assert main([*args, "--device", "cpu", "--no-progress"]) == 0
+    finally:
+        undo()
+    rec = json.loads(out.read_text())
+    assert rec["kind"] == "msa" and rec["batch_size"] == 5 and rec["n"] == 12
+    assert [s["stage"] for s in rec["stages"]] == ["plain", "net"]
+    assert [p["attack"] for p in rec["per_attack"]] == [
+        "plain/apgd-ce",
+        "plain/fab-t",
+        "net/apgd-ce",
+    ]
+    assert rec["robust_accuracy"] <= rec["plain_robust_accuracy"] <= rec["clean_accuracy"]
+    rows = (tmp_path / "msa.samples.csv").read_text().splitlines()
+    assert len(rows) == 1 + 12 and rec["samples_file"].endswith("msa.samples.csv")
+    stored = ResultStore(db).records(kind="msa")
+    assert len(stored) == 1 and stored[0]["robust_accuracy"] == rec["robust_accuracy"]

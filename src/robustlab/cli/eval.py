@@ -49,6 +49,11 @@ def register(sub: Any) -> None:
         "for defended models (AutoAttack, --version/--attacks, on the model and on each "
         "surrogate it declares, every example judged by the model; one eps, no resume)",
     )
+    p.add_argument(
+        "--surrogate-attacks",
+        help="with --protocol msa: the AutoAttack members run on each surrogate, e.g. "
+        "apgd-ce,apgd-t (default: the version's gradient members)",
+    )
     add_store(p, "the checkpoint folder's name")
     add_common(p)
     p.set_defaults(func=run)
@@ -101,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.protocol == "msa":
         return run_msa(args)
+    if args.surrogate_attacks:
+        raise RobustlabError("--surrogate-attacks goes with --protocol msa")
     options = attack_options(args)
     attacks = [
         make_attack(args.attack, args.norm, eps, **options) for eps in floats(args.eps, "--eps")
@@ -169,6 +176,9 @@ def run_msa(args: argparse.Namespace) -> int:
         eps=ensemble.eps,
         version=ensemble.version,
         attacks=ensemble.attacks,
+        surrogate_attacks=tuple(
+            a.strip() for a in (args.surrogate_attacks or "").split(",") if a.strip()
+        ),
         n=args.n,
         batch_size=args.batch_size,
         device=device,

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
 import torch
@@ -109,14 +109,30 @@ class MSABatch:
     disagreements: int = 0
 
 
+def surrogate_members(ensemble: AutoAttack, names: Sequence[str] = ()) -> list[tuple[str, Attack]]:
+    """The attacks run on each surrogate: the ``names`` given, at the ensemble's budgets,
+    else the ensemble's gradient members (every member but the query-only Square)."""
+    black = [a for a in names if a in BLACK_BOX]
+    if black:
+        raise RobustlabError(
+            f"{', '.join(black)} only queries the defended forward and runs in the plain stage; "
+            "surrogate attacks follow gradients (apgd-ce, apgd-dlr, apgd-t, fab, fab-t)"
+        )
+    chosen = replace(ensemble, attacks=tuple(names)) if names else ensemble
+    return [(name, a) for name, a in chosen.components() if name not in BLACK_BOX]
+
+
 def msa_stages(
-    model: nn.Module, surrogates: Sequence[tuple[str, nn.Module]], ensemble: AutoAttack
+    model: nn.Module,
+    surrogates: Sequence[tuple[str, nn.Module]],
+    ensemble: AutoAttack,
+    members: list[tuple[str, Attack]] | None = None,
 ) -> list[Stage]:
     """The plain stage (the whole ensemble on ``model``), then one stage per surrogate with
-    the ensemble's gradient members."""
-    members = ensemble.components()
-    gradient = [(name, a) for name, a in members if name not in BLACK_BOX]
-    return [(PLAIN, model, members), *((name, s, gradient) for name, s in surrogates)]
+    ``members`` (default: :func:`surrogate_members` of the ensemble)."""
+    gradient = surrogate_members(ensemble) if members is None else members
+    plain: Stage = (PLAIN, model, ensemble.components())
+    return [plain, *((name, s, gradient) for name, s in surrogates)]
 
 
 def msa_batch(
@@ -177,6 +193,7 @@ def evaluate_msa(
     eps: float,
     version: str = "standard",
     attacks: tuple[str, ...] = (),
+    surrogate_attacks: tuple[str, ...] = (),
     n: int | None = None,
     batch_size: int = 250,
     device: str = "cpu",
@@ -189,10 +206,13 @@ def evaluate_msa(
 
     ``surrogates``: ``[(name, module), ...]`` taking the same inputs as ``model`` (default:
     the ones it declares, :func:`~robustlab.models.structure.declare_surrogates`).
-    ``version`` / ``attacks`` choose the AutoAttack ensemble as for :class:`AutoAttack`.
+    ``version`` / ``attacks`` choose the AutoAttack ensemble as for :class:`AutoAttack`;
+    ``surrogate_attacks`` the members run on each surrogate (default: the ensemble's
+    gradient members), at the version's budgets.
     ``batch_size`` is the evaluation batch: the points attacked and judged together.
     """
     ensemble = AutoAttack(norm=norm, eps=eps, version=version, attacks=attacks, seed=seed)
+    members = surrogate_members(ensemble, surrogate_attacks)
     total = checked_points(data, n, batch_size)
     named = _named(model, surrogates)
     warnings: list[str] = [ONE_CLASS_WARNING] if data.num_classes < 2 else []
@@ -204,7 +224,10 @@ def evaluate_msa(
     assert isinstance(bundle, nn.ModuleList)  # a deep copy of one, or the one itself
     judge = bundle[0]
     stages = msa_stages(
-        judge, [(name, bundle[1 + k]) for k, (name, _) in enumerate(named)], ensemble
+        judge,
+        [(name, bundle[1 + k]) for k, (name, _) in enumerate(named)],
+        ensemble,
+        members,
     )
     rows: list[dict[str, object]] = []
     seconds: dict[str, float] = {}
