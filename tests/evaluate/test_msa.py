@@ -316,3 +316,7 @@ def test_the_cli_runs_msa_with_declared_surrogates_and_writes_every_output(
     assert len(rows) == 1 + 12 and rec["samples_file"].endswith("msa.samples.csv")
     stored = ResultStore(db).records(kind="msa")
     assert len(stored) == 1 and stored[0]["robust_accuracy"] == rec["robust_accuracy"]
+    assert main(["report", "--store", str(db), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Defended models under MSA" in page and "could not be shown" not in page
+    assert f"<b>{100 * rec['robust_accuracy']:.1f} %</b>" in page
