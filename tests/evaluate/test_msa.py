@@ -320,3 +320,37 @@ def test_the_cli_runs_msa_with_declared_surrogates_and_writes_every_output(
     page = (tmp_path / "r.html").read_text()
     assert "Defended models under MSA" in page and "could not be shown" not in page
     assert f"<b>{100 * rec['robust_accuracy']:.1f} %</b>" in page
+
+
+def test_a_killed_msa_run_resumes_and_the_key_covers_the_surrogates(
+    nets: tuple[nn.Module, nn.Module, DataSplits], tmp_path: Path
+) -> None:
+    base, other, splits = nets
+    hard = HardDecision(base).eval()
+    progress = tmp_path / "msa.progress.jsonl"
+    kw = {"eps": 0.1, "n": 12, "batch_size": 4, "attacks": ("apgd-ce",), "progress": False}
+    whole = evaluate_msa(hard, splits.test, [("base", base)], **kw)  # type: ignore[arg-type]
+    first = evaluate_msa(
+        hard,
+        splits.test,
+        [("base", base)],
+        resume=progress,
+        keep_resume=True,
+        **kw,  # type: ignore[arg-type]
+    )
+    lines = progress.read_text().splitlines()
+    assert len(lines) == 1 + 3 and first.resumed_batches == 0
+    progress.write_text("\n".join(lines[:2]) + "\n")  # killed after its first batch
+    again = evaluate_msa(hard, splits.test, [("base", base)], resume=progress, **kw)  # type: ignore[arg-type]
+    assert again.resumed_batches == 1 and not progress.exists()
+    assert again.samples == whole.samples == first.samples
+    assert again.stages[1]["broken"] == whole.stages[1]["broken"] > 0
+    progress.write_text("\n".join(lines[:2]) + "\n")
+    for surrogates in ([("other", other)], [("renamed", base)]):
+        with pytest.raises(RobustlabError, match="holds progress of a different evaluation"):
+            evaluate_msa(hard, splits.test, surrogates, resume=progress, **kw)  # type: ignore[arg-type]
+    edited = json.loads(lines[1])
+    edited["disagreements"] = -1
+    progress.write_text(lines[0] + "\n" + json.dumps(edited) + "\n")
+    with pytest.raises(RobustlabError, match="is damaged or was edited"):
+        evaluate_msa(hard, splits.test, [("base", base)], resume=progress, **kw)  # type: ignore[arg-type]

@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
         default="plain",
         help="plain: --attack on the model's own forward; msa: the Mixed Surrogate Attack "
         "for defended models (AutoAttack, --version/--attacks, on the model and on each "
-        "surrogate it declares, every example judged by the model; one eps, no resume)",
+        "surrogate it declares, every example judged by the model; one eps)",
     )
     p.add_argument(
         "--surrogate-attacks",
@@ -64,6 +64,11 @@ def _samples_path(args: argparse.Namespace) -> Path | None:
     if args.samples:
         return Path(args.samples)
     return Path(args.json).with_suffix(".samples.csv") if args.json else None
+
+
+def _progress_path(args: argparse.Namespace) -> Path | None:
+    """The per-batch progress file beside --json (none without --json or with --no-resume)."""
+    return Path(args.json + ".progress.jsonl") if args.json and not args.no_resume else None
 
 
 def _outputs(args: argparse.Namespace, samples: Path | None, progress: Path | None) -> list[Any]:
@@ -112,10 +117,7 @@ def run(args: argparse.Namespace) -> int:
     attacks = [
         make_attack(args.attack, args.norm, eps, **options) for eps in floats(args.eps, "--eps")
     ]
-    samples = _samples_path(args)
-    progress = None
-    if args.json and not args.no_resume:
-        progress = Path(args.json + ".progress.jsonl")
+    samples, progress = _samples_path(args), _progress_path(args)
     checked_outputs(args, _outputs(args, samples, progress), models=[args.model], data=[args.data])
     model, splits, device, info = load_model_and_data(args)
     # the resume state goes only once every output below was written
@@ -166,28 +168,38 @@ def run_msa(args: argparse.Namespace) -> int:
         )
     ensemble = make_attack("autoattack", args.norm, eps[0], **attack_options(args))
     assert isinstance(ensemble, AutoAttack)
-    samples = _samples_path(args)
-    checked_outputs(args, _outputs(args, samples, None), models=[args.model], data=[args.data])
+    samples, progress = _samples_path(args), _progress_path(args)
+    checked_outputs(args, _outputs(args, samples, progress), models=[args.model], data=[args.data])
     model, splits, device, info = load_model_and_data(args)
-    rec = evaluate_msa(
-        model,
-        splits.test,
-        norm=ensemble.norm,
-        eps=ensemble.eps,
-        version=ensemble.version,
-        attacks=ensemble.attacks,
-        surrogate_attacks=tuple(
-            a.strip() for a in (args.surrogate_attacks or "").split(",") if a.strip()
-        ),
-        n=args.n,
-        batch_size=args.batch_size,
-        device=device,
-        seed=args.seed,
-        progress=not args.no_progress,
-        model_info=info,
-    )
+    with resume_state(progress) as resume:  # removed only once every output was written
+        rec = evaluate_msa(
+            model,
+            splits.test,
+            norm=ensemble.norm,
+            eps=ensemble.eps,
+            version=ensemble.version,
+            attacks=ensemble.attacks,
+            surrogate_attacks=tuple(
+                a.strip() for a in (args.surrogate_attacks or "").split(",") if a.strip()
+            ),
+            n=args.n,
+            batch_size=args.batch_size,
+            device=device,
+            seed=args.seed,
+            progress=not args.no_progress,
+            model_info=info,
+            resume=resume,
+            keep_resume=True,
+        )
+        _show_msa(rec, args.norm)
+        _write(args, [rec], samples)
+    return 0
+
+
+def _show_msa(rec: Any, norm: str) -> None:
+    """Print an MSA record: the three numbers, then every stage and warning."""
     print(
-        f"{rec.n} points, {args.norm} eps={rec.threat_model['eps']}, evaluation batch "
+        f"{rec.n} points, {norm} eps={rec.threat_model['eps']}, evaluation batch "
         f"{rec.batch_size}: clean {100 * rec.clean_accuracy:.2f} %, plain AutoAttack "
         f"{100 * rec.plain_robust_accuracy:.2f} %, MSA {100 * rec.robust_accuracy:.2f} % "
         f"({rec.elapsed_s:.1f} s)"
@@ -199,5 +211,3 @@ def run_msa(args: argparse.Namespace) -> int:
         )
     for warning in rec.warnings:
         print(f"    warning: {warning}")
-    _write(args, [rec], samples)
-    return 0

@@ -41,7 +41,8 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import TypedDict
+from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -60,8 +61,11 @@ from .robust import (
     ONE_CLASS_WARNING,
     AttackStep,
     EvalRecord,
+    _append,
     _fast_copy,
     _is_channels_last,
+    _open_progress,
+    _run_key,
     checked_points,
 )
 
@@ -201,6 +205,8 @@ def evaluate_msa(
     seed: int = 0,
     progress: bool = True,
     fold_batchnorm: bool = True,
+    resume: str | Path | None = None,
+    keep_resume: bool = False,
 ) -> MSARecord:
     """MSA robust accuracy of the defended ``model`` on the first ``n`` points of ``data``.
 
@@ -210,6 +216,8 @@ def evaluate_msa(
     ``surrogate_attacks`` the members run on each surrogate (default: the ensemble's
     gradient members), at the version's budgets.
     ``batch_size`` is the evaluation batch: the points attacked and judged together.
+    ``resume`` / ``keep_resume``: a progress file per finished batch, as for
+    :func:`~robustlab.evaluate.robust.evaluate_curve` (its key covers the surrogates too).
     """
     ensemble = AutoAttack(norm=norm, eps=eps, version=version, attacks=attacks, seed=seed)
     members = surrogate_members(ensemble, surrogate_attacks)
@@ -229,10 +237,21 @@ def evaluate_msa(
         ensemble,
         members,
     )
-    rows: list[dict[str, object]] = []
-    seconds: dict[str, float] = {}
-    disagreements = 0
-    t_start = time.perf_counter()
+    done: dict[int, dict[str, Any]] = {}
+    progress_path = Path(resume) if resume is not None else None
+    if progress_path is not None:  # the surrogates' weights and names are part of the key
+        everything = nn.ModuleList([model, *(s for _, s in named)])
+        config = {"msa": [name for name, _ in named], "on_surrogates": [m for m, _ in members]}
+        key = _run_key([ensemble], everything, data, total, batch_size, seed, config)
+        done = _open_progress(progress_path, key, data, total, batch_size, 1)
+        for batch in done.values():
+            found = batch.get("disagreements")
+            if not isinstance(found, int) or isinstance(found, bool) or found < 0:
+                raise RobustlabError(
+                    f"progress file {progress_path} is damaged or was edited; delete it to "
+                    "start the evaluation over"
+                )
+    resumed = len(done)
     with ExitStack() as stack:
         stack.enter_context(frozen_eval(judge))
         for k in range(len(named)):
@@ -244,35 +263,20 @@ def evaluate_msa(
         warnings += masking_checks(judge, data.x[first].to(device), data.y[first].to(device))
         for start in range(0, total, batch_size):
             end = min(total, start + batch_size)
-            torch.manual_seed(seed + start)
-            x = data.x[start:end].to(device)
-            if _is_channels_last(judge):
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = data.y[start:end].to(device)
-            batch = msa_batch(judge, stages, x, y)
-            if not bool(ensemble.threat.contains(x, batch.x_adv).all()):
-                raise RuntimeError(f"MSA left its threat model {ensemble.threat}: a bug")
-            for key, value in batch.seconds.items():
-                seconds[key] = seconds.get(key, 0.0) + value
-            disagreements += batch.disagreements
-            norms = ensemble.threat.norms(batch.x_adv - x)
-            for j in range(len(x)):
-                robust = batch.broken_by[j] is None and bool(batch.clean_pred[j] == y[j])
-                rows.append(
-                    {
-                        "index": start + j,
-                        "label": int(y[j]),
-                        "clean_pred": int(batch.clean_pred[j]),
-                        "final_pred": int(batch.final_pred[j]),
-                        "robust": robust,
-                        "broken_by": batch.broken_by[j],
-                        "perturbation_norm": None if robust else round(float(norms[j]), 6),
-                    }
-                )
+            if start not in done:
+                torch.manual_seed(seed + start)
+                done[start] = _attack_batch(judge, stages, ensemble, data, start, end, device)
+                if progress_path is not None:
+                    _append(progress_path, done[start])
             bar.update(end - start)
-    elapsed = time.perf_counter() - t_start
-    return _record(
-        rows,
+    entries = [done[s]["per_eps"]["0"] for s in sorted(done)]
+    seconds: dict[str, float] = {}
+    for entry in entries:
+        for k, v in entry["seconds"].items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    disagreements = sum(int(done[s]["disagreements"]) for s in done)
+    record = _record(
+        [r for entry in entries for r in entry["rows"]],
         seconds,
         stages,
         ensemble,
@@ -281,10 +285,56 @@ def evaluate_msa(
         model_info=model_info,
         seed=seed,
         batch_size=batch_size,
-        elapsed=elapsed,
+        elapsed=sum(entry["total_s"] for entry in entries),
         warnings=warnings,
         disagreements=disagreements,
     )
+    record.resumed_batches = resumed
+    if progress_path is not None and not keep_resume:
+        progress_path.unlink(missing_ok=True)
+    return record
+
+
+def _attack_batch(
+    judge: nn.Module,
+    stages: Sequence[Stage],
+    ensemble: AutoAttack,
+    data: Dataset,
+    start: int,
+    end: int,
+    device: str,
+) -> dict[str, Any]:
+    """MSA on one evaluation batch, as a progress-file entry: per-sample rows, seconds per
+    member, and how many points changed outcome in the last pass over the batch."""
+    t0 = time.perf_counter()
+    x = data.x[start:end].to(device)
+    if _is_channels_last(judge):
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = data.y[start:end].to(device)
+    batch = msa_batch(judge, stages, x, y)
+    if not bool(ensemble.threat.contains(x, batch.x_adv).all()):
+        raise RuntimeError(f"MSA left its threat model {ensemble.threat}: a bug")
+    norms = ensemble.threat.norms(batch.x_adv - x)
+    rows = []
+    for j in range(len(x)):
+        robust = batch.broken_by[j] is None and bool(batch.clean_pred[j] == y[j])
+        rows.append(
+            {
+                "index": start + j,
+                "label": int(y[j]),
+                "clean_pred": int(batch.clean_pred[j]),
+                "final_pred": int(batch.final_pred[j]),
+                "robust": robust,
+                "broken_by": batch.broken_by[j],
+                "perturbation_norm": None if robust else round(float(norms[j]), 6),
+            }
+        )
+    entry = {
+        "rows": rows,
+        "seconds": {k: round(v, 4) for k, v in batch.seconds.items()},
+        "total_s": round(time.perf_counter() - t0, 4),
+    }
+    return {"start": start, "per_eps": {"0": entry}, "disagreements": batch.disagreements}
 
 
 def _record(

@@ -183,9 +183,11 @@ def _run_key(
     total: int,
     batch_size: int,
     seed: int,
+    extra: object = None,
 ) -> str:
     """What a resumed run must share with the first: the model (its structure and every
-    weight and buffer), the evaluated points and the configuration; never a path or name."""
+    weight and buffer), the evaluated points and the configuration (``extra``: more of it,
+    JSON-able); never a path or name."""
     h = hashlib.sha256()
     h.update(repr(model).encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -194,6 +196,8 @@ def _run_key(
     _digest(h, data.x[:total])
     _digest(h, data.y[:total])
     config = [[a.config() for a in attacks], total, batch_size, seed]
+    if extra is not None:
+        config.append(extra)
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -294,6 +298,19 @@ def _read_progress(
     return done, False
 
 
+def _open_progress(
+    path: Path, key: str, data: Dataset, total: int, size: int, eps: int
+) -> dict[int, dict[str, Any]]:
+    """The finished batches an earlier run with this key left in ``path``; when there is
+    nothing to resume, the file is started afresh with its key line."""
+    done, fresh = _read_progress(path, key, data, total, size, eps)
+    if fresh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        _append(path, {"key": key})
+    return done
+
+
 #: How every progress file robustlab writes begins: its first line is {"key": "<run key>"}.
 PROGRESS_PREFIX = b'{"key": "'
 
@@ -353,11 +370,7 @@ def evaluate_curve(
     done: dict[int, dict[str, Any]] = {}
     if progress_path is not None:
         key = _run_key(attacks, model, data, total, batch_size, seed)
-        done, fresh = _read_progress(progress_path, key, data, total, batch_size, len(attacks))
-        if fresh:
-            progress_path.parent.mkdir(parents=True, exist_ok=True)
-            progress_path.unlink(missing_ok=True)
-            _append(progress_path, {"key": key})
+        done = _open_progress(progress_path, key, data, total, batch_size, len(attacks))
     resumed = len(done)
     warnings: list[str] = [ONE_CLASS_WARNING] if data.num_classes < 2 else []
     name = attacks[0].config().get("name")
