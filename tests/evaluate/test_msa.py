@@ -266,6 +266,7 @@ def test_declared_surrogates_are_found(
         ([("s", None)], {"n": 0}, "n must be >= 1"),
         ([("s", None)], {"version": "fast"}, "unknown AutoAttack version"),
         ([("s", None)], {"surrogate_attacks": ("square",)}, "runs in the plain stage"),
+        ([("s", None)], {"attacks": ("square",)}, "has no gradient member to run on the surr"),
         ([("s", None)], {"surrogate_attacks": ("pgd",)}, "unknown AutoAttack sub-attack pgd"),
     ],
 )

@@ -123,7 +123,13 @@ def surrogate_members(ensemble: AutoAttack, names: Sequence[str] = ()) -> list[t
             "surrogate attacks follow gradients (apgd-ce, apgd-dlr, apgd-t, fab, fab-t)"
         )
     chosen = replace(ensemble, attacks=tuple(names)) if names else ensemble
-    return [(name, a) for name, a in chosen.components() if name not in BLACK_BOX]
+    members = [(name, a) for name, a in chosen.components() if name not in BLACK_BOX]
+    if not members:
+        raise RobustlabError(
+            "this AutoAttack has no gradient member to run on the surrogates; add one "
+            "(apgd-ce, apgd-dlr, apgd-t, fab, fab-t) or name them in surrogate_attacks"
+        )
+    return members
 
 
 def msa_stages(
