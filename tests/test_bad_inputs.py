@@ -23,6 +23,8 @@ from robustlab.store import ResultStore
 
 QUICK = ["--data", "digits", "--eps", "0.1", "--steps", "1", "--n", "4", "--batch-size", "4"]
 QUICK += ["--device", "cpu", "--no-progress"]
+MSA = ["--data", "digits", "--eps", "0.1", "--n", "4", "--device", "cpu", "--no-progress"]
+MSA += ["--protocol", "msa"]
 
 
 def robustlab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -238,6 +240,14 @@ ROWS: list[tuple[list[str], str]] = [
     (["eval", "--model", "good", *QUICK, "--json", "notes.json"], "pass --overwrite"),
     (["report", "--store", "s.sqlite", "--out", "afile"], "pass --overwrite"),
     (["models", "--json", "notes.json"], "pass --overwrite"),
+    # the MSA protocol
+    (["eval", "--model", "good", *MSA], "MLP has no declared surrogates; the MSA protocol needs"),
+    (["eval", "--model", "good", *MSA, "--batch-size", "0"], "batch size must be >= 1, got 0"),
+    (["eval", "--model", "good", *MSA, "--eps", "0.1,0.2"], "--protocol msa evaluates one --eps"),
+    (["eval", "--model", "good", *MSA, "--attack", "fgsm"], "--protocol msa runs AutoAttack"),
+    (["eval", "--model", "good", *MSA, "--steps", "1"], "'autoattack' has no option steps"),
+    (["eval", "--model", "good", *MSA, "--surrogate-attacks", "square"], "runs in the plain stage"),
+    (["eval", "--model", "good", *QUICK, "--surrogate-attacks", "apgd-ce"], "goes with --protocol"),
     (["train", "--data", "digits", "--arch", "mlp", "--out", "foreign"], "pass --overwrite"),
     (
         ["transfer", "--sources", "good", "--targets", "good", *QUICK, "--plots", "photos"],

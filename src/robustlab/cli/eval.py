@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..errors import RobustlabError
 from ..io import Output, atomic_write_text, resume_state, write_json
 from .common import (
     add_attack_options,
@@ -21,6 +22,7 @@ from .common import (
 )
 
 DESCRIPTION = "clean and robust accuracy of a checkpoint under an attack, at one eps or a curve"
+PROTOCOLS = ("plain", "msa")
 
 
 def register(sub: Any) -> None:
@@ -39,31 +41,41 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--no-resume", action="store_true", help="do not checkpoint per batch beside --json"
     )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="plain",
+        help="plain: --attack on the model's own forward; msa: the Mixed Surrogate Attack "
+        "for defended models (AutoAttack, --version/--attacks, on the model and on each "
+        "surrogate it declares, every example judged by the model; one eps)",
+    )
+    p.add_argument(
+        "--surrogate-attacks",
+        help="with --protocol msa: the AutoAttack members run on each surrogate, e.g. "
+        "apgd-ce,apgd-t (default: the version's gradient members)",
+    )
     add_store(p, "the checkpoint folder's name")
     add_common(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Check the options and outputs, evaluate, print and write the records."""
-    from ..attacks.registry import make_attack
-    from ..evaluate import evaluate_curve
-    from ..evaluate.robust import is_progress_file, is_samples_csv, samples_csv
-    from ..store import ResultStore
-
-    options = attack_options(args)
-    attacks = [
-        make_attack(args.attack, args.norm, eps, **options) for eps in floats(args.eps, "--eps")
-    ]
-    samples = None
+def _samples_path(args: argparse.Namespace) -> Path | None:
+    """Where the per-sample CSV goes: --samples, else beside --json, else nowhere."""
     if args.samples:
-        samples = Path(args.samples)
-    elif args.json:
-        samples = Path(args.json).with_suffix(".samples.csv")
-    progress = None
-    if args.json and not args.no_resume:
-        progress = Path(args.json + ".progress.jsonl")
-    outputs = [
+        return Path(args.samples)
+    return Path(args.json).with_suffix(".samples.csv") if args.json else None
+
+
+def _progress_path(args: argparse.Namespace) -> Path | None:
+    """The per-batch progress file beside --json (none without --json or with --no-resume)."""
+    return Path(args.json + ".progress.jsonl") if args.json and not args.no_resume else None
+
+
+def _outputs(args: argparse.Namespace, samples: Path | None, progress: Path | None) -> list[Any]:
+    """Every file the command writes: the record, the per-sample CSV, the store, progress."""
+    from ..evaluate.robust import is_progress_file, is_samples_csv
+
+    return [
         json_output(args.json),
         Output(samples, "--samples", ours=is_samples_csv) if samples else None,
         store_output(args.store),
@@ -71,7 +83,42 @@ def run(args: argparse.Namespace) -> int:
         if progress
         else None,
     ]
-    checked_outputs(args, outputs, models=[args.model], data=[args.data])
+
+
+def _write(args: argparse.Namespace, records: list[Any], samples: Path | None) -> None:
+    """Write the records' per-sample CSV, their JSON and their rows in the store."""
+    from ..evaluate.robust import samples_csv
+    from ..store import ResultStore
+
+    dicts = [r.to_dict() for r in records]
+    if samples is not None:
+        if args.json:
+            for d in dicts:
+                d["samples_file"] = str(samples)
+        atomic_write_text(samples, samples_csv(records))
+    if args.json:
+        write_json(args.json, dicts[0] if len(dicts) == 1 else {"records": dicts})
+    if args.store:
+        store = ResultStore(args.store)
+        for d in dicts:
+            store.add(d, label=args.label or Path(args.model).name)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the options and outputs, evaluate, print and write the records."""
+    from ..attacks.registry import make_attack
+    from ..evaluate import evaluate_curve
+
+    if args.protocol == "msa":
+        return run_msa(args)
+    if args.surrogate_attacks:
+        raise RobustlabError("--surrogate-attacks goes with --protocol msa")
+    options = attack_options(args)
+    attacks = [
+        make_attack(args.attack, args.norm, eps, **options) for eps in floats(args.eps, "--eps")
+    ]
+    samples, progress = _samples_path(args), _progress_path(args)
+    checked_outputs(args, _outputs(args, samples, progress), models=[args.model], data=[args.data])
     model, splits, device, info = load_model_and_data(args)
     # the resume state goes only once every output below was written
     with resume_state(progress) as resume:
@@ -101,16 +148,66 @@ def run(args: argparse.Namespace) -> int:
                 )
             for warning in rec.warnings:
                 print(f"    warning: {warning}")
-        dicts = [r.to_dict() for r in records]
-        if samples is not None:
-            if args.json:
-                for d in dicts:
-                    d["samples_file"] = str(samples)
-            atomic_write_text(samples, samples_csv(records))
-        if args.json:
-            write_json(args.json, dicts[0] if len(dicts) == 1 else {"records": dicts})
-        if args.store:
-            store = ResultStore(args.store)
-            for d in dicts:
-                store.add(d, label=args.label or Path(args.model).name)
+        _write(args, records, samples)
     return 0
+
+
+def run_msa(args: argparse.Namespace) -> int:
+    """The MSA protocol: check, evaluate the model with its declared surrogates, print, write."""
+    from ..attacks.autoattack import AutoAttack
+    from ..attacks.registry import make_attack
+    from ..evaluate.msa import evaluate_msa
+
+    eps = floats(args.eps, "--eps")
+    if len(eps) != 1:
+        raise RobustlabError(f"--protocol msa evaluates one --eps, got {args.eps}")
+    if args.attack not in ("pgd", "autoattack"):  # pgd: the option's default, left unset
+        raise RobustlabError(
+            f"--protocol msa runs AutoAttack (choose its parts with --version or --attacks), "
+            f"not --attack {args.attack}"
+        )
+    ensemble = make_attack("autoattack", args.norm, eps[0], **attack_options(args))
+    assert isinstance(ensemble, AutoAttack)
+    samples, progress = _samples_path(args), _progress_path(args)
+    checked_outputs(args, _outputs(args, samples, progress), models=[args.model], data=[args.data])
+    model, splits, device, info = load_model_and_data(args)
+    with resume_state(progress) as resume:  # removed only once every output was written
+        rec = evaluate_msa(
+            model,
+            splits.test,
+            norm=ensemble.norm,
+            eps=ensemble.eps,
+            version=ensemble.version,
+            attacks=ensemble.attacks,
+            surrogate_attacks=tuple(
+                a.strip() for a in (args.surrogate_attacks or "").split(",") if a.strip()
+            ),
+            n=args.n,
+            batch_size=args.batch_size,
+            device=device,
+            seed=args.seed,
+            progress=not args.no_progress,
+            model_info=info,
+            resume=resume,
+            keep_resume=True,
+        )
+        _show_msa(rec, args.norm)
+        _write(args, [rec], samples)
+    return 0
+
+
+def _show_msa(rec: Any, norm: str) -> None:
+    """Print an MSA record: the three numbers, then every stage and warning."""
+    print(
+        f"{rec.n} points, {norm} eps={rec.threat_model['eps']}, evaluation batch "
+        f"{rec.batch_size}: clean {100 * rec.clean_accuracy:.2f} %, plain AutoAttack "
+        f"{100 * rec.plain_robust_accuracy:.2f} %, MSA {100 * rec.robust_accuracy:.2f} % "
+        f"({rec.elapsed_s:.1f} s)"
+    )
+    for stage in rec.stages:
+        print(
+            f"    after {stage['stage']}: {100 * stage['robust_accuracy_after']:.2f} % "
+            f"(broke {stage['broken']}, {stage['seconds']} s)"
+        )
+    for warning in rec.warnings:
+        print(f"    warning: {warning}")

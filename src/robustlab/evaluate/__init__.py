@@ -1,6 +1,14 @@
 """Evaluation protocols and their result records."""
 
 from .checks import masking_checks
+from .msa import MSARecord, evaluate_msa
 from .robust import EvalRecord, evaluate, evaluate_curve
 
-__all__ = ["EvalRecord", "evaluate", "evaluate_curve", "masking_checks"]
+__all__ = [
+    "EvalRecord",
+    "MSARecord",
+    "evaluate",
+    "evaluate_curve",
+    "evaluate_msa",
+    "masking_checks",
+]

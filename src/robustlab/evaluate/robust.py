@@ -60,6 +60,7 @@ class EvalRecord:
     per_attack: list[AttackStep] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resumed_batches: int = 0
+    batch_size: int | None = None  # the evaluation batch: points attacked (and judged) together
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -101,6 +102,19 @@ def samples_csv(records: Sequence[EvalRecord]) -> str:
         for row in rec.samples:
             writer.writerow({"eps": rec.threat_model["eps"], **row})
     return buf.getvalue()
+
+
+def checked_points(data: Dataset, n: int | None, batch_size: int) -> int:
+    """How many points an evaluation covers (the first ``n``, default all), after checking
+    them and the batch size; one clear sentence for a bad value."""
+    total = len(data) if n is None else n
+    if total < 1:
+        raise RobustlabError(f"n must be >= 1, got {total}")
+    if total > len(data):
+        raise RobustlabError(f"asked for n={total} points but the test split has only {len(data)}")
+    check_batch_size(batch_size)
+    check_batch(data.x[:total], data.y[:total], None)
+    return total
 
 
 def evaluate(
@@ -169,9 +183,11 @@ def _run_key(
     total: int,
     batch_size: int,
     seed: int,
+    extra: object = None,
 ) -> str:
     """What a resumed run must share with the first: the model (its structure and every
-    weight and buffer), the evaluated points and the configuration; never a path or name."""
+    weight and buffer), the evaluated points and the configuration (``extra``: more of it,
+    JSON-able); never a path or name."""
     h = hashlib.sha256()
     h.update(repr(model).encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -180,6 +196,8 @@ def _run_key(
     _digest(h, data.x[:total])
     _digest(h, data.y[:total])
     config = [[a.config() for a in attacks], total, batch_size, seed]
+    if extra is not None:
+        config.append(extra)
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -280,6 +298,19 @@ def _read_progress(
     return done, False
 
 
+def _open_progress(
+    path: Path, key: str, data: Dataset, total: int, size: int, eps: int
+) -> dict[int, dict[str, Any]]:
+    """The finished batches an earlier run with this key left in ``path``; when there is
+    nothing to resume, the file is started afresh with its key line."""
+    done, fresh = _read_progress(path, key, data, total, size, eps)
+    if fresh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        _append(path, {"key": key})
+    return done
+
+
 #: How every progress file robustlab writes begins: its first line is {"key": "<run key>"}.
 PROGRESS_PREFIX = b'{"key": "'
 
@@ -334,22 +365,12 @@ def evaluate_curve(
     if len(norms) > 1:
         raise RobustlabError(f"a robustness curve needs one norm, got {', '.join(sorted(norms))}")
     order = sorted(range(len(attacks)), key=lambda i: attacks[i].threat.eps)
-    total = len(data) if n is None else n
-    if total < 1:
-        raise RobustlabError(f"n must be >= 1, got {total}")
-    if total > len(data):
-        raise RobustlabError(f"asked for n={total} points but the test split has only {len(data)}")
-    check_batch_size(batch_size)
-    check_batch(data.x[:total], data.y[:total], None)
+    total = checked_points(data, n, batch_size)
     progress_path = Path(resume) if resume is not None else None
     done: dict[int, dict[str, Any]] = {}
     if progress_path is not None:
         key = _run_key(attacks, model, data, total, batch_size, seed)
-        done, fresh = _read_progress(progress_path, key, data, total, batch_size, len(attacks))
-        if fresh:
-            progress_path.parent.mkdir(parents=True, exist_ok=True)
-            progress_path.unlink(missing_ok=True)
-            _append(progress_path, {"key": key})
+        done = _open_progress(progress_path, key, data, total, batch_size, len(attacks))
     resumed = len(done)
     warnings: list[str] = [ONE_CLASS_WARNING] if data.num_classes < 2 else []
     name = attacks[0].config().get("name")
@@ -380,6 +401,7 @@ def evaluate_curve(
     records = _records(attacks, done, total, data, model_info, seed, warnings)
     for rec in records:
         rec.resumed_batches = resumed
+        rec.batch_size = batch_size
     if progress_path and not keep_resume:
         progress_path.unlink(missing_ok=True)
     return records

@@ -12,6 +12,7 @@ from ..io import atomic_write_text
 from ..store import ResultStore
 from ..version import __version__
 from .exit_plots import sloth_section_html
+from .msa_section import msa_section_html
 from .plots import embedded_png, robustness_curve
 from .transfer_plots import transfer_section_html
 
@@ -185,6 +186,8 @@ def render_report(
         parts.append(_section("train", _models_section, trains))
     if evals:
         parts.append(_section("eval", _evals_section, evals))
+    if msas := store.records(kind="msa"):
+        parts.append(_section("msa", msa_section_html, msas))
     for record in transfers:
         title = _title(record, "Transfer matrix", "transfer")
         parts.append(_section("transfer", transfer_section_html, record, title=title))
