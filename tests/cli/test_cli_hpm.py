@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import robustlab
-from robustlab.cli import main
+from robustlab.cli import build_parser, main
 from robustlab.models import build_model
 from robustlab.models.checkpoint import file_sha256, model_config, save_checkpoint
-from robustlab.models.hpm import HPMClassifier
+from robustlab.models.hpm import HPMClassifier, HPMConfig
+from robustlab.train.hpm import HPMTrainConfig
 
 QUICK = ["--data", "digits", "--eps", "0.1", "--steps", "2", "--epochs", "1"]
 QUICK += ["--device", "cpu", "--no-progress"]
@@ -133,3 +134,29 @@ def test_an_ema_checkpoint_is_fine_tuned_and_saved_in_ema_mode(base: Path, tmp_p
     assert isinstance(model, HPMClassifier) and model.mode == "ema"
     metrics = json.loads(record.read_text())["metrics"]
     assert metrics["clean_accuracy"] == metrics["clean_accuracy_hpm_ema"]
+
+
+def test_the_command_defaults_are_the_library_defaults() -> None:
+    """The parser is built without torch, so it writes the defaults out: they must agree."""
+    args = build_parser().parse_args(["hpm", "--model", "m", "--out", "o"])
+    head = HPMConfig(
+        mix=args.mix,
+        momentum=args.momentum,
+        scale=args.scale,
+        temperature=args.temperature,
+        ste=not args.no_ste,
+        mode=args.mode,
+    )
+    assert head == HPMConfig()
+    tune = HPMTrainConfig(
+        eps=args.eps,
+        norm=args.norm,
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        tune=args.tune,
+        fc_weight=args.fc_weight,
+        seed=args.seed,
+    )
+    assert tune == HPMTrainConfig()

@@ -351,6 +351,28 @@ def test_a_manifest_with_a_bad_hpm_config_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("edit", "sentence"),
+    [
+        ({"hpm": "yes"}, "has an invalid hpm section"),
+        ({"feature_dim": 7}, "records 7 features but its model has 256"),
+        ({"config": {"mix": 0.5, "depth": 3}}, "has an invalid hpm config"),
+    ],
+)
+def test_a_manifest_with_a_broken_hpm_section_is_refused(
+    tmp_path: Path, edit: dict[str, Any], sentence: str
+) -> None:
+    model = HPMClassifier(build_model("mlp", 1, 10, 8))
+    section = model_section(model_config("mlp", 1, 10, 8, [0.0], [1.0]), model, None)
+    if "hpm" in edit:
+        section["hpm"] = edit["hpm"]
+    else:
+        section["hpm"].update(edit)
+    save_checkpoint(model, tmp_path / "c", {"model": section})
+    with pytest.raises(RobustlabError, match=sentence):
+        load_checkpoint(tmp_path / "c")
+
+
+@pytest.mark.parametrize(
     ("options", "sentence"),
     [
         ({"mix": 1.5}, r"mixing weight must lie in \[0, 1\], got 1.5"),

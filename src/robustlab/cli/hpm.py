@@ -149,7 +149,12 @@ def register(sub: Any) -> None:
         default=0.9,
         help="EMA momentum of the dataset prototypes, in (0, 1): the old prototype's weight",
     )
-    p.add_argument("--scale", type=float, default=4.0, help="logit scale of the l2 distances (> 0)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=2.0,
+        help="logit scale (> 0): the logit drop per mean within-class distance of the features",
+    )
     p.add_argument(
         "--temperature", type=float, default=1.0, help="temperature of the STE's soft gradient"
     )
