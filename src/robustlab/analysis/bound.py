@@ -201,7 +201,7 @@ def _nonneg_linear_norms(
     with torch.enable_grad():
         out = module(ones)
         (col,) = torch.autograd.grad(out.sum(), ones)
-    row_max, col_max = float(out.max()), float(col.max())
+    row_max, col_max = float(out.detach().max()), float(col.max())
     return {"linf": row_max, "l2": math.sqrt(row_max * col_max)}
 
 
