@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from robustlab.analysis.bound import (
     CE_LIPSCHITZ,
     layer_bounds,
-    local_gain,
+    local_gains,
     module_bound,
     patches_per_pixel,
     robustness_bounds,
@@ -142,9 +142,9 @@ def test_network_constant_bounds_what_the_network_does(arch: str) -> None:
         assert b.lipschitz["compressibility"] >= lip * (1 - 1e-9)
         assert b.encoder_lipschitz["exact"] is not None and b.head_norm["exact"] is not None
         assert lip == pytest.approx(b.encoder_lipschitz["exact"] * b.head_norm["exact"])
-        gain = local_gain(model, x, norm)
+        gain = local_gains(model, x)[norm]
         assert bool((gain <= lip * (1 + 1e-6)).all())
-        aligned = with_alignment(b, model, x)
+        aligned = with_alignment(b, {norm: gain})
         assert aligned.alignment is not None and 0 < aligned.alignment <= 1 + 1e-6
         delta = torch.randn_like(x)
         ord_ = math.inf if norm == "linf" else 2
@@ -152,6 +152,15 @@ def test_network_constant_bounds_what_the_network_does(arch: str) -> None:
             moved = (model(x + delta) - model(x)).flatten(1)
         size = torch.linalg.vector_norm(delta.flatten(1), ord=ord_, dim=1)
         assert bool((torch.linalg.vector_norm(moved, ord=ord_, dim=1) <= lip * size).all())
+
+
+def test_alignment_of_a_linear_model_is_one() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
+    bounds = robustness_bounds(model, layer_metrics(model), (1, 3, 4), EPS, 0.1)
+    gains = local_gains(model, torch.rand(3, 1, 3, 4))
+    for norm, b in bounds.items():
+        assert with_alignment(b, gains).alignment == pytest.approx(1.0, rel=1e-9)
 
 
 def test_a_vit_is_refused_naming_its_module() -> None:

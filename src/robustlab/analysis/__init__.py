@@ -1,7 +1,7 @@
 """Audits of a model: FLOPs and early-exit efficiency (threshold calibration included),
 transfer matrices, gradient diagnostics, compressibility and the robustness bound."""
 
-from .bound import local_gain, robustness_bounds, with_alignment
+from .bound import local_gains, robustness_bounds, with_alignment
 from .compress import compress_record
 from .compressibility import layer_metrics, network_summary
 from .efficiency import Calibration, calibrate, efficacy, measure_efficiency
@@ -19,7 +19,7 @@ __all__ = [
     "exit_flops",
     "gamma_sweep",
     "layer_metrics",
-    "local_gain",
+    "local_gains",
     "measure_efficiency",
     "measure_gap",
     "network_summary",

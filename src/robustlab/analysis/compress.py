@@ -21,7 +21,7 @@ from torch import nn
 from ..core.checks import check_batch
 from ..core.guard import evaluating
 from ..errors import RobustlabError
-from .bound import NORMS, robustness_bounds, with_alignment
+from .bound import NORMS, local_gains, robustness_bounds, with_alignment
 from .compressibility import DEFAULT_KAPPAS, check_kappas, layer_metrics, network_summary
 from .gap import measure_gap
 from .representations import representation_metrics
@@ -88,8 +88,9 @@ def compress_record(
         found = {}
         bound = {norm: {"norm": norm, "eps": e, "refused": str(exc)} for norm, e in budgets.items()}
     t = _timed(seconds, "bound", t)
+    gains = local_gains(model, x, tuple(found)) if found else {}
     for norm, b in found.items():
-        bound[norm] = with_alignment(b, model, x).to_dict()
+        bound[norm] = with_alignment(b, gains).to_dict()
     t = _timed(seconds, "alignment", t)
     gaps = {
         norm: measure_gap(model, x, y, norm, e, steps=steps, seed=seed)
