@@ -4,6 +4,7 @@ constant against what the network does, and bound >= measured gap on trained mod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -34,16 +35,34 @@ EPS = {"linf": 0.3, "l2": 0.57}
 
 def _conv_l2_norm(conv: nn.Conv2d, shape: tuple[int, ...], iters: int = 200) -> float:
     """The l2 operator norm of the conv on a feature map (power iteration on the conv itself)."""
-    x = torch.randn(1, *shape, dtype=torch.float64)
     w = conv.weight.detach().double()
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    return _power_iteration(apply, shape, iters)
+
+
+def _conv_l2_norm_of(model: nn.Module, shape: tuple[int, ...], iters: int = 200) -> float:
+    """The l2 operator norm of an affine model's linear part (power iteration on it)."""
+    model = model.double()
+    zero = torch.zeros(1, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        offset = model(zero)
+    return _power_iteration(lambda x: model(x) - offset, shape, iters)
+
+
+def _power_iteration(
+    apply: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], iters: int
+) -> float:
+    """The top singular value of a linear map of feature maps, by power iteration on A^T A."""
+    x = torch.randn(1, *shape, dtype=torch.float64)
     for _ in range(iters):
-        x = x / x.norm()
-        x = x.requires_grad_(True)
-        y = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        (x,) = torch.autograd.grad(0.5 * (y**2).sum(), x)  # A^T A x
+        x = (x / x.norm()).requires_grad_(True)
+        (x,) = torch.autograd.grad(0.5 * (apply(x) ** 2).sum(), x)  # A^T A x
     x = x / x.norm()
-    y = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return float(y.norm())
+    with torch.no_grad():
+        return float(apply(x).norm())
 
 
 def _bounds(conv: nn.Conv2d) -> dict[str, dict[str, float]]:
@@ -118,6 +137,24 @@ def test_residual_block_and_normalize_chain_by_hand() -> None:
         assert bounds[norm].bound == pytest.approx(want, rel=1e-9)
 
 
+def test_batchnorm_after_a_conv_is_folded_into_it() -> None:
+    torch.manual_seed(7)
+    conv, bn = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+    bn.running_var.copy_(torch.tensor([0.25, 4.0, 1.0]))
+    bn.weight.data.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    model = nn.Sequential(conv, bn).eval()
+    bounds = robustness_bounds(model, layer_metrics(model), (2, 6, 6), EPS, 0.1)
+    s = (bn.weight.detach().double().abs() / (bn.running_var.double() + bn.eps).sqrt())[:, None]
+    w = conv.weight.detach().double().flatten(1)
+    linf = float((s * w.abs()).sum(1).max())
+    l2 = 3 * float(torch.linalg.matrix_norm(s * w, ord=2))  # 9 patches per pixel
+    assert bounds["linf"].lipschitz["exact"] == pytest.approx(linf, rel=1e-9)
+    assert bounds["l2"].lipschitz["exact"] == pytest.approx(l2, rel=1e-9)
+    unfolded = 3 * float(torch.linalg.matrix_norm(w, ord=2)) * float(s.max())
+    assert l2 <= unfolded and bounds["l2"].lipschitz["compressibility"] >= unfolded * (1 - 1e-9)
+    assert _conv_l2_norm_of(model, (2, 6, 6)) <= l2 * (1 + 1e-6)
+
+
 def test_cross_entropy_lipschitz_constants_hold() -> None:
     torch.manual_seed(3)
     z = torch.randn(2000, 10, dtype=torch.float64) * 5
@@ -159,7 +196,7 @@ def test_alignment_of_a_linear_model_is_one() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
     bounds = robustness_bounds(model, layer_metrics(model), (1, 3, 4), EPS, 0.1)
     gains = local_gains(model, torch.rand(3, 1, 3, 4))
-    for norm, b in bounds.items():
+    for b in bounds.values():
         assert with_alignment(b, gains).alignment == pytest.approx(1.0, rel=1e-9)
 
 

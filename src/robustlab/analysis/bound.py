@@ -46,7 +46,10 @@ every ``delta`` with ``||delta||_p <= eps`` (p = inf or 2)::
    (:func:`robustlab.models.structure.classifier_head`); the encoder's constant is the one
    of the head's input and ``Lip(f) <= Lip(encoder) * ||head||``.
 
-**Two forms of the per-layer norms.** ``exact`` uses the norms above. ``compressibility`` is
+**Two forms of the per-layer norms.** ``exact`` uses the norms above, with one tightening
+(ours): a BatchNorm that alone reads a conv or linear layer's output is folded into it, the
+pair counting ``||diag(s) W||`` (``s`` the BatchNorm's per-channel gain; the same conv
+derivation applies to the scaled weights) instead of ``||W|| * max(s)``. ``compressibility`` is
 the paper's Theorem 3.1 form, an upper bound from compressibility times the Frobenius norm:
 with ``c`` the best-k relative error (q = 2) at ``k = ceil(kappa * len)`` and ``kappa`` the
 smallest fraction asked (ours), ``||theta||_inf <= ||theta_k||_2 = sqrt(1 - c^2) ||theta||_2``.
@@ -82,7 +85,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..core.guard import evaluating
 from ..errors import RobustlabError
 from ..models.structure import classifier_head
-from .compressibility import LayerMetrics, best_k
+from .compressibility import LayerMetrics, best_k, weight_matrix
 
 NORMS = ("linf", "l2")
 #: Lipschitz constant of the cross-entropy in the logits, per threat model's norm.
@@ -205,6 +208,27 @@ def _nonneg_linear_norms(
     return {"linf": row_max, "l2": math.sqrt(row_max * col_max)}
 
 
+def bn_scale(name: str, module: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """The per-channel gain ``|gamma| / sqrt(var + eps)`` of an eval-mode BatchNorm (float64)."""
+    if module.running_var is None:
+        raise RobustlabError(
+            f"the robustness bound needs BatchNorm running statistics; '{name}' has none"
+        )
+    scale = torch.rsqrt(module.running_var.detach().double() + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight.detach().double().abs()
+    return scale
+
+
+def folded_norm(layer: nn.Module, scale: torch.Tensor, norm: str) -> float:
+    """The exact-form bound of a conv/linear layer whose output rows are scaled by ``scale``
+    (the BatchNorm that follows it, folded in): ``diag(scale) W`` in place of ``W``."""
+    w = weight_matrix(layer) * scale.to(torch.float64)[:, None]
+    if norm == "linf":
+        return float(w.abs().sum(dim=1).max())
+    return math.sqrt(conv_overlap(layer)) * float(torch.linalg.matrix_norm(w, ord=2))
+
+
 def module_bound(
     name: str, module: nn.Module, norm: str, in_shape: Sequence[int] | None, like: torch.Tensor
 ) -> float:
@@ -216,14 +240,7 @@ def module_bound(
     if isinstance(module, nn.Sigmoid):
         return 0.25
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.running_var is None:
-            raise RobustlabError(
-                f"the robustness bound needs BatchNorm running statistics; '{name}' has none"
-            )
-        scale = torch.rsqrt(module.running_var.detach().double() + module.eps)
-        if module.weight is not None:
-            scale = scale * module.weight.detach().double().abs()
-        return float(scale.max())
+        return float(bn_scale(name, module).max())
     if isinstance(module, _MAX):
         if norm == "linf":
             return 1.0
@@ -316,9 +333,17 @@ def chain_lipschitz(
     norm: str,
     weight_norm: Callable[[str, nn.Module], float],
     head_name: str | None,
+    *,
+    fold: bool = False,
 ) -> Chain:
-    """Walk the traced graph and chain the per-module bounds into the network's constant."""
+    """Walk the traced graph and chain the per-module bounds into the network's constant.
+
+    With ``fold``, a BatchNorm that alone reads a conv/linear layer's output is folded into
+    it: the pair counts ``||diag(scale) W||`` (:func:`folded_norm`) instead of the product
+    ``||W|| * max(scale)``.
+    """
     lip: dict[fx.Node, float | None] = {}
+    entering: dict[fx.Node, float] = {}  # the constant entering each weight layer
     params = list(gm.parameters())
     like = params[0] if params else torch.zeros(())
     network: float | None = None
@@ -338,10 +363,22 @@ def chain_lipschitz(
                 raise RobustlabError(
                     f"the robustness bound cannot bound '{node.target}': it reads two features"
                 )
+            arg = node.all_input_nodes[0]
             if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 factor = weight_norm(str(node.target), module)
+                entering[node] = parts[0]
+            elif (
+                fold
+                and isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and arg in entering
+                and len(arg.users) == 1
+            ):
+                layer = gm.get_submodule(str(arg.target))
+                lip[node] = entering[arg] * folded_norm(
+                    layer, bn_scale(str(node.target), module), norm
+                )
+                continue
             else:
-                arg = node.all_input_nodes[0]
                 meta = arg.meta.get("tensor_meta")
                 shape = list(meta.shape) if meta is not None else None
                 factor = module_bound(str(node.target), module, norm, shape, like)
@@ -450,7 +487,8 @@ def robustness_bounds(
                 raise RobustlabError(f"the robustness bound covers linf and l2, not {norm}")
             chains: dict[str, Chain] = {}
             for form in FORMS:
-                chains[form] = chain_lipschitz(gm, norm, _per_layer(per_layer, norm, form), head)
+                weight_norm = _per_layer(per_layer, norm, form)
+                chains[form] = chain_lipschitz(gm, norm, weight_norm, head, fold=form == "exact")
             ce = CE_LIPSCHITZ[norm]
             out[norm] = Bound(
                 norm=norm,
