@@ -140,11 +140,12 @@ def test_residual_block_and_normalize_chain_by_hand() -> None:
 def test_batchnorm_after_a_conv_is_folded_into_it() -> None:
     torch.manual_seed(7)
     conv, bn = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
-    bn.running_var.copy_(torch.tensor([0.25, 4.0, 1.0]))
+    var = torch.tensor([0.25, 4.0, 1.0])
+    bn.running_var = var.clone()
     bn.weight.data.copy_(torch.tensor([1.0, -2.0, 0.5]))
     model = nn.Sequential(conv, bn).eval()
     bounds = robustness_bounds(model, layer_metrics(model), (2, 6, 6), EPS, 0.1)
-    s = (bn.weight.detach().double().abs() / (bn.running_var.double() + bn.eps).sqrt())[:, None]
+    s = (bn.weight.detach().double().abs() / (var.double() + bn.eps).sqrt())[:, None]
     w = conv.weight.detach().double().flatten(1)
     linf = float((s * w.abs()).sum(1).max())
     l2 = 3 * float(torch.linalg.matrix_norm(s * w, ord=2))  # 9 patches per pixel
