@@ -223,13 +223,15 @@ def _l1(w: torch.Tensor) -> torch.Tensor:
 def _group_rows(w: torch.Tensor) -> torch.Tensor:
     """Gradient of the group lasso over rows (output units / filters): sum_i ||w_i||_2."""
     rows = w.flatten(1)
-    return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(w)
+    grad: torch.Tensor = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return grad.view_as(w)
 
 
 def _nuclear(w: torch.Tensor) -> torch.Tensor:
     """Subgradient of the nuclear norm of the weight matrix: U V^T."""
     u, _, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
-    return (u @ vh).view_as(w)
+    grad: torch.Tensor = u @ vh
+    return grad.view_as(w)
 
 
 REGULARISERS = {"l1": _l1, "group": _group_rows, "nuclear": _nuclear}
