@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from robustlab.analysis.bound import (
 )
 from robustlab.analysis.compress import compress_record
 from robustlab.analysis.compressibility import layer_metrics, matrix_metrics, weight_matrix
+from robustlab.analysis.gap import bound_gap_correlation, rank_correlation
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
@@ -306,3 +308,21 @@ def test_bound_is_at_least_the_measured_gap_on_regularised_mlps(
         acc = float((model(digits.test.x[:200]).argmax(1) == digits.test.y[:200]).double().mean())
     assert acc > 0.6  # it learnt something
     _check_holds(model, digits)
+
+
+def test_rank_correlation_against_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    a = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    b = [2.0, 7.0, 1.0, 8.0, 2.0, 8.0, 1.0, 8.0]
+    assert rank_correlation(a, b) == pytest.approx(float(stats.spearmanr(a, b)[0]), rel=1e-12)
+    assert rank_correlation([1, 2, 3], [10, 20, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_bound_gap_correlation_reads_compress_records() -> None:
+    records: list[dict[str, Any]] = [
+        {"bound": {"l2": {"bound": b}}, "gap": {"l2": {"mean": g}}}
+        for b, g in ((1.0, 0.1), (2.0, 0.3), (3.0, 0.2), (4.0, 0.5))
+    ]
+    records.append({"bound": {"l2": {"refused": "no"}}, "gap": {"l2": {"mean": 9.0}}})
+    assert bound_gap_correlation(records, "l2") == pytest.approx(0.8)

@@ -6,12 +6,13 @@ from .compress import compress_record
 from .compressibility import layer_metrics, network_summary
 from .efficiency import Calibration, calibrate, efficacy, measure_efficiency
 from .flops import count_flops, exit_flops
-from .gap import measure_gap
+from .gap import bound_gap_correlation, measure_gap, rank_correlation
 from .representations import representation_metrics
 from .transfer import gamma_sweep, parse_attack, transfer_matrix
 
 __all__ = [
     "Calibration",
+    "bound_gap_correlation",
     "calibrate",
     "compress_record",
     "count_flops",
@@ -24,6 +25,7 @@ __all__ = [
     "measure_gap",
     "network_summary",
     "parse_attack",
+    "rank_correlation",
     "representation_metrics",
     "robustness_bounds",
     "transfer_matrix",
