@@ -209,7 +209,7 @@ def test_a_vit_is_refused_naming_its_module() -> None:
         robustness_bounds(model, layer_metrics(model), (1, 16, 16), EPS, 0.1)
 
 
-def test_bound_holds_and_vit_record_says_why_not() -> None:
+def test_a_vit_record_says_why_it_has_no_bound() -> None:
     model = build_model("vit", 1, 10, 8).eval()
     x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
     record = compress_record(model, x, y, eps=EPS, steps=2)
