@@ -14,7 +14,9 @@ from torch import nn
 
 from robustlab.analysis.compressibility import (
     best_k,
+    best_k_error,
     check_kappas,
+    k_for_error,
     layer_metrics,
     matrix_metrics,
     near_zero_fraction,
@@ -137,3 +139,17 @@ def test_a_model_without_conv_or_linear_layers_is_refused() -> None:
 def test_kappa_outside_zero_one_is_refused(kappa: float) -> None:
     with pytest.raises(RobustlabError, match="strictly between 0 and 1"):
         check_kappas([0.1, kappa])
+
+
+def test_k_for_error_is_the_smallest_k_reaching_the_target() -> None:
+    torch.manual_seed(0)
+    theta = torch.randn(50)
+    for target in (0.0, 0.05, 0.3, 0.7, 0.95):
+        k = k_for_error(theta, target)
+        assert best_k_error(theta, k) <= target + 1e-12
+        if k > 0:
+            assert best_k_error(theta, k - 1) > target
+    assert k_for_error(torch.tensor([3.0, 4.0]), 0.8) == 1  # tail 3/5 = 0.6
+    assert k_for_error(torch.zeros(4), 0.1) == 0
+    with pytest.raises(RobustlabError, match=r"target error must be in \[0, 1\)"):
+        k_for_error(theta, 1.0)

@@ -72,6 +72,22 @@ def best_k_error(theta: torch.Tensor, k: int, q: float = 2.0) -> float:
     return float(torch.linalg.vector_norm(tail, ord=q) / total)
 
 
+def k_for_error(theta: torch.Tensor, error: float, q: float = 2.0) -> int:
+    """The fewest entries to keep so that the best-k relative error is at most ``error``
+    (the per-layer k of eps-targeted pruning); 0 for a zero vector."""
+    if not (math.isfinite(error) and 0 <= error < 1):
+        raise RobustlabError(f"the target error must be in [0, 1), got {error}")
+    mags = torch.sort(theta.detach().abs().flatten().to(torch.float64), descending=True).values
+    powers = mags**q
+    total = float(powers.sum())
+    if total == 0.0:
+        return 0
+    # tails[k] = sum of the entries from k on, for k = 0 .. n (tails[n] = 0)
+    tails = torch.cat([powers.flip(0).cumsum(0).flip(0), powers.new_zeros(1)])
+    ok = (tails / total) ** (1 / q) <= error + 1e-12
+    return int(torch.nonzero(ok)[0])
+
+
 def compressibility(
     theta: torch.Tensor, kappas: Sequence[float], q: float = 2.0
 ) -> dict[str, float]:
