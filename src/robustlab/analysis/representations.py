@@ -64,9 +64,9 @@ def representations(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor
 
 
 def batch_stable_rank(z: torch.Tensor) -> float:
-    """``||Z||_F^2 / ||Z||_2^2`` of an ``n x d`` matrix, from its smaller Gram matrix."""
-    z = z.double()
-    gram = z @ z.T if z.shape[0] <= z.shape[1] else z.T @ z
+    """``||Z||_F^2 / ||Z||_2^2`` of an ``n x d`` matrix, from its smaller Gram matrix (formed in
+    the features' precision, its eigenvalues in float64)."""
+    gram = (z @ z.T if z.shape[0] <= z.shape[1] else z.T @ z).double()
     top = float(torch.linalg.eigvalsh(gram)[-1])
     return float(gram.trace()) / top if top > 0 else 0.0
 
