@@ -203,6 +203,17 @@ def test_alignment_of_a_linear_model_is_one() -> None:
         assert with_alignment(b, gains).alignment == pytest.approx(1.0, rel=1e-9)
 
 
+def test_local_gains_can_be_differentiated_in_the_weights() -> None:
+    torch.manual_seed(8)
+    model = build_model("mlp", 1, 10, 8).eval()
+    gains = local_gains(model, torch.rand(4, 1, 8, 8), create_graph=True)
+    (gains["l2"].max() + gains["linf"].max()).backward()
+    head = model.get_submodule("net.fc")
+    assert isinstance(head, nn.Linear) and head.weight.grad is not None
+    assert float(head.weight.grad.abs().sum()) > 0
+    assert not local_gains(model, torch.rand(2, 1, 8, 8))["l2"].requires_grad
+
+
 def test_a_vit_is_refused_naming_its_module() -> None:
     model = build_model("vit", 1, 10, 16).eval()
     with pytest.raises(RobustlabError, match=r"cannot bound LayerNorm \('net\.layers\.0"):

@@ -505,14 +505,15 @@ def robustness_bounds(
 
 
 def local_gains(
-    model: nn.Module, x: torch.Tensor, norms: Sequence[str] = NORMS
+    model: nn.Module, x: torch.Tensor, norms: Sequence[str] = NORMS, *, create_graph: bool = False
 ) -> dict[str, torch.Tensor]:
     """Per sample and norm, the operator norm of the logits' Jacobian at ``x``: l-inf->l-inf
     (the largest row l1 norm) and l2 (the top singular value).
 
     The Jacobian is computed once for all norms, with one backward pass per class (samples
     are independent in eval mode): the gradient of ``logits[:, j].sum()`` holds row ``j`` of
-    every sample's Jacobian.
+    every sample's Jacobian. With ``create_graph`` the gains stay differentiable in the
+    weights (a penalty on them regularises the alignment term); otherwise they are detached.
     """
     for norm in norms:
         if norm not in NORMS:
@@ -522,9 +523,16 @@ def local_gains(
         logits = model(xr)
         rows = []
         for j in range(logits.shape[1]):
-            (g,) = torch.autograd.grad(logits[:, j].sum(), xr, retain_graph=j + 1 < logits.shape[1])
+            (g,) = torch.autograd.grad(
+                logits[:, j].sum(),
+                xr,
+                retain_graph=create_graph or j + 1 < logits.shape[1],
+                create_graph=create_graph,
+            )
             rows.append(g.flatten(1))
         jac = torch.stack(rows, dim=1).double()  # n x classes x input size
+        if not create_graph:
+            jac = jac.detach()
     gains: dict[str, torch.Tensor] = {}
     for norm in norms:
         if norm == "linf":
