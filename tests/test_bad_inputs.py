@@ -108,6 +108,14 @@ def place(tmp_path: Path) -> Path:
 
 # (command line, the sentence on stderr)
 ROWS: list[tuple[list[str], str]] = [
+    # compress: fractions, budgets, a store that is not ours
+    (["compress", "--model", "good", "--data", "digits", "--kappa", "1.5"], "strictly between 0"),
+    (["compress", "--model", "good", "--data", "digits", "--eps-linf", "-1"], "linf budget must"),
+    (
+        ["compress", "--model", "good", "--data", "digits", "--store", "app.db"],
+        "another application",
+    ),
+    (["compress", "--model", "empty-hash", "--data", "digits"], "cannot be checked; load it only"),
     # checkpoints: hashes, sizes, files that are not regular
     (["eval", "--model", "empty-hash", *QUICK], "cannot be checked; load it only if you trust"),
     (["eval", "--model", "no-weights", *QUICK], "has no 'weights' section"),

@@ -10,7 +10,10 @@ import pytest
 
 from robustlab.cli import build_parser, main
 
-COMPUTING = ("demo", "train", "eval", "attack", "transfer", "exits", "sloth")
+COMPUTING = (
+    "demo", "train", "eval", "attack", "transfer", "exits", "hpm", "sloth", "compress",
+    "prune", "quantize", "uap",
+)
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

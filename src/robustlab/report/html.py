@@ -11,6 +11,7 @@ from typing import Any
 from ..io import atomic_write_text
 from ..store import ResultStore
 from ..version import __version__
+from .compress_section import compress_section_html
 from .exit_plots import sloth_section_html
 from .msa_section import msa_section_html
 from .plots import embedded_png, robustness_curve
@@ -194,6 +195,9 @@ def render_report(
     for record in sloths:
         title = _title(record, "DeepSloth", "sloth")
         parts.append(_section("sloth", sloth_section_html, record, title=title))
+    for record in store.records(kind="compress"):
+        title = _title(record, "Compressibility", "")
+        parts.append(_section("compress", compress_section_html, record, title=title))
     parts.append(_section("timing", _timing_table, timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"

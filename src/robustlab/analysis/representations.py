@@ -1,0 +1,111 @@
+"""Compressibility of a network's representations on a batch of data, and how far an
+adversarial perturbation moves them.
+
+- **Where** (ours): the output of each unit of a zoo model (the units multi-exit networks
+  stop after, :func:`robustlab.models.structure.plan_for`: the stem, then each block), named
+  as the units are; for a model that declares no units, the output of each conv and linear
+  layer, named by its module path. Each output is flattened to one row per sample.
+- **Mode**: the model runs in eval mode (BatchNorm on its running statistics). The official
+  code collects representations in train mode (batch statistics); we do not.
+- ``stable_rank``: ``||Z||_F^2 / ||Z||_2^2`` of the ``n x d`` batch matrix.
+- ``pq_index`` (Diao et al. 2023) with ``p = 1, q = 2``: per sample ``1 - d^(1/q - 1/p)
+  ||z||_p / ||z||_q = 1 - ||z||_1 / (sqrt(d) ||z||_2)``, in ``[0, 1 - 1/sqrt(d)]`` (higher is
+  sparser), averaged over the batch; an all-zero sample counts 0 (ours).
+- ``zero_fraction``: the share of entries with ``|z| <= 1e-3 * max |z|`` of the layer's batch
+  (ReLU zeros are exact), the same rule as the weights' near-zero fraction.
+- ``shift``: per threat model, the mean over the batch of ``||z_adv - z||_2 / ||z||_2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.guard import evaluating
+from ..errors import RobustlabError
+from ..models.structure import plan_for, run_steps, weight_layers
+from .compressibility import near_zero_fraction
+
+
+def _unit_outputs(model: nn.Module, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each unit's output of a zoo model, or each weight layer's output of any other model."""
+    try:
+        plan = plan_for(model, root="")
+    except RobustlabError:
+        plan = None
+    if plan is not None:
+        h = x
+        for name, steps in zip(plan.names, plan.units, strict=True):
+            h = run_steps(model, steps, h)
+            yield name, h.detach().flatten(1).clone()
+        return
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _a, out, name=name: seen.append((name, out.detach().flatten(1).clone()))
+        )
+        for name, m in weight_layers(model)
+    ]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    yield from seen
+
+
+def representations(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The flattened representations of a batch (one forward pass, eval mode, no gradient)."""
+    with evaluating(model), torch.no_grad():
+        return dict(_unit_outputs(model, x))
+
+
+def batch_stable_rank(z: torch.Tensor) -> float:
+    """``||Z||_F^2 / ||Z||_2^2`` of an ``n x d`` matrix, from its smaller Gram matrix (formed in
+    the features' precision, its eigenvalues in float64)."""
+    gram = (z @ z.T if z.shape[0] <= z.shape[1] else z.T @ z).double()
+    top = float(torch.linalg.eigvalsh(gram)[-1])
+    return float(gram.trace()) / top if top > 0 else 0.0
+
+
+def pq_index(z: torch.Tensor) -> float:
+    """Mean over samples of ``1 - ||z||_1 / (sqrt(d) ||z||_2)`` (p = 1, q = 2)."""
+    z = z.double()
+    l1 = z.abs().sum(dim=1)
+    l2 = torch.linalg.vector_norm(z, dim=1)
+    d = z.shape[1]
+    per = torch.where(l2 > 0, 1 - l1 / (d**0.5 * l2.clamp_min(1e-300)), torch.zeros_like(l2))
+    return float(per.mean())
+
+
+def relative_shift(z: torch.Tensor, z_adv: torch.Tensor) -> float:
+    """Mean over samples of ``||z_adv - z||_2 / ||z||_2`` (samples with z = 0 left out)."""
+    num = torch.linalg.vector_norm((z_adv - z).double(), dim=1)
+    den = torch.linalg.vector_norm(z.double(), dim=1)
+    keep = den > 0
+    return float((num[keep] / den[keep]).mean()) if bool(keep.any()) else 0.0
+
+
+def representation_metrics(
+    model: nn.Module, x: torch.Tensor, adversarial: Mapping[str, torch.Tensor] | None = None
+) -> list[dict[str, Any]]:
+    """Per representation: name, width, stable rank, PQ-index, zero fraction, and the shift
+    under each adversarial batch in ``adversarial`` (keyed by threat model)."""
+    clean = representations(model, x)
+    shifted = {k: representations(model, xa) for k, xa in (adversarial or {}).items()}
+    rows = []
+    for name, z in clean.items():
+        rows.append(
+            {
+                "name": name,
+                "width": int(z.shape[1]),
+                "stable_rank": batch_stable_rank(z),
+                "pq_index": pq_index(z),
+                "zero_fraction": near_zero_fraction(z),
+                "shift": {k: relative_shift(z, reps[name]) for k, reps in shifted.items()},
+            }
+        )
+    return rows
