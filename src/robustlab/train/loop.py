@@ -27,6 +27,7 @@ from ..io import atomic_write
 from ..models import build_model
 from ..models.checkpoint import MANIFEST, model_config, read_torch_file, save_checkpoint
 from ..version import __version__
+from .compression import check_regularizers, regularizer_hooks
 from .methods import METHODS, EpochEnd, Hook, Method, Step, make_method, require_finite
 from .recipes import recipe_for
 
@@ -38,7 +39,9 @@ class TrainConfig:
     """Everything that defines a training run; unset fields take the method's recipe defaults.
 
     Method options (eps, norm, steps, eps_warmup, beta) are handed to the method that takes
-    them, which validates them; the others are the loop's.
+    them, which validates them; the others are the loop's. ``regularizers`` maps a penalty
+    of ``compression`` (l1, group-lasso, group-lasso-si, nuclear) to its strength; it is added
+    to any method by a hook.
     """
 
     arch: str = "resnet8"
@@ -57,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     channels_last: bool = True
     arch_options: dict[str, Any] = field(default_factory=dict)
+    regularizers: dict[str, float] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
         """This config with every unset field filled from the recipe of its method, checked."""
@@ -73,7 +77,7 @@ class TrainConfig:
             raise RobustlabError(f"momentum must be in [0, 1), got {cfg.momentum}")
         if cfg.weight_decay is not None and cfg.weight_decay < 0:
             raise RobustlabError(f"weight decay must be >= 0, got {cfg.weight_decay}")
-        return cfg
+        return replace(cfg, regularizers=check_regularizers(cfg.regularizers))
 
     def make_method(self) -> Method:
         """The training strategy this config names, given the options it takes from here."""
@@ -247,8 +251,12 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 500, device: str
 
 
 def _config_key(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved config as resume states and manifests record it."""
-    return asdict(cfg)
+    """The resolved config as resume states and manifests record it (without regularizers
+    when there are none, so runs from before they existed keep their records and resume)."""
+    key = asdict(cfg)
+    if not key["regularizers"]:
+        del key["regularizers"]
+    return key
 
 
 def _split_key(splits: DataSplits | None) -> str:
@@ -368,7 +376,7 @@ def train(
             epochs=cfg.epochs,
             lr=cfg.lr,
             gen=attack_gen,
-            hooks=[*hooks, writer],
+            hooks=[*regularizer_hooks(cfg.regularizers), *hooks, writer],
             start_epoch=start_epoch,
             end_epoch=end_epoch,
             memory_format=memory_format,
