@@ -165,6 +165,10 @@ ROWS: list[tuple[list[str], str]] = [
         ["train", "--data", "digits", "--arch", "mlp", "--out", "t", "--arch-option", "rank=300"],
         "rank 300 is larger than layer features.3 allows",
     ),
+    (
+        ["quantize", "--model", "good", "--data", "digits", "--backend", "arm", "--out", "q"],
+        "quantization backend 'arm' is not available on this machine",
+    ),
     # results stores: only robustlab's, written into, never replaced
     (["report", "--store", "app.db", "--out", "r.html"], "another application"),
     (["eval", "--model", "good", *QUICK, "--store", "app.db"], "another application"),

@@ -16,11 +16,23 @@ from collections.abc import Sequence
 
 from ..errors import RobustlabError
 from ..version import __version__
-from . import attack, demo, eval, exits, models, prune, report, sloth, train, transfer
+from . import (
+    attack,
+    demo,
+    eval,
+    exits,
+    models,
+    prune,
+    quantize,
+    report,
+    sloth,
+    train,
+    transfer,
+)
 from .common import HelpFormatter, check_seeds
 
 #: The commands in the order ``robustlab --help`` lists them.
-COMMANDS = (demo, models, train, prune, eval, attack, transfer, exits, sloth, report)
+COMMANDS = (demo, models, train, prune, quantize, eval, attack, transfer, exits, sloth, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
