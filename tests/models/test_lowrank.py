@@ -14,7 +14,7 @@ from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import ARCHITECTURES, build_model, classifier_head, count_parameters
 from robustlab.models.checkpoint import load_checkpoint, model_config, save_checkpoint
-from robustlab.models.lowrank import LowRank
+from robustlab.models.lowrank import LowRank, factorize
 from robustlab.train import TrainConfig, train
 
 
@@ -97,3 +97,8 @@ def test_training_with_a_rank_records_it_and_learns(digits: DataSplits, tmp_path
 def test_a_rank_the_layers_do_not_allow_gets_a_sentence(rank: object, sentence: str) -> None:
     with pytest.raises(RobustlabError, match=sentence):
         build_model("resnet8", 1, 10, 8, width=8, rank=rank)
+
+
+def test_a_model_without_conv_or_linear_layers_gets_a_sentence() -> None:
+    with pytest.raises(RobustlabError, match="has no conv or linear layer to factorise"):
+        factorize(nn.Sequential(nn.Flatten(), nn.ReLU()), 2)

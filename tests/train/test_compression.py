@@ -174,3 +174,31 @@ def test_command_line_strengths_parse_and_bad_ones_get_a_sentence() -> None:
     with pytest.raises(RobustlabError, match="needs a number as strength, got 'x'"):
         parse_regularizers(["l1=x"])
     assert regularizer_hooks({"l1": 0.0}) == []
+
+
+@pytest.mark.parametrize("method", ["pgd-at", "trades"])
+def test_regularizers_compose_with_adversarial_training(
+    digits: DataSplits, tmp_path: Path, method: str
+) -> None:
+    def run(regularizers: dict[str, float], name: str) -> nn.Module:
+        """One epoch of adversarial training of a small mlp on digits."""
+        cfg = TrainConfig(
+            arch="mlp",
+            data="digits",
+            method=method,
+            eps=0.1,
+            steps=1,
+            epochs=1,
+            arch_options={"width": 32},
+            regularizers=regularizers,
+        )
+        result = train(cfg, tmp_path / name, splits=digits, progress=False)
+        assert result.manifest["training"].get("regularizers", {}) == regularizers
+        return result.model
+
+    plain = run({}, "plain")
+    both = run({"group-lasso-si": 0.1, "nuclear": 0.01}, "both")
+    w_plain, w_both = _hidden(plain), _hidden(both)
+    assert not torch.equal(w_plain, w_both)
+    si = PENALTIES["group-lasso-si"].formula
+    assert float(si(w_both)) < float(si(w_plain))  # the penalty it minimises went down
