@@ -31,7 +31,7 @@ def test_prune_writes_a_checkpoint_that_says_what_was_pruned(
     args += ["--out", str(out), "--finetune-epochs", "1", "--json", str(record), "--no-progress"]
     assert main(args) == 0
     said = capsys.readouterr().out
-    assert "pruned weights to 80.0 % zero weights (global)" in said and "after 1 epoch" in said
+    assert "pruned 80.0 % zero weights (global)" in said and "after 1 epoch" in said
     manifest = json.loads(record.read_text())
     assert manifest == json.loads((out / "manifest.json").read_text())
     base_hash = json.loads((base / "manifest.json").read_text())["weights"]["sha256"]
@@ -55,6 +55,7 @@ def test_structured_target_error_pruning_from_the_command_line(
     assert record["scope"] == "layer" and record["structured"] and record["target_error"] == 0.4
     assert all(layer["error"] <= 0.4 for layer in record["layers"])
     assert sum(layer["filters_pruned"] for layer in record["layers"]) > 0
+    assert 0 < record["filter_sparsity"] < 1
 
 
 def test_adversarial_finetuning_needs_its_budget(

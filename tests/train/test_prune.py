@@ -94,6 +94,7 @@ def test_structured_pruning_zeroes_whole_filters_but_not_the_first_or_the_head(
         filters += rows.shape[0]
     assert removed == round(0.5 * filters)
     assert sum(e["filters_pruned"] for e in pruned.layers) == removed
+    assert pruned.record()["filter_sparsity"] == removed / filters
 
 
 def test_structured_pruning_also_zeroes_the_bias_of_a_pruned_row() -> None:
@@ -174,6 +175,7 @@ def test_a_pruned_checkpoint_records_what_was_pruned_and_reloads(
     record = manifest["pruning"]
     assert record["scope"] == "layer" and record["structured"] is False
     assert record["base"] == base and record["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert record["sparsity_asked"] == 0.5 and "filter_sparsity" not in record
     assert record["finetune"]["epochs"] == 1 and record["finetune"]["method"]["name"] == "standard"
     assert {e["name"] for e in record["layers"]} == {n for n, _ in weight_layers(net)}
     metrics = manifest["metrics"]

@@ -112,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     m, record = manifest["metrics"], manifest["pruning"]
-    kind = "filters" if spec.structured else "weights"
+    kind = f"{100 * record['filter_sparsity']:.1f} % of the filters, " if spec.structured else ""
     line = (
-        f"pruned {kind} to {100 * record['sparsity']:.1f} % zero weights ({record['scope']}): "
+        f"pruned {kind}{100 * record['sparsity']:.1f} % zero weights ({record['scope']}): "
         f"clean accuracy {100 * m['clean_accuracy_before_pruning']:.2f} % -> "
         f"{100 * m['clean_accuracy_after_pruning']:.2f} %"
     )

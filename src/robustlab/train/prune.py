@@ -68,7 +68,7 @@ class PruneSpec:
         """JSON-able description (a target error is per layer by definition)."""
         scope = "layer" if self.target_error is not None else self.scope
         return {
-            "sparsity": self.sparsity,
+            "sparsity_asked": self.sparsity,
             "scope": scope,
             "structured": self.structured,
             "target_error": self.target_error,
@@ -90,8 +90,14 @@ class Pruned:
         return zero / total if total else 0.0
 
     def record(self) -> dict[str, Any]:
-        """The manifest's account: global sparsity and each layer's."""
-        return {"sparsity": self.sparsity, "layers": self.layers}
+        """The manifest's account: global sparsity (of weights; of filters when structured)
+        and each layer's."""
+        found: dict[str, Any] = {"sparsity": self.sparsity, "layers": self.layers}
+        filters = sum(int(layer.get("filters", 0)) for layer in self.layers)
+        if filters:
+            pruned = sum(int(layer["filters_pruned"]) for layer in self.layers)
+            found["filter_sparsity"] = pruned / filters
+        return found
 
 
 def _layers(model: nn.Module, structured: bool) -> list[tuple[str, nn.Module]]:
