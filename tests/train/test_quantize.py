@@ -20,6 +20,7 @@ from robustlab.models.checkpoint import load_checkpoint, model_config
 from robustlab.models.quantized import OBSERVERS, QuantizedModel, check_backend, quantize
 from robustlab.models.structure import surrogates_for
 from robustlab.train import TrainConfig, accuracy, train
+from robustlab.train.prune import PruneSpec, prune_checkpoint
 from robustlab.train.quantize import agreement, calibration_indices, quantize_checkpoint
 
 
@@ -68,6 +69,10 @@ def test_a_quantized_checkpoint_reloads_to_identical_outputs(
     x = digits.test.x
     assert torch.equal(loaded(x), int8(x))
     assert json.loads((tmp_path / "q" / "manifest.json").read_text()) == manifest
+    with pytest.raises(RobustlabError, match="already int8"):
+        quantize_checkpoint(loaded, manifest, digits, tmp_path / "qq")
+    with pytest.raises(RobustlabError, match="cannot prune an int8 checkpoint"):
+        prune_checkpoint(loaded, manifest, digits, PruneSpec(sparsity=0.5), tmp_path / "p")
 
 
 def test_a_replaced_observers_file_is_refused(

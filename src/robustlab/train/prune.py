@@ -361,6 +361,10 @@ def prune_checkpoint(
     ``pruning`` (the spec, sparsity per layer and global, the base model's path and hash, the
     fine-tuning) and ``metrics`` with the clean test accuracy before pruning, right after it,
     and at the end (``clean_accuracy``)."""
+    if "quantization" in manifest:
+        raise RobustlabError(
+            "cannot prune an int8 checkpoint; prune its float base model, then quantize that"
+        )
     dev = resolve_device(device)
     model.to(dev).eval()
     before = accuracy(model, splits.test, device=dev)

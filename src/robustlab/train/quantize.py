@@ -66,6 +66,8 @@ def quantize_checkpoint(
     The manifest keeps the base's ``model``, ``dataset``, ``training`` and ``pruning`` sections
     and adds ``quantization`` (scheme, backend, the calibration indices, the base's hash, how
     robustness is measured) and ``metrics`` (int8 and float clean accuracy, their agreement)."""
+    if "quantization" in manifest:
+        raise RobustlabError("this checkpoint is already int8; quantize its float base model")
     indices = calibration_indices(len(splits.train), samples, seed)
     float_model = model.cpu().eval()
     int8 = quantize(float_model, splits.train.x[indices], backend)
