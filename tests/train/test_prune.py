@@ -23,6 +23,7 @@ from robustlab.train.prune import (
     PruneSpec,
     finetune,
     kept_for_error,
+    prunable_layers,
     prune,
     prune_checkpoint,
     relative_error,
@@ -37,8 +38,20 @@ def net(digits_net: nn.Module) -> nn.Module:
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every conv and linear weight by layer name (detached copies)."""
-    return {n: layer_weight(m).detach().clone() for n, m in weight_layers(model)}
+    """Every conv and linear weight but the first layer's and the head's, by layer name."""
+    return {n: layer_weight(m).detach().clone() for n, m in prunable_layers(model)}
+
+
+def test_pruning_leaves_the_first_layer_and_the_head_alone(net: nn.Module) -> None:
+    layers = weight_layers(net)
+    names = [n for n, _ in prunable_layers(net)]
+    assert names == [n for n, _ in layers[1:-1]] and layers[-1][0] == "net.fc"
+    first, head = (layer_weight(layers[0][1]).clone(), layer_weight(layers[-1][1]).clone())
+    prune(net, PruneSpec(sparsity=0.9, scope="layer"))
+    torch.testing.assert_close(layer_weight(layers[0][1]), first, rtol=0, atol=0)
+    torch.testing.assert_close(layer_weight(layers[-1][1]), head, rtol=0, atol=0)
+    assert sparsity_of(net, names) == pytest.approx(0.9, abs=1e-3)
+    assert sparsity_of(net) < sparsity_of(net, names)
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.9])
@@ -47,7 +60,7 @@ def test_global_pruning_zeroes_exactly_the_smallest_weights(
 ) -> None:
     before = _weights(net)
     total = sum(w.numel() for w in before.values())
-    assert sparsity_of(net) == 0.0
+    assert sparsity_of(net, before) == 0.0
     pruned = prune(net, PruneSpec(sparsity=sparsity))
     after = _weights(net)
     zeros = sum(int((w == 0).sum()) for w in after.values())
@@ -62,8 +75,7 @@ def test_global_pruning_zeroes_exactly_the_smallest_weights(
 
 def test_per_layer_pruning_gives_each_layer_the_sparsity(net: nn.Module) -> None:
     pruned = prune(net, PruneSpec(sparsity=0.6, scope="layer"))
-    layers = weight_layers(net)
-    assert len(pruned.layers) == len(layers)  # head and first conv included
+    layers = prunable_layers(net)
     for (name, m), entry in zip(layers, pruned.layers, strict=True):
         w = layer_weight(m)
         assert entry["name"] == name
@@ -74,12 +86,12 @@ def test_per_layer_pruning_gives_each_layer_the_sparsity(net: nn.Module) -> None
 def test_structured_pruning_zeroes_whole_filters_but_not_the_first_or_the_head(
     net: nn.Module, scope: str
 ) -> None:
-    before = _weights(net)
-    pruned = prune(net, PruneSpec(sparsity=0.5, scope=scope, structured=True))
     layers = weight_layers(net)
     first, head = layers[0][1], classifier_head(net)
-    torch.testing.assert_close(layer_weight(first), before[layers[0][0]])
-    torch.testing.assert_close(layer_weight(head), before["net.fc"])
+    before = {id(m): layer_weight(m).detach().clone() for m in (first, head)}
+    pruned = prune(net, PruneSpec(sparsity=0.5, scope=scope, structured=True))
+    torch.testing.assert_close(layer_weight(first), before[id(first)], rtol=0, atol=0)
+    torch.testing.assert_close(layer_weight(head), before[id(head)], rtol=0, atol=0)
     removed = filters = 0
     for _, m in layers[1:]:
         if m is head:
@@ -154,7 +166,7 @@ def test_masks_survive_finetuning(net: nn.Module, digits: DataSplits, method: st
         assert bool((w[zero_before[n]] == 0).all()), n
         moved += int((w[~zero_before[n]] != kept_before[n][~zero_before[n]]).sum())
     assert moved > 0  # fine-tuning did change the kept weights
-    assert sparsity_of(net) == pytest.approx(pruned.sparsity)
+    assert sparsity_of(net, after) == pytest.approx(pruned.sparsity)
 
 
 def test_a_pruned_checkpoint_records_what_was_pruned_and_reloads(
@@ -177,13 +189,15 @@ def test_a_pruned_checkpoint_records_what_was_pruned_and_reloads(
     assert record["base"] == base and record["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert record["sparsity_asked"] == 0.5 and "filter_sparsity" not in record
     assert record["finetune"]["epochs"] == 1 and record["finetune"]["method"]["name"] == "standard"
-    assert {e["name"] for e in record["layers"]} == {n for n, _ in weight_layers(net)}
+    assert [e["name"] for e in record["layers"]] == [n for n, _ in prunable_layers(net)]
     metrics = manifest["metrics"]
     assert metrics["clean_accuracy_before_pruning"] > 0.8
     assert 0 <= metrics["clean_accuracy_after_pruning"] <= 1
     assert manifest["training"] == {"method": "standard"}
     loaded = load_checkpoint(tmp_path / "p").model
-    assert sparsity_of(loaded) == pytest.approx(record["sparsity_after_finetune"])
+    assert sparsity_of(loaded) == pytest.approx(record["model_sparsity"])
+    names = [e["name"] for e in record["layers"]]
+    assert sparsity_of(loaded, names) == pytest.approx(record["sparsity_after_finetune"])
     x = digits.test.x[:8]
     torch.testing.assert_close(loaded(x), net.eval()(x))
 
@@ -206,7 +220,7 @@ def test_bad_pruning_specs_get_a_sentence(spec: dict[str, object], sentence: str
 
 
 def test_a_model_with_nothing_to_prune_gets_a_sentence() -> None:
-    with pytest.raises(RobustlabError, match="no conv or linear layer to prune"):
+    with pytest.raises(RobustlabError, match="no conv or linear layer besides its first layer"):
         prune(nn.Sequential(nn.Flatten(), nn.ReLU()), PruneSpec(sparsity=0.5))
 
 
