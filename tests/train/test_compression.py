@@ -20,6 +20,7 @@ from robustlab.train.compression import (
     layer_weight,
     parse_regularizers,
     regularizer_hooks,
+    regularizers_of,
 )
 
 
@@ -92,14 +93,9 @@ def _trained(
     digits: DataSplits, tmp: Path, regularizers: dict[str, float]
 ) -> tuple[nn.Module, dict[str, object]]:
     """An mlp (one hidden layer pair) trained 4 epochs on digits with these regularisers."""
-    cfg = TrainConfig(
-        arch="mlp",
-        data="digits",
-        epochs=4,
-        arch_options={"width": 64},
-        regularizers=regularizers,
-    )
-    result = train(cfg, tmp, splits=digits, progress=False)
+    cfg = TrainConfig(arch="mlp", data="digits", epochs=4, arch_options={"width": 64})
+    hooks = regularizer_hooks(regularizers)
+    result = train(cfg, tmp, splits=digits, progress=False, hooks=hooks)
     return result.model, result.manifest
 
 
@@ -118,8 +114,11 @@ def test_strong_l1_makes_the_weights_measurably_sparser(digits: DataSplits, tmp_
         return float((w.abs() < 1e-3).float().mean())
 
     assert near_zero(sparse) > max(5 * near_zero(plain), 0.05)
-    assert "regularizers" not in manifest["training"]  # type: ignore[operator]
-    assert manifest_l1["training"]["regularizers"] == {"l1": 1e-3}  # type: ignore[index]
+    assert "add_ons" not in manifest["training"]  # type: ignore[operator]
+    assert manifest_l1["training"]["add_ons"] == [  # type: ignore[index]
+        {"name": "regularizers", "strengths": {"l1": 1e-3}}
+    ]
+    assert regularizers_of(manifest_l1) == {"l1": 1e-3} and regularizers_of(manifest) == {}
     assert manifest_l1["metrics"]["clean_accuracy"] > 0.5  # type: ignore[index]
 
 
@@ -162,9 +161,19 @@ def test_bad_strengths_get_a_sentence(given: dict[str, object], sentence: str) -
         check_regularizers(given)
 
 
-def test_the_config_checks_its_regularizers_before_training() -> None:
+def test_the_hook_checks_its_strengths() -> None:
     with pytest.raises(RobustlabError, match="finite strength"):
-        TrainConfig(data="digits", regularizers={"l1": -0.1}).resolved()
+        Regularize({"l1": -0.1})
+
+
+def test_a_run_resumes_only_with_the_same_regularizers(digits: DataSplits, tmp_path: Path) -> None:
+    cfg = TrainConfig(arch="mlp", data="digits", epochs=2, arch_options={"width": 16})
+    hooks = regularizer_hooks({"l1": 1e-4})
+    train(cfg, tmp_path, splits=digits, progress=False, hooks=hooks, stop_after_epochs=1)
+    with pytest.raises(RobustlabError, match="unfinished run with other add-ons"):
+        train(cfg, tmp_path, splits=digits, progress=False)
+    done = train(cfg, tmp_path, splits=digits, progress=False, hooks=hooks)
+    assert regularizers_of(done.manifest) == {"l1": 1e-4}
 
 
 def test_command_line_strengths_parse_and_bad_ones_get_a_sentence() -> None:
@@ -190,10 +199,10 @@ def test_regularizers_compose_with_adversarial_training(
             steps=1,
             epochs=1,
             arch_options={"width": 32},
-            regularizers=regularizers,
         )
-        result = train(cfg, tmp_path / name, splits=digits, progress=False)
-        assert result.manifest["training"].get("regularizers", {}) == regularizers
+        hooks = regularizer_hooks(regularizers)
+        result = train(cfg, tmp_path / name, splits=digits, progress=False, hooks=hooks)
+        assert regularizers_of(result.manifest) == regularizers
         return result.model
 
     plain = run({}, "plain")

@@ -18,7 +18,8 @@ normalisation layers are never penalised.
 
 The hook adds the penalty's gradient to ``.grad`` after the method's backward, so it composes
 with every method (standard, PGD-AT, TRADES, ...) without touching their losses; the loss the
-loop reports stays the method's own.
+loop reports stays the method's own. ``train(cfg, out, hooks=regularizer_hooks({...}))`` runs
+it; the manifest records it in ``training.add_ons`` (read back with ``regularizers_of``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +35,9 @@ from torch import nn
 from ..errors import RobustlabError
 from ..models.structure import classifier_head, weight_layers
 from .methods import Hook, Step
+
+#: The name under which the manifest records the regularizers (``training.add_ons``).
+ADD_ON = "regularizers"
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -184,6 +189,19 @@ class Regularize(Hook):
     def after_backward(self, step: Step) -> None:
         """Add the penalty's gradient before the optimiser steps."""
         self.add_gradient(step.model)
+
+    def config(self) -> dict[str, object]:
+        """The manifest's record of this add-on: its name and the strengths."""
+        return {"name": ADD_ON, "strengths": dict(self.strengths)}
+
+
+def regularizers_of(manifest: Mapping[str, Any]) -> dict[str, float]:
+    """The regularizer strengths a checkpoint was trained with (none: an empty dict)."""
+    training = manifest.get("training") or {}
+    for add_on in training.get("add_ons", []):
+        if isinstance(add_on, dict) and add_on.get("name") == ADD_ON:
+            return dict(add_on.get("strengths", {}))
+    return {}
 
 
 def regularizer_hooks(strengths: Mapping[str, float]) -> list[Hook]:

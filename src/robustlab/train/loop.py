@@ -27,7 +27,6 @@ from ..io import atomic_write
 from ..models import build_model
 from ..models.checkpoint import MANIFEST, model_config, read_torch_file, save_checkpoint
 from ..version import __version__
-from .compression import check_regularizers, regularizer_hooks
 from .methods import METHODS, EpochEnd, Hook, Method, Step, make_method, require_finite
 from .recipes import recipe_for
 
@@ -39,9 +38,7 @@ class TrainConfig:
     """Everything that defines a training run; unset fields take the method's recipe defaults.
 
     Method options (eps, norm, steps, eps_warmup, beta) are handed to the method that takes
-    them, which validates them; the others are the loop's. ``regularizers`` maps a penalty
-    of ``compression`` (l1, group-lasso, group-lasso-si, nuclear) to its strength; it is added
-    to any method by a hook.
+    them, which validates them; the others are the loop's.
     """
 
     arch: str = "resnet8"
@@ -60,7 +57,6 @@ class TrainConfig:
     seed: int = 0
     channels_last: bool = True
     arch_options: dict[str, Any] = field(default_factory=dict)
-    regularizers: dict[str, float] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
         """This config with every unset field filled from the recipe of its method, checked."""
@@ -77,7 +73,7 @@ class TrainConfig:
             raise RobustlabError(f"momentum must be in [0, 1), got {cfg.momentum}")
         if cfg.weight_decay is not None and cfg.weight_decay < 0:
             raise RobustlabError(f"weight decay must be >= 0, got {cfg.weight_decay}")
-        return replace(cfg, regularizers=check_regularizers(cfg.regularizers))
+        return cfg
 
     def make_method(self) -> Method:
         """The training strategy this config names, given the options it takes from here."""
@@ -251,12 +247,8 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 500, device: str
 
 
 def _config_key(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved config as resume states and manifests record it (without regularizers
-    when there are none, so runs from before they existed keep their records and resume)."""
-    key = asdict(cfg)
-    if not key["regularizers"]:
-        del key["regularizers"]
-    return key
+    """The resolved config as resume states and manifests record it."""
+    return asdict(cfg)
 
 
 def _split_key(splits: DataSplits | None) -> str:
@@ -305,7 +297,9 @@ def train(
 ) -> TrainResult:
     """Train a model and write its checkpoint to ``out``; resumes an interrupted run there.
 
-    ``hooks`` are add-ons called around every step after the method's own (see ``methods``).
+    ``hooks`` are add-ons called around every step after the method's own (see ``methods``);
+    those whose ``config()`` is not None are recorded in the manifest (``training.add_ons``)
+    and a resumed run must have the same.
     ``stop_after_epochs`` ends the run early as if interrupted (for tests of resumption).
     If training diverges, the resume state of the last finished epoch stays and nothing else
     is written. If a hook stops training early, the checkpoint is written and its manifest says
@@ -342,6 +336,7 @@ def train(
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     attack_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     start_epoch, elapsed = 0, 0.0
+    add_ons = [c for c in (h.config() for h in hooks) if c is not None]
     if resume_path.exists():
         state = read_torch_file(resume_path, "a training resume state", map_location=dev)
         if not isinstance(state, dict):
@@ -356,12 +351,19 @@ def train(
                 f"{out_dir} holds an unfinished run on another training split (calibration "
                 "hold-out size or seed differ); choose another --out or delete its resume.pt"
             )
+        if state.get("add_ons", []) != add_ons:
+            raise RobustlabError(
+                f"{out_dir} holds an unfinished run with other add-ons (such as regularizers); "
+                "choose another --out or delete its resume.pt"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["gen"])
         attack_gen.set_state(state["attack_gen"])
         start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
-    header = {"config": _config_key(cfg), "split": _split_key(splits)}
+    header: dict[str, Any] = {"config": _config_key(cfg), "split": _split_key(splits)}
+    if add_ons:
+        header["add_ons"] = add_ons
     writer = _ResumeWriter(resume_path, header, (gen, attack_gen), elapsed)
     end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
     try:
@@ -376,7 +378,7 @@ def train(
             epochs=cfg.epochs,
             lr=cfg.lr,
             gen=attack_gen,
-            hooks=[*regularizer_hooks(cfg.regularizers), *hooks, writer],
+            hooks=[*hooks, writer],
             start_epoch=start_epoch,
             end_epoch=end_epoch,
             memory_format=memory_format,
@@ -398,6 +400,8 @@ def train(
         return TrainResult(model, out_dir, {"unfinished": True, "epoch": end_epoch})
     clean = accuracy(model, splits.test, device=dev)
     training: dict[str, Any] = {**_config_key(cfg), "method_config": method.config()}
+    if add_ons:  # hooks that change training (regularizers) say how
+        training["add_ons"] = add_ons
     if ran < cfg.epochs:  # a hook stopped training early
         training["stopped_after_epoch"] = ran
     manifest = {
