@@ -109,6 +109,18 @@ def test_structured_pruning_zeroes_whole_filters_but_not_the_first_or_the_head(
     assert pruned.record()["filter_sparsity"] == removed / filters
 
 
+def test_a_pruned_filter_followed_by_batchnorm_outputs_zero(net: nn.Module) -> None:
+    prune(net, PruneSpec(sparsity=0.5, scope="layer", structured=True))
+    conv = net.get_submodule("net.blocks.1.branch.0")
+    bn = net.get_submodule("net.blocks.1.branch.1")
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+    gone = (conv.weight == 0).flatten(1).all(dim=1)
+    assert int(gone.sum()) == round(0.5 * conv.out_channels)
+    with torch.no_grad():
+        out = bn.eval()(conv(torch.randn(2, 8, 4, 4)))
+    assert float(out[:, gone].abs().max()) == 0.0 and float(out[:, ~gone].abs().max()) > 0
+
+
 def test_structured_pruning_also_zeroes_the_bias_of_a_pruned_row() -> None:
     model = build_model("mlp", 1, 10, 8, depth=3, width=16)
     prune(model, PruneSpec(sparsity=0.5, scope="layer", structured=True))

@@ -7,9 +7,9 @@ Our choices, where the paper is silent:
   the regularisers and the rank option leave out too; pruning the 9-weight filters of a first
   conv or a 10-row head costs accuracy out of proportion). Unstructured pruning zeroes
   weights; structured pruning removes whole output filters (rows of ``C_out x C_in*kh*kw``,
-  with their bias). Biases and normalisation layers are otherwise left alone (a pruned filter
-  followed by BatchNorm then outputs BatchNorm's shift, a constant). Sparsities are over the
-  pruned layers; ``sparsity_of`` gives the whole model's.
+  with their bias and, when a BatchNorm directly follows the layer in an ``nn.Sequential``, that
+  channel's BatchNorm scale and shift, so the channel outputs zero as if the filter were
+  removed). Sparsities are over the pruned layers; ``sparsity_of`` gives the whole model's.
 - **How many.** A sparsity ``S`` in (0, 1) zeroes ``round(S * n)`` weights: of all ranked weights
   (global) or of each layer's (per layer). Structured, ``S`` is the fraction of filters removed;
   globally, filters of layers of different fan-in are ranked by their root-mean-square weight
@@ -204,6 +204,19 @@ def _structured(layers: list[tuple[str, nn.Module]], spec: PruneSpec) -> dict[st
     return rows
 
 
+def following_batchnorms(model: nn.Module) -> dict[int, str]:
+    """For each layer (by id) directly followed by an affine BatchNorm inside an
+    ``nn.Sequential``, that BatchNorm's name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[int, str] = {}
+    for seq in (m for m in model.modules() if isinstance(m, nn.Sequential)):
+        layers = list(seq)
+        for a, b in zip(layers, layers[1:], strict=False):
+            if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.affine:
+                found[id(a)] = names[id(b)]
+    return found
+
+
 def _apply(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Multiply each masked parameter by its mask (in place, no gradient)."""
     params = dict(model.named_parameters())
@@ -219,6 +232,7 @@ def prune(model: nn.Module, spec: PruneSpec) -> Pruned:
     report = []
     if spec.structured:
         rows = _structured(layers, spec)
+        norms = following_batchnorms(model)
     else:
         weights = _unstructured(layers, spec)
     for name, m in layers:
@@ -230,6 +244,9 @@ def prune(model: nn.Module, spec: PruneSpec) -> Pruned:
             bias = getattr(m, "bias", None)
             if isinstance(bias, torch.Tensor):
                 masks[f"{name}.bias"] = row.clone()
+            if id(m) in norms:
+                masks[f"{norms[id(m)]}.weight"] = row.clone()
+                masks[f"{norms[id(m)]}.bias"] = row.clone()
             entry["filters"] = row.numel()
             entry["filters_pruned"] = int((row == 0).sum())
             if spec.target_error is not None:
