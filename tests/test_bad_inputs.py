@@ -172,6 +172,27 @@ ROWS: list[tuple[list[str], str]] = [
         ],
         "architecture 'mlp' has no option in_channels",
     ),
+    # compression: pruning fractions, regulariser strengths, ranks
+    (
+        ["prune", "--model", "good", "--data", "digits", "--sparsity", "1.5", "--out", "p"],
+        "sparsity must be a fraction in (0, 1), got 1.5",
+    ),
+    (
+        ["prune", "--model", "good", "--data", "digits", "--target-error", "0", "--out", "p"],
+        "target error must be a fraction in (0, 1), got 0.0",
+    ),
+    (
+        ["train", "--data", "digits", "--arch", "mlp", "--out", "t", "--regularizer", "l1=-1"],
+        "regularizer l1 needs a finite strength >= 0, got -1.0",
+    ),
+    (
+        ["train", "--data", "digits", "--arch", "mlp", "--out", "t", "--arch-option", "rank=300"],
+        "rank 300 is larger than layer features.3 allows",
+    ),
+    (
+        ["quantize", "--model", "good", "--data", "digits", "--backend", "arm", "--out", "q"],
+        "quantization backend 'arm' is not available on this machine",
+    ),
     # results stores: only robustlab's, written into, never replaced
     (["report", "--store", "app.db", "--out", "r.html"], "another application"),
     (["eval", "--model", "good", *QUICK, "--store", "app.db"], "another application"),

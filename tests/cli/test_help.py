@@ -11,8 +11,18 @@ import pytest
 from robustlab.cli import build_parser, main
 
 COMPUTING = (
-    "demo", "train", "eval", "attack", "transfer", "exits", "hpm", "sloth", "compress",
-    "prune", "quantize", "uap",
+    "demo",
+    "train",
+    "eval",
+    "attack",
+    "transfer",
+    "exits",
+    "hpm",
+    "sloth",
+    "compress",
+    "prune",
+    "quantize",
+    "uap",
 )
 
 

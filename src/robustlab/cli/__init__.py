@@ -16,11 +16,28 @@ from collections.abc import Sequence
 
 from ..errors import RobustlabError
 from ..version import __version__
-from . import attack, compress, demo, eval, exits, hpm, models, report, sloth, train, transfer
+from . import (
+    attack,
+    compress,
+    demo,
+    eval,
+    exits,
+    hpm,
+    models,
+    prune,
+    quantize,
+    report,
+    sloth,
+    train,
+    transfer,
+)
 from .common import HelpFormatter, check_seeds
 
 #: The commands in the order ``robustlab --help`` lists them.
-COMMANDS = (demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, report)
+COMMANDS = (
+    demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
+    report,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,14 @@ def register(sub: Any) -> None:
         help="architecture option, e.g. width=32; repeatable (default: the architecture's own)",
     )
     p.add_argument(
+        "--regularizer",
+        action="append",
+        default=[],
+        metavar="NAME=STRENGTH",
+        help="compression penalty added to any method: l1, group-lasso, group-lasso-si or "
+        "nuclear, e.g. l1=1e-4; repeatable (default: none)",
+    )
+    p.add_argument(
         "--out", required=True, help="checkpoint folder (an interrupted run there resumes)"
     )
     p.add_argument(
@@ -68,12 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from ..models import get_architecture
     from ..models.checkpoint import checkpoint_outputs
     from ..train import TrainConfig, train
+    from ..train.compression import parse_regularizers, regularizer_hooks
 
     out = Path(args.out)
     outputs = [*checkpoint_outputs(out), json_output(args.json)]
     checked_outputs(args, outputs, data=[args.data])
     arch_options = key_values(args.arch_option)
     get_architecture(args.arch).arguments(**arch_options)  # its options, before any work
+    hooks = regularizer_hooks(parse_regularizers(args.regularizer))
     cfg = TrainConfig(
         arch=args.arch,
         data=args.data,
@@ -96,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         # the same seeded split `robustlab exits` holds out, so its thresholds are chosen on
         # samples the backbone never trained on
         splits = load_data(args.data, calibration=args.calibration, seed=args.data_seed)
-    result = train(cfg, out, splits=splits, device=args.device, progress=not args.no_progress)
+    result = train(
+        cfg, out, splits=splits, device=args.device, progress=not args.no_progress, hooks=hooks
+    )
     acc = result.manifest["metrics"]["clean_accuracy"]
     print(
         f"trained {cfg.arch} ({cfg.method}) in {result.manifest['train_time_s']:.0f} s: "

@@ -27,6 +27,7 @@ from ..io import (
 from .blocks import Normalize
 from .hpm import HPMClassifier, HPMConfig
 from .multiexit import MultiExitNetwork
+from .quantized import OBSERVERS, QuantizedModel, rebuild
 from .registry import build_model
 
 WEIGHTS = "model.safetensors"
@@ -312,7 +313,48 @@ def load_checkpoint(path: str | Path, *, trust_unhashed: bool = False, **legacy:
         raise RobustlabError(f"cannot read weights {weights_path}: {exc}") from None
     _load_state(model, state, weights_path)
     model.eval()
+    if "quantization" in manifest:  # int8: the float model above, requantized
+        model = _requantized(model, manifest, weights_path.parent)
     return Checkpoint(model, manifest, weights_path.parent)
+
+
+def save_quantized_checkpoint(
+    model: QuantizedModel, directory: str | Path, manifest: dict[str, Any]
+) -> Path:
+    """Write an int8 model as its float weights plus its calibrated observers (``OBSERVERS``,
+    hashed in the manifest's ``quantization`` section), which ``load_checkpoint`` requantizes."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / OBSERVERS) as tmp:
+        save_file(dict(model.observers), str(tmp))
+        digest = file_sha256(tmp)
+    section = {**manifest.get("quantization", {}), "backend": model.backend}
+    section["observers"] = {"file": OBSERVERS, "sha256": digest}
+    return save_checkpoint(model.float_model, out, {**manifest, "quantization": section})
+
+
+def _requantized(model: nn.Module, manifest: dict[str, Any], folder: Path) -> QuantizedModel:
+    """The int8 model of a quantized checkpoint: its observers checked against their hash."""
+    section = manifest["quantization"]
+    info = section.get("observers") if isinstance(section, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+        raise RobustlabError("checkpoint manifest has an invalid quantization section")
+    path = folder / OBSERVERS
+    if not path.exists():
+        raise RobustlabError(f"quantized checkpoint {folder} has no {OBSERVERS}")
+    check_regular(path, "quantization observers file", limits().data_bytes)
+    if file_sha256(path) != info["sha256"]:
+        raise RobustlabError(
+            f"quantization observers {path} do not match the hash in its manifest "
+            "(corrupted or replaced)"
+        )
+    try:
+        observers = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RobustlabError(f"cannot read quantization observers {path}: {exc}") from None
+    config = manifest["model"]
+    shape = (int(config["in_channels"]), int(config["image_size"]), int(config["image_size"]))
+    return rebuild(model, observers, str(section.get("backend", "x86")), shape)
 
 
 def _unpickling_reason(message: str) -> str:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import RobustlabError
 from .blocks import Normalize
+from .lowrank import RANK_OPTION, check_rank, factorize
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Architecture:
         params = inspect.signature(self.builder).parameters
         shape_args = {"in_channels", "num_classes", "image_size"}
         known = {k: p.default for k, p in params.items() if k not in shape_args}
+        shared = (
+            {RANK_OPTION: check_rank(overrides[RANK_OPTION])} if RANK_OPTION in overrides else {}
+        )
+        overrides = {k: v for k, v in overrides.items() if k not in shared}
         unknown = sorted(set(overrides) - set(known))
         if unknown:
             raise RobustlabError(
@@ -59,7 +64,7 @@ class Architecture:
                 raise RobustlabError(
                     f"option {key} of architecture '{self.name}' must be an integer, got {value!r}"
                 )
-        return {**known, **self.fixed, **overrides}
+        return {**known, **self.fixed, **overrides, **shared}
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -89,9 +94,13 @@ def build_model(
     std: Sequence[float] | None = None,
     **options: Any,
 ) -> nn.Sequential:
-    """Build ``Normalize(mean, std)`` followed by the named network; it takes [0,1] inputs."""
+    """Build ``Normalize(mean, std)`` followed by the named network; it takes [0,1] inputs.
+
+    Every architecture also takes ``rank=R``: its layers but the first and the head are then
+    factorised at rank R (``lowrank.factorize``)."""
     spec = get_architecture(arch)
     kwargs = spec.arguments(**options)
+    rank = kwargs.pop(RANK_OPTION, None)
     for label, value in (
         ("in_channels", in_channels),
         ("num_classes", num_classes),
@@ -119,6 +128,8 @@ def build_model(
         body = spec.builder(in_channels, num_classes, image_size, **kwargs)
     except ValueError as exc:
         raise RobustlabError(f"cannot build '{arch}': {exc}") from None
+    if rank is not None:
+        factorize(body, rank)
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=body))
 
 

@@ -297,7 +297,9 @@ def train(
 ) -> TrainResult:
     """Train a model and write its checkpoint to ``out``; resumes an interrupted run there.
 
-    ``hooks`` are add-ons called around every step after the method's own (see ``methods``).
+    ``hooks`` are add-ons called around every step after the method's own (see ``methods``);
+    those whose ``config()`` is not None are recorded in the manifest (``training.add_ons``)
+    and a resumed run must have the same.
     ``stop_after_epochs`` ends the run early as if interrupted (for tests of resumption).
     If training diverges, the resume state of the last finished epoch stays and nothing else
     is written. If a hook stops training early, the checkpoint is written and its manifest says
@@ -334,6 +336,7 @@ def train(
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     attack_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     start_epoch, elapsed = 0, 0.0
+    add_ons = [c for c in (h.config() for h in hooks) if c is not None]
     if resume_path.exists():
         state = read_torch_file(resume_path, "a training resume state", map_location=dev)
         if not isinstance(state, dict):
@@ -348,12 +351,19 @@ def train(
                 f"{out_dir} holds an unfinished run on another training split (calibration "
                 "hold-out size or seed differ); choose another --out or delete its resume.pt"
             )
+        if state.get("add_ons", []) != add_ons:
+            raise RobustlabError(
+                f"{out_dir} holds an unfinished run with other add-ons (such as regularizers); "
+                "choose another --out or delete its resume.pt"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["gen"])
         attack_gen.set_state(state["attack_gen"])
         start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
-    header = {"config": _config_key(cfg), "split": _split_key(splits)}
+    header: dict[str, Any] = {"config": _config_key(cfg), "split": _split_key(splits)}
+    if add_ons:
+        header["add_ons"] = add_ons
     writer = _ResumeWriter(resume_path, header, (gen, attack_gen), elapsed)
     end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
     try:
@@ -390,6 +400,8 @@ def train(
         return TrainResult(model, out_dir, {"unfinished": True, "epoch": end_epoch})
     clean = accuracy(model, splits.test, device=dev)
     training: dict[str, Any] = {**_config_key(cfg), "method_config": method.config()}
+    if add_ons:  # hooks that change training (regularizers) say how
+        training["add_ons"] = add_ons
     if ran < cfg.epochs:  # a hook stopped training early
         training["stopped_after_epoch"] = ran
     manifest = {

@@ -97,6 +97,11 @@ class Hook:
     def end_epoch(self, end: EpochEnd) -> None:
         """After an epoch whose loss and weights were found finite."""
 
+    def config(self) -> dict[str, object] | None:
+        """What an add-on changes in training, JSON-able, for the manifest and resume (None:
+        nothing to record)."""
+        return None
+
 
 class Method(Hook, ABC):
     """A training strategy: hooks around the step plus the loss of one batch to minimise."""
