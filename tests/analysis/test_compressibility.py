@@ -14,15 +14,14 @@ from torch import nn
 
 from robustlab.analysis.compressibility import (
     best_k,
-    best_k_error,
     check_kappas,
-    k_for_error,
     layer_metrics,
     matrix_metrics,
     near_zero_fraction,
     network_summary,
 )
 from robustlab.errors import RobustlabError
+from robustlab.models.weights import best_k_error, k_for_error
 
 KAPPAS = (0.1, 0.25, 0.5)
 

@@ -12,12 +12,12 @@ from torch import nn
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model, classifier_head, weight_layers
+from robustlab.models.weights import layer_weight
 from robustlab.train import TrainConfig, train
 from robustlab.train.compression import (
     PENALTIES,
     Regularize,
     check_regularizers,
-    layer_weight,
     parse_regularizers,
     regularizer_hooks,
     regularizers_of,

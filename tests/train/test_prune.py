@@ -16,17 +16,15 @@ from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model, classifier_head, weight_layers
 from robustlab.models.checkpoint import load_checkpoint, model_config
+from robustlab.models.weights import as_matrix, best_k_error, k_for_error, layer_weight
 from robustlab.train import make_method
-from robustlab.train.compression import as_matrix, layer_weight
 from robustlab.train.prune import (
     FinetuneConfig,
     PruneSpec,
     finetune,
-    kept_for_error,
     prunable_layers,
     prune,
     prune_checkpoint,
-    relative_error,
     sparsity_of,
 )
 
@@ -147,20 +145,20 @@ def test_target_error_pruning_meets_the_error_per_layer_with_the_fewest_weights(
             kept = int((~(as_matrix(after) == 0).all(dim=1)).sum())
         else:
             values, kept = original.flatten(), int((after != 0).sum())
-        assert relative_error(values, kept) <= eps + 1e-12
-        assert entry["error"] == pytest.approx(relative_error(values, kept))
+        assert best_k_error(values, kept) <= eps + 1e-12
+        assert entry["error"] == pytest.approx(best_k_error(values, kept))
         if kept > 1:  # one fewer would miss the target
-            assert relative_error(values, kept - 1) > eps
+            assert best_k_error(values, kept - 1) > eps
     assert len({round(e["sparsity"], 3) for e in pruned.layers}) > 1  # not one fixed ratio
 
 
 def test_kept_for_error_on_a_known_vector() -> None:
     v = torch.tensor([3.0, 4.0, 0.0, 1.0])  # ||v||^2 = 26
-    assert kept_for_error(v, 0.7) == 1  # dropping 3, 1, 0: sqrt(10/26) = 0.62 <= 0.7
-    assert kept_for_error(v, 0.5) == 2  # 0.62 > 0.5: keep 4 and 3 (error sqrt(1/26))
-    assert kept_for_error(v, 0.2) == 2  # sqrt(1/26) = 0.196
-    assert kept_for_error(v, 0.1) == 3  # only the zero goes
-    assert relative_error(v, 2) == pytest.approx(math.sqrt(1 / 26))
+    assert k_for_error(v, 0.7) == 1  # dropping 3, 1, 0: sqrt(10/26) = 0.62 <= 0.7
+    assert k_for_error(v, 0.5) == 2  # 0.62 > 0.5: keep 4 and 3 (error sqrt(1/26))
+    assert k_for_error(v, 0.2) == 2  # sqrt(1/26) = 0.196
+    assert k_for_error(v, 0.1) == 3  # only the zero goes
+    assert best_k_error(v, 2) == pytest.approx(math.sqrt(1 / 26))
 
 
 @pytest.mark.parametrize("method", ["standard", "pgd-at"])

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..errors import RobustlabError
 from ..models.structure import weight_layers
+from ..models.weights import as_matrix, best_k_error, layer_weight
 
 DEFAULT_KAPPAS: tuple[float, ...] = (0.1, 0.25, 0.5)
 NEAR_ZERO = 1e-3  # relative to the layer's largest |weight|
@@ -62,32 +63,6 @@ def best_k(kappa: float, length: int) -> int:
     return max(1, min(length, math.ceil(kappa * length - 1e-12)))
 
 
-def best_k_error(theta: torch.Tensor, k: int, q: float = 2.0) -> float:
-    """``||theta - theta_k||_q / ||theta||_q``, theta_k keeping the k largest-magnitude entries."""
-    mags = theta.detach().abs().flatten().to(torch.float64)
-    total = torch.linalg.vector_norm(mags, ord=q)
-    if float(total) == 0.0:
-        return 0.0
-    tail = torch.sort(mags, descending=True).values[k:]
-    return float(torch.linalg.vector_norm(tail, ord=q) / total)
-
-
-def k_for_error(theta: torch.Tensor, error: float, q: float = 2.0) -> int:
-    """The fewest entries to keep so that the best-k relative error is at most ``error``
-    (the per-layer k of eps-targeted pruning); 0 for a zero vector."""
-    if not (math.isfinite(error) and 0 <= error < 1):
-        raise RobustlabError(f"the target error must be in [0, 1), got {error}")
-    mags = torch.sort(theta.detach().abs().flatten().to(torch.float64), descending=True).values
-    powers = mags**q
-    total = float(powers.sum())
-    if total == 0.0:
-        return 0
-    # tails[k] = sum of the entries from k on, for k = 0 .. n (tails[n] = 0)
-    tails = torch.cat([powers.flip(0).cumsum(0).flip(0), powers.new_zeros(1)])
-    ok = (tails / total) ** (1 / q) <= error + 1e-12
-    return int(torch.nonzero(ok)[0])
-
-
 def compressibility(
     theta: torch.Tensor, kappas: Sequence[float], q: float = 2.0
 ) -> dict[str, float]:
@@ -98,16 +73,7 @@ def compressibility(
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """A conv or linear layer's weight as a float64 matrix, one row per output unit/filter."""
-    w = layer_weight(module).detach().to(torch.float64)
-    return w.reshape(w.shape[0], -1)
-
-
-def layer_weight(module: nn.Module) -> torch.Tensor:
-    """A conv or linear layer's weight tensor, as stored."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise RobustlabError(f"{type(module).__name__} has no weight tensor")
-    return weight
+    return as_matrix(layer_weight(module).detach().to(torch.float64))
 
 
 def stable_rank(sv: torch.Tensor) -> float:

@@ -34,23 +34,11 @@ from torch import nn
 
 from ..errors import RobustlabError
 from ..models.structure import classifier_head, weight_layers
+from ..models.weights import as_matrix, layer_weight
 from .methods import Hook, Step
 
 #: The name under which the manifest records the regularizers (``training.add_ons``).
 ADD_ON = "regularizers"
-
-
-def as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A layer's weight as a matrix: rows are output units (a conv's filters, flattened)."""
-    return weight.reshape(weight.shape[0], -1)
-
-
-def layer_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight tensor of a conv or linear layer."""
-    weight = layer.weight
-    if not isinstance(weight, torch.Tensor):
-        raise RobustlabError(f"{type(layer).__name__} has no weight tensor")
-    return weight
 
 
 def _l1(w: torch.Tensor) -> torch.Tensor:

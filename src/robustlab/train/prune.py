@@ -39,8 +39,9 @@ from ..data import Dataset, DataSplits
 from ..errors import RobustlabError
 from ..models.checkpoint import MANIFEST, save_checkpoint
 from ..models.structure import weight_layers
+from ..models.weights import as_matrix, best_k_error, k_for_error, layer_weight
 from ..version import __version__
-from .compression import as_matrix, layer_weight, penalized_layers
+from .compression import penalized_layers
 from .loop import EpochSampler, accuracy, fit
 from .methods import Hook, Method, Step
 from .recipes import recipe_for
@@ -117,23 +118,6 @@ def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, stable=True).indices[:k]
 
 
-def kept_for_error(values: torch.Tensor, eps: float) -> int:
-    """The fewest largest entries of ``values`` whose best-k relative l2 error is <= eps."""
-    squares = torch.sort(values.double().abs() ** 2).values  # ascending
-    total = float(squares.sum())
-    if total == 0.0:
-        return 0
-    dropped = int((torch.cumsum(squares, 0) <= eps**2 * total).sum())
-    return values.numel() - dropped
-
-
-def relative_error(values: torch.Tensor, kept: int) -> float:
-    """``||v - v_k||_2 / ||v||_2`` for the best k-term approximation (k = ``kept``)."""
-    squares = torch.sort(values.double().abs() ** 2, descending=True).values
-    total = float(squares.sum())
-    return math.sqrt(float(squares[kept:].sum()) / total) if total else 0.0
-
-
 def _filter_scores(weight: torch.Tensor) -> torch.Tensor:
     """Each output filter's root-mean-square weight (its norm over sqrt(fan-in))."""
     m = as_matrix(weight.detach())
@@ -147,7 +131,7 @@ def _unstructured(layers: list[tuple[str, nn.Module]], spec: PruneSpec) -> dict[
     drop: dict[str, torch.Tensor] = {}
     if spec.target_error is not None:
         for name, v in flat.items():
-            drop[name] = _smallest(v, v.numel() - kept_for_error(v, spec.target_error))
+            drop[name] = _smallest(v, v.numel() - k_for_error(v, spec.target_error))
     elif spec.scope == "layer":
         assert spec.sparsity is not None
         for name, v in flat.items():
@@ -176,7 +160,7 @@ def _structured(layers: list[tuple[str, nn.Module]], spec: PruneSpec) -> dict[st
     drop: dict[str, list[int]] = {}
     if spec.target_error is not None:
         for name, s in scores.items():
-            keep = max(1, kept_for_error(s, spec.target_error))
+            keep = max(1, k_for_error(s, spec.target_error))
             drop[name] = _smallest(s, s.numel() - keep).tolist()
     elif spec.scope == "layer":
         assert spec.sparsity is not None
@@ -251,11 +235,11 @@ def prune(model: nn.Module, spec: PruneSpec) -> Pruned:
             entry["filters_pruned"] = int((row == 0).sum())
             if spec.target_error is not None:
                 scores = _filter_scores(weight)
-                entry["error"] = relative_error(scores, int(row.sum()))
+                entry["error"] = best_k_error(scores, int(row.sum()))
         else:
             masks[f"{name}.weight"] = weights[name]
             if spec.target_error is not None:
-                entry["error"] = relative_error(weight.detach().flatten(), int(weights[name].sum()))
+                entry["error"] = best_k_error(weight.detach().flatten(), int(weights[name].sum()))
         report.append(entry)
     _apply(model, masks)
     for entry, (_, m) in zip(report, layers, strict=True):
