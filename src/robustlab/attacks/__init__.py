@@ -8,6 +8,7 @@ from .apgd import APGD, APGDT
 from .autoattack import AutoAttack
 from .base import Attack
 from .cw import CWL2
+from .deepfool import DeepFool
 from .deepsloth import DeepSloth, ExitPGD
 from .fab import FAB
 from .iterative import BIM, DIFGSM, FGSM, IFGSM, MIFGSM, TIFGSM, IterativeAttack
@@ -28,6 +29,7 @@ __all__ = [
     "BIM",
     "CWL2",
     "DIFGSM",
+    "DeepFool",
     "DeepSloth",
     "Ensemble",
     "ExitPGD",
