@@ -19,6 +19,7 @@ from .registry import ATTACKS, REGISTRY, make_attack, register
 from .square import Square
 from .surrogate import Ensemble
 from .transforms import declare_residual, linbp, skip_gradient
+from .universal import UAPConfig, craft_uap, score_uap, universal_perturbation
 
 __all__ = [
     "APGD",
@@ -46,9 +47,11 @@ __all__ = [
     "Square",
     "SteepestStep",
     "TIFGSM",
+    "UAPConfig",
     "ThreatModel",
     "check_batch",
     "ascend",
+    "craft_uap",
     "cross_entropy",
     "cw_margin",
     "declare_residual",
@@ -59,6 +62,8 @@ __all__ = [
     "linbp",
     "make_attack",
     "register",
+    "score_uap",
     "skip_gradient",
     "success",
+    "universal_perturbation",
 ]
