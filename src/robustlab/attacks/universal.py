@@ -311,7 +311,8 @@ class UAPResult:
         return [float(n) for n in threat.norms(self.v.reshape(-1, *self.v.shape[-3:]))]
 
     def to_dict(self) -> dict[str, Any]:
-        """The record's UAP fields (JSON-able)."""
+        """The record's UAP fields (JSON-able; ``perturbation`` holds v itself, so that a
+        report drawn from the results store can show it)."""
         crafted = [
             None
             if c is None
@@ -325,8 +326,9 @@ class UAPResult:
             for c in self.crafted
         ]
         out: dict[str, Any] = {
-            "method": self.config.as_dict(),
+            "attack": {"name": "uap", **self.config.as_dict()},
             "threat_model": {"norm": self.config.norm, "eps": self.config.xi},
+            "perturbation": self.v.tolist(),
             "per_class": self.per_class,
             "norm_of_v": self.norms() if self.per_class else self.norms()[0],
             "fooling_rate": self.scores.fooling_rate,

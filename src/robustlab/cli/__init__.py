@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 from ..errors import RobustlabError
 from ..version import __version__
-from . import attack, demo, eval, exits, models, report, sloth, train, transfer
+from . import attack, demo, eval, exits, models, report, sloth, train, transfer, uap
 from .common import HelpFormatter, check_seeds
 
 #: The commands in the order ``robustlab --help`` lists them.
-COMMANDS = (demo, models, train, eval, attack, transfer, exits, sloth, report)
+COMMANDS = (demo, models, train, eval, attack, transfer, exits, sloth, uap, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
