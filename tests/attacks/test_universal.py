@@ -3,6 +3,8 @@ a trained net against random noise, disjoint points, seeds, batching, per-class,
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from _linear_cases import Linear2
@@ -140,6 +142,21 @@ def test_batched_checks_give_the_sequential_algorithm(
     assert batched.fooling_history == sequential.fooling_history
 
 
+def test_keep_best_returns_the_v_of_the_pass_that_fooled_most_crafting_points(
+    digits_net: nn.Module, digits: DataSplits
+) -> None:
+    x = digits.train.x[:100]
+    cfg = UAPConfig(method="sgd", norm="linf", xi=0.2, max_passes=5, batch_size=16)
+    last = craft_uap(digits_net, x, cfg)
+    best = craft_uap(digits_net, x, replace(cfg, keep="best"))
+    assert best.fooling_history == last.fooling_history and last.kept_pass == 5
+    k = best.kept_pass
+    assert best.fooling_history[k - 1] == max(best.fooling_history)
+    assert all(h < max(best.fooling_history) for h in best.fooling_history[: k - 1])
+    # the same seed visits the points in the same order: k passes end where pass k ended
+    assert torch.equal(craft_uap(digits_net, x, replace(cfg, max_passes=k)).v, best.v)
+
+
 def test_per_class_gives_one_perturbation_per_class(
     digits_net: nn.Module, digits: DataSplits
 ) -> None:
@@ -174,6 +191,7 @@ def test_per_class_gives_one_perturbation_per_class(
         ({"max_passes": 0}, "max_passes must be >= 1"),
         ({"step": -1.0}, "SGD step must be a finite number > 0"),
         ({"clip": 0.0}, "loss clip must be a finite number > 0"),
+        ({"keep": "first"}, "keep must be last or best, got 'first'"),
     ],
 )
 def test_bad_uap_options_are_refused(options: dict[str, object], message: str) -> None:

@@ -114,6 +114,7 @@ def test_uap_per_class_saves_one_perturbation_per_class(net: Path, tmp_path: Pat
         (["--delta", "1.5"], r"delta must lie in (0, 1), got 1.5"),
         (["--method", "pgd"], "unknown UAP method 'pgd'; use deepfool or sgd"),
         (["--norm", "l1"], "universal perturbations support the norms linf and l2, got 'l1'"),
+        (["--keep", "first"], "keep must be last or best, got 'first'"),
         (["--n-craft", "5000"], "--n-craft must be between 1 and 1438, got 5000"),
     ],
 )

@@ -23,6 +23,13 @@ perturbed input is always ``clip(x + v, 0, 1)`` (:func:`perturb`):
   0.8 xi (the paper's own defaults were not obtainable). Ours: the labels are the model's
   clean predictions (no labels needed, as for the DeepFool algorithm), and no early stop.
 
+Which ``v`` is returned (``keep``): ``last``, the ``v`` after the last pass, as both
+references do; or ``best`` (ours), the ``v`` at the end of the pass with the highest
+fooling rate on the crafting points (never on the evaluation points). With the SGD
+defaults the step (0.8 xi) is large, so ``v`` jumps between corners of the ball and the last
+minibatch can undo a pass: on mnist5k (standard resnet8, linf 0.2) the crafting fooling
+rate was 0.90 after 9 of 10 passes and 0.62 after the last.
+
 Measured (:func:`score_uap`) on points not used to craft ``v``:
 
 - fooling rate: the fraction of points whose prediction on ``clip(x + v)`` differs from the
@@ -52,6 +59,7 @@ from .deepfool import DeepFool
 
 METHODS = ("deepfool", "sgd")
 UAP_NORMS = ("linf", "l2")
+KEEP = ("last", "best")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class UAPConfig:
     clip: float = 12.0  # sgd: the cross-entropy is clipped at this value
     step: float | None = None  # sgd: the step size (None: 0.8 * xi)
     batch_size: int = 32  # sgd: the minibatch; deepfool: points checked at once
+    keep: str = "last"  # the v after the last pass, or the one of the pass that fooled most
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +96,8 @@ class UAPConfig:
         for name in ("max_passes", "df_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise RobustlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep not in KEEP:
+            raise RobustlabError(f"keep must be {' or '.join(KEEP)}, got '{self.keep}'")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise RobustlabError(f"the loss clip must be a finite number > 0, got {self.clip}")
         if self.step is not None and not (math.isfinite(self.step) and self.step > 0):
@@ -119,6 +130,7 @@ class UAP:
     v: torch.Tensor
     passes: int
     fooling_history: list[float]  # fooling rate on the crafting points after each pass
+    kept_pass: int  # the pass whose v this is (1-based)
     updates: int  # changes of v: DeepFool steps taken (deepfool) or minibatch steps (sgd)
     n_craft: int
     seconds: float
@@ -179,14 +191,17 @@ def craft_uap(model: nn.Module, x: torch.Tensor, config: UAPConfig) -> UAP:
     with frozen_eval(model):
         clean = _predict(model, x, config.batch_size)
         craft = _deepfool_uap if config.method == "deepfool" else _sgd_uap
-        v, history, updates = craft(model, x, clean, config)
-    return UAP(v, len(history), history, updates, len(x), time.perf_counter() - start)
+        snapshots, history, updates = craft(model, x, clean, config)
+    # best: the first pass with the highest crafting fooling rate (never a test point)
+    kept = len(history) - 1 if config.keep == "last" else history.index(max(history))
+    seconds = time.perf_counter() - start
+    return UAP(snapshots[kept], len(history), history, kept + 1, updates, len(x), seconds)
 
 
 def _deepfool_uap(
     model: nn.Module, x: torch.Tensor, clean: torch.Tensor, cfg: UAPConfig
-) -> tuple[torch.Tensor, list[float], int]:
-    """The DeepFool-based algorithm: v, the fooling rate after each pass, the updates."""
+) -> tuple[list[torch.Tensor], list[float], int]:
+    """The DeepFool-based algorithm: v and the fooling rate after each pass, the updates."""
     deepfool = DeepFool(
         norm=cfg.norm,
         eps=cfg.xi,
@@ -197,6 +212,7 @@ def _deepfool_uap(
     gen = _generator(cfg.seed, 0, torch.device("cpu"))
     v = torch.zeros_like(x[0])
     history: list[float] = []
+    snapshots: list[torch.Tensor] = []
     updates = 0
     fooling = 0.0
     while fooling < 1 - cfg.delta and len(history) < cfg.max_passes:
@@ -220,17 +236,19 @@ def _deepfool_uap(
             i += len(chunk) if moved_at is None else moved_at + 1
         fooling = _fooled(model, x, clean, v, cfg.batch_size)
         history.append(fooling)
-    return v, history, updates
+        snapshots.append(v)
+    return snapshots, history, updates
 
 
 def _sgd_uap(
     model: nn.Module, x: torch.Tensor, clean: torch.Tensor, cfg: UAPConfig
-) -> tuple[torch.Tensor, list[float], int]:
-    """The SGD-based algorithm: v, the fooling rate after each pass, the minibatch steps."""
+) -> tuple[list[torch.Tensor], list[float], int]:
+    """The SGD-based algorithm: v and the fooling rate after each pass, the minibatch steps."""
     threat = ThreatModel(cfg.norm, cfg.xi)
     gen = _generator(cfg.seed, 0, torch.device("cpu"))
     v = torch.zeros_like(x[0])
     history: list[float] = []
+    snapshots: list[torch.Tensor] = []
     updates = 0
     for _ in range(cfg.max_passes):
         order = torch.randperm(len(x), generator=gen).to(x.device)
@@ -246,7 +264,8 @@ def _sgd_uap(
             )
             updates += 1
         history.append(_fooled(model, x, clean, v, cfg.batch_size))
-    return v.detach(), history, updates
+        snapshots.append(v.detach())
+    return snapshots, history, updates
 
 
 def score_uap(
@@ -321,6 +340,7 @@ class UAPResult:
                 "updates": c.updates,
                 "n_craft": c.n_craft,
                 "fooling_history": c.fooling_history,
+                "kept_pass": c.kept_pass,
                 "seconds": c.seconds,
             }
             for c in self.crafted

@@ -77,6 +77,12 @@ def register(sub: Any) -> None:
         help="sgd: minibatch; deepfool: points checked at once (the result does not change)",
     )
     p.add_argument(
+        "--keep",
+        default="last",
+        help="which v to return: after the last pass (last, as the references do) or after "
+        "the pass that fooled the most crafting points (best)",
+    )
+    p.add_argument(
         "--out", required=True, metavar="DIR", help=f"folder for {ARRAY}, {IMAGE}, {RECORD}"
     )
     add_store(p, "uap")
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         clip=args.clip,
         step=args.step,
         batch_size=args.batch_size,
+        keep=args.keep,
         seed=args.seed,
     )
     out = Path(args.out)
