@@ -112,11 +112,11 @@ class UAPConfig:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form, the SGD step resolved; only the options of the method."""
         d = asdict(self)
-        only = {
+        unused = {
             "deepfool": ("clip", "step"),
             "sgd": ("delta", "overshoot", "df_steps", "candidates"),
         }
-        for key in only[self.method]:
+        for key in unused[self.method]:
             d.pop(key)
         if self.method == "sgd":
             d["step"] = self.sgd_step
