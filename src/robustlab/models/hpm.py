@@ -54,7 +54,7 @@ from torch import nn
 
 from ..core.guard import evaluating
 from ..errors import RobustlabError
-from .structure import classifier_head, declare_surrogates
+from .structure import classifier_head, declare_surrogates, features_and_output
 
 MODES = ("mix", "ema")
 ASSIGNMENTS = ("hard", "soft")
@@ -206,23 +206,10 @@ class HPMClassifier(nn.Module):
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The flattened penultimate features (N x D) and the FC logits (N x K) of one pass of
         the base (the head's input is caught by a hook held only during the pass)."""
-        head = classifier_head(self.base)
-        seen: list[torch.Tensor] = []
-
-        def keep(module: nn.Module, args: Any) -> None:
-            """Remember the head's input."""
-            seen.append(args[0])
-
-        handle = head.register_forward_pre_hook(keep)
-        try:
-            z = self.base(x)
-        finally:
-            handle.remove()
-        if not seen:
-            raise RobustlabError("the model's forward pass never reached its classifier head")
+        f, z = features_and_output(self.base, x)
         if not isinstance(z, torch.Tensor) or z.dim() != 2:
             raise RobustlabError("HPM needs a base model that returns one logits tensor (N x K)")
-        return seen[-1].flatten(1), z
+        return f.flatten(1), z
 
     def hpm_logits(
         self,

@@ -407,8 +407,9 @@ def classifier_head(model: nn.Module) -> nn.Module:
     return heads[0]
 
 
-def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The features the final linear layer reads for inputs ``x`` (one forward pass, as is)."""
+def features_and_output(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The features the final linear layer reads for inputs ``x`` and the model's output, from
+    one forward pass (the head's input is caught by a hook held only during the pass)."""
     head = classifier_head(model)
     seen: list[torch.Tensor] = []
 
@@ -418,12 +419,17 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     handle = head.register_forward_pre_hook(keep)
     try:
-        model(x)
+        out = model(x)
     finally:
         handle.remove()
     if not seen:
         raise RobustlabError("the model's forward pass never reached its classifier head")
-    return seen[-1]
+    return seen[-1], out
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The features the final linear layer reads for inputs ``x`` (one forward pass, as is)."""
+    return features_and_output(model, x)[0]
 
 
 def feature_shape(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
