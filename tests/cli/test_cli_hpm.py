@@ -67,7 +67,13 @@ def test_an_hpm_checkpoint_is_evaluated_by_eval(
     args = ["eval", "--model", str(out), "--data", "digits", "--eps", "0.1", "--steps", "2"]
     args += ["--n", "20", "--batch-size", "20", "--device", "cpu", "--no-progress"]
     assert main([*args, "--json", str(record)]) == 0
-    assert json.loads(record.read_text())["n"] == 20
+    result = json.loads(record.read_text())
+    assert result["n"] == 20 and result["batch_size"] == 20
+    # the record says which head settings (mode included) the number belongs to
+    assert result["model"]["hpm"] == {
+        **json.loads((out / "manifest.json").read_text())["model"]["hpm"]["config"]
+    }
+    assert result["model"]["hpm"]["mode"] == "mix"
 
 
 @pytest.mark.parametrize(

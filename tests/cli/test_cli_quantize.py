@@ -38,6 +38,7 @@ def test_quantize_writes_an_int8_checkpoint_that_eval_uses(
     assert main([*args, "--json", str(record)]) == 0
     result = json.loads(record.read_text())
     assert result["clean_accuracy"] >= 0.8 and result["robust_accuracy"] < result["clean_accuracy"]
+    assert "float" in result["model"]["attacked_through"]  # the record says how it was attacked
 
 
 def test_a_bad_calibration_size_gets_a_sentence(

@@ -282,6 +282,12 @@ def model_info(manifest: dict[str, Any], path: str | Path) -> dict[str, Any]:
     }
     if weights.get("trusted_unhashed"):
         info["trusted_unhashed"] = True
+    hpm = (manifest.get("model") or {}).get("hpm")
+    if isinstance(hpm, dict):  # the head's settings, mode included: HPM's numbers depend on them
+        info["hpm"] = hpm.get("config")
+    quantization = manifest.get("quantization")
+    if isinstance(quantization, dict):  # int8: attacks follow the float model's gradient
+        info["attacked_through"] = quantization.get("robustness")
     return info
 
 
