@@ -208,8 +208,11 @@ def test_surrogates_are_declared_with_one_call_and_undone() -> None:
         structure.surrogates_for(net)
     other = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     undo = structure.declare_surrogates(net, lambda m: [("self", m), ("other", other)])
-    found = structure.surrogates_for(nn.Sequential(net))  # found through a wrapper too
+    found = structure.surrogates_for(net)
     assert [n for n, _ in found] == ["self", "other"]
+    with pytest.raises(RobustlabError, match="no declared surrogates"):
+        # a wrapper's inputs are not its submodule's: it declares its own
+        structure.surrogates_for(nn.Sequential(nn.Identity(), net))
     assert found[0][1] is net and found[1][1] is other
     undo()
     with pytest.raises(RobustlabError, match="no declared surrogates"):

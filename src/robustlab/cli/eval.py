@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--surrogate-attacks",
         help="with --protocol msa: the AutoAttack members run on each surrogate, e.g. "
-        "apgd-ce,apgd-t (default: the version's gradient members)",
+        "apgd-ce,apgd-t,fab-t (default: the version's APGD members)",
     )
     add_store(p, "the checkpoint folder's name")
     add_common(p)

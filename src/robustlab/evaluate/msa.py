@@ -9,8 +9,11 @@ below is ours:
 1. **Plain stage.** The whole AutoAttack (the version asked, Square included) runs on the
    defended forward itself. Its robust accuracy is reported as "plain AutoAttack": what the
    defence would claim without surrogates.
-2. **One stage per surrogate, in order.** On the points still robust, AutoAttack's
-   gradient members (standard: APGD-CE, APGD-T, FAB-T) run on the surrogate. Square, a
+2. **One stage per surrogate, in order.** On the points still robust, AutoAttack's APGD
+   members (standard: APGD-CE, APGD-T) run on the surrogate; ``surrogate_attacks`` adds
+   FAB-T or others. Ours, for cost: with FAB-T too, five surrogates cost 3.3x one AutoAttack
+   on the base (FAB-T is 58 % of a surrogate stage), without it 1.8x (benchmarks/RESULTS.md).
+   An ensemble with no APGD member runs its FAB members on the surrogates. Square, a
    query-only attack, gains nothing from a surrogate's gradients and runs only in the plain
    stage, on the real forward.
 3. **The real forward judges every candidate**, member by member; a point is robust only if
@@ -115,7 +118,7 @@ class MSABatch:
 
 def surrogate_members(ensemble: AutoAttack, names: Sequence[str] = ()) -> list[tuple[str, Attack]]:
     """The attacks run on each surrogate: the ``names`` given, at the ensemble's budgets,
-    else the ensemble's gradient members (every member but the query-only Square)."""
+    else the ensemble's APGD members (its gradient members, FAB too, if it has no APGD one)."""
     black = [a for a in names if a in BLACK_BOX]
     if black:
         raise RobustlabError(
@@ -124,6 +127,8 @@ def surrogate_members(ensemble: AutoAttack, names: Sequence[str] = ()) -> list[t
         )
     chosen = replace(ensemble, attacks=tuple(names)) if names else ensemble
     members = [(name, a) for name, a in chosen.components() if name not in BLACK_BOX]
+    if not names and any(name.startswith("apgd") for name, _ in members):
+        members = [(name, a) for name, a in members if name.startswith("apgd")]
     if not members:
         raise RobustlabError(
             "this AutoAttack has no gradient member to run on the surrogates; add one "

@@ -471,20 +471,22 @@ def declare_surrogates(
 
 
 def surrogates_for(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The declared surrogates of a model (searched through its submodules), or an error saying how to declare them."""
-    for module in model.modules():
-        spec = _SURROGATES.lookup(module)
-        if spec is None:
-            continue
-        found = [(str(name), s) for name, s in spec(module)]
-        names = [n for n, _ in found]
-        if not found or len(set(names)) != len(names):
-            raise RobustlabError(
-                f"{type(module).__name__} declares surrogates with empty or repeated names: {names}"
-            )
-        return found
-    inner = model[-1] if isinstance(model, nn.Sequential) and len(model) else model
-    raise RobustlabError(
-        f"{type(inner).__name__} has no declared surrogates; the MSA protocol needs them "
-        "(robustlab.models.structure.declare_surrogates, or pass surrogates explicitly)"
-    )
+    """The surrogates the model itself declares, or an error saying how to declare them.
+
+    Only the model handed in is asked, not its submodules: a submodule's surrogates take that
+    submodule's inputs, not the model's (a wrapper declares its own).
+    """
+    spec = _SURROGATES.lookup(model)
+    if spec is None:
+        inner = model[-1] if isinstance(model, nn.Sequential) and len(model) else model
+        raise RobustlabError(
+            f"{type(inner).__name__} has no declared surrogates; the MSA protocol needs them "
+            "(robustlab.models.structure.declare_surrogates, or pass surrogates explicitly)"
+        )
+    found = [(str(name), s) for name, s in spec(model)]
+    names = [n for n, _ in found]
+    if not found or len(set(names)) != len(names):
+        raise RobustlabError(
+            f"{type(model).__name__} declares surrogates with empty or repeated names: {names}"
+        )
+    return found
