@@ -67,6 +67,7 @@ from .robust import (
     _open_progress,
     _run_key,
     checked_points,
+    sample_rows,
 )
 
 PLAIN = "plain"
@@ -321,20 +322,9 @@ def _attack_batch(
     if not bool(ensemble.threat.contains(x, batch.x_adv).all()):
         raise RuntimeError(f"MSA left its threat model {ensemble.threat}: a bug")
     norms = ensemble.threat.norms(batch.x_adv - x)
-    rows = []
-    for j in range(len(x)):
-        robust = batch.broken_by[j] is None and bool(batch.clean_pred[j] == y[j])
-        rows.append(
-            {
-                "index": start + j,
-                "label": int(y[j]),
-                "clean_pred": int(batch.clean_pred[j]),
-                "final_pred": int(batch.final_pred[j]),
-                "robust": robust,
-                "broken_by": batch.broken_by[j],
-                "perturbation_norm": None if robust else round(float(norms[j]), 6),
-            }
-        )
+    unbroken_by = torch.tensor([b is None for b in batch.broken_by], device=y.device)
+    robust = (batch.clean_pred == y) & unbroken_by
+    rows = sample_rows(start, y, batch.clean_pred, batch.final_pred, robust, batch.broken_by, norms)
     entry = {
         "rows": rows,
         "seconds": {k: round(v, 4) for k, v in batch.seconds.items()},
