@@ -264,7 +264,14 @@ def evaluate_msa(
         for k in range(len(named)):
             stack.enter_context(frozen_eval(bundle[1 + k], warn_train_mode=False))
         bar = stack.enter_context(
-            tqdm(total=total, desc="eval msa", disable=not progress, file=sys.stderr, unit="pt")
+            tqdm(
+                total=total,
+                desc="eval msa",
+                disable=not progress,
+                file=sys.stderr,
+                unit="pt",
+                leave=False,
+            )
         )
         first = slice(0, min(total, batch_size))
         warnings += masking_checks(judge, data.x[first].to(device), data.y[first].to(device))
