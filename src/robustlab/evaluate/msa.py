@@ -31,7 +31,11 @@ verdict (possible only for a batch-dependent forward) are counted and warned abo
 
 **Cost.** The clean pass is shared by all stages, each member attacks only the points still
 robust, and Square runs once: with a strong defence most points survive, so each surrogate
-stage costs about AutoAttack's gradient members on the robust points.
+stage costs about AutoAttack's gradient members on the robust points. Measured
+(``benchmarks/msa_cost.py``, PGD-AT resnet8 on mnist5k, 32 points, five surrogates as costly
+as the base, CPU time): 3.3x one AutoAttack on the base with APGD-CE, APGD-T and FAB-T on
+every surrogate (FAB-T is 58 % of the surrogate stages), 1.8x with ``surrogate_attacks=
+("apgd-ce", "apgd-t")``.
 """
 
 from __future__ import annotations
