@@ -233,6 +233,34 @@ def test_batch_size_one_gives_the_result_of_a_larger_batch_on_a_batch_independen
     ]
 
 
+class BatchShift(nn.Module):
+    """A toy batch-dependent defence: every row's logits get the batch's mean probabilities
+    added (scaled), so each prediction leans towards the classes of the rest of its batch."""
+
+    def __init__(self, base: nn.Module, weight: float) -> None:
+        """Wrap ``base``; ``weight`` scales the batch term."""
+        super().__init__()
+        self.base, self.weight = base, weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's logits plus ``weight`` times the batch mean of its probabilities."""
+        z: torch.Tensor = self.base(x)
+        return z + self.weight * z.softmax(1).mean(0, keepdim=True)
+
+
+def test_a_batch_dependent_defence_at_batch_size_one_keeps_its_verdicts_in_the_last_pass(
+    nets: tuple[nn.Module, nn.Module, DataSplits],
+) -> None:
+    base, _, splits = nets
+    shifted = BatchShift(base, 20.0).eval()
+    kw = {"eps": 0.1, "n": 12, "attacks": ("apgd-ce",), "progress": False}
+    alone = evaluate_msa(shifted, splits.test, [("base", base)], batch_size=1, **kw)  # type: ignore[arg-type]
+    # judged alone, a point's last pass repeats the judgement that decided it
+    assert alone.final_batch_disagreements == 0 and alone.batch_size == 1
+    assert not any("depends on its batch" in w for w in alone.warnings)
+    assert alone.robust_accuracy <= alone.plain_robust_accuracy < alone.clean_accuracy
+
+
 @pytest.fixture
 def declared() -> Iterator[None]:
     """HardDecision declares its base as its surrogate, for one test."""
