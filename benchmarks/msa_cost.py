@@ -32,8 +32,21 @@ from torch import nn
 from robustlab.attacks import AutoAttack
 from robustlab.data import load_data
 from robustlab.evaluate import evaluate, evaluate_msa
+from robustlab.evaluate.msa import PLAIN
+from robustlab.evaluate.robust import AttackStep
 from robustlab.models.checkpoint import load
 from robustlab.models.structure import surrogates_for
+
+
+def _member_shares(per_attack: list[AttackStep]) -> dict[str, float]:
+    """Each member's share of the time all surrogate stages took (wall time, in one run)."""
+    spent: dict[str, float] = {}
+    for step in per_attack:
+        stage, member = step["attack"].split("/")
+        if stage != PLAIN:
+            spent[member] = spent.get(member, 0.0) + step["seconds"]
+    total = sum(spent.values())
+    return {k: round(v / total, 3) if total else 0.0 for k, v in spent.items()}
 
 
 def main() -> None:
@@ -105,6 +118,7 @@ def main() -> None:
                 "stage_share": {
                     s["stage"]: round(s["seconds"] / wall, 3) if wall else 0.0 for s in rec.stages
                 },
+                "member_share_on_surrogates": _member_shares(rec.per_attack),
             }
         )
         print(json.dumps(runs[-1]), flush=True)

@@ -462,26 +462,39 @@ def _attack_batch(
             final_pred = model(x_adv).argmax(1)
         alive &= final_pred == y
         norms = attack.threat.norms(x_adv - x)
-        rows = [
-            {
-                "index": start + j,
-                "label": int(y[j]),
-                "clean_pred": int(clean_pred[j]),
-                "final_pred": int(final_pred[j]),
-                "robust": bool(alive[j]),
-                "broken_by": broken[j],
-                # the size of the example that broke it (0: misclassified clean); none
-                # for a point no attack broke (no example to measure)
-                "perturbation_norm": None if bool(alive[j]) else round(float(norms[j]), 6),
-            }
-            for j in range(len(x))
-        ]
+        rows = sample_rows(start, y, clean_pred, final_pred, alive, broken, norms)
         out["per_eps"][str(i)] = {
             "rows": rows,
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
             "total_s": round(time.perf_counter() - t1 + share, 4),
         }
     return out
+
+
+def sample_rows(
+    start: int,
+    y: torch.Tensor,
+    clean_pred: torch.Tensor,
+    final_pred: torch.Tensor,
+    robust: torch.Tensor,
+    broken_by: Sequence[str | None],
+    norms: torch.Tensor,
+) -> list[dict[str, Any]]:
+    """The per-sample rows of one batch starting at point ``start`` (SAMPLE_COLUMNS but eps)."""
+    return [
+        {
+            "index": start + j,
+            "label": int(y[j]),
+            "clean_pred": int(clean_pred[j]),
+            "final_pred": int(final_pred[j]),
+            "robust": bool(robust[j]),
+            "broken_by": broken_by[j],
+            # the size of the example that broke it (0: misclassified clean); none for a
+            # point no attack broke (no example to measure)
+            "perturbation_norm": None if bool(robust[j]) else round(float(norms[j]), 6),
+        }
+        for j in range(len(y))
+    ]
 
 
 def _records(
