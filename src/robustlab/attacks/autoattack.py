@@ -19,6 +19,7 @@ Budgets (100 iterations for APGD and FAB, 5,000 queries for Square everywhere):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -151,18 +152,41 @@ class AutoAttack(Attack):
     def _run_detailed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EnsembleResult:
         with torch.no_grad():
             best = Best(x, unbroken(success(model(x), y, None)))
-        broken_by: list[str | None] = [None] * len(x)
-        result = EnsembleResult(best.x, broken_by)
+        result = EnsembleResult(best.x, [None] * len(x))
+
+        def judge(candidate: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            """Whether each candidate fools the model (judged on the candidates alone)."""
+            with torch.no_grad():
+                return success(model(candidate), y[idx], None)
+
         for name, attack in self.components():
-            t0 = time.perf_counter()
-            idx = best.todo()
-            if len(idx):
-                candidate = attack.run(model, x[idx], y[idx])
-                with torch.no_grad():
-                    hit = success(model(candidate), y[idx], None)
-                won = idx[best.offer(candidate, unbroken(hit), idx)]
-                for i in won.tolist():
-                    broken_by[i] = name
-            result.seconds[name] = time.perf_counter() - t0
+            run_member(name, attack, model, x, y, best, judge, result.broken_by, result.seconds)
             result.robust_after[name] = int((~best.done).sum())
         return result
+
+
+Judge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Whether candidates for the points ``idx`` succeed: ``judge(candidate, idx) -> bool``."""
+
+
+def run_member(
+    name: str,
+    attack: Attack,
+    attacked: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    best: Best,
+    judge: Judge,
+    broken_by: list[str | None],
+    seconds: dict[str, float],
+) -> None:
+    """One member of an ensemble: attack ``attacked`` on the points ``best`` still holds
+    robust, keep each candidate ``judge`` accepts, name its breaker and add up its time."""
+    t0 = time.perf_counter()
+    idx = best.todo()
+    if len(idx):
+        candidate = attack.run(attacked, x[idx], y[idx])
+        won = idx[best.offer(candidate, unbroken(judge(candidate, idx)), idx)]
+        for i in won.tolist():
+            broken_by[i] = name
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0

@@ -54,10 +54,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..attacks.autoattack import BLACK_BOX, AutoAttack
+from ..attacks.autoattack import BLACK_BOX, AutoAttack, run_member
 from ..attacks.base import Attack
 from ..attacks.restarts import Best
-from ..core.criteria import unbroken
+from ..core.criteria import success, unbroken
 from ..core.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
@@ -164,21 +164,21 @@ def msa_batch(
     best = Best(x, unbroken(clean_pred != y))
     pred = clean_pred.clone()
     out = MSABatch(best.x, clean_pred, pred, [None] * len(x))
+
+    def judge(candidate: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Whether each candidate fools ``model`` judged on the whole batch (the other points
+        carrying their kept examples); remembers the answers."""
+        trial = best.x.clone()
+        trial[idx] = candidate
+        with torch.no_grad():
+            logits = model(trial)[idx]
+        pred[idx] = logits.argmax(1)
+        return success(logits, y[idx], None)
+
     for stage, attacked, members in stages:
         for member, attack in members:
-            t0 = time.perf_counter()
-            idx = best.todo()
-            if len(idx):
-                candidate = attack.run(attacked, x[idx], y[idx])
-                trial = best.x.clone()
-                trial[idx] = candidate
-                with torch.no_grad():
-                    judged = model(trial).argmax(1)[idx]
-                pred[idx] = judged
-                won = idx[best.offer(candidate, unbroken(judged != y[idx]), idx)]
-                for i in won.tolist():
-                    out.broken_by[i] = f"{stage}/{member}"
-            out.seconds[f"{stage}/{member}"] = time.perf_counter() - t0
+            name = f"{stage}/{member}"
+            run_member(name, attack, attacked, x, y, best, judge, out.broken_by, out.seconds)
     with torch.no_grad():
         final = model(best.x).argmax(1)
     out.disagreements = int(((final == y) == best.done).sum())
