@@ -15,6 +15,7 @@ from robustlab.cli import build_parser, main
 from robustlab.models import build_model
 from robustlab.models.checkpoint import file_sha256, model_config, save_checkpoint
 from robustlab.models.hpm import HPMClassifier, HPMConfig
+from robustlab.models.structure import surrogates_for
 from robustlab.train.hpm import HPMTrainConfig
 
 QUICK = ["--data", "digits", "--eps", "0.1", "--steps", "2", "--epochs", "1"]
@@ -74,6 +75,37 @@ def test_an_hpm_checkpoint_is_evaluated_by_eval(
         **json.loads((out / "manifest.json").read_text())["model"]["hpm"]["config"]
     }
     assert result["model"]["hpm"]["mode"] == "mix"
+
+
+@pytest.mark.parametrize("batch_size", [1, 10])
+def test_eval_runs_msa_on_an_hpm_checkpoint_with_its_five_surrogates(
+    hpm: tuple[Path, dict[str, Any]], tmp_path: Path, batch_size: int
+) -> None:
+    out, _ = hpm
+    record = tmp_path / "msa.json"
+    args = ["eval", "--model", str(out), "--data", "digits", "--protocol", "msa"]
+    args += ["--eps", "0.1", "--attacks", "apgd-ce,square", "--n", "10"]
+    args += ["--batch-size", str(batch_size), "--device", "cpu", "--no-progress"]
+    assert main([*args, "--json", str(record)]) == 0
+    rec = json.loads(record.read_text())
+    stages = ["plain", "fc", "l2-ema", "hpm-ste", "hpm-detached", "hpm-soft"]
+    assert rec["kind"] == "msa" and [s["stage"] for s in rec["stages"]] == stages
+    assert rec["batch_size"] == batch_size and rec["model"]["hpm"]["mode"] == "mix"
+    # Square only queries the real forward: it runs in the plain stage alone
+    attacks = [p["attack"] for p in rec["per_attack"]]
+    assert attacks == ["plain/apgd-ce", "plain/square", *(f"{s}/apgd-ce" for s in stages[1:])]
+    assert rec["robust_accuracy"] <= rec["plain_robust_accuracy"] <= rec["clean_accuracy"]
+    assert rec["clean_accuracy"] >= 0.8
+
+
+def test_each_hpm_surrogate_takes_the_checkpoints_raw_inputs(
+    hpm: tuple[Path, dict[str, Any]], digits: Any
+) -> None:
+    model = robustlab.load(hpm[0])
+    x, y = digits.test.x[:100], digits.test.y[:100]
+    with torch.no_grad():
+        agree = {n: float((s(x).argmax(1) == y).float().mean()) for n, s in surrogates_for(model)}
+    assert all(a >= 0.8 for a in agree.values()), agree  # fed pixels, not normalised inputs
 
 
 @pytest.mark.parametrize(
