@@ -350,6 +350,7 @@ def test_the_cli_runs_msa_with_declared_surrogates_and_writes_every_output(
     assert main(["report", "--store", str(db), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "Defended models under MSA" in page and "could not be shown" not in page
+    assert "<p class=muted>data: digits</p>" in page  # the header names the data MSA ran on
     assert f"<b>{100 * rec['robust_accuracy']:.1f} %</b>" in page
 
 

@@ -175,21 +175,25 @@ def render_report(
     evals = store.records(kind="eval")
     trains = store.records(kind="train")
     timings = store.records(kind="timing")
+    msas = store.records(kind="msa")
     transfers = store.records(kind="transfer")
     sloths = store.records(kind="sloth")
+    compresses = store.records(kind="compress")
     uaps = store.records(kind="uap")
     out_path = Path(out)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if intro:
         parts.append(f"<p>{html.escape(intro)}</p>")
-    data_names = sorted({str(r.get("data")) for r in evals + transfers + sloths})
+    measured = evals + msas + transfers + sloths + compresses + uaps
+    # each dataset once: a record of a split ("digits/test") names its dataset ("digits")
+    data_names = sorted({str(r["data"]).split("/")[0] for r in measured if r.get("data")})
     if data_names:
         parts.append(f"<p class=muted>data: {html.escape(', '.join(data_names))}</p>")
     if trains:
         parts.append(_section("train", _models_section, trains))
     if evals:
         parts.append(_section("eval", _evals_section, evals))
-    if msas := store.records(kind="msa"):
+    if msas:
         parts.append(_section("msa", msa_section_html, msas))
     for record in transfers:
         title = _title(record, "Transfer matrix", "transfer")
@@ -197,13 +201,12 @@ def render_report(
     for record in sloths:
         title = _title(record, "DeepSloth", "sloth")
         parts.append(_section("sloth", sloth_section_html, record, title=title))
-    for record in store.records(kind="compress"):
+    for record in compresses:
         title = _title(record, "Compressibility", "")
         parts.append(_section("compress", compress_section_html, record, title=title))
-    parts += [
-        _section("uap", uap_section_html, r, title=_title(r, "Universal perturbation", "uap"))
-        for r in uaps
-    ]
+    for record in uaps:
+        title = _title(record, "Universal perturbation", "uap")
+        parts.append(_section("uap", uap_section_html, record, title=title))
     parts.append(_section("timing", _timing_table, timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
