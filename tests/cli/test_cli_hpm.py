@@ -12,9 +12,10 @@ import torch
 
 import robustlab
 from robustlab.cli import build_parser, main
+from robustlab.data import load_data
 from robustlab.models import build_model
 from robustlab.models.checkpoint import file_sha256, model_config, save_checkpoint
-from robustlab.models.hpm import HPMClassifier, HPMConfig
+from robustlab.models.hpm import HPMClassifier, HPMConfig, with_mode
 from robustlab.models.structure import surrogates_for
 from robustlab.train.hpm import HPMTrainConfig
 
@@ -96,6 +97,36 @@ def test_eval_runs_msa_on_an_hpm_checkpoint_with_its_five_surrogates(
     assert attacks == ["plain/apgd-ce", "plain/square", *(f"{s}/apgd-ce" for s in stages[1:])]
     assert rec["robust_accuracy"] <= rec["plain_robust_accuracy"] <= rec["clean_accuracy"]
     assert rec["clean_accuracy"] >= 0.8
+
+
+def test_eval_runs_an_hpm_checkpoint_in_ema_mode_and_says_so(
+    hpm: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    out, _ = hpm
+    args = ["eval", "--model", str(out), "--data", "digits", "--eps", "0.1", "--steps", "2"]
+    args += ["--n", "20", "--batch-size", "20", "--device", "cpu", "--no-progress"]
+    records = {}
+    for mode in ("mix", "ema"):
+        path = tmp_path / f"{mode}.json"
+        assert main([*args, "--hpm-mode", mode, "--json", str(path)]) == 0
+        records[mode] = json.loads(path.read_text())
+        assert records[mode]["model"]["hpm"]["mode"] == mode
+        assert records[mode]["model"]["hpm"]["mix"] == 0.4  # the rest of the head's settings
+    model = robustlab.load(out)
+    assert isinstance(model, HPMClassifier)
+    x = torch.as_tensor(load_data("digits").test.x[:20])
+    with torch.no_grad(), with_mode(model, "ema"):
+        ema = model(x).argmax(1)
+    y = load_data("digits").test.y[:20]
+    assert records["ema"]["clean_accuracy"] == int((ema == y).sum()) / 20
+
+
+def test_hpm_mode_on_a_plain_checkpoint_is_one_sentence(
+    base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["eval", "--model", str(base), "--data", "digits", "--eps", "0.1", "--n", "4"]
+    assert main([*args, "--hpm-mode", "ema", "--device", "cpu", "--no-progress"]) == 2
+    assert "--hpm-mode needs an HPM checkpoint" in capsys.readouterr().err
 
 
 def test_each_hpm_surrogate_takes_the_checkpoints_raw_inputs(

@@ -50,6 +50,12 @@ def register(sub: Any) -> None:
         "surrogate it declares, every example judged by the model; one eps)",
     )
     p.add_argument(
+        "--hpm-mode",
+        choices=("mix", "ema"),
+        help="an HPM checkpoint's inference mode: mix (batch prototypes; depends on the "
+        "batch) or ema (dataset prototypes alone; batch-independent) (default: its saved mode)",
+    )
+    p.add_argument(
         "--surrogate-attacks",
         help="with --protocol msa: the AutoAttack members run on each surrogate, e.g. "
         "apgd-ce,apgd-t,fab-t (default: the version's APGD members)",
@@ -104,6 +110,20 @@ def _write(args: argparse.Namespace, records: list[Any], samples: Path | None) -
             store.add(d, label=args.label or Path(args.model).name)
 
 
+def _loaded(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, object]]:
+    """The model and data, the model in the HPM mode asked (and its record saying so)."""
+    from ..models.hpm import HPMClassifier
+
+    model, splits, device, info = load_model_and_data(args)
+    if args.hpm_mode is not None:
+        if not isinstance(model, HPMClassifier):
+            raise RobustlabError("--hpm-mode needs an HPM checkpoint (see robustlab hpm)")
+        model.mode = args.hpm_mode
+        saved = info.get("hpm")
+        info["hpm"] = {**(saved if isinstance(saved, dict) else {}), "mode": args.hpm_mode}
+    return model, splits, device, info
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the options and outputs, evaluate, print and write the records."""
     from ..attacks.registry import make_attack
@@ -119,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     samples, progress = _samples_path(args), _progress_path(args)
     checked_outputs(args, _outputs(args, samples, progress), models=[args.model], data=[args.data])
-    model, splits, device, info = load_model_and_data(args)
+    model, splits, device, info = _loaded(args)
     # the resume state goes only once every output below was written
     with resume_state(progress) as resume:
         records = evaluate_curve(
@@ -170,7 +190,7 @@ def run_msa(args: argparse.Namespace) -> int:
     assert isinstance(ensemble, AutoAttack)
     samples, progress = _samples_path(args), _progress_path(args)
     checked_outputs(args, _outputs(args, samples, progress), models=[args.model], data=[args.data])
-    model, splits, device, info = load_model_and_data(args)
+    model, splits, device, info = _loaded(args)
     with resume_state(progress) as resume:  # removed only once every output was written
         rec = evaluate_msa(
             model,
