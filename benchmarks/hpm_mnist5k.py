@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,64,256")
     p.add_argument("--members", default="", help="attacks on each surrogate in the ablations")
     p.add_argument("--parts", default="table,ablations,batch")
+    p.add_argument("--variants", default="", help="run only these ablations (names as printed)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threads", type=int)
     args = p.parse_args()
@@ -126,12 +127,16 @@ def main() -> None:
             ("ste=off", lambda: with_config(hpm, ste=False)),
             ("pure-ema-l2", lambda: with_config(hpm, mode="ema")),
         ]
+        only = {v for v in args.variants.split(",") if v}
         for name, context in variants:
+            if only and name not in only:
+                continue
             with context():
                 row, _ = _msa(hpm, test, n, args.batch_size, members)
             _emit(args.out, {**label, "part": "ablation", "variant": name, "n": n, **row})
-        row, _ = _autoattack(hpm.base, test, n, args.batch_size)
-        _emit(args.out, {**label, "part": "ablation", "variant": "fc-only", "n": n, **row})
+        if not only or "fc-only" in only:
+            row, _ = _autoattack(hpm.base, test, n, args.batch_size)
+            _emit(args.out, {**label, "part": "ablation", "variant": "fc-only", "n": n, **row})
         if args.momentum_hpm:
             other = load(args.momentum_hpm)
             row, _ = _msa(other, test, n, args.batch_size, members)
