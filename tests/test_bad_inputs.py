@@ -25,6 +25,7 @@ QUICK = ["--data", "digits", "--eps", "0.1", "--steps", "1", "--n", "4", "--batc
 QUICK += ["--device", "cpu", "--no-progress"]
 MSA = ["--data", "digits", "--eps", "0.1", "--n", "4", "--device", "cpu", "--no-progress"]
 MSA += ["--protocol", "msa"]
+UAP = ["uap", "--model", "good", "--data", "digits", "--device", "cpu", "--n-craft", "20"]
 
 
 def robustlab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -265,7 +266,14 @@ ROWS: list[tuple[list[str], str]] = [
         ["transfer", "--sources", "mlp", "--targets", "mlp", *QUICK, "--cache", "afile"],
         "--cache afile names a file; it must be a folder",
     ),
+    # universal perturbations: budgets, delta, methods, point counts, outputs
+    (UAP + ["--eps", "0", "--out", "u"], "the UAP budget eps must be a finite number > 0"),
+    (UAP + ["--eps", "0.1", "--delta", "1", "--out", "u"], "delta must lie in (0, 1), got 1.0"),
+    (UAP + ["--eps", "0.1", "--method", "fgsm", "--out", "u"], "unknown UAP method 'fgsm'"),
+    (UAP + ["--eps", "0.1", "--n-eval", "0", "--out", "u"], "--n-eval must be between 1 and"),
+    (UAP + ["--eps", "0.1", "--out", "afile"], "must be a folder"),
     # files robustlab did not write: only with --overwrite
+    (UAP + ["--eps", "0.1", "--out", "u", "--json", "notes.json"], "pass --overwrite"),
     (["eval", "--model", "good", *QUICK, "--json", "notes.json"], "pass --overwrite"),
     (["report", "--store", "s.sqlite", "--out", "afile"], "pass --overwrite"),
     (["models", "--json", "notes.json"], "pass --overwrite"),

@@ -42,6 +42,7 @@ FAST: dict[str, dict[str, object]] = {
     "fab": {"steps": 10},
     "fab-t": {"steps": 10, "n_target_classes": 2},
     "square": {"queries": 50},
+    "deepfool": {"steps": 10},
     "autoattack": {"attacks": ("apgd-ce", "apgd-t"), "version": "custom"},
     "iterative": {"steps": 5},
     "deepsloth": {"steps": 5},
@@ -49,7 +50,7 @@ FAST: dict[str, dict[str, object]] = {
     "pgd-avg": {"steps": 5},
     "pgd-max": {"steps": 5},
 }
-NORMS = {"cw": ["l2"]}
+NORMS = {"cw": ["l2"], "deepfool": ["linf", "l2"]}
 # The model each kind of registered attack runs on (the per-name hook: an attack's kind in
 # the registry): "net" a conv net, "multi-exit" the same with exits (see _model, _model_for).
 MODEL_FOR_KIND = {"classifier": "net", "surrogate": "net", "multi-exit": "multi-exit"}
@@ -256,6 +257,8 @@ STRONG: dict[str, Strong] = {
     "fab": Strong({"steps": 20}),
     "fab-t": Strong({"steps": 20, "n_target_classes": 3}),
     "square": Strong({"queries": 300}),
+    # untargeted only (refuses targets); the published 50 iterations
+    "deepfool": Strong(hit=None),
     "autoattack": Strong({"attacks": ("apgd-ce", "apgd-t"), "version": "custom"}, hit=None),
     # Multi-exit attacks, on the net with trained exits. Their goals are their own:
     # DeepSloth lowers the early-exit efficacy, the exit PGD baselines the accuracy of the

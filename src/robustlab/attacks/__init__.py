@@ -8,6 +8,7 @@ from .apgd import APGD, APGDT
 from .autoattack import AutoAttack
 from .base import Attack
 from .cw import CWL2
+from .deepfool import DeepFool
 from .deepsloth import DeepSloth, ExitPGD
 from .fab import FAB
 from .iterative import BIM, DIFGSM, FGSM, IFGSM, MIFGSM, TIFGSM, IterativeAttack
@@ -18,6 +19,7 @@ from .registry import ATTACKS, REGISTRY, make_attack, register
 from .square import Square
 from .surrogate import Ensemble
 from .transforms import declare_residual, linbp, skip_gradient
+from .universal import UAPConfig, craft_uap, score_uap, universal_perturbation
 
 __all__ = [
     "APGD",
@@ -28,6 +30,7 @@ __all__ = [
     "BIM",
     "CWL2",
     "DIFGSM",
+    "DeepFool",
     "DeepSloth",
     "Ensemble",
     "ExitPGD",
@@ -44,9 +47,11 @@ __all__ = [
     "Square",
     "SteepestStep",
     "TIFGSM",
+    "UAPConfig",
     "ThreatModel",
     "check_batch",
     "ascend",
+    "craft_uap",
     "cross_entropy",
     "cw_margin",
     "declare_residual",
@@ -57,6 +62,8 @@ __all__ = [
     "linbp",
     "make_attack",
     "register",
+    "score_uap",
     "skip_gradient",
     "success",
+    "universal_perturbation",
 ]

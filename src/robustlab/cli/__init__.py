@@ -30,13 +30,14 @@ from . import (
     sloth,
     train,
     transfer,
+    uap,
 )
 from .common import HelpFormatter, check_seeds
 
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (
-    demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
-    report,
+    demo, models, train, eval, attack, transfer, exits, hpm, sloth, uap, compress, prune,
+    quantize, report,
 )  # fmt: skip
 
 

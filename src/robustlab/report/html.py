@@ -16,6 +16,7 @@ from .exit_plots import sloth_section_html
 from .msa_section import msa_section_html
 from .plots import embedded_png, robustness_curve
 from .transfer_plots import transfer_section_html
+from .uap_section import uap_section_html
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:960px;margin:2em auto;
@@ -176,6 +177,7 @@ def render_report(
     timings = store.records(kind="timing")
     transfers = store.records(kind="transfer")
     sloths = store.records(kind="sloth")
+    uaps = store.records(kind="uap")
     out_path = Path(out)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if intro:
@@ -198,6 +200,10 @@ def render_report(
     for record in store.records(kind="compress"):
         title = _title(record, "Compressibility", "")
         parts.append(_section("compress", compress_section_html, record, title=title))
+    parts += [
+        _section("uap", uap_section_html, r, title=_title(r, "Universal perturbation", "uap"))
+        for r in uaps
+    ]
     parts.append(_section("timing", _timing_table, timings))
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
