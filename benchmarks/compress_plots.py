@@ -29,9 +29,9 @@ from robustlab.analysis import bound_gap_correlation, rank_correlation  # noqa: 
 Row = dict[str, Any]
 FAMILIES = (
     "base", "l1", "group-lasso", "nuclear", "rank", "wd", "prune-global", "prune-targeted",
-    "base-seed",
+    "base-seed", "filter-spread",
 )  # fmt: skip
-MARKERS = dict(zip(FAMILIES, "o^sDvx<>*", strict=True))
+MARKERS = dict(zip(FAMILIES, "o^sDvx<>*P", strict=True))
 COLOURS = dict(zip(FAMILIES, plt.get_cmap("tab10").colors, strict=False))
 
 
@@ -132,7 +132,7 @@ def table(rows: Sequence[Row]) -> list[str]:
     """A markdown table of every model."""
     head = (
         "| model | clean | AA@0.3 | AA@0.1 | neuron c. | spectral c. | stable rank | Frob. "
-        "| sparsity | UAP@0.1 | UAP@0.2 | bound linf | gap linf max | bound l2 | gap l2 max |"
+        "| sparsity | UAP@0.1 | UAP@0.2 | UAP@0.3 | bound linf | gap linf max | bound l2 | gap l2 max |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -146,7 +146,7 @@ def table(rows: Sequence[Row]) -> list[str]:
             f"| {r['name']} | {pct(r['clean_full'])} | {pct(robust(r, 0.3))} | {pct(robust(r, 0.1))} "
             f"| {m['neuron_compressibility']:.3f} | {m['spectral_compressibility']:.3f} "
             f"| {m['stable_rank']:.1f} | {m['frobenius_norm']:.2f} | {pct(r['sparsity_model'])} "
-            f"| {pct(uap(r, 0.1))} | {pct(uap(r, 0.2))} "
+            f"| {pct(uap(r, 0.1))} | {pct(uap(r, 0.2))} | {pct(uap(r, 0.3))} "
             f"| {r['bound']['linf']['bound']:.3g} | {r['gap']['linf']['max']:.3g} "
             f"| {r['bound']['l2']['bound']:.3g} | {r['gap']['l2']['max']:.3g} |"
         )
@@ -159,7 +159,7 @@ def pruning(rows: Sequence[Row]) -> list[str]:
     by = {r["name"]: r for r in rows}
     lines = [
         "| method | sparsity asked | pruning | sparsity reached | target error | clean after prune "
-        "| clean after fine-tune | kept (clean) | AA@0.3 | AA@0.1 | kept (robust) | UAP@0.2 |",
+        "| clean after fine-tune | kept (clean) | AA@0.3 | AA@0.1 | kept (robust) | UAP |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in ("standard", "pgd-at"):
@@ -182,7 +182,7 @@ def pruning(rows: Sequence[Row]) -> list[str]:
                     f"| {r['clean_full'] / base['clean_full']:.3f} "
                     f"| {100 * (robust(r, 0.3) or 0):.1f} "
                     f"| {'-' if robust(r, 0.1) is None else f'{100 * robust(r, 0.1):.1f}'} "
-                    f"| {kept_r} (AA@{eps}) | {100 * (uap(r, 0.2) or 0):.1f} |"
+                    f"| {kept_r} (AA@{eps}) | {100 * (uap(r, 0.1 if eps == 0.1 else 0.3) or 0):.1f} @{eps} |"
                 )
     return lines
 
@@ -212,13 +212,17 @@ def main() -> None:
         """AutoAttack at the budget where the method's models are not all broken."""
         return robust(r, 0.1) if r["method"] == "standard" else robust(r, 0.3)
 
+    def fool(r: Row) -> float | None:
+        """UAP fooling rate at the budget where the method's models are not all fooled."""
+        return uap(r, 0.1) if r["method"] == "standard" else uap(r, 0.3)
+
     for name, comp, label in (
         ("neuron", ncomp, "neuron compressibility (kappa 0.1; lower = more compressible)"),
         ("spectral", scomp, "spectral compressibility (kappa 0.1; lower = more compressible)"),
     ):
         scatter(rows, comp, aa, label, "AutoAttack robust accuracy (std: 0.1, AT: 0.3)",
                 "robust accuracy", args.figures / f"compress_robust_vs_{name}.png")  # fmt: skip
-        scatter(rows, comp, lambda r: uap(r, 0.2), label, "UAP fooling rate (SGD, linf 0.2)",
+        scatter(rows, comp, fool, label, "UAP fooling rate (SGD; std: linf 0.1, AT: 0.3)",
                 "UAP", args.figures / f"compress_uap_vs_{name}.png")  # fmt: skip
     for norm in ("linf", "l2"):
         scatter(
@@ -245,8 +249,10 @@ def main() -> None:
         for cname, comp in (("neuron", ncomp), ("spectral", scomp)):
             print(
                 f"- {method}: {cname} compressibility vs AutoAttack {spearman(mine, comp, aa)}, "
-                f"vs UAP@0.2 fooling {spearman(mine, comp, lambda r: uap(r, 0.2))}, "
-                f"vs UAP@0.1 fooling {spearman(mine, comp, lambda r: uap(r, 0.1))}"
+                + ", ".join(
+                    f"vs UAP@{xi} fooling {spearman(mine, comp, lambda r, xi=xi: uap(r, xi))}"
+                    for xi in (0.1, 0.2, 0.3)
+                )
             )
     print("\n## Pruning: plain global vs eps-targeted\n")
     print("\n".join(pruning(rows)))

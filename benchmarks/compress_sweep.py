@@ -22,7 +22,10 @@ Models (each for both methods):
 - ``prune-targeted`` (the paper's mitigation): eps-targeted per-layer pruning of the base,
   its target error found by bisection so that its sparsity matches the global pruning's,
   the same fine-tune;
-- ``base-seed``: the base at seeds ``SEEDS`` (the other models use seed 0): the noise level.
+- ``base-seed``: the base at seeds ``SEEDS`` (the other models use seed 0): the noise level;
+- ``filter-spread`` (a mitigation): the ``filter-spread`` regulariser at ``SPREAD``, alone and
+  with group lasso 3e-3 (does evening out the filter norms keep the robustness group lasso
+  costs?).
 
 Per model (one JSON line appended to ``--results`` as soon as it is measured; a model
 already there is skipped, so a killed run resumes): clean accuracy on the 1,000 test points,
@@ -70,8 +73,9 @@ STRENGTHS = {
 RANKS = (32, 8)
 WEIGHT_DECAYS = (5e-3, 2e-2)
 SPARSITIES = (0.5, 0.9)
-UAP_XI = (0.1, 0.2)
+UAP_XI = (0.1, 0.2, 0.3)
 SEEDS = (1, 2)
+SPREAD = 0.05
 KAPPA = 0.1
 
 
@@ -115,6 +119,14 @@ def specs() -> list[Spec]:
         both(lambda m, wd=wd: Spec(f"{m}/wd={wd:g}", m, "wd", wd, weight_decay=wd))
     for seed in SEEDS:  # the base again at other seeds: how much of a difference is noise
         both(lambda m, seed=seed: Spec(f"{m}/base-seed={seed}", m, "base-seed", seed=seed))
+    for extra in ({}, {"group-lasso": 3e-3}):  # the filter-spread mitigation, alone and against
+        strengths = {**extra, "filter-spread": SPREAD}
+        label = "+".join(f"{k}={v:g}" for k, v in strengths.items())
+        both(
+            lambda m, st=strengths, label=label: Spec(
+                f"{m}/{label}", m, "filter-spread", SPREAD, st
+            )
+        )
     return out
 
 
