@@ -32,7 +32,7 @@ FAMILIES = (
     "base-seed", "filter-spread",
 )  # fmt: skip
 MARKERS = dict(zip(FAMILIES, "o^sDvx<>*P", strict=True))
-COLOURS = dict(zip(FAMILIES, plt.get_cmap("tab10").colors, strict=False))
+COLOURS = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
 
 
 def read(path: Path) -> list[Row]:
@@ -61,9 +61,14 @@ def uap(row: Row, xi: float) -> float | None:
     return None
 
 
-def _label(row: Row) -> str:
-    """A short label of a model: its family and level."""
-    return row["name"].split("/", 1)[1]
+def _pick(part: str, norm: str, key: str) -> Callable[[Row], float | None]:
+    """A getter of ``row[part][norm][key]``."""
+    return lambda r: float(r[part][norm][key])
+
+
+def _fooling(xi: float) -> Callable[[Row], float | None]:
+    """A getter of the UAP fooling rate at xi."""
+    return lambda r: uap(r, xi)
 
 
 def scatter(
@@ -173,7 +178,7 @@ def pruning(rows: Sequence[Row]) -> list[str]:
                 if r is None:
                     continue
                 p = r["pruning"]
-                rb, rr = robust(base, eps), robust(r, eps)
+                rb, rr, low = robust(base, eps), robust(r, eps), robust(r, 0.1)
                 kept_r = "-" if not rb or rr is None else f"{rr / rb:.2f}"
                 lines.append(
                     f"| {method} | {s} | {how} | {100 * p['sparsity']:.1f} % "
@@ -181,7 +186,7 @@ def pruning(rows: Sequence[Row]) -> list[str]:
                     f"| {100 * p['clean_after_prune']:.1f} | {100 * r['clean_full']:.1f} "
                     f"| {r['clean_full'] / base['clean_full']:.3f} "
                     f"| {100 * (robust(r, 0.3) or 0):.1f} "
-                    f"| {'-' if robust(r, 0.1) is None else f'{100 * robust(r, 0.1):.1f}'} "
+                    f"| {'-' if low is None else f'{100 * low:.1f}'} "
                     f"| {kept_r} (AA@{eps}) | {100 * (uap(r, 0.1 if eps == 0.1 else 0.3) or 0):.1f} @{eps} |"
                 )
     return lines
@@ -226,7 +231,7 @@ def main() -> None:
                 "UAP", args.figures / f"compress_uap_vs_{name}.png")  # fmt: skip
     for norm in ("linf", "l2"):
         scatter(
-            rows, lambda r, n=norm: r["gap"][n]["max"], lambda r, n=norm: r["bound"][n]["bound"],
+            rows, _pick("gap", norm, "max"), _pick("bound", norm, "bound"),
             f"measured gap ({norm}, APGD-CE, per-sample max)", "bound", f"bound vs gap {norm}",
             args.figures / f"compress_bound_vs_gap_{norm}.png", log=True,
         )  # fmt: skip
@@ -250,7 +255,7 @@ def main() -> None:
             print(
                 f"- {method}: {cname} compressibility vs AutoAttack {spearman(mine, comp, aa)}, "
                 + ", ".join(
-                    f"vs UAP@{xi} fooling {spearman(mine, comp, lambda r, xi=xi: uap(r, xi))}"
+                    f"vs UAP@{xi} fooling {spearman(mine, comp, _fooling(xi))}"
                     for xi in (0.1, 0.2, 0.3)
                 )
             )

@@ -85,7 +85,8 @@ def _filter_spread(w: torch.Tensor) -> torch.Tensor:
     rows = torch.linalg.vector_norm(w, dim=1)
     mean = rows.mean()
     if float(mean.detach()) == 0.0:
-        return mean * 0.0
+        zero: torch.Tensor = mean * 0.0
+        return zero
     out: torch.Tensor = (torch.relu(rows - mean) ** 2).sum() / mean**2
     return out
 
