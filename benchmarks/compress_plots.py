@@ -259,6 +259,16 @@ def main() -> None:
                     for xi in (0.1, 0.2, 0.3)
                 )
             )
+        scale = {
+            "Frobenius norm (regularised layers)": lambda r: float(r["middle"]["frobenius_norm"]),
+            "stable rank (regularised layers)": lambda r: float(r["middle"]["stable_rank"]),
+            "bound linf": _pick("bound", "linf", "bound"),
+            "alignment linf": _pick("bound", "linf", "alignment"),
+        }
+        print(
+            f"- {method}: AutoAttack vs "
+            + ", ".join(f"{k} {spearman(mine, get, aa)}" for k, get in scale.items())
+        )
     print("\n## Pruning: plain global vs eps-targeted\n")
     print("\n".join(pruning(rows)))
 
