@@ -81,6 +81,7 @@ def scatter(
     out: Path,
     *,
     log: bool = False,
+    logx: bool = False,
     diagonal: bool = False,
 ) -> None:
     """One panel per training method, points coloured by family."""
@@ -100,8 +101,9 @@ def scatter(
                 label=None if fam in seen else fam, s=36,
             )  # fmt: skip
             seen.add(fam)
-        if log:
+        if log or logx:
             ax.set_xscale("log")
+        if log:
             ax.set_yscale("log")
         if diagonal:
             lo, hi = ax.get_xlim()
@@ -226,9 +228,9 @@ def main() -> None:
         ("spectral", scomp, "spectral compressibility (kappa 0.1; lower = more compressible)"),
     ):
         scatter(rows, comp, aa, label, "AutoAttack robust accuracy (std: 0.1, AT: 0.3)",
-                "robust accuracy", args.figures / f"compress_robust_vs_{name}.png")  # fmt: skip
+                "robust accuracy", args.figures / f"compress_robust_vs_{name}.png", logx=True)  # fmt: skip
         scatter(rows, comp, fool, label, "UAP fooling rate (SGD; std: linf 0.1, AT: 0.3)",
-                "UAP", args.figures / f"compress_uap_vs_{name}.png")  # fmt: skip
+                "UAP", args.figures / f"compress_uap_vs_{name}.png", logx=True)  # fmt: skip
     for norm in ("linf", "l2"):
         scatter(
             rows, _pick("gap", norm, "max"), _pick("bound", norm, "bound"),
