@@ -29,9 +29,9 @@ from robustlab.analysis import bound_gap_correlation, rank_correlation  # noqa: 
 Row = dict[str, Any]
 FAMILIES = (
     "base", "l1", "group-lasso", "nuclear", "rank", "wd", "prune-global", "prune-targeted",
-    "base-seed", "filter-spread",
+    "base-seed", "filter-spread", "l1-middle",
 )  # fmt: skip
-MARKERS = dict(zip(FAMILIES, "o^sDvx<>*P", strict=True))
+MARKERS = dict(zip(FAMILIES, "o^sDvx<>*Ph", strict=True))
 COLOURS = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
 
 
