@@ -24,7 +24,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from robustlab.analysis import bound_gap_correlation, rank_correlation  # noqa: E402
+from robustlab.analysis import (  # noqa: E402
+    bound_gap_correlation,
+    layer_metrics,
+    rank_correlation,
+)
+from robustlab.models.checkpoint import load  # noqa: E402
 
 Row = dict[str, Any]
 FAMILIES = (
@@ -194,11 +199,27 @@ def pruning(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def layer_norms(runs: Path) -> list[str]:
+    """Per layer l-inf operator norm (max row l1 norm: what an l-inf attacker meets) and
+    Frobenius norm of every trained checkpoint in ``runs`` (pruned models are not saved)."""
+    lines = ["| model | " + " | ".join(["linf op. norm per layer", "Frobenius per layer"]) + " |"]
+    lines.append("|---|---|---|")
+    for folder in sorted(p for p in runs.iterdir() if (p / "manifest.json").exists()):
+        metrics = layer_metrics(load(folder), (0.1,))
+        lines.append(
+            f"| {folder.name.replace('_', '/', 1)} "
+            f"| {' / '.join(f'{m.linf_operator_norm:.3g}' for m in metrics)} "
+            f"| {' / '.join(f'{m.frobenius_norm:.3g}' for m in metrics)} |"
+        )
+    return lines
+
+
 def main() -> None:
     """Figures to --figures, tables and correlations to stdout."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("results", type=Path)
     p.add_argument("--figures", type=Path, default=Path("benchmarks/figures"))
+    p.add_argument("--runs", type=Path, help="the sweep's checkpoints: print their layer norms")
     args = p.parse_args()
     rows = read(args.results)
     args.figures.mkdir(parents=True, exist_ok=True)
@@ -273,6 +294,9 @@ def main() -> None:
         )
     print("\n## Pruning: plain global vs eps-targeted\n")
     print("\n".join(pruning(rows)))
+    if args.runs is not None:
+        print("\n## Layer norms (first layer / hidden / hidden / head)\n")
+        print("\n".join(layer_norms(args.runs)))
 
 
 if __name__ == "__main__":
