@@ -34,9 +34,9 @@ from robustlab.models.checkpoint import load  # noqa: E402
 Row = dict[str, Any]
 FAMILIES = (
     "base", "l1", "group-lasso", "nuclear", "rank", "wd", "prune-global", "prune-targeted",
-    "base-seed", "filter-spread", "l1-middle",
+    "base-seed", "filter-spread", "l1-middle", "gl+prune-global", "gl+prune-targeted",
 )  # fmt: skip
-MARKERS = dict(zip(FAMILIES, "o^sDvx<>*Ph", strict=True))
+MARKERS = dict(zip(FAMILIES, "o^sDvx<>*Ph12", strict=True))
 COLOURS = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
 
 
@@ -170,25 +170,29 @@ def pruning(rows: Sequence[Row]) -> list[str]:
     kept (fraction of the base's)."""
     by = {r["name"]: r for r in rows}
     lines = [
-        "| method | sparsity asked | pruning | sparsity reached | target error | clean after prune "
+        "| model pruned | sparsity asked | pruning | sparsity reached (per layer) | target error | clean after prune "
         "| clean after fine-tune | kept (clean) | AA@0.3 | AA@0.1 | kept (robust) | UAP |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in ("standard", "pgd-at"):
-        base = by.get(f"{method}/base")
+    for method, origin in [
+        (m, o) for o in ("base", "group-lasso=0.003") for m in ("standard", "pgd-at")
+    ]:
+        base = by.get(f"{method}/{origin}")
         if base is None:
             continue
         eps = 0.1 if method == "standard" else 0.3
+        prefix = "" if origin == "base" else f"{origin}+"
         for s in (0.5, 0.9):
             for how in ("global", "targeted"):
-                r = by.get(f"{method}/prune-{how}={s:g}")
+                r = by.get(f"{method}/{prefix}prune-{how}={s:g}")
                 if r is None:
                     continue
                 p = r["pruning"]
+                per_layer = " / ".join(f"{100 * v:.0f}" for v in p["layer_sparsity"].values())
                 rb, rr, low = robust(base, eps), robust(r, eps), robust(r, 0.1)
                 kept_r = "-" if not rb or rr is None else f"{rr / rb:.2f}"
                 lines.append(
-                    f"| {method} | {s} | {how} | {100 * p['sparsity']:.1f} % "
+                    f"| {method}/{origin} | {s} | {how} | {100 * p['sparsity']:.1f} % ({per_layer}) "
                     f"| {'-' if how == 'global' else format(p['target_error'], '.4f')} "
                     f"| {100 * p['clean_after_prune']:.1f} | {100 * r['clean_full']:.1f} "
                     f"| {r['clean_full'] / base['clean_full']:.3f} "
