@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -29,7 +30,9 @@ from robustlab.analysis import (  # noqa: E402
     layer_metrics,
     rank_correlation,
 )
+from robustlab.analysis.compressibility import compressibility, stable_rank  # noqa: E402
 from robustlab.models.checkpoint import load  # noqa: E402
+from robustlab.models.lowrank import LowRank  # noqa: E402
 
 Row = dict[str, Any]
 FAMILIES = (
@@ -219,6 +222,24 @@ def layer_norms(runs: Path) -> list[str]:
     return lines
 
 
+def composed_middle(checkpoint: Path) -> dict[str, float]:
+    """For a low-rank model: compressibility (kappa 0.1), stable rank and Frobenius norm of
+    the composed hidden-layer weights ``up @ down`` (the factors alone do not show the rank)."""
+    model = load(checkpoint)
+    found = []
+    for module in model.modules():
+        if isinstance(module, LowRank):
+            w = module.composed_weight().detach().double()
+            sv = torch.linalg.svdvals(w)
+            found.append({
+                "neuron_compressibility": compressibility(w.norm(dim=1), (0.1,))["0.1"],
+                "spectral_compressibility": compressibility(sv, (0.1,))["0.1"],
+                "stable_rank": stable_rank(sv),
+                "frobenius_norm": float(w.norm()),
+            })  # fmt: skip
+    return {k: sum(f[k] for f in found) / len(found) for k in found[0]}
+
+
 def main() -> None:
     """Figures to --figures, tables and correlations to stdout."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -227,6 +248,11 @@ def main() -> None:
     p.add_argument("--runs", type=Path, help="the sweep's checkpoints: print their layer norms")
     args = p.parse_args()
     rows = read(args.results)
+    for r in rows:  # low-rank models: the composed weights, not the factors
+        folder = None if args.runs is None else args.runs / r["name"].replace("/", "_")
+        if r["family"] == "rank" and folder is not None and folder.exists():
+            r["middle_factors"] = r["middle"]
+            r["middle"] = {**r["middle"], **composed_middle(folder)}
     args.figures.mkdir(parents=True, exist_ok=True)
     order = {name: i for i, name in enumerate(FAMILIES)}
     rows.sort(
