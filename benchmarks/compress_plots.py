@@ -38,8 +38,9 @@ Row = dict[str, Any]
 FAMILIES = (
     "base", "l1", "group-lasso", "nuclear", "rank", "wd", "prune-global", "prune-targeted",
     "base-seed", "filter-spread", "l1-middle", "gl+prune-global", "gl+prune-targeted",
+    "renorm",
 )  # fmt: skip
-MARKERS = dict(zip(FAMILIES, "o^sDvx<>*Ph12", strict=True))
+MARKERS = dict(zip(FAMILIES, "o^sDvx<>*Ph12d", strict=True))
 COLOURS = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
 
 
