@@ -41,7 +41,8 @@ FAMILIES = (
     "renorm",
 )  # fmt: skip
 MARKERS = dict(zip(FAMILIES, "o^sDvx<>*Ph12d", strict=True))
-COLOURS = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
+COLOURS = {f: plt.get_cmap("tab20")((2 * i) % 20 + i // 10) for i, f in enumerate(FAMILIES)}
+FLOOR = 1e-3  # compressibility below this (a numerically exact low rank) is drawn at it
 
 
 def read(path: Path) -> list[Row]:
@@ -105,6 +106,8 @@ def scatter(
             if xv is None or yv is None:
                 continue
             fam = r["family"]
+            if logx and not log:
+                xv = max(xv, FLOOR)
             ax.scatter(
                 xv, yv, marker=MARKERS.get(fam, "o"), color=COLOURS.get(fam, "k"),
                 label=None if fam in seen else fam, s=36,
@@ -117,7 +120,9 @@ def scatter(
         if diagonal:
             lo, hi = ax.get_xlim()
             ax.plot([lo, hi], [lo, hi], "k:", lw=0.8, label="y = x")
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(
+            xlabel + (f"\n(values < {FLOOR:g} drawn at {FLOOR:g})" if logx and not log else "")
+        )
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} ({method})", fontsize=10)
         ax.grid(alpha=0.3)
