@@ -41,6 +41,13 @@ def _expected(name: str, w: torch.Tensor) -> torch.Tensor:
     elif name == "group-lasso-si":
         fro = w.norm()
         grad = w / (norms * fro) - norms.sum() * w / fro**3
+    elif name == "filter-spread":
+        n, mean = len(norms), norms.mean()
+        excess = (norms - mean).clamp_min(0)
+        d_rows = (2 * excess - 2 * excess.sum() / n) / mean**2 - 2 * (excess**2).sum() / (
+            n * mean**3
+        )
+        grad = d_rows * w / norms
     else:
         u, _, vh = torch.linalg.svd(w, full_matrices=False)
         grad = u @ vh
@@ -87,6 +94,36 @@ def test_the_scale_invariant_group_lasso_ignores_the_layer_scale() -> None:
     assert float(PENALTIES["group-lasso"].formula(7.0 * w)) == pytest.approx(
         7.0 * float(PENALTIES["group-lasso"].formula(w)), rel=1e-5
     )
+
+
+def test_filter_spread_is_zero_for_equal_rows_ignores_scale_and_matches_a_hand_value() -> None:
+    f = PENALTIES["filter-spread"].formula
+    equal = torch.tensor(
+        [[3.0, 4.0], [0.0, 5.0], [5.0, 0.0]], dtype=torch.float64, requires_grad=True
+    )
+    assert float(f(equal).detach()) == 0.0
+    (grad,) = torch.autograd.grad(f(equal), equal)
+    assert float(grad.abs().max()) == 0.0
+    # row norms 1, 1, 4: mean 2, only the last row stands out, by 2: (2^2) / 2^2 = 1
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 4.0]], dtype=torch.float64)
+    assert float(f(w)) == pytest.approx(1.0)
+    assert float(f(7.0 * w)) == pytest.approx(1.0)
+    assert float(f(torch.zeros(3, 2))) == 0.0
+    assert PENALTIES["filter-spread"].all_layers is False
+
+
+def test_filter_spread_gradient_matches_finite_differences() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(PENALTIES["filter-spread"].formula, (w,))
+
+
+def test_strong_filter_spread_evens_out_the_row_norms(digits: DataSplits, tmp_path: Path) -> None:
+    f = PENALTIES["filter-spread"].formula
+    plain, _ = _trained(digits, tmp_path / "plain", {})
+    even, manifest = _trained(digits, tmp_path / "even", {"filter-spread": 0.05})
+    assert regularizers_of(manifest) == {"filter-spread": 0.05}
+    assert float(f(_hidden(even))) < 0.5 * float(f(_hidden(plain)))
 
 
 def _trained(

@@ -9,7 +9,12 @@ layer's weight as a matrix (a convolution's ``C_out x C_in*kh*kw``):
   l2,1 norm over the Frobenius norm, which rescaling the layer does not change, so it rewards
   concentration of the row norms and not shrinkage);
 - ``nuclear``: ``||W||_*``, the sum of singular values (convolutions too, reshaped as above;
-  the reference code skips them, we do not).
+  the reference code skips them, we do not);
+- ``filter-spread`` (a mitigation, not a compressor: the paper's "control of the spread of the
+  top filter norms", formula ours): with row norms ``r_i = ||W_i||_2`` and their mean ``m``,
+  ``sum_i max(r_i - m, 0)^2 / m^2``: how far the filters above the mean stand out, relative to
+  the mean. It is 0 when every row has the same norm, ignores the layer's scale (so it does not
+  fight weight decay or shrink the layer) and pulls only the dominant filters back.
 
 The group lasso variants and the nuclear norm leave out the classifier head and the first
 weight layer (as the reference code does for group lasso; ours for the nuclear norm), found by
@@ -62,6 +67,18 @@ def _group_lasso_si(w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _filter_spread(w: torch.Tensor) -> torch.Tensor:
+    """Squared excess of the above-mean row norms over the mean, over the mean squared
+    (0 for an all-zero layer)."""
+    rows = torch.linalg.vector_norm(w, dim=1)
+    mean = rows.mean()
+    if float(mean.detach()) == 0.0:
+        zero: torch.Tensor = mean * 0.0
+        return zero
+    out: torch.Tensor = (torch.relu(rows - mean) ** 2).sum() / mean**2
+    return out
+
+
 def _nuclear(w: torch.Tensor) -> torch.Tensor:
     """Sum of singular values."""
     out: torch.Tensor = torch.linalg.matrix_norm(w, ord="nuc")
@@ -92,6 +109,13 @@ PENALTIES: dict[str, Penalty] = {
             "sum of row norms / Frobenius norm per layer, head and first out",
         ),
         Penalty("nuclear", _nuclear, False, "sum of singular values, head and first out"),
+        Penalty(
+            "filter-spread",
+            _filter_spread,
+            False,
+            "squared excess of the row norms above their mean, over the mean squared (a "
+            "mitigation), head and first out",
+        ),
     )
 }
 
