@@ -27,6 +27,7 @@ from robustlab.models.checkpoint import (
     model_config,
     save_checkpoint,
 )
+from robustlab.version import __version__
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torch's pickle-protocol notes
 
@@ -533,3 +534,17 @@ def test_atomic_write_text_failure_keeps_old_content(
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["out.json"]
     assert list((tmp_path / "ck").iterdir()) == []
+
+
+def test_every_saved_manifest_says_when_and_by_which_version_it_was_written(
+    tmp_path: Path,
+) -> None:
+    net = build_model("mlp", in_channels=1, num_classes=3, image_size=4, mean=[0.0], std=[1.0])
+    config = ckpt.model_config("mlp", 1, 3, 4, [0.0], [1.0])
+    ckpt.save_checkpoint(net, tmp_path / "a", {"model": config})
+    written = json.loads((tmp_path / "a" / ckpt.MANIFEST).read_text())
+    assert written["robustlab_version"] == __version__ and written["created"][:2] == "20"
+    given = {"model": config, "created": "2020-01-01T00:00:00+00:00"}
+    ckpt.save_checkpoint(net, tmp_path / "b", given)  # a manifest's own value is kept
+    kept = json.loads((tmp_path / "b" / ckpt.MANIFEST).read_text())
+    assert kept["created"] == "2020-01-01T00:00:00+00:00"

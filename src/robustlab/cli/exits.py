@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..report.exit_plots import efficacy_curves, exit_histogram
     from ..train.sdn import SDNConfig, exit_accuracies, train_exits
-    from ..version import __version__
 
     out = Path(args.out)
     outputs = [
@@ -165,8 +163,6 @@ def run(args: argparse.Namespace) -> int:
         "calibration": {**calib.as_dict(), "seen_by_backbone": seen},
         "metrics": metrics,
         "backbone": model_info(ckpt.manifest, ckpt.path),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "robustlab_version": __version__,
     }
     save_checkpoint(model, out, manifest)
     print(

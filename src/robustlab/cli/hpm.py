@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     from ..models.hpm import HPMClassifier, HPMConfig, model_section
     from ..train.hpm import HPMTrainConfig, clean_accuracies, finetune_hpm
     from ..train.loop import accuracy
-    from ..version import __version__
 
     out = Path(args.out)
     checked_outputs(
@@ -105,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
         "training": {"base": ckpt.manifest.get("training", {}), "hpm": record},
         "metrics": metrics,
         "base": base_info,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "robustlab_version": __version__,
     }
     save_checkpoint(model, out, manifest)
     print(

@@ -7,6 +7,7 @@ import json
 import pickle
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..io import (
     limits,
     read_regular_bytes,
 )
+from ..version import __version__
 from .blocks import Normalize
 from .hpm import HPMClassifier, HPMConfig
 from .multiexit import MultiExitNetwork
@@ -135,7 +137,8 @@ def hpm_from_config(config: dict[str, Any]) -> HPMClassifier:
 
 
 def save_checkpoint(model: nn.Module, directory: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``manifest.json`` (with the weights' hash) into a folder."""
+    """Write ``model.safetensors`` and ``manifest.json`` (with the weights' hash) into a folder;
+    the manifest is stamped with when and by which robustlab version it was written."""
     if "model" not in manifest:
         raise ValueError("manifest needs a 'model' section (see model_config)")
     out = Path(directory)
@@ -144,7 +147,11 @@ def save_checkpoint(model: nn.Module, directory: str | Path, manifest: dict[str,
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(state, str(tmp))
         digest = file_sha256(tmp)
-    full = {"format": "robustlab-checkpoint", "format_version": FORMAT_VERSION, **manifest}
+    stamp = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "robustlab_version": __version__,
+    }
+    full = {"format": "robustlab-checkpoint", "format_version": FORMAT_VERSION, **stamp, **manifest}
     full["weights"] = {"file": WEIGHTS, "sha256": digest}
     atomic_write_text(out / MANIFEST, json.dumps(full, indent=2, sort_keys=True) + "\n")
     return out

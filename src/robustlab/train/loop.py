@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from ..errors import RobustlabError
 from ..io import atomic_write
 from ..models import build_model
 from ..models.checkpoint import MANIFEST, model_config, read_torch_file, save_checkpoint
-from ..version import __version__
 from .methods import METHODS, EpochEnd, Hook, Method, Step, make_method, require_finite
 from .recipes import recipe_for
 
@@ -418,8 +416,6 @@ def train(
         "training": training,
         "metrics": {"clean_accuracy": clean, "test_samples": len(splits.test)},
         "train_time_s": round(writer.elapsed, 2),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "robustlab_version": __version__,
     }
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
     save_checkpoint(model, out_dir, manifest)

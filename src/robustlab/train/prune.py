@@ -27,7 +27,6 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ from ..errors import RobustlabError
 from ..models.checkpoint import MANIFEST, save_checkpoint
 from ..models.structure import weight_layers
 from ..models.weights import as_matrix, best_k_error, k_for_error, layer_weight
-from ..version import __version__
 from .compression import penalized_layers
 from .loop import EpochSampler, accuracy, fit
 from .methods import Hook, Method, Step
@@ -398,8 +396,6 @@ def prune_checkpoint(
             "clean_accuracy_after_pruning": right_after,
             "test_samples": len(splits.test),
         },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "robustlab_version": __version__,
     }
     if "training" in manifest:
         new["training"] = manifest["training"]

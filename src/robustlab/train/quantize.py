@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from ..data import Dataset, DataSplits
 from ..errors import RobustlabError
 from ..models.checkpoint import MANIFEST, save_quantized_checkpoint
 from ..models.quantized import QuantizedModel, quantize
-from ..version import __version__
 from .loop import accuracy
 
 #: What a quantized checkpoint's record says of attacks on it.
@@ -95,8 +93,6 @@ def quantize_checkpoint(
             "agreement_with_float": agreement(int8, float_model, splits.test),
             "test_samples": len(splits.test),
         },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "robustlab_version": __version__,
     }
     for key in ("training", "pruning"):
         if key in manifest:
