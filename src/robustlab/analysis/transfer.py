@@ -44,6 +44,7 @@ from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
 from ..models.blocks import DenseLayer, ResidualBlock, residual_blocks
+from ..models.engine import infer
 
 #: Base attacks (registry names of the gradient engine's presets) and the modifiers that can
 #: be joined to them with "+". A base is resolved through the attack registry (so "bim" is
@@ -356,7 +357,9 @@ def _probe(name: str, role: str, model: nn.Module, x: torch.Tensor, num_classes:
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Predicted labels of a model, in batches, in eval mode (its mode restored)."""
     with evaluating(model), torch.inference_mode():
-        preds = [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+        preds = [
+            infer(model, x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(preds)
 
 

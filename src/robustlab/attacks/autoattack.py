@@ -30,6 +30,7 @@ from ..core.criteria import success, unbroken
 from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
+from ..models.engine import infer
 from .apgd import APGD, APGDT
 from .base import Attack
 from .fab import FAB
@@ -151,13 +152,13 @@ class AutoAttack(Attack):
 
     def _run_detailed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EnsembleResult:
         with torch.no_grad():
-            best = Best(x, unbroken(success(model(x), y, None)))
+            best = Best(x, unbroken(success(infer(model, x), y, None)))
         result = EnsembleResult(best.x, [None] * len(x))
 
         def judge(candidate: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             """Whether each candidate fools the model (judged on the candidates alone)."""
             with torch.no_grad():
-                return success(model(candidate), y[idx], None)
+                return success(infer(model, candidate), y[idx], None)
 
         for name, attack in self.components():
             run_member(name, attack, model, x, y, best, judge, result.broken_by, result.seconds)

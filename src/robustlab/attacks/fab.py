@@ -30,6 +30,7 @@ from torch import nn
 from ..core.criteria import smallest, success
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
+from ..models.engine import infer
 from .base import Attack
 from .registry import register
 from .restarts import Best, Candidates, run_restarts, within_threat
@@ -100,7 +101,7 @@ class FAB(Attack):
         threat = self.threat
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         with torch.no_grad():
-            logits = model(x)
+            logits = infer(model, x)
         n_classes = logits.shape[1]
         if n_classes < 2:
             raise RobustlabError("fab needs a model with at least 2 classes")
@@ -199,7 +200,9 @@ class FAB(Attack):
             alpha = (n1 / (n1 + n0)).clamp(0.0, self.alpha_max).view(shape)
             xa = ((1 - alpha) * (xa + self.eta * d1) + alpha * (xo + self.eta * d0)).clamp(0, 1)
             with torch.no_grad():
-                hit = success(model(xa), y[active], None if targets is None else targets[active])
+                hit = success(
+                    infer(model, xa), y[active], None if targets is None else targets[active]
+                )
             if bool(hit.any()):
                 run.offer(xa, smallest(hit, threat.norms(xa - xo), self.eps), active)
                 xa[hit] = xo[hit] + self.beta * (xa[hit] - xo[hit])

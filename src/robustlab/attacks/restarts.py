@@ -17,6 +17,7 @@ from torch import nn
 
 from ..core.criteria import Standing, success
 from ..core.threat import ThreatModel, column
+from ..models.engine import infer
 
 Candidates = Iterable[tuple[torch.Tensor, Standing]]
 """Points an attempt proposes (rows = the samples it ran on) with their standings."""
@@ -93,6 +94,6 @@ def within_threat(
         if len(outside):
             ts = None if targets is None else targets[outside]
             shrunk = threat.project(x[outside], found[outside])
-            hit = success(model(shrunk), y[outside], ts)
+            hit = success(infer(model, shrunk), y[outside], ts)
             out[outside[hit]] = shrunk[hit]
     return out

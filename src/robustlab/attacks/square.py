@@ -51,6 +51,7 @@ from ..core.criteria import strongest, success, unbroken
 from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
+from ..models.engine import infer
 from .base import Attack
 from .losses import cross_entropy, cw_margin
 from .registry import register
@@ -158,7 +159,7 @@ class Square(Attack):
                 return best, queries
             if self.eps == 0:  # nothing to search: the inputs are the only admissible points
                 return best, queries
-            kept = Best(x, unbroken(success(model(x), y, targets), x.dtype))
+            kept = Best(x, unbroken(success(infer(model, x), y, targets), x.dtype))
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
 
             def attempt(todo: torch.Tensor, _: int) -> Candidates:
@@ -184,7 +185,7 @@ class Square(Attack):
             x_init = self._init_linf(x, gen)
         else:
             x_init = self._init_l2(x, gen) if self.norm == "l2" else self._init_l1(x, gen)
-        logits = model(x_init)
+        logits = infer(model, x_init)
         run = Best(x_init, strongest(success(logits, y, targets), self._loss(logits, y, targets)))
         used = torch.ones(len(x), dtype=torch.long, device=x.device)
         for it in range(self.queries - 1):
@@ -198,7 +199,7 @@ class Square(Attack):
             else:
                 x_new = self._propose_bump(xa, xb, p, gen)
             ta = None if targets is None else targets[act]
-            logits = model(x_new)
+            logits = infer(model, x_new)
             loss = self._loss(logits, y[act], ta)
             run.offer(x_new, strongest(success(logits, y[act], ta), loss), act)
             used[act] += 1

@@ -55,6 +55,7 @@ from torch import nn
 from ..core.guard import frozen_eval
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
+from ..models.engine import infer
 from .deepfool import DeepFool
 
 METHODS = ("deepfool", "sgd")
@@ -163,7 +164,7 @@ def project_ball(v: torch.Tensor, norm: str, xi: float) -> torch.Tensor:
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The model's predictions, in batches."""
     with torch.no_grad():
-        out = [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+        out = [infer(model, x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
 
 
@@ -221,7 +222,7 @@ def _deepfool_uap(
         while i < len(order):
             chunk = order[i : i + cfg.batch_size]
             with torch.no_grad():
-                same = model(perturb(x[chunk], v)).argmax(1) == clean[chunk]
+                same = infer(model, perturb(x[chunk], v)).argmax(1) == clean[chunk]
             moved_at = None
             for j in same.nonzero().flatten().tolist():  # in visiting order, v unchanged
                 k = int(chunk[j])

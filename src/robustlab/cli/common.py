@@ -85,6 +85,17 @@ def add_common(
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def add_engine(p: argparse.ArgumentParser) -> None:
+    """--engine: what runs the forward-only passes (robustlab.models.engine)."""
+    p.add_argument(
+        "--engine",
+        default="auto",
+        help="what runs the passes that need no gradient (Square's queries, clean and "
+        "checking passes): auto (ONNX Runtime where installed, faithful on a probe batch and "
+        "faster, else PyTorch), torch or onnxruntime; gradients always run in PyTorch",
+    )
+
+
 def add_overwrite(p: argparse.ArgumentParser, text: str = OVERWRITE_HELP) -> None:
     """--overwrite: the one permission to replace a file robustlab did not write."""
     p.add_argument("--overwrite", action="store_true", help=text)
@@ -201,6 +212,12 @@ def draw_plots(plots: Iterable[Callable[[], Path]]) -> list[Path]:
 def say(msg: str) -> None:
     """A progress message on stderr (stdout carries the results)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def say_engine(choice: dict[str, Any] | None) -> None:
+    """Say which engine ran the forward-only passes, and why."""
+    if choice is not None:
+        say(f"forward-only passes: {choice['engine']} ({choice['reason']})")
 
 
 def floats(text: str, what: str) -> list[float]:

@@ -12,12 +12,14 @@ from .common import (
     add_attack_options,
     add_command,
     add_common,
+    add_engine,
     add_store,
     attack_options,
     checked_outputs,
     floats,
     json_output,
     load_model_and_data,
+    say_engine,
     store_output,
 )
 
@@ -61,6 +63,7 @@ def register(sub: Any) -> None:
         "apgd-ce,apgd-t,fab-t (default: the version's APGD members)",
     )
     add_store(p, "the checkpoint folder's name")
+    add_engine(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -128,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     """Check the options and outputs, evaluate, print and write the records."""
     from ..attacks.registry import make_attack
     from ..evaluate import evaluate_curve
+    from ..models.engine import check_engine
 
+    check_engine(args.engine)
     if args.protocol == "msa":
         return run_msa(args)
     if args.surrogate_attacks:
@@ -154,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
             model_info=info,
             resume=resume,
             keep_resume=True,
+            engine=args.engine,
         )
+        say_engine(records[0].engine)
         for rec in records:
             eps = rec.threat_model["eps"]
             print(
@@ -210,7 +217,9 @@ def run_msa(args: argparse.Namespace) -> int:
             model_info=info,
             resume=resume,
             keep_resume=True,
+            engine=args.engine,
         )
+        say_engine(rec.engine)
         _show_msa(rec, args.norm)
         _write(args, [rec], samples)
     return 0

@@ -61,6 +61,7 @@ from ..core.criteria import success, unbroken
 from ..core.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
+from ..models.engine import check_engine, infer, inference_engine
 from ..models.structure import surrogates_for
 from .checks import black_box_warning, masking_checks
 from .robust import (
@@ -68,8 +69,8 @@ from .robust import (
     AttackStep,
     EvalRecord,
     _append,
+    _batch_of,
     _fast_copy,
-    _is_channels_last,
     _open_progress,
     _run_key,
     checked_points,
@@ -160,7 +161,7 @@ def msa_batch(
     """Run the stages on one evaluation batch, judging every candidate with ``model`` on the
     whole batch (models in eval mode with frozen parameters, as in :meth:`Attack.run`)."""
     with torch.no_grad():
-        clean_pred = model(x).argmax(1)
+        clean_pred = infer(model, x).argmax(1)
     best = Best(x, unbroken(clean_pred != y))
     pred = clean_pred.clone()
     out = MSABatch(best.x, clean_pred, pred, [None] * len(x))
@@ -171,7 +172,7 @@ def msa_batch(
         trial = best.x.clone()
         trial[idx] = candidate
         with torch.no_grad():
-            logits = model(trial)[idx]
+            logits = infer(model, trial)[idx]
         pred[idx] = logits.argmax(1)
         return success(logits, y[idx], None)
 
@@ -180,7 +181,7 @@ def msa_batch(
             name = f"{stage}/{member}"
             run_member(name, attack, attacked, x, y, best, judge, out.broken_by, out.seconds)
     with torch.no_grad():
-        final = model(best.x).argmax(1)
+        final = infer(model, best.x).argmax(1)
     out.disagreements = int(((final == y) == best.done).sum())
     return out
 
@@ -222,6 +223,7 @@ def evaluate_msa(
     fold_batchnorm: bool = True,
     resume: str | Path | None = None,
     keep_resume: bool = False,
+    engine: str = "auto",
 ) -> MSARecord:
     """MSA robust accuracy of the defended ``model`` on the first ``n`` points of ``data``.
 
@@ -233,7 +235,10 @@ def evaluate_msa(
     ``batch_size`` is the evaluation batch: the points attacked and judged together.
     ``resume`` / ``keep_resume``: a progress file per finished batch, as for
     :func:`~robustlab.evaluate.robust.evaluate_curve` (its key covers the surrogates too).
+    ``engine``: what runs the defended model's forward-only passes (judging, Square), as
+    for :func:`~robustlab.evaluate.robust.evaluate`; surrogates always run in PyTorch.
     """
+    check_engine(engine)
     ensemble = AutoAttack(norm=norm, eps=eps, version=version, attacks=attacks, seed=seed)
     members = surrogate_members(ensemble, surrogate_attacks)
     total = checked_points(data, n, batch_size)
@@ -269,6 +274,9 @@ def evaluate_msa(
     resumed = len(done)
     with ExitStack() as stack:
         stack.enter_context(frozen_eval(judge))
+        first = slice(0, min(total, batch_size))
+        probe = _batch_of(judge, data.x[first], device)
+        choice = stack.enter_context(inference_engine(judge, probe, engine))
         for k in range(len(named)):
             stack.enter_context(frozen_eval(bundle[1 + k], warn_train_mode=False))
         bar = stack.enter_context(
@@ -281,7 +289,6 @@ def evaluate_msa(
                 leave=False,
             )
         )
-        first = slice(0, min(total, batch_size))
         warnings += masking_checks(judge, data.x[first].to(device), data.y[first].to(device))
         for start in range(0, total, batch_size):
             end = min(total, start + batch_size)
@@ -312,6 +319,7 @@ def evaluate_msa(
         disagreements=disagreements,
     )
     record.resumed_batches = resumed
+    record.engine = choice.as_dict()
     if progress_path is not None and not keep_resume:
         progress_path.unlink(missing_ok=True)
     return record
@@ -329,9 +337,7 @@ def _attack_batch(
     """MSA on one evaluation batch, as a progress-file entry: per-sample rows, seconds per
     member, and how many points changed outcome in the last pass over the batch."""
     t0 = time.perf_counter()
-    x = data.x[start:end].to(device)
-    if _is_channels_last(judge):
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _batch_of(judge, data.x[start:end], device)
     y = data.y[start:end].to(device)
     batch = msa_batch(judge, stages, x, y)
     if not bool(ensemble.threat.contains(x, batch.x_adv).all()):

@@ -30,6 +30,8 @@ from ..core.guard import frozen_eval
 from ..data import Dataset
 from ..errors import RobustlabError
 from ..io import limits, read_head, read_regular_text, starts_with
+from ..models.engine import check_engine, infer, inference_engine
+from ..models.fingerprint import model_digest, tensor_digest
 from ..version import __version__
 from .checks import black_box_warning, masking_checks
 from .fast import fast_copy
@@ -61,6 +63,7 @@ class EvalRecord:
     warnings: list[str] = field(default_factory=list)
     resumed_batches: int = 0
     batch_size: int | None = None  # the evaluation batch: points attacked (and judged) together
+    engine: dict[str, object] | None = None  # what ran the forward-only passes, and why
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -131,11 +134,14 @@ def evaluate(
     resume: str | Path | None = None,
     fold_batchnorm: bool = True,
     keep_resume: bool = False,
+    engine: str = "auto",
 ) -> EvalRecord:
     """Clean and robust accuracy of ``model`` on the first ``n`` points of ``data``.
 
     A point counts as robust only if it is classified correctly both clean and under attack;
     every adversarial example is checked to lie inside the attack's threat model.
+    ``engine`` runs the forward-only passes (``auto``, ``torch``, ``onnxruntime``;
+    :mod:`robustlab.models.engine`); the record names the one that ran.
     """
     return evaluate_curve(
         model,
@@ -150,6 +156,7 @@ def evaluate(
         resume=resume,
         fold_batchnorm=fold_batchnorm,
         keep_resume=keep_resume,
+        engine=engine,
     )[0]
 
 
@@ -164,16 +171,9 @@ def _run(
         return res.x_adv, res.broken_by, res.seconds
     x_adv = attack.run(model, x, y)
     with torch.no_grad():
-        hit = model(x_adv).argmax(1) != y
+        hit = infer(model, x_adv).argmax(1) != y
     names: list[str | None] = [attack.name if h else None for h in hit.tolist()]
     return x_adv, names, {attack.name: time.perf_counter() - t0}
-
-
-def _digest(h: Any, tensor: torch.Tensor) -> None:
-    """Feed a tensor's dtype, shape and bytes into a hash."""
-    t = tensor.detach().cpu().contiguous().reshape(-1)
-    h.update(f"{t.dtype}{tuple(tensor.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes())
 
 
 def _run_key(
@@ -189,12 +189,9 @@ def _run_key(
     weight and buffer), the evaluated points and the configuration (``extra``: more of it,
     JSON-able); never a path or name."""
     h = hashlib.sha256()
-    h.update(repr(model).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        _digest(h, tensor)
-    _digest(h, data.x[:total])
-    _digest(h, data.y[:total])
+    model_digest(h, model)
+    tensor_digest(h, data.x[:total])
+    tensor_digest(h, data.y[:total])
     config = [[a.config() for a in attacks], total, batch_size, seed]
     if extra is not None:
         config.append(extra)
@@ -344,6 +341,7 @@ def evaluate_curve(
     channels_last: bool | None = None,
     fold_batchnorm: bool = True,
     keep_resume: bool = False,
+    engine: str = "auto",
 ) -> list[EvalRecord]:
     """One record per attack, for attacks of one norm at growing eps (a robustness curve).
 
@@ -357,10 +355,13 @@ def evaluate_curve(
     was written). The attacks run
     on a private copy with BatchNorm folded into the layer before it (``fold_batchnorm``)
     and, on CPU, channels_last weights (``channels_last``; None decides): the same function
-    to float rounding, fewer and faster passes.
+    to float rounding, fewer and faster passes. Forward-only passes (clean, checking,
+    Square's queries) run through ``engine``: ONNX Runtime where it is installed, agrees with
+    PyTorch on the first batch and is faster (``auto``), PyTorch otherwise.
     """
     if not attacks:
         raise RobustlabError("no attack to evaluate")
+    check_engine(engine)
     norms = {a.threat.norm for a in attacks}
     if len(norms) > 1:
         raise RobustlabError(f"a robustness curve needs one norm, got {', '.join(sorted(norms))}")
@@ -375,8 +376,10 @@ def evaluate_curve(
     warnings: list[str] = [ONE_CLASS_WARNING] if data.num_classes < 2 else []
     name = attacks[0].config().get("name")
     model = _fast_copy(model, data, device, channels_last, fold_batchnorm)
+    first = slice(0, min(total, batch_size))
     with (
         frozen_eval(model),
+        inference_engine(model, _batch_of(model, data.x[first], device), engine) as choice,
         tqdm(
             total=total,
             desc=f"eval {name}",
@@ -386,7 +389,6 @@ def evaluate_curve(
             leave=False,
         ) as bar,
     ):
-        first = slice(0, min(total, batch_size))
         warnings += masking_checks(model, data.x[first].to(device), data.y[first].to(device))
         for start in range(0, total, batch_size):
             if start not in done:
@@ -402,6 +404,7 @@ def evaluate_curve(
     for rec in records:
         rec.resumed_batches = resumed
         rec.batch_size = batch_size
+        rec.engine = choice.as_dict()
     if progress_path and not keep_resume:
         progress_path.unlink(missing_ok=True)
     return records
@@ -423,6 +426,12 @@ def _fast_copy(
     return fast_copy(model, channels_last=channels_last, fold=fold)
 
 
+def _batch_of(model: nn.Module, x: torch.Tensor, device: str) -> torch.Tensor:
+    """Inputs on the device, in the memory format of the model's weights."""
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if _is_channels_last(model) else x
+
+
 def _attack_batch(
     model: nn.Module,
     data: Dataset,
@@ -434,12 +443,10 @@ def _attack_batch(
 ) -> dict[str, Any]:
     """Attack one batch at every eps (smallest first); per-sample rows and timings per eps."""
     t0 = time.perf_counter()
-    x = data.x[start:end].to(device)
-    if _is_channels_last(model):
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _batch_of(model, data.x[start:end], device)
     y = data.y[start:end].to(device)
     with torch.no_grad():
-        clean_pred = model(x).argmax(1)
+        clean_pred = infer(model, x).argmax(1)
     alive = clean_pred == y
     x_adv = x.clone()
     broken: list[str | None] = [None] * len(x)
@@ -459,7 +466,7 @@ def _attack_batch(
         if not bool(attack.threat.contains(x, x_adv).all()):
             raise RuntimeError(f"attack {attack.config()} left its threat model: a bug")
         with torch.no_grad():
-            final_pred = model(x_adv).argmax(1)
+            final_pred = infer(model, x_adv).argmax(1)
         alive &= final_pred == y
         norms = attack.threat.norms(x_adv - x)
         rows = sample_rows(start, y, clean_pred, final_pred, alive, broken, norms)
