@@ -153,6 +153,23 @@ ROWS: list[tuple[list[str], str]] = [
     (["eval", "--model", "good", *QUICK, "--data", "npz:one-class.npz"], "single class"),
     # devices, seeds, architecture options
     (["eval", "--model", "good", *QUICK, "--device", "mps"], "MPS is not available here"),
+    (["eval", "--model", "good", *QUICK, "--engine", "fast"], "unknown engine 'fast'"),
+    (
+        [
+            "attack",
+            "--model",
+            "good",
+            "--data",
+            "digits",
+            "--eps",
+            "0.1",
+            "--save",
+            "a.npz",
+            "--engine",
+            "tensorrt",
+        ],
+        "unknown engine 'tensorrt'",
+    ),  # fmt: skip
     (["train", "--data", "digits", "--arch", "mlp", "--out", "t", "--device", "mps"], "MPS is not"),
     (["eval", "--model", "good", *QUICK, "--device", "cuda:x"], "unknown device 'cuda:x'"),
     (["attack", "--model", "good", *QUICK, "--batch-size", "0", "--save", "a.npz"], "batch size"),

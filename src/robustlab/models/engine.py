@@ -42,7 +42,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -204,7 +204,12 @@ def _export(model: nn.Module, example: torch.Tensor, outputs: int | None) -> byt
     names = ["logits"] if outputs is None else [f"logits{i}" for i in range(outputs)]
     axes = {name: {0: "batch"} for name in ["x", *names]}
     buf = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught:
+    chatter = io.StringIO()  # the exporter prints whole graphs when it fails
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        redirect_stdout(chatter),
+        redirect_stderr(chatter),
+    ):
         warnings.simplefilter("always")
         torch.onnx.export(
             model,

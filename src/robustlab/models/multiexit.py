@@ -116,10 +116,13 @@ class ExitHead(nn.Module):
         super().__init__()
         self.feature_shape = tuple(int(s) for s in feature_shape)
         self.pool = False
+        self.pool_size = (HEAD_SIZE, HEAD_SIZE)
         self.norm: nn.Module = nn.Identity()
         if len(self.feature_shape) == 3:
             c, h, w = self.feature_shape
             self.pool = h > HEAD_SIZE or w > HEAD_SIZE
+            # from the declared shape, not the tensor's: a traced export keeps no Python branch
+            self.pool_size = (min(h, HEAD_SIZE), min(w, HEAD_SIZE))
             features = c * (min(h, HEAD_SIZE) * min(w, HEAD_SIZE) if self.pool else h * w)
         elif len(self.feature_shape) == 2:
             features = self.feature_shape[1]
@@ -139,8 +142,9 @@ class ExitHead(nn.Module):
     def features(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The parameter-free part of the head: max and avg pools, the class token, or h."""
         if self.pool:
-            size = (min(h.shape[2], HEAD_SIZE), min(h.shape[3], HEAD_SIZE))
-            return F.adaptive_max_pool2d(h, size), F.adaptive_avg_pool2d(h, size)
+            return F.adaptive_max_pool2d(h, self.pool_size), F.adaptive_avg_pool2d(
+                h, self.pool_size
+            )
         if len(self.feature_shape) == 2:
             return (h[:, 0],)
         return (h,)
