@@ -92,7 +92,10 @@ def test_cost_is_one_generation_per_source_and_attack(digits: DataSplits) -> Non
     sources = {"s1": _untrained("mlp", 1), "s2": _untrained("mlp", 2)}
     targets = {f"t{i}": CountForward(_untrained("mlp", 10 + i)) for i in range(3)}
     attacks = [TransferAttack("a", Counting()), TransferAttack("b", Counting())]
-    result = transfer_matrix(sources, targets, attacks, digits.test, n=50, batch_size=64)
+    # counted in PyTorch: the ONNX engine's probe and passes would bypass the counter
+    result = transfer_matrix(
+        sources, targets, attacks, digits.test, n=50, batch_size=64, engine="torch"
+    )
     s, t, a = len(sources), len(targets), len(attacks)
     assert len(Counting.calls) == s * a  # not s * t * a
     assert result.generations == s * a
@@ -331,3 +334,23 @@ def test_gradient_alignment_follows_sgm_on_hand_derived_blocks() -> None:
     assert sgm["cosine"] == pytest.approx(1, abs=1e-5)
     assert by[(0.2, "other")]["cosine"] == pytest.approx(by[(1.0, "other")]["cosine"], abs=1e-5)
     assert all(r["n"] == 30 for r in rows)
+
+
+def test_both_engines_give_the_same_matrix_and_each_model_names_its_engine(
+    digits: DataSplits,
+) -> None:
+    sources = {"s": _untrained("mlp", 1)}
+    targets = {"t1": _untrained("mlp", 2), "t2": _untrained("mlp", 3)}
+    attack = [TransferAttack("shift", Counting())]
+    runs = {
+        engine: transfer_matrix(sources, targets, attack, digits.test, n=60, engine=engine)
+        for engine in ("torch", "onnxruntime")
+    }
+    a, b = runs["torch"], runs["onnxruntime"]
+    assert [c.to_dict() for c in a.cells] == [c.to_dict() for c in b.cells]
+    assert {n: e["engine"] for n, e in a.engines.items()} == dict.fromkeys(
+        ("s", "t1", "t2"), "torch"
+    )
+    assert {n: e["engine"] for n, e in b.engines.items()} == dict.fromkeys(
+        ("s", "t1", "t2"), "onnxruntime"
+    )

@@ -44,7 +44,7 @@ from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
 from ..models.blocks import DenseLayer, ResidualBlock, residual_blocks
-from ..models.engine import infer
+from ..models.engine import check_engine, infer, inference_engine
 
 #: Base attacks (registry names of the gradient engine's presets) and the modifiers that can
 #: be joined to them with "+". A base is resolved through the attack registry (so "bim" is
@@ -281,6 +281,7 @@ class TransferMatrix:
     elapsed_s: float
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: what ran
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able record (``kind`` = "transfer"; ``cells`` is one record per cell)."""
@@ -407,14 +408,18 @@ def transfer_matrix(
     progress: bool = False,
     white_box: Callable[[str, str], bool] | None = None,
     on_cell: Callable[[TransferCell], None] | None = None,
+    engine: str = "auto",
 ) -> TransferMatrix:
     """Craft each source's examples once per attack and evaluate them on every target.
 
     Models must already be on ``device``; the data is moved there. The first ``n`` samples
     of ``data`` (default all) are used. ``white_box(source, target)`` overrides which cells
     are white-box (default: the target is the source model or one of its members).
-    ``on_cell`` is called with each cell as soon as it is known.
+    ``on_cell`` is called with each cell as soon as it is known. ``engine`` runs the
+    forward-only passes of every model (targets' predictions above all), as for
+    :func:`~robustlab.evaluate.evaluate`; the record names the engine per model.
     """
+    check_engine(engine)
     if not sources or not targets or not attacks:
         raise RobustlabError("a transfer matrix needs at least one source, target and attack")
     check_batch_size(batch_size)
@@ -434,7 +439,38 @@ def transfer_matrix(
         for name, model in models.items():
             _probe(name, role, model, x, data.num_classes)
     check_sources(attacks, sources)
+    with ExitStack() as stack:
+        engines = {
+            name: stack.enter_context(inference_engine(model, x[:batch_size], engine)).as_dict()
+            for name, model in {**sources, **targets}.items()
+        }
+        matrix = _matrix(
+            sources, targets, attacks, x, y, goal, batch_size, white_box, on_cell, progress
+        )
+    return replace(
+        matrix,
+        threat_model={"norm": norm, "eps": eps},
+        seed=seed,
+        data=data.name,
+        elapsed_s=round(time.perf_counter() - start, 3),
+        engines=engines,
+    )
 
+
+def _matrix(
+    sources: Mapping[str, nn.Module],
+    targets: Mapping[str, nn.Module],
+    attacks: Sequence[TransferAttack],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    goal: torch.Tensor | None,
+    batch_size: int,
+    white_box: Callable[[str, str], bool] | None,
+    on_cell: Callable[[TransferCell], None] | None,
+    progress: bool,
+) -> TransferMatrix:
+    """The cells of a checked matrix (threat model, seed, data and time filled in above)."""
+    count = len(x)
     everyone = torch.ones(count, dtype=torch.bool, device=x.device)
     clean: dict[str, torch.Tensor] = {}
     forwards = 0
@@ -501,15 +537,15 @@ def transfer_matrix(
         sources=list(sources),
         targets=list(targets),
         attacks=[a.config() for a in attacks],
-        threat_model={"norm": norm, "eps": eps},
+        threat_model={},
         n=count,
-        targeted=targeted,
-        seed=seed,
-        data=data.name,
+        targeted=goal is not None,
+        seed=0,
+        data="",
         generations=generations,
         target_forwards=forwards,
         craft_seconds=craft_seconds,
-        elapsed_s=round(time.perf_counter() - start, 3),
+        elapsed_s=0.0,
     )
 
 

@@ -22,6 +22,7 @@ from .common import (
     DATA_HELP,
     add_command,
     add_common,
+    add_engine,
     add_store,
     add_trust_unhashed,
     cache_output,
@@ -108,6 +109,7 @@ def register(sub: Any) -> None:
         help="write the heatmap (and gamma sweep) into this folder (default: no plots)",
     )
     add_store(p, "transfer")
+    add_engine(p)
     add_common(p, json_help="write the result record (key 'cells') here (default: not written)")
     add_trust_unhashed(p)
     p.set_defaults(func=run)
@@ -251,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.checks import check_batch_size
     from ..core.device import resolve_device
     from ..data import load_data
+    from ..models.engine import check_engine
     from ..train.cache import cache_root
 
     sources = names(args.sources, "--sources")
@@ -260,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     check_batch_size(args.batch_size)
+    check_engine(args.engine)
     members = {m: parse_model(m) for s in sources for m in s.split("+") if m}
     members.update({t: parse_model(t) for t in targets})
     for s in sources:
@@ -316,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         progress=not args.no_progress,
+        engine=args.engine,
     )
     result = replace(result, models=infos)
     kind = "targeted" if args.targeted else "untargeted"
