@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from robustlab.analysis.efficiency import (
+    early_exit_all,
     efficacy,
     efficacy_curve,
     exit_fractions,
@@ -85,3 +86,28 @@ def test_latency_refuses_no_inputs() -> None:
     model = attach_exits(build_model("resnet8", 1, 10, 8), (1, 8, 8), 10, [1])
     with pytest.raises(RobustlabError, match="no inputs"):
         measure_latency(model, torch.zeros(0, 1, 8, 8))
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_exits_through_either_engine_match_batched_early_exit(engine: str) -> None:
+    """early_exit_all decides from all exits' logits at once; the model's own early_exit
+    decides exit by exit on a shrinking batch: same exits and predictions (32x32, where the
+    exits export to ONNX)."""
+    torch.manual_seed(0)
+    net = attach_exits(build_model("resnet8", width=8, image_size=32), (1, 32, 32), 10).eval()
+    x = torch.rand(40, 1, 32, 32)
+    # a threshold at the median first-IC confidence: some leave early, some do not
+    with torch.no_grad(), net.outputs("all"):
+        first = torch.softmax(net(x)[0], 1).amax(1)
+    q = float(first.median())
+    preds, exits, finals, choice = early_exit_all(net, x, q, "max_softmax", 16, engine)
+    assert choice.engine == engine
+    with torch.no_grad():
+        own = net.early_exit(x, q, "max_softmax")
+        final = net.final(x).argmax(1)
+    assert 0 < int((exits == 0).sum()) < len(x)
+    assert torch.equal(exits, own.exits) and torch.equal(preds, own.logits.argmax(1))
+    assert torch.equal(finals, final)
+    rec = measure_efficiency(net, x, finals, q, latency_samples=0, engine=engine)
+    assert rec.engine is not None and rec.engine["engine"] == engine
+    assert rec.latency_engine.startswith("torch")

@@ -30,10 +30,12 @@ import torch
 from ..core.guard import evaluating
 from ..data import Dataset
 from ..errors import RobustlabError
+from ..models.engine import EngineChoice, infer, inference_engine
 from ..models.multiexit import (
     MultiExitNetwork,
     check_rule,
     check_threshold,
+    confidence,
     exit_predictions,
     first_exit,
     head_flops,
@@ -95,6 +97,9 @@ def efficacy_curve(
     return xs, ys
 
 
+LATENCY_ENGINE = "torch: the model as deployed, early exit in eager PyTorch"
+
+
 @dataclass
 class EfficiencyRecord:
     """How a multi-exit network spends its computation on a set of inputs."""
@@ -119,30 +124,52 @@ class EfficiencyRecord:
     latency_samples: int
     latency_batch_size: int
     extra: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] | None = None  # what ran the exits' predictions, and why
+    latency_engine: str = LATENCY_ENGINE
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return asdict(self)
 
 
-@torch.inference_mode()
 def early_exit_all(
     model: MultiExitNetwork,
     x: torch.Tensor,
     threshold: float | None = None,
     rule: str | None = None,
     batch_size: int = 250,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Early-exit predictions, exits taken and final-exit predictions for ``x``, in batches."""
+    engine: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, EngineChoice]:
+    """Early-exit predictions, exits taken and final-exit predictions for ``x``, in batches,
+    and the engine that ran them.
+
+    Every exit's logits come from one pass (``output="all"``, through ``engine``: ONNX
+    Runtime where it exports and is faithful, :mod:`robustlab.models.engine`); each input
+    then takes the first exit whose confidence reaches the threshold, as
+    :meth:`MultiExitNetwork.early_exit` decides (a confidence within float rounding of the
+    threshold may decide otherwise there). The FLOPs and latency of early exit are measured
+    on the model itself, not here.
+    """
+    q = model.threshold if threshold is None else check_threshold(threshold)
+    rule = model.rule if rule is None else check_rule(rule)
     device = next(model.parameters()).device
     preds, exits, finals = [], [], []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device)
-        out = model.early_exit(xb, threshold, rule)
-        preds.append(out.logits.argmax(1).cpu())
-        exits.append(out.exits.cpu())
-        finals.append(model.final(xb).argmax(1).cpu())
-    return torch.cat(preds), torch.cat(exits), torch.cat(finals)
+    with (
+        model.outputs("all"),
+        inference_engine(model, x[:batch_size].to(device), engine) as choice,
+        torch.inference_mode(),
+    ):
+        for i in range(0, len(x), batch_size):
+            outs = infer(model, x[i : i + batch_size].to(device))
+            n = len(outs[-1])
+            ics = [confidence(z, rule) for z in outs[:-1]]
+            scores = torch.stack(ics, dim=1) if ics else outs[-1].new_zeros(n, 0)
+            taken = first_exit(scores, q)
+            logits = torch.stack(outs)[taken, torch.arange(n, device=taken.device)]
+            preds.append(logits.argmax(1).cpu())
+            exits.append(taken.cpu())
+            finals.append(outs[-1].argmax(1).cpu())
+    return torch.cat(preds), torch.cat(exits), torch.cat(finals), choice
 
 
 @contextmanager
@@ -213,17 +240,20 @@ def measure_efficiency(
     batch_size: int = 250,
     latency_samples: int = 200,
     latency_batch_size: int = 1,
+    engine: str = "auto",
 ) -> EfficiencyRecord:
     """Exit distribution, FLOPs, efficacy, accuracies and latency of early exit on ``(x, y)``.
 
     The model's modes are restored afterwards. ``latency_samples`` = 0 skips the timing.
+    Predictions and exits come through ``engine`` (:func:`early_exit_all`); latency is
+    always that of the model as deployed: batched early exit in eager PyTorch.
     """
     if len(x) == 0 or len(x) != len(y):
         raise RobustlabError(f"need inputs with one label each, got {len(x)} and {len(y)}")
     q = model.threshold if threshold is None else check_threshold(threshold)
     rule = model.rule if rule is None else check_rule(rule)
     with evaluating(model):
-        preds, exits, finals = early_exit_all(model, x, q, rule, batch_size)
+        preds, exits, finals, choice = early_exit_all(model, x, q, rule, batch_size, engine)
         latency = latency_full = 0.0
         timed = x[: max(0, latency_samples)]
         if len(timed):
@@ -255,6 +285,7 @@ def measure_efficiency(
         latency_saving=1 - latency / latency_full if latency_full > 0 else 0.0,
         latency_samples=len(timed),
         latency_batch_size=latency_batch_size,
+        engine=choice.as_dict(),
     )
 
 

@@ -21,6 +21,7 @@ from .common import (
     DATA_HELP,
     add_command,
     add_common,
+    add_engine,
     add_legacy_arch,
     add_trust_unhashed,
     check_fit,
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.device import resolve_device
     from ..data import load_data
     from ..models.checkpoint import MANIFEST, checkpoint_outputs, save_checkpoint
+    from ..models.engine import check_engine
     from ..models.multiexit import (
         MultiExitNetwork,
         attach_exits,
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         drops = [args.drop, *drops]
     check_drops(drops)
     check_rule(args.rule)
+    check_engine(args.engine)
     positions = None if args.exits in ("auto", "all") else ints(args.exits, "--exits")
     cfg = SDNConfig(
         mode=args.mode,
@@ -146,7 +149,13 @@ def run(args: argparse.Namespace) -> int:
     per_drop: dict[str, Any] = {}
     for key, q in calib.thresholds.items():
         rec = measure_efficiency(
-            model, splits.test.x, splits.test.y, q, args.rule, latency_samples=args.latency_samples
+            model,
+            splits.test.x,
+            splits.test.y,
+            q,
+            args.rule,
+            latency_samples=args.latency_samples,
+            engine=args.engine,
         )
         per_drop[key] = rec.to_dict()
         say(
@@ -239,6 +248,7 @@ def register(sub: Any) -> None:
         default=200,
         help="test inputs timed one by one for the latency (0: skip)",
     )
+    add_engine(p)
     add_trust_unhashed(p)
     add_common(
         p,

@@ -21,6 +21,7 @@ from .common import (
     DATA_HELP,
     add_command,
     add_common,
+    add_engine,
     add_store,
     add_trust_unhashed,
     check_fit,
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.checks import check_batch_size
     from ..core.device import resolve_device
     from ..data import load_data
+    from ..models.engine import check_engine
     from ..models.multiexit import check_threshold
 
     device = resolve_device(args.device)
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     check_batch_size(args.batch_size)
+    check_engine(args.engine)
     if (args.universal or args.class_universal) and min(
         args.universal_epochs, args.universal_samples
     ) < 1:
@@ -152,7 +155,12 @@ def run(args: argparse.Namespace) -> int:
     def measure(inputs: torch.Tensor) -> Any:
         """The efficiency record of these inputs on the model."""
         return measure_efficiency(
-            model, inputs, y, latency_samples=args.latency_samples, batch_size=args.batch_size
+            model,
+            inputs,
+            y,
+            latency_samples=args.latency_samples,
+            engine=args.engine,
+            batch_size=args.batch_size,
         )
 
     clean = measure(x)
@@ -319,6 +327,7 @@ def register(sub: Any) -> None:
         "--latency-samples", type=int, default=200, help="inputs timed one by one (0: skip)"
     )
     add_store(p, "sloth")
+    add_engine(p)
     add_trust_unhashed(p)
     add_common(p)
     p.set_defaults(func=run)
