@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks import AutoAttack
@@ -33,7 +34,7 @@ from robustlab.models.engine import (
     inference_engine,
 )
 from robustlab.models.hpm import HPMClassifier, with_mode
-from robustlab.models.multiexit import attach_exits
+from robustlab.models.multiexit import adaptive_pool, attach_exits
 
 
 def _x(n: int = 12, size: int = 28, seed: int = 0) -> torch.Tensor:
@@ -103,12 +104,12 @@ def test_infer_runs_the_session_and_plain_calls_do_not() -> None:
 
 def test_a_multi_exit_model_returns_every_exit_through_onnxruntime() -> None:
     torch.manual_seed(0)
-    # 32 x 32: ONNX exports the exits' adaptive max pooling only where sizes divide evenly
-    net = attach_exits(build_model("resnet8", width=8, image_size=32), (1, 32, 32), 10).eval()
-    x = _x(6, size=32)
+    # 28 x 28: exits pool 28, 14 and 7 to 4 x 4, windows the exporter must spell out
+    net = attach_exits(build_model("resnet8", width=8), (1, 28, 28), 10).eval()
+    x = _x(6)
     with (
         net.outputs("all"),
-        inference_engine(net, _x(16, size=32), "onnxruntime"),
+        inference_engine(net, _x(16), "onnxruntime"),
         torch.no_grad(),
     ):
         got, want = infer(net, x), net(x)
@@ -249,3 +250,21 @@ def test_both_engines_give_the_same_evaluation_and_the_record_names_the_engine(
     assert b.engine is not None and b.engine["engine"] == "onnxruntime"
     assert a.samples == b.samples
     assert a.robust_accuracy == b.robust_accuracy
+
+
+@pytest.mark.parametrize("side", [28, 14, 7, 8, 3])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_exit_pooling_traced_for_export_is_pytorchs_adaptive_pooling(side: int, kind: str) -> None:
+    size = (min(side, 4), min(side, 4))
+
+    class Pool(nn.Module):
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return adaptive_pool(h, (side, side), size, kind)
+
+    h = torch.randn(3, 5, side, side)
+    traced = torch.jit.trace(Pool(), (h,))  # type: ignore[no-untyped-call]
+    if side % size[0]:  # the windows, not the operator ONNX cannot take
+        assert "adaptive" not in str(traced.graph)
+    other = torch.randn(2, 5, side, side)  # the trace holds for new values
+    want = (F.adaptive_max_pool2d if kind == "max" else F.adaptive_avg_pool2d)(other, size)
+    torch.testing.assert_close(traced(other), want, rtol=0, atol=1e-6)

@@ -104,6 +104,32 @@ def first_exit(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(hit.any(dim=1), first, torch.full_like(first, scores.shape[1]))
 
 
+def adaptive_pool(
+    h: torch.Tensor, declared: tuple[int, int], size: tuple[int, int], kind: str
+) -> torch.Tensor:
+    """PyTorch's adaptive max or average pooling of ``h`` to ``size``; while a model is
+    traced for export (ONNX has no adaptive pooling to sizes that do not divide the input),
+    the same windows of the ``declared`` input size (rows floor(i*H/s) to ceil((i+1)*H/s),
+    likewise columns) pooled one by one."""
+    pool = F.adaptive_max_pool2d if kind == "max" else F.adaptive_avg_pool2d
+    height, width = declared
+    tracing: bool = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+    if not tracing or (height % size[0] == 0 and width % size[1] == 0):
+        return pool(h, size)
+
+    def windows(n: int, s: int) -> list[tuple[int, int]]:
+        return [((i * n) // s, -(-((i + 1) * n) // s)) for i in range(s)]
+
+    def reduce(w: torch.Tensor) -> torch.Tensor:
+        return w.amax(dim=(-2, -1)) if kind == "max" else w.mean(dim=(-2, -1))
+
+    rows = [
+        torch.stack([reduce(h[..., r0:r1, c0:c1]) for c0, c1 in windows(width, size[1])], -1)
+        for r0, r1 in windows(height, size[0])
+    ]
+    return torch.stack(rows, -2)
+
+
 class ExitHead(nn.Module):
     """An SDN internal classifier: alpha*maxpool + (1-alpha)*avgpool to 4x4, flatten, linear.
 
@@ -142,8 +168,10 @@ class ExitHead(nn.Module):
     def features(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The parameter-free part of the head: max and avg pools, the class token, or h."""
         if self.pool:
-            return F.adaptive_max_pool2d(h, self.pool_size), F.adaptive_avg_pool2d(
-                h, self.pool_size
+            declared = (self.feature_shape[1], self.feature_shape[2])
+            return (
+                adaptive_pool(h, declared, self.pool_size, "max"),
+                adaptive_pool(h, declared, self.pool_size, "avg"),
             )
         if len(self.feature_shape) == 2:
             return (h[:, 0],)
