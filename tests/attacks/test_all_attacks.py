@@ -392,8 +392,9 @@ def test_every_targeted_attack_reaches_its_targets(
     need = row.hit.get(norm, 0.5)
     assert hit >= need, f"{name} ({norm}): {hit:.2f} of points on their target, need {need}"
     if need < 0.5:  # a weak case: still, the target's margin rises on (almost) every point
-        rise = (_target_margin(after, targets) > _target_margin(before, targets)).float().mean()
-        assert float(rise) >= 0.9, f"{name} ({norm}): the target margin rose on only {rise:.2f}"
+        # counted in points: 90 % as a float32 mean is 0.89999998 and would miss the bar
+        rose = int((_target_margin(after, targets) > _target_margin(before, targets)).sum())
+        assert rose >= 0.9 * len(x), f"{name} ({norm}): the target margin rose on {rose}/{len(x)}"
 
 
 def _target_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

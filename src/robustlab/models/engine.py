@@ -27,8 +27,8 @@ What keeps a pass faithful:
   runs in PyTorch, so a hook-based transform (SGM, feature capture) or a context manager
   that switches a head's mode is never bypassed.
 
-Exports are cached in the process by the model's fingerprint (structure and state), so a
-curve, a transfer matrix or a repeated evaluation exports a model once.
+Sessions are cached in the process by the model's fingerprint (structure, state and plain
+settings), so a curve, a transfer matrix or a repeated evaluation exports a model once.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import sys
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -167,7 +168,8 @@ class _Runner:
 
 
 _ATTACHED: WeakKeyDictionary[nn.Module, tuple[_Runner | None, EngineChoice]] = WeakKeyDictionary()
-_EXPORTS: dict[str, bytes] = {}  # fingerprint -> ONNX bytes, for this process
+_SESSIONS: OrderedDict[str, Any] = OrderedDict()  # export key -> session, this process
+_KEEP = 8  # sessions kept (least recently used dropped first)
 
 
 def infer(model: nn.Module, x: torch.Tensor) -> Any:
@@ -196,11 +198,32 @@ def _structure(out: Any) -> int | None:
     raise ValueError(f"its forward returns {type(out).__name__}, not a tensor or list of tensors")
 
 
+def _session_for(model: nn.Module, example: torch.Tensor, outputs: int | None) -> Any:
+    """A session running the model's export: made once per model fingerprint (structure,
+    weights, settings), input shape and thread count, then reused."""
+    settings = repr([_settings(m) for m in model.modules()])
+    key = "|".join(
+        [
+            model_fingerprint(model),
+            settings,
+            str(tuple(example.shape[1:])),
+            torch.__version__,
+            str(OPSET),
+            str(torch.get_num_threads()),
+        ]
+    )
+    if key in _SESSIONS:
+        _SESSIONS.move_to_end(key)
+        return _SESSIONS[key]
+    session = _session(_export(model, example, outputs))
+    _SESSIONS[key] = session
+    while len(_SESSIONS) > _KEEP:
+        _SESSIONS.popitem(last=False)
+    return session
+
+
 def _export(model: nn.Module, example: torch.Tensor, outputs: int | None) -> bytes:
     """The model as ONNX bytes with a dynamic batch axis (traced on ``example``)."""
-    key = model_fingerprint(model) + f"|{tuple(example.shape[1:])}|{torch.__version__}|{OPSET}"
-    if key in _EXPORTS:
-        return _EXPORTS[key]
     names = ["logits"] if outputs is None else [f"logits{i}" for i in range(outputs)]
     axes = {name: {0: "batch"} for name in ["x", *names]}
     buf = io.BytesIO()
@@ -229,8 +252,7 @@ def _export(model: nn.Module, example: torch.Tensor, outputs: int | None) -> byt
     if traced:
         first = str(traced[0].message).splitlines()[0]
         raise ValueError(f"its forward has data-dependent Python control flow ({first})")
-    _EXPORTS[key] = buf.getvalue()
-    return _EXPORTS[key]
+    return buf.getvalue()
 
 
 def _session(onnx: bytes) -> Any:
@@ -360,7 +382,7 @@ def _probe(
         outputs = _structure(ref)
         generator = torch.Generator().manual_seed(0)
         example = torch.rand((2, *probe.shape[1:]), generator=generator)
-        session = _session(_export(model, example, outputs))
+        session = _session_for(model, example, outputs)
         runner = _Runner(model, session, outputs)
         worst = 0.0
         for batch, expected in ((probe, ref), (probe[:1], model(probe[:1]))):
