@@ -33,7 +33,14 @@ Models (each for both methods):
   nuclear and group lasso at 1e-2 with each hidden layer rescaled to its initial Frobenius
   norm after every step;
 - ``gl+prune-*``: the same two prunings of the group-lasso 3e-3 model (added once the base's
-  two hidden layers turned out too alike for eps-targeted pruning to differ from global).
+  two hidden layers turned out too alike for eps-targeted pruning to differ from global);
+- ``alignment`` (the third mitigation): the ``alignment`` regulariser (the mean l-inf local
+  gain of the batch, ``train/compression.py``) at ``ALIGNMENT[method]`` (per method, from a
+  pilot: the strongest level that kept clean accuracy; PGD-AT's gains are ~10x smaller and
+  1e-2 collapsed them), and ``alignment+prune-global``: that model pruned by global magnitude
+  to ``SPARSITIES`` with the same 1-epoch fine-tune as the base's pruning (the method only,
+  without the regulariser), to set against ``prune-global`` of the plain base
+  (``benchmarks/results_alignment.md``).
 
 Per model (one JSON line appended to ``--results`` as soon as it is measured; a model
 already there is skipped, so a killed run resumes): clean accuracy on the 1,000 test points,
@@ -91,6 +98,7 @@ SEEDS = (1, 2)
 SPREAD = 0.05
 L1_MIDDLE = (3e-4, 1e-3)
 GL_PRUNED = "group-lasso=0.003"
+ALIGNMENT = {"standard": 1e-2, "pgd-at": 3e-3}
 KAPPA = 0.1
 
 
@@ -161,6 +169,16 @@ def specs() -> list[Spec]:
                 f"{m}/{name}=0.01+renorm", m, "renorm", 0.01, {name: 0.01}, renorm=True
             )
         )  # fmt: skip
+    for m in METHODS:  # the alignment mitigation: trained with it, then pruned like the base
+        a = ALIGNMENT[m]
+        out.append(Spec(f"{m}/alignment={a:g}", m, "alignment", a, {"alignment": a}))
+        for s in SPARSITIES:
+            out.append(
+                Spec(
+                    f"{m}/alignment={a:g}+prune-global={s:g}", m, "alignment+prune-global", s,
+                    prune="global", pruned_from=f"alignment={a:g}",
+                )
+            )  # fmt: skip
     return out
 
 
