@@ -18,7 +18,7 @@ adversarial perturbation moves them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,37 +30,49 @@ from ..models.structure import plan_for, run_steps, weight_layers
 from .compressibility import near_zero_fraction
 
 
-def _unit_outputs(model: nn.Module, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each unit's output of a zoo model, or each weight layer's output of any other model."""
+def _unit_outputs(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each unit's output of a zoo model (or each weight layer's output of any other model)
+    and the logits, from one forward pass."""
     try:
         plan = plan_for(model, root="")
     except RobustlabError:
         plan = None
+    seen: dict[str, torch.Tensor] = {}
     if plan is not None:
         h = x
         for name, steps in zip(plan.names, plan.units, strict=True):
             h = run_steps(model, steps, h)
-            yield name, h.detach().flatten(1).clone()
-        return
-    seen: list[tuple[str, torch.Tensor]] = []
+            seen[name] = h.detach().flatten(1).clone()
+        return seen, run_steps(model, plan.head, h)
     handles = [
         m.register_forward_hook(
-            lambda _m, _a, out, name=name: seen.append((name, out.detach().flatten(1).clone()))
+            lambda _m, _a, out, name=name: seen.__setitem__(name, out.detach().flatten(1).clone())
         )
         for name, m in weight_layers(model)
     ]
     try:
-        model(x)
+        logits = model(x)
     finally:
         for handle in handles:
             handle.remove()
-    yield from seen
+    return seen, logits
+
+
+def representations_and_logits(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The flattened representations and the logits of a batch, from one forward pass (eval
+    mode, no gradient): what ``compress`` shares between the representation metrics and the
+    measured gap's losses."""
+    with evaluating(model), torch.no_grad():
+        return _unit_outputs(model, x)
 
 
 def representations(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The flattened representations of a batch (one forward pass, eval mode, no gradient)."""
-    with evaluating(model), torch.no_grad():
-        return dict(_unit_outputs(model, x))
+    return representations_and_logits(model, x)[0]
 
 
 def batch_stable_rank(z: torch.Tensor) -> float:
@@ -89,13 +101,11 @@ def relative_shift(z: torch.Tensor, z_adv: torch.Tensor) -> float:
     return float((num[keep] / den[keep]).mean()) if bool(keep.any()) else 0.0
 
 
-def representation_metrics(
-    model: nn.Module, x: torch.Tensor, adversarial: Mapping[str, torch.Tensor] | None = None
+def representation_rows(
+    clean: Mapping[str, torch.Tensor], shifted: Mapping[str, Mapping[str, torch.Tensor]]
 ) -> list[dict[str, Any]]:
-    """Per representation: name, width, stable rank, PQ-index, zero fraction, and the shift
-    under each adversarial batch in ``adversarial`` (keyed by threat model)."""
-    clean = representations(model, x)
-    shifted = {k: representations(model, xa) for k, xa in (adversarial or {}).items()}
+    """The metrics of representations already taken: ``clean`` by name, ``shifted`` by threat
+    model then name (the same points, perturbed)."""
     rows = []
     for name, z in clean.items():
         rows.append(
@@ -109,3 +119,13 @@ def representation_metrics(
             }
         )
     return rows
+
+
+def representation_metrics(
+    model: nn.Module, x: torch.Tensor, adversarial: Mapping[str, torch.Tensor] | None = None
+) -> list[dict[str, Any]]:
+    """Per representation: name, width, stable rank, PQ-index, zero fraction, and the shift
+    under each adversarial batch in ``adversarial`` (keyed by threat model)."""
+    clean = representations(model, x)
+    shifted = {k: representations(model, xa) for k, xa in (adversarial or {}).items()}
+    return representation_rows(clean, shifted)
