@@ -65,7 +65,8 @@ Jacobian of the logits at ``x_i`` (the product ``W_L D_{L-1} ... D_1 W_1`` of th
 the ReLU masks of ``x_i``); ``||J||_{inf->inf}`` is its largest row l1 norm (exact), ``||J||_2``
 its top singular value. It lies in (0, 1]. ``alignment * bound`` is a first-order estimate of
 the gap, not a guaranteed bound; the guaranteed bounds are ``bound`` (exact norms) and
-``bound_compressibility``.
+``bound_compressibility``. The local gains come from :mod:`robustlab.models.gains`, the one
+copy that the ``alignment`` training penalty (``train.compression``) differentiates too.
 """
 
 from __future__ import annotations
