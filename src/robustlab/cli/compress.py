@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
         type=int,
         metavar="N",
         help="measure the bound's alignment term on the first N points of the batch (one "
-        "backward pass per class each; default: 128, analysis.compress.ALIGNMENT_POINTS; 0 "
+        "backward pass per class each; default: 64, analysis.compress.ALIGNMENT_POINTS; 0 "
         "skips it; more than --n uses all)",
     )
     add_trust_unhashed(p)
