@@ -16,7 +16,7 @@ first ``ALIGNMENT_POINTS`` (64) points of the batch: the alignment is a max over
 a subsample gives a lower estimate of it. On six mnist5k models (a resnet20 and five MLPs)
 64 points gave the same alignment as 128, 0.83-1.00 of the value on all 500, at half the
 cost (1.7x a forward pass of the 500-point batch on the resnet20, against 3.1x; all 500:
-12.5x); 32 points fell to 0.77-0.83 on two of them. 0 skips it. The attack (APGD-CE, 100 steps by
+12.5x); with 32 points four of them fell to 0.75-0.85 (64: 0.89-1.00). 0 skips it. The attack (APGD-CE, 100 steps by
 default, ``steps``) costs what an attack costs.
 """
 
