@@ -26,7 +26,7 @@ def _kept(v: float | None, base: float | None) -> str:
     return "-" if v is None or not base else f"{v / base:.3f}"
 
 
-def rows_for(rows: dict[str, Row], method: str, origin: str) -> list[str]:
+def rows_for(rows: dict[str, Row], method: str, origin: str, label: str = "") -> list[str]:
     """The unpruned model of ``origin`` and its two global prunings, as table lines."""
     base = rows.get(f"{method}/{origin}")
     if base is None:
@@ -40,7 +40,7 @@ def rows_for(rows: dict[str, Row], method: str, origin: str) -> list[str]:
             continue
         b = r["bound"]["linf"]
         lines.append(
-            f"| {method} | {origin} | {'-' if s == 0 else f'{100 * s:.0f} %'} "
+            f"| {method} | {label or origin} | {'-' if s == 0 else f'{100 * s:.0f} %'} "
             f"| {_pct(r['clean_full'])} | {_kept(r['clean_full'], base['clean_full'])} "
             f"| {_pct(robust(r, eps))} (@{eps}) | {_kept(robust(r, eps), robust(base, eps))} "
             f"| {_pct(uap(r, eps))} | {b['alignment']:.2e} | {b['bound']:.3g} "
@@ -50,12 +50,14 @@ def rows_for(rows: dict[str, Row], method: str, origin: str) -> list[str]:
 
 
 def main() -> None:
-    """Print the markdown table."""
+    """Print the markdown table (rows of the second file that repeat a model of the first, a
+    re-run of a plain model, are shown beside the first's, labelled as re-runs)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("plain", type=Path, help="the sweep's rows with the plain base and its pruning")
     p.add_argument("aligned", type=Path, help="the rows of the alignment-regularised models")
     args = p.parse_args()
-    rows = {r["name"]: r for path in (args.plain, args.aligned) for r in read(path)}
+    plain = {r["name"]: r for r in read(args.plain)}
+    new = {r["name"]: r for r in read(args.aligned)}
     print(
         "| method | trained with | pruned (global) | clean % | kept (clean) | AutoAttack % "
         "| kept (robust) | UAP fooling % | alignment linf | bound linf | aligned estimate "
@@ -63,13 +65,16 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     origins = sorted(
-        {r["name"].split("/")[1].split("+")[0] for r in rows.values() if r["family"] == "alignment"}
+        {r["name"].split("/")[1].split("+")[0] for r in new.values() if r["family"] == "alignment"}
     )
     for method in ("standard", "pgd-at"):
-        for origin in ("base", *origins):
-            if origin.startswith("alignment") or origin == "base":
-                for line in rows_for(rows, method, origin):
-                    print(line)
+        for line in rows_for(plain, method, "base"):
+            print(line)
+        for line in rows_for(new, method, "base", "base (re-run)"):
+            print(line)
+        for origin in origins:
+            for line in rows_for(new, method, origin):
+                print(line)
 
 
 if __name__ == "__main__":

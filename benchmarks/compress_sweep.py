@@ -376,7 +376,9 @@ def measure(
     row: dict[str, Any] = {"clean_full": accuracy(model, splits.test)}
     eps_list = [0.3] + ([args.low_eps] if spec.method == "standard" else [])
     row["autoattack"] = [_autoattack(model, splits, e, args.n) for e in eps_list]
-    rec = compress_record(model, x, y, kappas=(KAPPA, 0.25, 0.5), steps=100)
+    rec = compress_record(  # the alignment on every point, as the sweep always measured it
+        model, x, y, kappas=(KAPPA, 0.25, 0.5), steps=100, alignment_points=None
+    )
     names = {n for n, _ in penalized_layers(model, everything=False)}
     net = rec["network"]
     row["network"] = {
