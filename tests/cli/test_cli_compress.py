@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from robustlab.cli import main
+from robustlab.analysis.compress import ALIGNMENT_POINTS
+from robustlab.cli import build_parser, main
 from robustlab.data import DataSplits
 from robustlab.models.structure import weight_layers
 from robustlab.report.html import render_report
@@ -75,6 +78,7 @@ def test_budgets_given_on_the_command_line_are_used(trained: TrainResult, tmp_pa
         (["--kappa", "0"], "kappa must be a fraction strictly between 0 and 1"),
         (["--eps-l2", "0"], "the l2 budget must be a finite number > 0"),
         (["--n", "0"], "--n must be >= 1"),
+        (["--alignment-points", "-1"], "--alignment-points must be >= 0, got -1"),
     ],
 )
 def test_bad_options_get_one_sentence(
@@ -89,3 +93,27 @@ def test_bad_options_get_one_sentence(
     err = capsys.readouterr().err
     assert sentence in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_alignment_points_zero_skips_the_alignment_term(
+    trained: TrainResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "c.json"
+    args = ["compress", "--model", str(trained.path), *FAST, "--json", str(out)]
+    assert main([*args, "--alignment-points", "0"]) == 0
+    record = json.loads(out.read_text())
+    assert record["alignment_points"] == 0
+    assert all(record["bound"][n]["alignment"] is None for n in ("linf", "l2"))
+    assert "alignment not measured" in capsys.readouterr().out
+    assert main([*args, "--alignment-points", "3", "--overwrite"]) == 0
+    record = json.loads(out.read_text())
+    assert record["alignment_points"] == 3 and record["bound"]["l2"]["alignment"] > 0
+
+
+def test_the_help_states_the_default_alignment_points() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    compress = sub.choices["compress"]
+    helps = {a.dest: a.help for a in compress._actions}
+    found = re.search(r"default: (\d+)", str(helps["alignment_points"]))
+    assert found is not None and int(found.group(1)) == ALIGNMENT_POINTS

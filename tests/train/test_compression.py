@@ -1,24 +1,31 @@
 """Compression regularisers: their gradients are those of their formulas on the layers they
-name, they make training measurably sparser, the manifest records them, bad strengths fail."""
+name, they make training measurably sparser, the manifest records them, bad strengths fail.
+The alignment penalty: its value against an independent Jacobian, its gradient lowers it, it
+composes with PGD-AT and the command line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from robustlab.cli import main
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model, classifier_head, weight_layers
 from robustlab.models.weights import layer_weight
 from robustlab.train import TrainConfig, train
 from robustlab.train.compression import (
+    ALIGNMENT_POINTS,
+    BATCH_PENALTIES,
     PENALTIES,
     Regularize,
     check_regularizers,
     parse_regularizers,
+    penalty,
     regularizer_hooks,
     regularizers_of,
 )
@@ -191,6 +198,9 @@ def test_strong_nuclear_norm_lowers_the_stable_rank(digits: DataSplits, tmp_path
         ({"nuclear": float("nan")}, "finite strength >= 0"),
         ({"group-lasso": float("inf")}, "finite strength >= 0"),
         ({"l1": "a"}, "needs a number"),
+        ({"alignment": -0.5}, "regularizer alignment needs a finite strength >= 0, got -0.5"),
+        ({"alignment-l2": float("nan")}, "finite strength >= 0"),
+        ({"alignment": True}, "needs a number"),
     ],
 )
 def test_bad_strengths_get_a_sentence(given: dict[str, object], sentence: str) -> None:
@@ -248,3 +258,123 @@ def test_regularizers_compose_with_adversarial_training(
     assert not torch.equal(w_plain, w_both)
     si = PENALTIES["group-lasso-si"].formula
     assert float(si(w_both)) < float(si(w_plain))  # the penalty it minimises went down
+
+
+def _gain_by_hand(model: nn.Module, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Mean over the points of the operator norm of the logits' Jacobian, one point at a time
+    with torch.autograd.functional (independent of ``models.gains``)."""
+    values = []
+    for point in x:
+        jac = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
+            lambda v: model(v.unsqueeze(0))[0], point
+        )
+        jac = jac.reshape(jac.shape[0], -1).double()
+        if norm == "linf":
+            values.append(jac.abs().sum(dim=1).max())
+        else:
+            values.append(torch.linalg.matrix_norm(jac, ord=2))
+    return torch.stack(values).mean()
+
+
+@pytest.mark.parametrize(("name", "norm"), [("alignment", "linf"), ("alignment-l2", "l2")])
+def test_alignment_penalty_is_the_mean_local_gain_of_the_batch(name: str, norm: str) -> None:
+    torch.manual_seed(2)
+    model = build_model("mlp", 1, 10, 8, width=16).double().eval()
+    x = torch.rand(ALIGNMENT_POINTS + 3, 1, 8, 8, dtype=torch.float64)
+    value = penalty(model, {name: 0.7}, x)
+    want = 0.7 * _gain_by_hand(model, x[:ALIGNMENT_POINTS], norm)  # the first points only
+    torch.testing.assert_close(value.detach(), want.detach(), rtol=1e-9, atol=0.0)
+    assert name not in PENALTIES and BATCH_PENALTIES[name].name == name
+    with pytest.raises(RobustlabError, match=f"the {name} penalty needs a batch of inputs"):
+        penalty(model, {name: 0.7})
+
+
+@pytest.mark.parametrize("name", ["alignment", "alignment-l2"])
+def test_a_step_of_sgd_on_the_alignment_penalty_alone_lowers_it(name: str) -> None:
+    torch.manual_seed(3)
+    model = build_model("mlp", 1, 10, 8, width=16).double()
+    x = torch.rand(16, 1, 8, 8, dtype=torch.float64)
+    before = float(penalty(model, {name: 1.0}, x).detach())
+    Regularize({name: 1.0}).add_gradient(model, x)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for n, g in grads.items() if n.endswith("weight"))
+    # the gradient added is the penalty's: a directional derivative by finite differences
+    direction = [torch.randn_like(p) for p in model.parameters()]
+    slope = sum(
+        float((p.grad * d).sum()) for p, d in zip(model.parameters(), direction, strict=True)
+        if p.grad is not None
+    )  # fmt: skip
+    h = 1e-6
+    with torch.no_grad():
+        for p, d in zip(model.parameters(), direction, strict=True):
+            p.add_(h * d)
+    moved = float(penalty(model, {name: 1.0}, x).detach())
+    with torch.no_grad():
+        for p, d in zip(model.parameters(), direction, strict=True):
+            p.sub_(h * d)
+    assert (moved - before) / h == pytest.approx(slope, rel=1e-4)
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    after = float(penalty(model, {name: 1.0}, x).detach())
+    assert after < 0.95 * before
+
+
+def test_alignment_penalty_sees_the_eval_mode_network_and_leaves_it_in_train_mode() -> None:
+    model = _tiny().train()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert bn.running_mean is not None
+    running = bn.running_mean.clone()
+    x = torch.rand(4, 1, 8, 8)
+    Regularize({"alignment": 1.0}).add_gradient(model, x)
+    assert model.training and torch.equal(bn.running_mean, running)  # no statistics update
+    assert bn.weight.grad is not None and float(bn.weight.grad.abs().sum()) > 0
+    per_point = penalty(model, {"alignment": 1.0}, x[:1]).detach()
+    model.eval()
+    assert float(per_point) == pytest.approx(float(_gain_by_hand(model, x[:1], "linf")), rel=1e-4)
+
+
+def test_alignment_penalty_composes_with_pgd_at_and_is_recorded(
+    digits: DataSplits, tmp_path: Path
+) -> None:
+    def run(regularizers: dict[str, float], name: str) -> tuple[nn.Module, dict[str, object]]:
+        """One epoch of PGD-AT of a small mlp on digits."""
+        cfg = TrainConfig(
+            arch="mlp",
+            data="digits",
+            method="pgd-at",
+            eps=0.1,
+            steps=1,
+            epochs=1,
+            arch_options={"width": 32},
+        )
+        hooks = regularizer_hooks(regularizers)
+        result = train(cfg, tmp_path / name, splits=digits, progress=False, hooks=hooks)
+        return result.model, result.manifest
+
+    plain, manifest_plain = run({}, "plain")
+    aligned, manifest = run({"alignment": 0.1}, "aligned")
+    assert manifest["training"]["add_ons"] == [  # type: ignore[index]
+        {"name": "regularizers", "strengths": {"alignment": 0.1}}
+    ]
+    assert regularizers_of(manifest) == {"alignment": 0.1}
+    assert manifest["training"]["method"] == manifest_plain["training"]["method"]  # type: ignore[index]
+    x = digits.test.x[:200]
+    gain_plain = float(penalty(plain, {"alignment": 1.0}, x).detach())
+    gain_aligned = float(penalty(aligned, {"alignment": 1.0}, x).detach())
+    assert gain_aligned < 0.8 * gain_plain  # held-out points: the realised gain went down
+
+
+def test_the_command_line_trains_with_alignment_and_refuses_a_bad_strength(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["train", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--no-progress"]
+    assert main([*base, "--regularizer", "alignment=-1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "regularizer alignment needs a finite strength >= 0, got -1.0" in err
+    assert err.count("\n") == 1 and not (tmp_path / "bad").exists()
+    out, js = tmp_path / "ok", tmp_path / "m.json"
+    argv = [*base, "--method", "pgd-at", "--eps", "0.1", "--steps", "1"]
+    assert (
+        main([*argv, "--regularizer", "alignment=0.01", "--out", str(out), "--json", str(js)]) == 0
+    )
+    manifest = json.loads(js.read_text())
+    assert regularizers_of(manifest) == {"alignment": 0.01}

@@ -65,7 +65,8 @@ Jacobian of the logits at ``x_i`` (the product ``W_L D_{L-1} ... D_1 W_1`` of th
 the ReLU masks of ``x_i``); ``||J||_{inf->inf}`` is its largest row l1 norm (exact), ``||J||_2``
 its top singular value. It lies in (0, 1]. ``alignment * bound`` is a first-order estimate of
 the gap, not a guaranteed bound; the guaranteed bounds are ``bound`` (exact norms) and
-``bound_compressibility``.
+``bound_compressibility``. The local gains come from :mod:`robustlab.models.gains`, the one
+copy that the ``alignment`` training penalty (``train.compression``) differentiates too.
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..core.guard import evaluating
 from ..errors import RobustlabError
+from ..models.gains import GAIN_NORMS
+from ..models.gains import local_gains as local_gains  # re-exported: part of the API
 from ..models.structure import classifier_head
 from .compressibility import LayerMetrics, best_k, weight_matrix
 
-NORMS = ("linf", "l2")
+NORMS = GAIN_NORMS
 #: Lipschitz constant of the cross-entropy in the logits, per threat model's norm.
 CE_LIPSCHITZ = {"linf": 2.0, "l2": math.sqrt(2.0)}
 FORMS = ("exact", "compressibility")
@@ -504,46 +507,9 @@ def robustness_bounds(
     return out
 
 
-def local_gains(
-    model: nn.Module, x: torch.Tensor, norms: Sequence[str] = NORMS, *, create_graph: bool = False
-) -> dict[str, torch.Tensor]:
-    """Per sample and norm, the operator norm of the logits' Jacobian at ``x``: l-inf->l-inf
-    (the largest row l1 norm) and l2 (the top singular value).
-
-    The Jacobian is computed once for all norms, with one backward pass per class (samples
-    are independent in eval mode): the gradient of ``logits[:, j].sum()`` holds row ``j`` of
-    every sample's Jacobian. With ``create_graph`` the gains stay differentiable in the
-    weights (a penalty on them regularises the alignment term); otherwise they are detached.
-    """
-    for norm in norms:
-        if norm not in NORMS:
-            raise RobustlabError(f"local gain covers linf and l2, not {norm}")
-    with evaluating(model), torch.enable_grad():
-        xr = x.detach().clone().requires_grad_(True)
-        logits = model(xr)
-        rows = []
-        for j in range(logits.shape[1]):
-            (g,) = torch.autograd.grad(
-                logits[:, j].sum(),
-                xr,
-                retain_graph=create_graph or j + 1 < logits.shape[1],
-                create_graph=create_graph,
-            )
-            rows.append(g.flatten(1))
-        jac = torch.stack(rows, dim=1).double()  # n x classes x input size
-        if not create_graph:
-            jac = jac.detach()
-    gains: dict[str, torch.Tensor] = {}
-    for norm in norms:
-        if norm == "linf":
-            gains[norm] = jac.abs().sum(dim=2).max(dim=1).values
-        else:
-            gains[norm] = torch.linalg.matrix_norm(jac, ord=2)
-    return gains
-
-
 def with_alignment(bound: Bound, gains: Mapping[str, torch.Tensor]) -> Bound:
-    """The bound with its alignment term: the largest local gain (:func:`local_gains`) over
+    """The bound with its alignment term: the largest local gain
+    (:func:`robustlab.models.gains.local_gains`, re-exported here) over
     the batch divided by the network's Lipschitz bound (exact form)."""
     gain = float(gains[bound.norm].max())
     lip = bound.lipschitz["exact"]

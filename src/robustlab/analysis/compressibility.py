@@ -97,7 +97,7 @@ def near_zero_fraction(t: torch.Tensor, rel: float = NEAR_ZERO) -> float:
     mags = t.detach().abs()
     if mags.numel() == 0:
         return 0.0
-    return float((mags <= rel * mags.max()).double().mean())
+    return int(torch.count_nonzero(mags <= rel * mags.max())) / mags.numel()
 
 
 @dataclass(frozen=True)

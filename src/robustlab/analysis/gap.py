@@ -57,16 +57,21 @@ class Gap:
         }
 
 
+def loss_and_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's cross-entropy (float64) and whether it is classified correctly."""
+    return F.cross_entropy(logits.double(), y, reduction="none"), logits.argmax(1) == y
+
+
 def per_sample_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's cross-entropy and whether it is classified correctly (eval mode)."""
     with evaluating(model), torch.no_grad():
         logits = model(x)
-    return F.cross_entropy(logits.double(), y, reduction="none"), logits.argmax(1) == y
+    return loss_and_correct(logits, y)
 
 
-def measure_gap(
+def attack_for_gap(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -75,11 +80,23 @@ def measure_gap(
     *,
     steps: int = 100,
     seed: int = 0,
+) -> torch.Tensor:
+    """The adversarial batch the gap is measured on: APGD-CE at ``eps``, ``steps`` iterations."""
+    return APGD(norm=norm, eps=eps, steps=steps, loss="ce", seed=seed)(model, x, y)
+
+
+def gap_from_logits(
+    norm: str,
+    eps: float,
+    steps: int,
+    y: torch.Tensor,
+    clean_logits: torch.Tensor,
+    adversarial_logits: torch.Tensor,
+    x_adv: torch.Tensor,
 ) -> Gap:
-    """Attack with APGD-CE at ``eps`` and measure the rise of each sample's loss."""
-    x_adv = APGD(norm=norm, eps=eps, steps=steps, loss="ce", seed=seed)(model, x, y)
-    clean, ok = per_sample_loss(model, x, y)
-    adv, ok_adv = per_sample_loss(model, x_adv, y)
+    """The gap of an attack whose clean and adversarial logits are already computed."""
+    clean, ok = loss_and_correct(clean_logits, y)
+    adv, ok_adv = loss_and_correct(adversarial_logits, y)
     gap = adv - clean
     return Gap(
         norm=norm,
@@ -93,6 +110,23 @@ def measure_gap(
         robust_accuracy=float(ok_adv.double().mean()),
         x_adv=x_adv,
     )
+
+
+def measure_gap(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str,
+    eps: float,
+    *,
+    steps: int = 100,
+    seed: int = 0,
+) -> Gap:
+    """Attack with APGD-CE at ``eps`` and measure the rise of each sample's loss."""
+    x_adv = attack_for_gap(model, x, y, norm, eps, steps=steps, seed=seed)
+    with evaluating(model), torch.no_grad():
+        clean_logits, adv_logits = model(x), model(x_adv)
+    return gap_from_logits(norm, eps, steps, y, clean_logits, adv_logits, x_adv)
 
 
 def _ranks(values: Sequence[float]) -> torch.Tensor:

@@ -18,7 +18,7 @@ adversarial perturbation moves them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,38 +29,52 @@ from ..errors import RobustlabError
 from ..models.structure import plan_for, run_steps, weight_layers
 from .compressibility import near_zero_fraction
 
+_ROWS = 32  # rows converted to float64 at a time by row_norms
 
-def _unit_outputs(model: nn.Module, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each unit's output of a zoo model, or each weight layer's output of any other model."""
+
+def _unit_outputs(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each unit's output of a zoo model (or each weight layer's output of any other model)
+    and the logits, from one forward pass."""
     try:
         plan = plan_for(model, root="")
     except RobustlabError:
         plan = None
+    seen: dict[str, torch.Tensor] = {}
     if plan is not None:
         h = x
         for name, steps in zip(plan.names, plan.units, strict=True):
             h = run_steps(model, steps, h)
-            yield name, h.detach().flatten(1).clone()
-        return
-    seen: list[tuple[str, torch.Tensor]] = []
+            seen[name] = h.detach().flatten(1).clone()
+        return seen, run_steps(model, plan.head, h)
     handles = [
         m.register_forward_hook(
-            lambda _m, _a, out, name=name: seen.append((name, out.detach().flatten(1).clone()))
+            lambda _m, _a, out, name=name: seen.__setitem__(name, out.detach().flatten(1).clone())
         )
         for name, m in weight_layers(model)
     ]
     try:
-        model(x)
+        logits = model(x)
     finally:
         for handle in handles:
             handle.remove()
-    yield from seen
+    return seen, logits
+
+
+def representations_and_logits(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The flattened representations and the logits of a batch, from one forward pass (eval
+    mode, no gradient): what ``compress`` shares between the representation metrics and the
+    measured gap's losses."""
+    with evaluating(model), torch.no_grad():
+        return _unit_outputs(model, x)
 
 
 def representations(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The flattened representations of a batch (one forward pass, eval mode, no gradient)."""
-    with evaluating(model), torch.no_grad():
-        return dict(_unit_outputs(model, x))
+    return representations_and_logits(model, x)[0]
 
 
 def batch_stable_rank(z: torch.Tensor) -> float:
@@ -71,22 +85,63 @@ def batch_stable_rank(z: torch.Tensor) -> float:
     return float(gram.trace()) / top if top > 0 else 0.0
 
 
+def row_norms(
+    z: torch.Tensor, ords: tuple[float, ...] = (2.0,), *, minus: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Each row's ``ord``-norms of ``z`` (or of ``z - minus``) in float64, a few rows at a time:
+    a float64 copy of a whole batch of feature maps costs more than the forward pass that made
+    it (fresh memory)."""
+    parts: list[list[torch.Tensor]] = [[] for _ in ords]
+    for start in range(0, z.shape[0], _ROWS):
+        rows = slice(start, start + _ROWS)
+        chunk = z[rows].double() if minus is None else z[rows].double() - minus[rows].double()
+        for part, order in zip(parts, ords, strict=True):
+            part.append(torch.linalg.vector_norm(chunk, ord=order, dim=1))
+    return [torch.cat(p) if p else z.new_zeros(0, dtype=torch.float64) for p in parts]
+
+
 def pq_index(z: torch.Tensor) -> float:
     """Mean over samples of ``1 - ||z||_1 / (sqrt(d) ||z||_2)`` (p = 1, q = 2)."""
-    z = z.double()
-    l1 = z.abs().sum(dim=1)
-    l2 = torch.linalg.vector_norm(z, dim=1)
-    d = z.shape[1]
+    l1, l2 = row_norms(z, (1.0, 2.0))
+    return _pq(l1, l2, z.shape[1])
+
+
+def _pq(l1: torch.Tensor, l2: torch.Tensor, d: int) -> float:
+    """The PQ-index from the rows' l1 and l2 norms (an all-zero row counts 0)."""
     per = torch.where(l2 > 0, 1 - l1 / (d**0.5 * l2.clamp_min(1e-300)), torch.zeros_like(l2))
     return float(per.mean())
 
 
-def relative_shift(z: torch.Tensor, z_adv: torch.Tensor) -> float:
-    """Mean over samples of ``||z_adv - z||_2 / ||z||_2`` (samples with z = 0 left out)."""
-    num = torch.linalg.vector_norm((z_adv - z).double(), dim=1)
-    den = torch.linalg.vector_norm(z.double(), dim=1)
+def relative_shift(
+    z: torch.Tensor, z_adv: torch.Tensor, norms: torch.Tensor | None = None
+) -> float:
+    """Mean over samples of ``||z_adv - z||_2 / ||z||_2`` (samples with z = 0 left out);
+    ``norms``: the rows' norms of ``z``, if already known."""
+    (num,) = row_norms(z_adv, minus=z)
+    den = row_norms(z)[0] if norms is None else norms
     keep = den > 0
     return float((num[keep] / den[keep]).mean()) if bool(keep.any()) else 0.0
+
+
+def representation_rows(
+    clean: Mapping[str, torch.Tensor], shifted: Mapping[str, Mapping[str, torch.Tensor]]
+) -> list[dict[str, Any]]:
+    """The metrics of representations already taken: ``clean`` by name, ``shifted`` by threat
+    model then name (the same points, perturbed)."""
+    rows = []
+    for name, z in clean.items():
+        l1, l2 = row_norms(z, (1.0, 2.0))
+        rows.append(
+            {
+                "name": name,
+                "width": int(z.shape[1]),
+                "stable_rank": batch_stable_rank(z),
+                "pq_index": _pq(l1, l2, z.shape[1]),
+                "zero_fraction": near_zero_fraction(z),
+                "shift": {k: relative_shift(z, reps[name], l2) for k, reps in shifted.items()},
+            }
+        )
+    return rows
 
 
 def representation_metrics(
@@ -96,16 +151,4 @@ def representation_metrics(
     under each adversarial batch in ``adversarial`` (keyed by threat model)."""
     clean = representations(model, x)
     shifted = {k: representations(model, xa) for k, xa in (adversarial or {}).items()}
-    rows = []
-    for name, z in clean.items():
-        rows.append(
-            {
-                "name": name,
-                "width": int(z.shape[1]),
-                "stable_rank": batch_stable_rank(z),
-                "pq_index": pq_index(z),
-                "zero_fraction": near_zero_fraction(z),
-                "shift": {k: relative_shift(z, reps[name]) for k, reps in shifted.items()},
-            }
-        )
-    return rows
+    return representation_rows(clean, shifted)

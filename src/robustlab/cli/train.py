@@ -49,7 +49,8 @@ def register(sub: Any) -> None:
         default=[],
         metavar="NAME=STRENGTH",
         help="compression penalty added to any method: l1, group-lasso, group-lasso-si, "
-        "nuclear or filter-spread, e.g. l1=1e-4; repeatable (default: none)",
+        "nuclear, filter-spread, alignment or alignment-l2, e.g. l1=1e-4; repeatable "
+        "(default: none)",
     )
     p.add_argument(
         "--out", required=True, help="checkpoint folder (an interrupted run there resumes)"
