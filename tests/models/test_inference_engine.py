@@ -155,6 +155,18 @@ def test_a_head_switched_to_another_mode_is_run_in_that_mode() -> None:
         assert _close(model(x), mix)
 
 
+def test_a_layer_put_in_train_mode_is_run_in_pytorch() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet8", width=8).eval()
+    x = _x(6)
+    with inference_engine(model, _x(16), "onnxruntime"), torch.no_grad():
+        bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        bn.train()  # batch statistics now: the eval-mode export no longer applies
+        got = infer(model, x)
+        assert torch.equal(got, model(x))
+        bn.eval()
+
+
 def test_passes_with_gradients_run_in_pytorch() -> None:
     model = build_model("mlp").eval()
     with inference_engine(model, _x(16), "onnxruntime"):

@@ -134,7 +134,11 @@ class _Runner:
         self.modules = list(model.modules())
         self.tensors = list(model.parameters()) + list(model.buffers())
         self.versions = self._versions()
-        self.settings = [_settings(m) for m in self.modules]
+        # torch's own layers (conv, linear, norm, activation) change with their weights, which
+        # are checked; modes and settings that switch a function live in modules of their own
+        self.watched = [m for m in self.modules if not type(m).__module__.startswith("torch.")]
+        self.settings = [_settings(m) for m in self.watched]
+        self.modes = [m.training for m in self.modules]
 
     def _versions(self) -> list[tuple[int, int]]:
         """Each weight's version counter and storage: both change when it is rewritten."""
@@ -142,10 +146,11 @@ class _Runner:
 
     def _same_modules(self) -> bool:
         model = self.model()
-        return (
-            model is not None
-            and all(a is b for a, b in zip(model.modules(), self.modules, strict=False))
-            and sum(1 for _ in model.modules()) == len(self.modules)
+        if model is None:
+            return False
+        now = list(model.modules())
+        return len(now) == len(self.modules) and all(
+            a is b for a, b in zip(now, self.modules, strict=True)
         )
 
     def applies(self, x: torch.Tensor) -> bool:
@@ -158,7 +163,8 @@ class _Runner:
             and self._same_modules()
             and not _hooked(self.modules)
             and self._versions() == self.versions
-            and [_settings(m) for m in self.modules] == self.settings
+            and [m.training for m in self.modules] == self.modes
+            and [_settings(m) for m in self.watched] == self.settings
         )
 
     def __call__(self, x: torch.Tensor) -> Any:
