@@ -181,6 +181,20 @@ def c_mkldnn_off(s: Setup, x: torch.Tensor) -> Built:
     return Built(run, floor_input(s, x), "torch.backends.mkldnn.flags(enabled=False)")
 
 
+def c_other_threads(s: Setup, x: torch.Tensor) -> Built:
+    other = 1 if s.threads != 1 else 2
+    inner = autograd_pass(s.floor)
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        torch.set_num_threads(other)
+        try:
+            return inner(x, y)
+        finally:
+            torch.set_num_threads(s.threads)
+
+    return Built(run, floor_input(s, x), f"the floor with torch.set_num_threads({other})")
+
+
 def c_func_grad(s: Setup, x: torch.Tensor) -> Built:
     params = {k: v.detach() for k, v in s.floor.named_parameters()}
     buffers = {k: v.detach() for k, v in s.floor.named_buffers()}
@@ -466,6 +480,7 @@ CANDIDATES: dict[str, Callable[[Setup, torch.Tensor], Built]] = {
     "eager-params-requires-grad": c_params_grad,
     "eager-bn-not-folded": c_not_folded,
     "eager-mkldnn-off": c_mkldnn_off,
+    "eager-other-thread-count": c_other_threads,
     "func-grad": c_func_grad,
     "func-vjp": c_func_vjp,
     "jit-trace": c_jit_trace,
