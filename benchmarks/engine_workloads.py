@@ -5,15 +5,15 @@ Each workload runs with ``engine="torch"`` (before: everything in eager PyTorch)
 ``--rounds`` times, in one process, so a busy machine slows both alike; CPU seconds of
 the process (every thread) and wall seconds, and whether the results are equal.
 
-- transfer: a PGD + SGM matrix crafted on ``--source``, evaluated on ``--targets`` (the
-  source among them), ``--n`` points;
+- transfer: a PGD + SGM matrix crafted on ``--source``, evaluated on ``--targets`` and the
+  source itself, ``--n`` points;
 - exits: ``measure_efficiency`` of a multi-exit model (exits attached to ``--source``; their
   heads untrained, so this measures cost, not a calibrated model) on clean inputs and on
   DeepSloth examples crafted once beforehand; the latency timing is off (it always runs
   in PyTorch, as deployed).
 
     python benchmarks/engine_workloads.py --source runs/bench/resnet8-pgd-at \\
-        --targets runs/bench/resnet8-pgd-at,runs/hpm/pgdat-hpm --n 1000 --threads 1
+        --targets runs/hpm/pgdat-hpm --n 1000 --sloth-n 1000 --threads 1
 """
 
 from __future__ import annotations
