@@ -9,7 +9,7 @@ from typing import Any
 from ..io import write_json
 from .common import DATA_HELP, add_command, add_common, checked_outputs, json_output, key_values
 
-DESCRIPTION = "train a model (standard, pgd-at or trades) and write its checkpoint"
+DESCRIPTION = "train a model (standard, pgd-at, trades or mart) and write its checkpoint"
 RECIPE = "(default: the method's recipe)"
 
 
@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
     p = add_command(sub, "train", DESCRIPTION)
     p.add_argument("--arch", default="resnet8", help="architecture (see robustlab models)")
     p.add_argument("--data", default="mnist5k", help=DATA_HELP)
-    p.add_argument("--method", default="standard", help="standard, pgd-at or trades")
+    p.add_argument("--method", default="standard", help="standard, pgd-at, trades or mart")
     p.add_argument(
         "--eps",
         type=float,
@@ -32,7 +32,9 @@ def register(sub: Any) -> None:
         "--lr", type=float, help=f"peak learning rate of the one-cycle schedule {RECIPE}"
     )
     p.add_argument("--steps", type=int, help=f"inner attack steps of adversarial training {RECIPE}")
-    p.add_argument("--beta", type=float, default=6.0, help="TRADES beta (trades only)")
+    p.add_argument(
+        "--beta", type=float, default=6.0, help="weight of the robustness term (trades, mart)"
+    )
     p.add_argument(
         "--eps-warmup", type=float, help=f"fraction of training over which eps ramps up {RECIPE}"
     )

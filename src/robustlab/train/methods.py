@@ -235,6 +235,44 @@ class PGDAT(_Adversarial):
         return F.cross_entropy(model(step.adversarial), step.y)
 
 
+def check_beta(method: str, beta: float) -> None:
+    """The weight of a method's robustness term: finite and >= 0."""
+    require_finite(beta=beta)
+    if beta < 0:
+        raise RobustlabError(f"{method} needs beta >= 0, got {beta}")
+
+
+@register_method("mart")
+@dataclass(frozen=True)
+class MART(PGDAT):
+    """Wang et al. (ICLR 2020), as in their official code: on PGD examples (cross-entropy,
+    random start, eval mode, as PGD-AT), the boosted cross-entropy CE(adv) - log(1 - p_adv of
+    the most likely wrong class), plus beta x the mean over the batch of KL(p_clean || p_adv)
+    weighted by 1 - p_clean(true class): misclassified points count more."""
+
+    beta: float = 6.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_beta(self.name, self.beta)
+
+    def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
+        """The MART objective on the batch."""
+        return mart_loss(model(step.x), model(step.adversarial), step.y, self.beta)
+
+
+def mart_loss(clean: torch.Tensor, adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """MART's loss from clean and adversarial logits (the official code's constants: 1.0001
+    and 1e-12 keep the logarithms finite, 1.0000001 keeps a weight positive)."""
+    p_adv, p_clean = F.softmax(adv, dim=1), F.softmax(clean, dim=1)
+    top2 = p_adv.topk(2, dim=1).indices
+    wrong = torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])  # most likely wrong class
+    boosted = F.cross_entropy(adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), wrong)
+    kl = (torch.xlogy(p_clean, p_clean) - p_clean * torch.log(p_adv + 1e-12)).sum(dim=1)
+    weight = 1.0000001 - p_clean.gather(1, y[:, None]).squeeze(1)
+    return boosted + beta * (kl * weight).mean()
+
+
 class _KLToClean(nn.Module):
     """Summed KL(p_clean || p_adv): the TRADES inner objective."""
 
@@ -256,9 +294,7 @@ class TRADES(_Adversarial):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_finite(beta=self.beta)
-        if self.beta < 0:
-            raise RobustlabError(f"trades needs beta >= 0, got {self.beta}")
+        check_beta(self.name, self.beta)
 
     def before_forward(self, step: Step) -> None:
         """Craft the examples that maximise the KL to the clean prediction (eval mode)."""
