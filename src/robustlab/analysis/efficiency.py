@@ -30,12 +30,11 @@ import torch
 from ..core.guard import evaluating
 from ..data import Dataset
 from ..errors import RobustlabError
-from ..models.engine import EngineChoice, infer, inference_engine
+from ..models.engine import EngineChoice, inference_engine
 from ..models.multiexit import (
     MultiExitNetwork,
     check_rule,
     check_threshold,
-    confidence,
     exit_predictions,
     first_exit,
     head_flops,
@@ -153,23 +152,11 @@ def early_exit_all(
     q = model.threshold if threshold is None else check_threshold(threshold)
     rule = model.rule if rule is None else check_rule(rule)
     device = next(model.parameters()).device
-    preds, exits, finals = [], [], []
-    with (
-        model.outputs("all"),
-        inference_engine(model, x[:batch_size].to(device), engine) as choice,
-        torch.inference_mode(),
-    ):
-        for i in range(0, len(x), batch_size):
-            outs = infer(model, x[i : i + batch_size].to(device))
-            n = len(outs[-1])
-            ics = [confidence(z, rule) for z in outs[:-1]]
-            scores = torch.stack(ics, dim=1) if ics else outs[-1].new_zeros(n, 0)
-            taken = first_exit(scores, q)
-            logits = torch.stack(outs)[taken, torch.arange(n, device=taken.device)]
-            preds.append(logits.argmax(1).cpu())
-            exits.append(taken.cpu())
-            finals.append(outs[-1].argmax(1).cpu())
-    return torch.cat(preds), torch.cat(exits), torch.cat(finals), choice
+    with model.outputs("all"), inference_engine(model, x[:batch_size].to(device), engine) as choice:
+        scores, preds = exit_predictions(model, x, rule, batch_size)
+    taken = first_exit(scores, q)
+    early = preds[torch.arange(len(preds)), taken]
+    return early, taken, preds[:, -1], choice
 
 
 @contextmanager

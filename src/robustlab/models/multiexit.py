@@ -37,6 +37,7 @@ from torch import nn
 
 from ..core.guard import evaluating
 from ..errors import RobustlabError
+from .engine import infer
 from .flops import FlopCounter
 from .structure import Plan, Step, plan_for, run_steps
 
@@ -432,12 +433,15 @@ def attach_exits(
 def exit_predictions(
     model: MultiExitNetwork, x: torch.Tensor, rule: str, batch_size: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every exit's confidence (N x ICs) and prediction (N x exits) for inputs ``x``, eval mode."""
+    """Every exit's confidence (N x ICs) and prediction (N x exits) for inputs ``x``, eval mode.
+
+    The passes go through the inference engine attached to the model with ``output="all"``
+    (:func:`~robustlab.models.engine.infer`), PyTorch when there is none."""
     device = next(model.parameters()).device
     scores, preds = [], []
-    with evaluating(model):
+    with evaluating(model), model.outputs("all"), torch.no_grad():
         for i in range(0, len(x), batch_size):
-            outs = model.all_exits(x[i : i + batch_size].to(device))
+            outs = infer(model, x[i : i + batch_size].to(device))
             scores.append(torch.stack([confidence(o, rule) for o in outs[:-1]], 1).cpu())
             preds.append(torch.stack([o.argmax(1) for o in outs], 1).cpu())
     return torch.cat(scores), torch.cat(preds)
