@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -444,20 +444,37 @@ def transfer_matrix(
             name: stack.enter_context(inference_engine(model, x[:batch_size], engine)).as_dict()
             for name, model in {**sources, **targets}.items()
         }
-        matrix = _matrix(
+        work = _cells(
             sources, targets, attacks, x, y, goal, batch_size, white_box, on_cell, progress
         )
-    return replace(
-        matrix,
+    return TransferMatrix(
+        cells=work.cells,
+        sources=list(sources),
+        targets=list(targets),
+        attacks=[a.config() for a in attacks],
         threat_model={"norm": norm, "eps": eps},
+        n=count,
+        targeted=targeted,
         seed=seed,
         data=data.name,
+        generations=work.generations,
+        target_forwards=work.target_forwards,
+        craft_seconds=work.craft_seconds,
         elapsed_s=round(time.perf_counter() - start, 3),
         engines=engines,
     )
 
 
-def _matrix(
+class _Work(NamedTuple):
+    """What computing the cells did: the cells and what they cost."""
+
+    cells: list[TransferCell]
+    generations: int
+    target_forwards: int
+    craft_seconds: dict[str, float]
+
+
+def _cells(
     sources: Mapping[str, nn.Module],
     targets: Mapping[str, nn.Module],
     attacks: Sequence[TransferAttack],
@@ -468,8 +485,8 @@ def _matrix(
     white_box: Callable[[str, str], bool] | None,
     on_cell: Callable[[TransferCell], None] | None,
     progress: bool,
-) -> TransferMatrix:
-    """The cells of a checked matrix (threat model, seed, data and time filled in above)."""
+) -> _Work:
+    """Craft each source's examples once per attack and judge them on every target."""
     count = len(x)
     everyone = torch.ones(count, dtype=torch.bool, device=x.device)
     clean: dict[str, torch.Tensor] = {}
@@ -532,21 +549,7 @@ def _matrix(
             if on_cell is not None:
                 on_cell(cell)
     bar.close()
-    return TransferMatrix(
-        cells=cells,
-        sources=list(sources),
-        targets=list(targets),
-        attacks=[a.config() for a in attacks],
-        threat_model={},
-        n=count,
-        targeted=goal is not None,
-        seed=0,
-        data="",
-        generations=generations,
-        target_forwards=forwards,
-        craft_seconds=craft_seconds,
-        elapsed_s=0.0,
-    )
+    return _Work(cells, generations, forwards, craft_seconds)
 
 
 # ---- diagnostics: why a transform helps transfer, or not ----------------------------------
