@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -232,28 +233,34 @@ def test_command_line_strengths_parse_and_bad_ones_get_a_sentence() -> None:
     assert regularizer_hooks({"l1": 0.0}) == []
 
 
+def _adversarial_run(
+    digits: DataSplits, folder: Path, method: str, regularizers: dict[str, float]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """One epoch of adversarial training of a small mlp on digits, with the regularizers;
+    the model and its manifest (which must record them)."""
+    cfg = TrainConfig(
+        arch="mlp",
+        data="digits",
+        method=method,
+        eps=0.1,
+        steps=1,
+        epochs=1,
+        arch_options={"width": 32},
+    )
+    hooks = regularizer_hooks(regularizers)
+    result = train(cfg, folder, splits=digits, progress=False, hooks=hooks)
+    assert regularizers_of(result.manifest) == regularizers
+    return result.model, result.manifest
+
+
 @pytest.mark.parametrize("method", ["pgd-at", "trades"])
 def test_regularizers_compose_with_adversarial_training(
     digits: DataSplits, tmp_path: Path, method: str
 ) -> None:
-    def run(regularizers: dict[str, float], name: str) -> nn.Module:
-        """One epoch of adversarial training of a small mlp on digits."""
-        cfg = TrainConfig(
-            arch="mlp",
-            data="digits",
-            method=method,
-            eps=0.1,
-            steps=1,
-            epochs=1,
-            arch_options={"width": 32},
-        )
-        hooks = regularizer_hooks(regularizers)
-        result = train(cfg, tmp_path / name, splits=digits, progress=False, hooks=hooks)
-        assert regularizers_of(result.manifest) == regularizers
-        return result.model
-
-    plain = run({}, "plain")
-    both = run({"group-lasso-si": 0.1, "nuclear": 0.01}, "both")
+    plain, _ = _adversarial_run(digits, tmp_path / "plain", method, {})
+    both, _ = _adversarial_run(
+        digits, tmp_path / "both", method, {"group-lasso-si": 0.1, "nuclear": 0.01}
+    )
     w_plain, w_both = _hidden(plain), _hidden(both)
     assert not torch.equal(w_plain, w_both)
     si = PENALTIES["group-lasso-si"].formula
@@ -335,28 +342,13 @@ def test_alignment_penalty_sees_the_eval_mode_network_and_leaves_it_in_train_mod
 def test_alignment_penalty_composes_with_pgd_at_and_is_recorded(
     digits: DataSplits, tmp_path: Path
 ) -> None:
-    def run(regularizers: dict[str, float], name: str) -> tuple[nn.Module, dict[str, object]]:
-        """One epoch of PGD-AT of a small mlp on digits."""
-        cfg = TrainConfig(
-            arch="mlp",
-            data="digits",
-            method="pgd-at",
-            eps=0.1,
-            steps=1,
-            epochs=1,
-            arch_options={"width": 32},
-        )
-        hooks = regularizer_hooks(regularizers)
-        result = train(cfg, tmp_path / name, splits=digits, progress=False, hooks=hooks)
-        return result.model, result.manifest
-
-    plain, manifest_plain = run({}, "plain")
-    aligned, manifest = run({"alignment": 0.1}, "aligned")
-    assert manifest["training"]["add_ons"] == [  # type: ignore[index]
+    plain, manifest_plain = _adversarial_run(digits, tmp_path / "plain", "pgd-at", {})
+    aligned, manifest = _adversarial_run(digits, tmp_path / "aligned", "pgd-at", {"alignment": 0.1})
+    assert manifest["training"]["add_ons"] == [
         {"name": "regularizers", "strengths": {"alignment": 0.1}}
     ]
     assert regularizers_of(manifest) == {"alignment": 0.1}
-    assert manifest["training"]["method"] == manifest_plain["training"]["method"]  # type: ignore[index]
+    assert manifest["training"]["method"] == manifest_plain["training"]["method"]
     x = digits.test.x[:200]
     gain_plain = float(penalty(plain, {"alignment": 1.0}, x).detach())
     gain_aligned = float(penalty(aligned, {"alignment": 1.0}, x).detach())
