@@ -1,5 +1,6 @@
 """MART: its loss against a computation written out per sample, its misclassification
-weighting, training end to end on digits, and bad beta."""
+weighting, training end to end on digits, and bad beta; TRADES and MART keep BatchNorm's
+running statistics from the adversarial batch alone."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from robustlab.core.guard import frozen_running_stats
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.train import TrainConfig, train
-from robustlab.train.methods import MART, make_method, mart_loss
+from robustlab.train.methods import MART, Step, make_method, mart_loss
 
 
 def _by_hand(clean: list[list[float]], adv: list[list[float]], y: list[int], beta: float) -> float:
@@ -75,3 +78,42 @@ def test_a_bad_beta_is_refused_in_one_sentence(beta: float) -> None:
         match=r"mart needs beta >= 0, got -1.0|beta must be a finite number, got nan",
     ):
         make_method("mart", eps=0.1, beta=beta)
+
+
+@pytest.mark.parametrize("name", ["trades", "mart"])
+def test_running_norm_statistics_come_from_the_adversarial_batch_alone(name: str) -> None:
+    """One loss evaluation in train mode moves BatchNorm's running mean once, towards the
+    adversarial batch's mean; a clean pass that also updated it would move it twice."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(1, momentum=0.1)
+    model = nn.Sequential(norm, nn.Flatten(), nn.Linear(16, 3)).train()
+    x = torch.rand(8, 1, 4, 4) * 0.5
+    y = torch.randint(0, 3, (8,))
+    method = make_method(name, eps=0.3, steps=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = Step(model, opt, x, y, torch.arange(8), 0, 0, 1, torch.Generator().manual_seed(0))
+    method.before_forward(step)  # crafts in eval mode: the statistics do not move
+    assert float(norm.running_mean) == 0.0 and int(norm.num_batches_tracked) == 0
+    method.loss(model, step)
+    adv_mean = float(step.adversarial.mean())
+    assert abs(adv_mean - float(x.mean())) > 0.01  # the two batches' means differ
+    assert float(norm.running_mean) == pytest.approx(0.1 * adv_mean, rel=1e-5)
+    assert int(norm.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_frozen_running_stats_leaves_the_statistics_and_restores_on_error(
+    momentum: float | None,
+) -> None:
+    norm = nn.BatchNorm1d(3, momentum=momentum).train()
+    norm(torch.randn(5, 3))
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    with pytest.raises(ValueError), frozen_running_stats(norm):
+        out = norm(torch.randn(5, 3) + 4)
+        # still normalised with the batch's own statistics
+        assert float(out.detach().mean().abs()) < 1e-5
+        raise ValueError
+    assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
+    assert int(norm.num_batches_tracked) == 1 and norm.momentum == momentum
+    norm(torch.randn(5, 3) + 4)  # afterwards the statistics move again
+    assert not torch.equal(norm.running_mean, mean)

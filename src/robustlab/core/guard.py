@@ -7,7 +7,9 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 
 @contextmanager
@@ -45,3 +47,26 @@ def frozen_eval(model: nn.Module, warn_train_mode: bool = True) -> Iterator[nn.M
         for p in model.parameters():
             p.requires_grad_(False)
         yield model
+
+
+@contextmanager
+def frozen_running_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Forward passes in train mode that normalise with their batch's statistics but leave every
+    norm layer's running statistics (and its batch count) as they were."""
+    norms = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    saved = [(m, m.momentum, _count(m)) for m in norms]
+    try:
+        for m in norms:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+        yield model
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+
+
+def _count(norm: _NormBase) -> torch.Tensor | None:
+    """A copy of a norm layer's count of batches seen (None when it keeps none)."""
+    count = norm.num_batches_tracked
+    return None if count is None else count.clone()

@@ -133,7 +133,7 @@ class QuantizedModel(nn.Module):
         if not (torch.is_grad_enabled() and x.requires_grad):
             return q
         f: torch.Tensor = self.float_model(x)
-        return f + (q - f).detach()
+        return q + (f - f.detach())  # exactly q's values (f - f is 0), the float gradient
 
     def extra_repr(self) -> str:
         return f"int8 ({self.backend}) of the float model below"

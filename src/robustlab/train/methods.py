@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.optim import SteepestStep, ascend
-from ..core.guard import evaluating
+from ..core.guard import evaluating, frozen_running_stats
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
 
@@ -248,7 +248,13 @@ class MART(PGDAT):
     """Wang et al. (ICLR 2020), as in their official code: on PGD examples (cross-entropy,
     random start, eval mode, as PGD-AT), the boosted cross-entropy CE(adv) - log(1 - p_adv of
     the most likely wrong class), plus beta x the mean over the batch of KL(p_clean || p_adv)
-    weighted by 1 - p_clean(true class): misclassified points count more."""
+    weighted by 1 - p_clean(true class): misclassified points count more.
+
+    Ours, unlike the official code: the clean forward pass (train mode, batch statistics) does
+    not update BatchNorm's running statistics, which come from the PGD examples alone. Mixing
+    clean batches into them left the eval-mode model non-robust on mnist5k at eps 0.3
+    (benchmarks/RESULTS.md, "MART").
+    """
 
     beta: float = 6.0
 
@@ -257,8 +263,10 @@ class MART(PGDAT):
         check_beta(self.name, self.beta)
 
     def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
-        """The MART objective on the batch."""
-        return mart_loss(model(step.x), model(step.adversarial), step.y, self.beta)
+        """The MART objective on the batch (running norm statistics from the PGD examples only)."""
+        with frozen_running_stats(model):
+            clean = model(step.x)
+        return mart_loss(clean, model(step.adversarial), step.y, self.beta)
 
 
 def mart_loss(clean: torch.Tensor, adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -288,7 +296,12 @@ class _KLToClean(nn.Module):
 @register_method("trades")
 @dataclass(frozen=True)
 class TRADES(_Adversarial):
-    """Zhang et al. (2019): clean cross-entropy + beta * KL(clean || adversarial)."""
+    """Zhang et al. (2019): clean cross-entropy + beta * KL(clean || adversarial).
+
+    Ours, unlike the official code: BatchNorm's running statistics come from the adversarial
+    batches alone (the clean pass normalises with its own batch statistics and leaves them),
+    as in MART above.
+    """
 
     beta: float = 6.0
 
@@ -307,7 +320,10 @@ class TRADES(_Adversarial):
         step.x_adv = self.inner(step.model, x, start, threat, _KLToClean(p_clean), step.y)
 
     def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
-        """The TRADES objective on the batch."""
-        clean, adv = model(step.x), model(step.adversarial)
+        """The TRADES objective on the batch (running norm statistics from the adversarial
+        examples only)."""
+        with frozen_running_stats(model):
+            clean = model(step.x)
+        adv = model(step.adversarial)
         robust = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
         return F.cross_entropy(clean, step.y) + self.beta * robust
