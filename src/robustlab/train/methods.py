@@ -54,6 +54,16 @@ class Step:
         """How far training is once this step is taken, in (0, 1]."""
         return (self.number + 1) / self.total
 
+    def random_start(self, threat: ThreatModel) -> torch.Tensor:
+        """A random point of the threat model around the batch: where a method's attack starts.
+        Every random draw of a method goes through ``Step``, so how it is seeded is decided here."""
+        return threat.random_start(self.x, self.gen)
+
+    def noise(self) -> torch.Tensor:
+        """Standard normal noise of the batch's shape, from the step's generator."""
+        x = self.x
+        return torch.randn(x.shape, generator=self.gen, dtype=x.dtype, device=x.device)
+
     @property
     def adversarial(self) -> torch.Tensor:
         """The adversarial batch the method crafted in ``before_forward``."""
@@ -227,7 +237,7 @@ class PGDAT(_Adversarial):
     def before_forward(self, step: Step) -> None:
         """Craft the batch's PGD examples."""
         threat = self.threat_at(step.progress)
-        start = threat.random_start(step.x, step.gen)
+        start = step.random_start(threat)
         step.x_adv = self.inner(step.model, step.x, start, threat, None, step.y)
 
     def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
@@ -315,8 +325,7 @@ class TRADES(_Adversarial):
         x = step.x
         with torch.no_grad(), evaluating(step.model):
             p_clean = F.softmax(step.model(x), dim=1)
-        noise = 0.001 * torch.randn(x.shape, generator=step.gen, dtype=x.dtype, device=x.device)
-        start = threat.project(x, x + noise)
+        start = threat.project(x, x + 0.001 * step.noise())
         step.x_adv = self.inner(step.model, x, start, threat, _KLToClean(p_clean), step.y)
 
     def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
