@@ -9,8 +9,16 @@ from typing import Any
 from ..io import write_json
 from .common import DATA_HELP, add_command, add_common, checked_outputs, json_output, key_values
 
-DESCRIPTION = "train a model (standard, pgd-at, trades or mart) and write its checkpoint"
+DESCRIPTION = (
+    "train a model (standard, pgd-at, trades, mart, fast-at or free-at; optionally with robust "
+    "early stopping) and write its checkpoint"
+)
 RECIPE = "(default: the method's recipe)"
+METHOD_HELP = (
+    "standard; pgd-at (Madry et al.); trades; mart; fast-at (FGSM from a random start, step "
+    "1.25 eps, with the catastrophic-overfitting check); free-at (each batch replayed "
+    "--replays times, the perturbation carried over)"
+)
 
 
 def register(sub: Any) -> None:
@@ -18,22 +26,56 @@ def register(sub: Any) -> None:
     p = add_command(sub, "train", DESCRIPTION)
     p.add_argument("--arch", default="resnet8", help="architecture (see robustlab models)")
     p.add_argument("--data", default="mnist5k", help=DATA_HELP)
-    p.add_argument("--method", default="standard", help="standard, pgd-at, trades or mart")
+    p.add_argument("--method", default="standard", help=METHOD_HELP)
     p.add_argument(
         "--eps",
         type=float,
-        help="perturbation budget of adversarial training (default: none; pgd-at and trades "
-        "need it)",
+        help="perturbation budget of adversarial training (default: none; every method but "
+        "standard needs it)",
     )
-    p.add_argument("--norm", default="linf", help="norm of the budget: linf or l2")
-    p.add_argument("--epochs", type=int, help=f"training epochs {RECIPE}")
+    p.add_argument("--norm", help="norm of the budget: linf, l2 or l1 (default: linf)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="training epochs; for free-at, passes over the data, each of which replays every "
+        "batch --replays times (the paper divides the epochs of standard training by m, e.g. "
+        f"ours 20 / 8 -> 3) {RECIPE}",
+    )
     p.add_argument("--batch-size", type=int, help=f"training batch size {RECIPE}")
     p.add_argument(
         "--lr", type=float, help=f"peak learning rate of the one-cycle schedule {RECIPE}"
     )
-    p.add_argument("--steps", type=int, help=f"inner attack steps of adversarial training {RECIPE}")
+    p.add_argument("--steps", type=int, help=f"inner PGD steps (pgd-at, trades, mart) {RECIPE}")
     p.add_argument(
-        "--beta", type=float, default=6.0, help="weight of the robustness term (trades, mart)"
+        "--alpha-ratio",
+        type=float,
+        help="inner step size as a multiple of eps / steps (pgd-at, trades, mart; default 2.5) "
+        "or of eps (fast-at; default 1.25)",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        help="weight of the robustness term (trades, mart; default: the method's, 6)",
+    )
+    p.add_argument(
+        "--replays",
+        type=int,
+        help="free-at: steps made on each batch in a row (default: 8, the paper's CIFAR value)",
+    )
+    p.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="robust early stopping (Rice et al. 2020), for any adversarial method: measure "
+        "PGD-10 robust accuracy on the held-out samples (--calibration) after every epoch and "
+        "keep the best epoch's weights",
+    )
+    p.add_argument(
+        "--overfit-drop",
+        type=float,
+        metavar="DROP",
+        help="catastrophic-overfitting check, for any adversarial method: stop, and roll back "
+        "to the previous epoch, when held-out PGD-10 robust accuracy falls more than DROP "
+        "(absolute) below its best (default: 0.2 for fast-at, else off; 0 turns it off)",
     )
     p.add_argument(
         "--eps-warmup", type=float, help=f"fraction of training over which eps ramps up {RECIPE}"
@@ -60,11 +102,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--calibration",
         type=int,
-        default=0,
-        help="hold this many training samples out: the calibration split that robustlab exits "
-        "chooses thresholds on (0: train on all)",
+        help="hold this many training samples out, never trained on: --early-stop and the "
+        "overfitting check measure on them, and robustlab exits chooses thresholds on them "
+        "(default: 200 when a check is on, else 0: train on all)",
     )
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the calibration split")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split")
     add_common(
         p,
         json_help="write the checkpoint's manifest as JSON here (default: not written)",
@@ -78,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     """Check the outputs, train, say how it went."""
     from ..models import get_architecture
     from ..models.checkpoint import checkpoint_outputs
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig, train, training_splits
     from ..train.compression import parse_regularizers, regularizer_hooks
 
     out = Path(args.out)
@@ -101,21 +143,25 @@ def run(args: argparse.Namespace) -> int:
         eps_warmup=args.eps_warmup,
         seed=args.seed,
         arch_options=arch_options,
+        alpha_ratio=args.alpha_ratio,
+        replays=args.replays,
+        early_stop=args.early_stop,
+        overfit_drop=args.overfit_drop,
     )
-    splits = None
-    if args.calibration:
-        from ..data import load_data
-
-        # the same seeded split `robustlab exits` holds out, so its thresholds are chosen on
-        # samples the backbone never trained on
-        splits = load_data(args.data, calibration=args.calibration, seed=args.data_seed)
+    # the same seeded split `robustlab exits` holds out, so its thresholds are chosen on
+    # samples the backbone never trained on
+    splits = training_splits(cfg.resolved(), args.calibration, args.data_seed)
     result = train(
         cfg, out, splits=splits, device=args.device, progress=not args.no_progress, hooks=hooks
     )
     acc = result.manifest["metrics"]["clean_accuracy"]
+    training = result.manifest["training"]
+    kept = training.get("overfitting", {}).get("kept_epoch", training.get("best_epoch"))
     print(
         f"trained {cfg.arch} ({cfg.method}) in {result.manifest['train_time_s']:.0f} s: "
-        f"clean test accuracy {100 * acc:.2f} %; checkpoint in {out}"
+        f"clean test accuracy {100 * acc:.2f} %"
+        + (f" (weights of epoch {kept})" if kept is not None else "")
+        + f"; checkpoint in {out}"
     )
     if args.json:
         write_json(args.json, result.manifest)

@@ -1,6 +1,8 @@
 """Training: one loop with hooks around the step, batches from a sampler, methods as registered
-strategies (standard, PGD-AT, TRADES, SDN exits, HPM fine-tuning), default recipes."""
+strategies (standard, PGD-AT, TRADES, MART, fast and free AT, SDN exits, HPM fine-tuning), the
+held-out robustness check (early stopping, catastrophic overfitting), default recipes."""
 
+from .heldout import DEFAULT_HOLDOUT, HeldOutCheck, robust_accuracy
 from .hpm import HPMAdversarial, HPMTrainConfig, finetune_hpm
 from .loop import (
     Diverged,
@@ -11,12 +13,16 @@ from .loop import (
     fit,
     lr_at,
     train,
+    training_splits,
 )
 from .methods import (
     METHODS,
     PGDAT,
     TRADES,
+    AdversarialMethod,
     EpochEnd,
+    FastAT,
+    FreeAT,
     Hook,
     Method,
     Standard,
@@ -28,15 +34,20 @@ from .methods import (
 from .recipes import RECIPES, recipe_for
 
 __all__ = [
+    "DEFAULT_HOLDOUT",
     "METHODS",
     "PGDAT",
     "RECIPES",
     "TRADES",
+    "AdversarialMethod",
     "Diverged",
     "EpochEnd",
     "EpochSampler",
+    "FastAT",
+    "FreeAT",
     "HPMAdversarial",
     "HPMTrainConfig",
+    "HeldOutCheck",
     "Hook",
     "Method",
     "Standard",
@@ -51,5 +62,7 @@ __all__ = [
     "recipe_for",
     "register_method",
     "require_finite",
+    "robust_accuracy",
     "train",
+    "training_splits",
 ]

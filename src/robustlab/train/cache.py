@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ def config_key(cfg: TrainConfig) -> str:
 
     The config is hashed with the recipe's defaults filled in, so a model trained under an
     older recipe (say 15 epochs where the recipe now says 20) is never reused silently."""
-    blob = json.dumps(asdict(cfg.resolved()), sort_keys=True, default=str)
+    blob = json.dumps(cfg.resolved().record(), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,5 +1,6 @@
-"""The one training loop: batches from a sampler, a method and add-on hooks around each step,
-a divergence check per epoch; ``train`` runs it seeded and resumable per epoch."""
+"""The one training loop: batches from a sampler (each replayed as often as the method asks),
+a method and add-on hooks around each step, a divergence check per epoch; ``train`` runs it
+seeded and resumable per epoch, with the held-out robustness check when asked for."""
 
 from __future__ import annotations
 
@@ -25,25 +26,51 @@ from ..errors import RobustlabError
 from ..io import atomic_write
 from ..models import build_model
 from ..models.checkpoint import MANIFEST, model_config, read_torch_file, save_checkpoint
-from .methods import METHODS, EpochEnd, Hook, Method, Step, make_method, require_finite
+from .heldout import DEFAULT_HOLDOUT, HeldOutCheck
+from .methods import (
+    METHODS,
+    AdversarialMethod,
+    EpochEnd,
+    Hook,
+    Method,
+    Step,
+    make_method,
+    require_finite,
+)
 from .recipes import recipe_for
 
 RESUME = "resume.pt"
+
+
+#: Fields of ``TrainConfig`` that are a method's own options (None: the method's default).
+METHOD_OPTIONS = ("eps", "norm", "steps", "alpha_ratio", "eps_warmup", "beta", "replays")
+#: Fields of ``TrainConfig`` for the held-out check, which needs an adversarial method.
+CHECK_OPTIONS = ("early_stop", "overfit_drop")
+_RECORDED_WHEN_SET = ("alpha_ratio", "replays", *CHECK_OPTIONS)
+
+
+def _flag(option: str) -> str:
+    """A config field as its command-line option."""
+    return "--" + option.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run; unset fields take the method's recipe defaults.
 
-    Method options (eps, norm, steps, eps_warmup, beta) are handed to the method that takes
-    them, which validates them; the others are the loop's.
+    Method options (``METHOD_OPTIONS``) are handed to the method, which validates them; one it
+    does not take is refused, and one left None takes the method's own default (the manifest's
+    ``method_config`` says what was used). The others are the loop's. ``early_stop`` keeps the
+    epoch of best held-out robust accuracy; ``overfit_drop`` > 0 stops training and rolls back
+    when it falls that much below its best (see ``heldout``); both need an adversarial method
+    and held-out training data (``DataSplits.calibration``).
     """
 
     arch: str = "resnet8"
     data: str = "mnist5k"
     method: str = "standard"
     eps: float | None = None
-    norm: str = "linf"
+    norm: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -51,17 +78,66 @@ class TrainConfig:
     weight_decay: float | None = None
     steps: int | None = None
     eps_warmup: float | None = None
-    beta: float = 6.0
+    beta: float | None = None
     seed: int = 0
     channels_last: bool = True
     arch_options: dict[str, Any] = field(default_factory=dict)
+    alpha_ratio: float | None = None
+    replays: int | None = None
+    early_stop: bool = False
+    overfit_drop: float | None = None
+
+    def _refuse_inapplicable(self) -> None:
+        """Refuse, in one sentence, an option set here that the method does not take."""
+        cls = METHODS.get(self.method)
+        if cls is None:
+            return  # recipe_for names the unknown method
+        # every registered method is a dataclass; the Method ABC they share is not one
+        takes = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]
+        adversarial = issubclass(cls, AdversarialMethod)
+        for option in METHOD_OPTIONS + CHECK_OPTIONS:
+            value = getattr(self, option)
+            if value is None or value is False:
+                continue
+            if option in CHECK_OPTIONS and adversarial:
+                continue
+            if option in METHOD_OPTIONS and option in takes:
+                continue
+            own = [_flag(o) for o in METHOD_OPTIONS if o in takes]
+            if adversarial:
+                own += [_flag(o) for o in CHECK_OPTIONS]
+            raise RobustlabError(
+                f"{_flag(option)} does not apply to method '{self.method}' "
+                f"({'its options: ' + ', '.join(own) if own else 'it takes no options'})"
+            )
+
+    def record(self) -> dict[str, Any]:
+        """The config as manifests, resume states and the model cache record it: fields added
+        for fast and free AT and the held-out check only when set, so the records of runs that
+        do not use them look as before."""
+        out = asdict(self)
+        for option in _RECORDED_WHEN_SET:
+            if out[option] is None or out[option] is False:
+                del out[option]
+        return out
+
+    @property
+    def checked(self) -> bool:
+        """Whether the run measures held-out robust accuracy each epoch (early stopping or the
+        catastrophic-overfitting check)."""
+        return self.early_stop or (self.overfit_drop or 0) > 0
 
     def resolved(self) -> TrainConfig:
         """This config with every unset field filled from the recipe of its method, checked."""
         recipe = recipe_for(self.method)
+        self._refuse_inapplicable()
         filled = {k: recipe[k] for k in recipe if getattr(self, k, None) is None}
         cfg = replace(self, **filled)
         require_finite(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+        if cfg.overfit_drop is not None and not 0 <= cfg.overfit_drop <= 1:
+            raise RobustlabError(
+                f"the overfitting check's drop must be a fraction in [0, 1], got {cfg.overfit_drop}"
+            )
         if cfg.epochs is None or cfg.epochs < 1:
             raise RobustlabError(f"epochs must be >= 1, got {cfg.epochs}")
         check_batch_size(cfg.batch_size)
@@ -75,10 +151,10 @@ class TrainConfig:
 
     def make_method(self) -> Method:
         """The training strategy this config names, given the options it takes from here."""
-        own = {f.name for f in fields(self)}
+        self._refuse_inapplicable()
         cls = METHODS.get(self.method)
         # every registered method is a dataclass; the Method ABC they share is not one
-        takes = [f.name for f in fields(cls) if f.init and f.name in own] if cls else []  # type: ignore[arg-type]
+        takes = [f.name for f in fields(cls) if f.init and f.name in METHOD_OPTIONS] if cls else []  # type: ignore[arg-type]
         options = {k: getattr(self, k) for k in takes if getattr(self, k) is not None}
         return make_method(self.method, **options)
 
@@ -101,6 +177,23 @@ class Diverged(RobustlabError):
             f"(mean loss of the epoch {loss:.4g})"
         )
         self.epoch = epoch
+
+
+class Replayed:
+    """Each batch of ``batches`` ``times`` times in a row (free AT's minibatch replays)."""
+
+    def __init__(self, batches: BatchSampler, times: int) -> None:
+        self.batches, self.times = batches, times
+
+    def __len__(self) -> int:
+        """Steps per epoch: batches times replays."""
+        return len(self.batches) * self.times
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Every batch, repeated."""
+        for indices in self.batches:
+            for _ in range(self.times):
+                yield indices
 
 
 class EpochSampler(Sampler[int]):
@@ -164,14 +257,16 @@ def fit(
     """Train epochs ``start_epoch`` to ``end_epoch`` (default ``epochs``) of an ``epochs`` run.
 
     ``x``, ``y`` are the training set (where batches are gathered, e.g. on the device) and
-    ``sampler`` orders it; the learning rate follows ``lr_at`` over the whole run; ``gen`` is the
-    method's generator (random starts). ``method`` and then ``hooks`` are called around every
+    ``sampler`` orders it; each batch is replayed ``method.replays`` times, each replay a full
+    step, so an epoch makes batches x replays steps; the learning rate follows ``lr_at`` over
+    all steps of the run; ``gen`` is the method's generator (random starts). ``method`` and then ``hooks`` are called around every
     step (see ``methods``). After each epoch the loss and every weight must be finite, else
     ``Diverged`` is raised before any ``end_epoch`` hook (so no state of that epoch is saved).
     Returns the mean batch loss of each epoch run (fewer if a hook stopped training).
     """
-    batches = BatchSampler(sampler, batch_size, drop_last=False)
-    per_epoch = len(batches)
+    replays = method.replays
+    batches = Replayed(BatchSampler(sampler, batch_size, drop_last=False), replays)
+    per_epoch = len(batches)  # steps per epoch
     if per_epoch == 0:
         raise RobustlabError("cannot train on an empty training set")
     total = epochs * per_epoch
@@ -204,6 +299,7 @@ def fit(
                 index = torch.tensor(indices, device=x.device)
                 xb = x[index].contiguous(memory_format=memory_format)
                 step = Step(model, optimizer, xb, y[index], index, epoch, number, total, gen)
+                step.replay = b % replays
                 for hook in around:
                     hook.before_forward(step)
                 loss = step.loss = method.loss(model, step)
@@ -246,7 +342,7 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 500, device: str
 
 def _config_key(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config as resume states and manifests record it."""
-    return asdict(cfg)
+    return cfg.record()
 
 
 def _split_key(splits: DataSplits | None) -> str:
@@ -257,7 +353,11 @@ def _split_key(splits: DataSplits | None) -> str:
 
 
 class _ResumeWriter(Hook):
-    """Writes the resume state after every finished epoch and counts the training time."""
+    """Writes the resume state after every finished epoch and counts the training time.
+
+    An epoch after which a hook stopped training (say, a rollback) is not saved: a run killed
+    before its checkpoint is written resumes from the epoch before and stops the same way.
+    """
 
     def __init__(
         self,
@@ -265,22 +365,57 @@ class _ResumeWriter(Hook):
         header: dict[str, Any],
         gens: tuple[torch.Generator, torch.Generator],
         elapsed: float,
+        stateful: Sequence[Hook] = (),
     ) -> None:
         self.path, self.header, self.gens, self.elapsed = path, header, gens, elapsed
+        self.stateful = stateful
 
     def end_epoch(self, end: EpochEnd) -> None:
         """Save everything a resumed run needs to continue bit for bit."""
-        state = {
-            **self.header,
-            "epoch": end.epoch,
-            "elapsed": self.elapsed + time.perf_counter() - end.started,
-            "model": end.model.state_dict(),
-            "optimizer": end.optimizer.state_dict(),
-            "gen": self.gens[0].get_state(),
-            "attack_gen": self.gens[1].get_state(),
-        }
-        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        if not end.stop:
+            state = {
+                **self.header,
+                "epoch": end.epoch,
+                "elapsed": self.elapsed + time.perf_counter() - end.started,
+                "model": end.model.state_dict(),
+                "optimizer": end.optimizer.state_dict(),
+                "gen": self.gens[0].get_state(),
+                "attack_gen": self.gens[1].get_state(),
+                "hooks": [h.state() for h in self.stateful],
+            }
+            atomic_write(self.path, lambda tmp: torch.save(state, tmp))
         self.elapsed += time.perf_counter() - end.started  # saving is part of training's cost
+
+
+def training_splits(cfg: TrainConfig, calibration: int | None = None, seed: int = 0) -> DataSplits:
+    """The data of a run: ``calibration`` training samples held out (None: ``DEFAULT_HOLDOUT``
+    when the run checks held-out robust accuracy, else none), split with ``seed`` (which only
+    counts when some are held out)."""
+    if calibration is None:
+        calibration = DEFAULT_HOLDOUT if cfg.checked else 0
+    return load_data(cfg.data, calibration=calibration, seed=seed if calibration else 0)
+
+
+def _held_out_check(
+    cfg: TrainConfig, method: Method, splits: DataSplits, device: str
+) -> HeldOutCheck | None:
+    """The held-out robustness check the config asks for (None: none)."""
+    if not cfg.checked:
+        return None
+    assert isinstance(method, AdversarialMethod)  # the config refuses the check otherwise
+    if splits.calibration is None:
+        raise RobustlabError(
+            "early stopping and the overfitting check measure robust accuracy on held-out "
+            "training data: hold some out (--calibration N, N >= 1)"
+        )
+    return HeldOutCheck(
+        splits.calibration,
+        method.threat,
+        keep_best=cfg.early_stop,
+        drop=cfg.overfit_drop or 0.0,
+        seed=cfg.seed,
+        device=device,
+    )
 
 
 def train(
@@ -302,14 +437,22 @@ def train(
     If training diverges, the resume state of the last finished epoch stays and nothing else
     is written. If a hook stops training early, the checkpoint is written and its manifest says
     after which epoch (``training.stopped_after_epoch``).
+
+    With early stopping or the overfitting check (``TrainConfig.checked``), held-out robust
+    accuracy is measured on ``splits.calibration`` after every epoch (``heldout``); without
+    ``splits``, ``training_splits`` holds ``DEFAULT_HOLDOUT`` samples out for it. The manifest
+    then has ``training.held_out_check`` (with the per-epoch robust accuracies),
+    ``training.best_epoch`` (early stopping: the epoch whose weights are kept) and, after a
+    collapse, ``training.overfitting`` (the epoch it was detected in and the epoch kept).
     """
     cfg = config.resolved()
     method = cfg.make_method()
     dev = resolve_device(device)
+    splits = splits if splits is not None else training_splits(cfg)
+    check = _held_out_check(cfg, method, splits, dev)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_path = out_dir / RESUME
-    splits = splits if splits is not None else load_data(cfg.data, seed=0)
     torch.manual_seed(cfg.seed)
     model = build_model(  # after seeding: the initial weights depend only on the seed
         cfg.arch,
@@ -335,6 +478,8 @@ def train(
     attack_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     start_epoch, elapsed = 0, 0.0
     add_ons = [c for c in (h.config() for h in hooks) if c is not None]
+    checks = [] if check is None else [check]
+    stateful = [method, *hooks, *checks]
     if resume_path.exists():
         state = read_torch_file(resume_path, "a training resume state", map_location=dev)
         if not isinstance(state, dict):
@@ -358,11 +503,14 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["gen"])
         attack_gen.set_state(state["attack_gen"])
+        for hook, saved in zip(stateful, state.get("hooks", []), strict=False):
+            if saved is not None:
+                hook.load_state(saved)
         start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
     header: dict[str, Any] = {"config": _config_key(cfg), "split": _split_key(splits)}
     if add_ons:
         header["add_ons"] = add_ons
-    writer = _ResumeWriter(resume_path, header, (gen, attack_gen), elapsed)
+    writer = _ResumeWriter(resume_path, header, (gen, attack_gen), elapsed, stateful)
     end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
     try:
         history = fit(
@@ -376,7 +524,7 @@ def train(
             epochs=cfg.epochs,
             lr=cfg.lr,
             gen=attack_gen,
-            hooks=[*hooks, writer],
+            hooks=[*hooks, *checks, writer],
             start_epoch=start_epoch,
             end_epoch=end_epoch,
             memory_format=memory_format,
@@ -396,12 +544,16 @@ def train(
     ran = start_epoch + len(history)
     if ran == end_epoch < cfg.epochs:
         return TrainResult(model, out_dir, {"unfinished": True, "epoch": end_epoch})
+    if check is not None:
+        check.restore(model)
     clean = accuracy(model, splits.test, device=dev)
     training: dict[str, Any] = {**_config_key(cfg), "method_config": method.config()}
     if add_ons:  # hooks that change training (regularizers) say how
         training["add_ons"] = add_ons
     if ran < cfg.epochs:  # a hook stopped training early
         training["stopped_after_epoch"] = ran
+    if check is not None:
+        training.update(check.record(ran))
     manifest = {
         "model": model_config(
             cfg.arch,

@@ -4,8 +4,11 @@ The loop (``loop.fit``) runs, for every batch: the learning rate is set; ``befor
 (the method first, where it crafts what its loss needs, e.g. adversarial examples; then any
 add-on); the method's ``loss`` and its backward; ``after_backward``; the optimiser step;
 ``after_step`` (add-ons in reverse order, so a perturbation made before the forward is undone
-after the step, as AWP does); and once per epoch ``end_epoch``. Each method registers itself
-by name beside its definition and owns its options (TRADES' beta belongs to TRADES).
+after the step, as AWP does); and once per epoch ``end_epoch``. A method whose ``replays`` is
+m > 1 (free AT) gets each batch m times in a row, each time a full step. Each method registers
+itself by name beside its definition and owns its options and their defaults (TRADES' beta
+belongs to TRADES). Hooks with state that must survive a resume (free AT's carried
+perturbation, the held-out check's best weights) hand it over through ``state``/``load_state``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
-from typing import ClassVar, TypeVar
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +38,8 @@ def require_finite(**values: object) -> None:
 
 @dataclass
 class Step:
-    """One optimisation step as methods and hooks see it (``number`` counts steps from 0)."""
+    """One optimisation step as methods and hooks see it (``number`` counts steps from 0, over
+    the whole run; ``replay`` says which replay of its batch this step is, from 0)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -48,6 +52,7 @@ class Step:
     gen: torch.Generator
     x_adv: torch.Tensor | None = None
     loss: torch.Tensor | None = None
+    replay: int = 0
 
     @property
     def progress(self) -> float:
@@ -112,11 +117,23 @@ class Hook:
         nothing to record)."""
         return None
 
+    def state(self) -> dict[str, Any] | None:
+        """What this hook carries from epoch to epoch, for the resume state (None: nothing)."""
+        return None
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take back what ``state`` returned when the run was interrupted."""
+
 
 class Method(Hook, ABC):
     """A training strategy: hooks around the step plus the loss of one batch to minimise."""
 
     name: ClassVar[str] = ""
+
+    @property
+    def replays(self) -> int:
+        """How many steps in a row the loop makes on each batch (free AT: m; others: 1)."""
+        return 1
 
     @abstractmethod
     def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
@@ -173,38 +190,81 @@ class Standard(Method):
 
 
 @dataclass(frozen=True)
-class _Adversarial(Method):
-    """Shared settings of adversarial training: threat model, inner steps, eps warm-up."""
+class AdversarialMethod(Method):
+    """A method that trains against a threat model: eps, norm, and eps's warm-up."""
 
     eps: float
     norm: str = "linf"
-    steps: int = 10
-    alpha_ratio: float = 2.5
     eps_warmup: float = 0.0
 
     def __post_init__(self) -> None:
         ThreatModel(self.norm, self.eps)
-        require_finite(alpha_ratio=self.alpha_ratio, eps_warmup=self.eps_warmup)
+        require_finite(eps_warmup=self.eps_warmup)
         if self.eps == 0:
             raise RobustlabError("adversarial training needs eps > 0 (use --method standard)")
-        if self.steps < 1:
-            raise RobustlabError("adversarial training needs at least one inner step")
-        if not self.alpha_ratio > 0:
-            raise RobustlabError(f"the step-size ratio must be > 0, got {self.alpha_ratio}")
         if not 0 <= self.eps_warmup < 1:
             raise RobustlabError(
                 f"eps warm-up must be a fraction of training in [0, 1), got {self.eps_warmup}"
             )
 
-    def config(self) -> dict[str, object]:
-        """JSON-able description, with the step size actually used."""
-        return {**super().config(), "alpha": self.alpha_ratio * self.eps / self.steps}
+    @property
+    def threat(self) -> ThreatModel:
+        """The threat model trained against once eps has warmed up."""
+        return ThreatModel(self.norm, self.eps)
 
     def threat_at(self, progress: float) -> ThreatModel:
         """The threat model trained against now: eps grows linearly over the warm-up fraction."""
         if self.eps_warmup <= 0:
-            return ThreatModel(self.norm, self.eps)
+            return self.threat
         return ThreatModel(self.norm, self.eps * min(1.0, progress / self.eps_warmup))
+
+
+def check_alpha_ratio(alpha_ratio: float) -> None:
+    """A step-size ratio: finite and > 0."""
+    require_finite(alpha_ratio=alpha_ratio)
+    if not alpha_ratio > 0:
+        raise RobustlabError(f"the step-size ratio must be > 0, got {alpha_ratio}")
+
+
+def craft(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    start: torch.Tensor,
+    threat: ThreatModel,
+    size: float,
+    steps: int,
+    objective: nn.Module | None = None,
+) -> torch.Tensor:
+    """Adversarial training's inner maximisation: ``steps`` projected steepest-ascent steps of
+    ``size`` from ``start`` on the per-sample cross-entropy (or the summed ``objective`` of the
+    logits), with the model in eval mode (BatchNorm's running statistics untouched)."""
+
+    def value(z: torch.Tensor) -> torch.Tensor:
+        """Per-sample cross-entropy, or the method's own (summed) objective."""
+        out = model(z)
+        return F.cross_entropy(out, y, reduction="none") if objective is None else objective(out)
+
+    with evaluating(model):
+        return ascend(value, x, start, threat, SteepestStep(size), steps)
+
+
+@dataclass(frozen=True)
+class _Adversarial(AdversarialMethod):
+    """Adversarial training with a multi-step inner attack: its steps and step-size ratio."""
+
+    steps: int = 10
+    alpha_ratio: float = 2.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_alpha_ratio(self.alpha_ratio)
+        if self.steps < 1:
+            raise RobustlabError("adversarial training needs at least one inner step")
+
+    def config(self) -> dict[str, object]:
+        """JSON-able description, with the step size actually used."""
+        return {**super().config(), "alpha": self.alpha_ratio * self.eps / self.steps}
 
     def inner(
         self,
@@ -216,17 +276,8 @@ class _Adversarial(Method):
         y: torch.Tensor,
     ) -> torch.Tensor:
         """Maximise the inner objective by projected steepest ascent, with BN in eval mode."""
-        step = SteepestStep(self.alpha_ratio * threat.eps / self.steps)
-
-        def value(z: torch.Tensor) -> torch.Tensor:
-            """Per-sample cross-entropy, or the method's own (summed) objective."""
-            out = model(z)
-            return (
-                F.cross_entropy(out, y, reduction="none") if objective is None else objective(out)
-            )
-
-        with evaluating(model):
-            return ascend(value, x, start, threat, step, self.steps)
+        size = self.alpha_ratio * threat.eps / self.steps
+        return craft(model, x, y, start, threat, size, self.steps, objective)
 
 
 @register_method("pgd-at")
@@ -336,3 +387,114 @@ class TRADES(_Adversarial):
         adv = model(step.adversarial)
         robust = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
         return F.cross_entropy(clean, step.y) + self.beta * robust
+
+
+@register_method("fast-at")
+@dataclass(frozen=True)
+class FastAT(AdversarialMethod):
+    """Wong et al. (ICLR 2020), "fast is better than free": cross-entropy on one FGSM step of
+    ``alpha_ratio`` x eps (1.25 eps) from a uniformly random start in the threat model, the
+    result projected into it (the eps ball and [0, 1]).
+
+    Ours, unlike the official code: the step is crafted with the model in eval mode, as PGD-AT
+    here does. Catastrophic overfitting is caught by the loop's held-out check (its recipe
+    turns it on: ``heldout.HeldOutCheck``), not by the method.
+    """
+
+    alpha_ratio: float = 1.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_alpha_ratio(self.alpha_ratio)
+
+    def config(self) -> dict[str, object]:
+        """JSON-able description, with the step size actually used."""
+        return {**super().config(), "alpha": self.alpha_ratio * self.eps}
+
+    def before_forward(self, step: Step) -> None:
+        """Craft the batch's FGSM examples from a random start."""
+        threat = self.threat_at(step.progress)
+        start = step.random_start(threat)
+        size = self.alpha_ratio * threat.eps
+        step.x_adv = craft(step.model, step.x, step.y, start, threat, size, 1)
+
+    def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
+        """Cross-entropy on the FGSM examples of the batch."""
+        return F.cross_entropy(model(step.adversarial), step.y)
+
+
+@dataclass
+class _Carried:
+    """Free AT's perturbation, carried from step to step (None before the first step)."""
+
+    delta: torch.Tensor | None = None
+
+
+@register_method("free-at")
+@dataclass(frozen=True)
+class FreeAT(AdversarialMethod):
+    """Shafahi et al. (NeurIPS 2019), "adversarial training for free": each batch is replayed
+    ``replays`` times (the loop makes a full step each time); one backward pass per replay gives
+    both the weights' gradient and the perturbation's, which then takes a signed step of eps
+    and is projected. The perturbation is carried over to the next replay and to the next batch
+    (its first rows, as the official code's buffer of batch size), never reset.
+
+    Ours, unlike the official code: the perturbation is also projected into [0, 1] around the
+    batch it is applied to before the forward pass, so every example lies in the threat model.
+    """
+
+    replays: int = 8
+    carried: _Carried = field(default_factory=_Carried, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.replays, bool) or not isinstance(self.replays, int):
+            raise RobustlabError(f"free-at needs a whole number of replays, got {self.replays!r}")
+        if self.replays < 1:
+            raise RobustlabError(f"free-at needs replays >= 1, got {self.replays}")
+
+    def config(self) -> dict[str, object]:
+        """JSON-able description (the carried perturbation is state, not configuration)."""
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return {**options, "alpha": self.eps, "name": self.name}
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The carried perturbation for a batch like ``x`` (zeros where there is none yet)."""
+        delta = self.carried.delta
+        if delta is None or delta.shape[1:] != x.shape[1:] or delta.device != x.device:
+            delta = torch.zeros_like(x)
+        if len(delta) < len(x):
+            delta = torch.cat([delta, torch.zeros_like(x[len(delta) :])])
+        self.carried.delta = delta
+        return delta[: len(x)]
+
+    def before_forward(self, step: Step) -> None:
+        """The batch plus the carried perturbation, in the threat model, as a leaf whose
+        gradient the loss's backward fills."""
+        threat = self.threat_at(step.progress)
+        x_adv = threat.project(step.x, step.x + self._delta(step.x))
+        step.x_adv = x_adv.detach().requires_grad_(True)
+
+    def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
+        """Cross-entropy on the perturbed batch (train mode: the only pass of the step)."""
+        return F.cross_entropy(model(step.adversarial), step.y)
+
+    def after_backward(self, step: Step) -> None:
+        """The perturbation's signed step of eps, from the gradient the backward just gave."""
+        x_adv = step.adversarial
+        if x_adv.grad is None:
+            raise RuntimeError("free-at: the backward pass gave no gradient for the examples")
+        threat = self.threat_at(step.progress)
+        with torch.no_grad():
+            moved = x_adv + threat.eps * threat.steepest_step(x_adv.grad)
+            new = threat.project(step.x, moved) - step.x
+        assert self.carried.delta is not None  # set by before_forward
+        self.carried.delta[: len(new)] = new
+
+    def state(self) -> dict[str, Any]:
+        """The carried perturbation."""
+        return {"delta": self.carried.delta}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Carry on with the perturbation of the interrupted run."""
+        self.carried.delta = state["delta"]
