@@ -57,7 +57,7 @@ def test_training_is_deterministic_for_a_seed(tmp_path: Path, digits: DataSplits
 def test_interrupted_run_resumes_to_the_same_weights(
     tmp_path: Path, digits: DataSplits, method: str
 ) -> None:
-    adversarial = {"eps": 0.1, "steps": 2} if method != "standard" else {}
+    adversarial: dict[str, Any] = {"eps": 0.1, "steps": 2} if method != "standard" else {}
     cfg = TrainConfig(**FAST, method=method, **adversarial)
     whole = train(cfg, tmp_path / "whole", splits=digits, progress=False)
     part = train(cfg, tmp_path / "part", splits=digits, progress=False, stop_after_epochs=1)

@@ -298,8 +298,18 @@ def fit(
                     group["lr"] = lr_at(number, total, lr)
                 index = torch.tensor(indices, device=x.device)
                 xb = x[index].contiguous(memory_format=memory_format)
-                step = Step(model, optimizer, xb, y[index], index, epoch, number, total, gen)
-                step.replay = b % replays
+                step = Step(
+                    model,
+                    optimizer,
+                    xb,
+                    y[index],
+                    index,
+                    epoch,
+                    number,
+                    total,
+                    gen,
+                    replay=b % replays,
+                )
                 for hook in around:
                     hook.before_forward(step)
                 loss = step.loss = method.loss(model, step)
