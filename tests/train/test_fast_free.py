@@ -70,6 +70,39 @@ def test_fast_at_example_is_one_fgsm_step_from_the_uniform_random_start() -> Non
     assert not torch.allclose(want, torch.minimum(torch.maximum(again, x - eps), x + eps))
 
 
+def test_fast_at_crafts_with_batch_statistics_and_leaves_the_running_ones() -> None:
+    """Batch norm in train mode while crafting, as the official code: the step follows the
+    gradient of the network that normalises with the start batch's own statistics (written out
+    by hand here), and the running statistics do not move."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(1)
+    linear = nn.Linear(16, 3)
+    model = nn.Sequential(norm, nn.Flatten(), linear).double().train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 4, 4, generator=g, dtype=torch.float64) * 0.5
+    y = torch.randint(0, 3, (8,), generator=g)
+    eps = 0.2
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = Step(model, opt, x, y, torch.arange(8), 0, 0, 1, torch.Generator().manual_seed(7))
+    make_method("fast-at", eps=eps, alpha_ratio=1.0).before_forward(step)
+    assert float(norm.running_mean) == 0.0 and int(norm.num_batches_tracked) == 0
+    assert model.training  # the model's mode is restored
+
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    start = (x + (2 * u - 1) * eps).clamp(0, 1).requires_grad_(True)
+    z = (start - start.mean()) / (start.var(unbiased=False) + norm.eps).sqrt()
+    logits = (z * norm.weight + norm.bias).flatten(1) @ linear.weight.T + linear.bias
+    F.cross_entropy(logits, y, reduction="sum").backward()
+    assert start.grad is not None
+    moved = start.detach() + eps * start.grad.sign()
+    want = torch.minimum(torch.maximum(moved, x - eps), x + eps).clamp(0, 1)
+    assert torch.allclose(step.adversarial, want, atol=1e-12, rtol=0)
+    # in eval mode (running statistics 0 and 1) the step would go elsewhere
+    at = start.detach().clone().requires_grad_(True)
+    F.cross_entropy(model.eval()(at), y, reduction="sum").backward()
+    assert at.grad is not None and not torch.equal(at.grad.sign(), start.grad.sign())
+
+
 class _Seen(Hook):
     """Records each step's number, replay, indices, clean and perturbed inputs, the gradient the
     backward pass gave the perturbed inputs, and the learning rate."""

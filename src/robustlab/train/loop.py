@@ -259,9 +259,10 @@ def fit(
     ``x``, ``y`` are the training set (where batches are gathered, e.g. on the device) and
     ``sampler`` orders it; each batch is replayed ``method.replays`` times, each replay a full
     step, so an epoch makes batches x replays steps; the learning rate follows ``lr_at`` over
-    all steps of the run; ``gen`` is the method's generator (random starts). ``method`` and then ``hooks`` are called around every
-    step (see ``methods``). After each epoch the loss and every weight must be finite, else
-    ``Diverged`` is raised before any ``end_epoch`` hook (so no state of that epoch is saved).
+    all steps of the run; ``gen`` is the method's generator (random starts). ``method`` and
+    then ``hooks`` are called around every step (see ``methods``). After each epoch the loss
+    and every weight must be finite, else ``Diverged`` is raised before any ``end_epoch`` hook
+    (so no state of that epoch is saved).
     Returns the mean batch loss of each epoch run (fewer if a hook stopped training).
     """
     replays = method.replays
