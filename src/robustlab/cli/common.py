@@ -376,18 +376,29 @@ def attack_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def load_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, object]]:
-    """Load the checkpoint and the data, check they fit, pick the device."""
+def load_model_and_data(
+    args: argparse.Namespace, test_only: bool = False
+) -> tuple[Any, Any, str, dict[str, object]]:
+    """Load the checkpoint and the data, check they fit, pick the device.
+
+    ``test_only`` (commands that only evaluate): a user file without its own test split is all
+    test points, unless the checkpoint was trained on that very file, whose held-out 20 % it
+    then keeps as in training (``data.load_data``).
+    """
     from ..core.device import resolve_device
     from ..data import load_data
+    from ..data.datasets import same_source
 
     device = resolve_device(args.device)
     trust = args.trust_unhashed
     if args.arch is None:  # a bad checkpoint path fails before the data is read
         ckpt = load_model(args.model, trust_unhashed=trust)
-        splits = load_data(args.data)
+        trained_on = str(ckpt.manifest.get("dataset", {}).get("name", ""))
+        splits = load_data(
+            args.data, test_only=test_only and not same_source(args.data, trained_on)
+        )
     else:
-        splits = load_data(args.data)
+        splits = load_data(args.data, test_only=test_only)
         ckpt = load_model(args.model, args.arch, splits, trust_unhashed=trust)
     check_fit(ckpt.manifest, splits)
     return ckpt.model.to(device), splits, device, model_info(ckpt.manifest, ckpt.path)

@@ -24,6 +24,7 @@ from .common import (
 )
 
 DESCRIPTION = "clean and robust accuracy of a checkpoint under an attack, at one eps or a curve"
+DEFAULT_N = 1000  # test points evaluated when --n is not given (all of mnist5k's test split)
 PROTOCOLS = ("plain", "msa")
 
 
@@ -34,7 +35,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--eps", required=True, help="budget, or a comma-separated list for a robustness curve"
     )
-    p.add_argument("--n", type=int, default=1000, help="number of test points")
+    p.add_argument(
+        "--n", type=int, help=f"number of test points (default: all, at most {DEFAULT_N})"
+    )
     p.add_argument(
         "--samples",
         metavar="PATH",
@@ -117,7 +120,9 @@ def _loaded(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, object]]
     """The model and data, the model in the HPM mode asked (and its record saying so)."""
     from ..models.hpm import HPMClassifier
 
-    model, splits, device, info = load_model_and_data(args)
+    model, splits, device, info = load_model_and_data(args, test_only=True)
+    if args.n is None:
+        args.n = min(DEFAULT_N, len(splits.test))
     if args.hpm_mode is not None:
         if not isinstance(model, HPMClassifier):
             raise RobustlabError("--hpm-mode needs an HPM checkpoint (see robustlab hpm)")

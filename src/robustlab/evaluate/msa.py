@@ -60,6 +60,7 @@ from ..attacks.restarts import Best
 from ..core.criteria import success, unbroken
 from ..core.guard import frozen_eval
 from ..data import Dataset
+from ..data.convert import UserData, as_dataset
 from ..errors import RobustlabError
 from ..models.engine import check_engine, infer, inference_engine
 from ..models.structure import surrogates_for
@@ -206,7 +207,7 @@ def _named(
 
 def evaluate_msa(
     model: nn.Module,
-    data: Dataset,
+    data: UserData,
     surrogates: Sequence[tuple[str, nn.Module]] | None = None,
     *,
     norm: str = "linf",
@@ -239,6 +240,7 @@ def evaluate_msa(
     for :func:`~robustlab.evaluate.robust.evaluate`; surrogates always run in PyTorch.
     """
     check_engine(engine)
+    data = as_dataset(data)
     ensemble = AutoAttack(norm=norm, eps=eps, version=version, attacks=attacks, seed=seed)
     members = surrogate_members(ensemble, surrogate_attacks)
     total = checked_points(data, n, batch_size)

@@ -28,6 +28,7 @@ from ..attacks.base import Attack
 from ..core.checks import check_batch, check_batch_size
 from ..core.guard import frozen_eval
 from ..data import Dataset
+from ..data.convert import UserData, as_dataset
 from ..errors import RobustlabError
 from ..io import limits, read_head, read_regular_text, starts_with
 from ..models.engine import check_engine, infer, inference_engine
@@ -122,7 +123,7 @@ def checked_points(data: Dataset, n: int | None, batch_size: int) -> int:
 
 def evaluate(
     model: nn.Module,
-    data: Dataset,
+    data: UserData,
     attack: Attack,
     *,
     n: int | None = None,
@@ -138,6 +139,7 @@ def evaluate(
 ) -> EvalRecord:
     """Clean and robust accuracy of ``model`` on the first ``n`` points of ``data``.
 
+    ``data``: a robustlab Dataset, an ``(x, y)`` pair, a ``TensorDataset`` or a ``DataLoader``.
     A point counts as robust only if it is classified correctly both clean and under attack;
     every adversarial example is checked to lie inside the attack's threat model.
     ``engine`` runs the forward-only passes (``auto``, ``torch``, ``onnxruntime``;
@@ -328,7 +330,7 @@ def _append(path: Path, obj: dict[str, Any]) -> None:
 
 def evaluate_curve(
     model: nn.Module,
-    data: Dataset,
+    data: UserData,
     attacks: Sequence[Attack],
     *,
     n: int | None = None,
@@ -362,6 +364,7 @@ def evaluate_curve(
     if not attacks:
         raise RobustlabError("no attack to evaluate")
     check_engine(engine)
+    data = as_dataset(data)
     norms = {a.threat.norm for a in attacks}
     if len(norms) > 1:
         raise RobustlabError(f"a robustness curve needs one norm, got {', '.join(sorted(norms))}")
