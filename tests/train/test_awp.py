@@ -18,6 +18,7 @@ import robustlab
 from robustlab.cli import main
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
+from robustlab.models.weights import layer_weight
 from robustlab.train import EpochSampler, Hook, Step, TrainConfig, fit, make_method, train
 from robustlab.train.awp import AWP, awp_hooks, perturbed_weights, weight_perturbation
 
@@ -104,7 +105,7 @@ def test_on_a_linear_model_the_perturbation_and_the_step_are_the_ones_by_hand(
     assert float((linear.weight.detach() - (w0 - lr * g_plain)).abs().max()) > 1e-4
 
 
-def _bn_mlp() -> nn.Module:
+def _bn_mlp() -> nn.Sequential:
     """A small mlp with BatchNorm on digits' 8x8 images, in train mode."""
     torch.manual_seed(0)
     return nn.Sequential(
@@ -129,7 +130,7 @@ def test_the_perturbation_ascends_the_methods_own_loss_and_leaves_batchnorm_alon
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num" in k}
     # independent: the method's loss on a copy, its gradient per weight matrix
     twin = copy.deepcopy(model)
-    weights = [twin[1].weight, twin[4].weight]
+    weights = [layer_weight(twin[1]), layer_weight(twin[4])]
     grads = torch.autograd.grad(method.loss(twin, step), weights)
     before = float(method.loss(copy.deepcopy(model), step).detach())
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -155,22 +156,22 @@ def test_the_perturbation_ascends_the_methods_own_loss_and_leaves_batchnorm_alon
 def test_only_trainable_conv_and_linear_weights_are_perturbed() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, 3))
     model[0].weight.requires_grad_(False)
-    assert [id(w) for w in perturbed_weights(model)] == [id(model[3].weight)]
+    assert [id(w) for w in perturbed_weights(model)] == [id(layer_weight(model[3]))]
 
 
 def test_a_layer_with_zero_gradient_is_not_perturbed(digits: DataSplits) -> None:
     """A layer the loss does not reach (zero gradient) gets no perturbation and no NaN."""
     model = _bn_mlp()
     with torch.no_grad():
-        model[4].weight.zero_()  # no gradient flows back to the first linear layer
+        layer_weight(model[4]).zero_()  # no gradient flows back to the first linear layer
     method = make_method("pgd-at", eps=0.1, steps=1)
     x, y = digits.train.x[:8], digits.train.y[:8]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = Step(model, opt, x, y, torch.arange(8), 0, 0, 1, torch.Generator().manual_seed(0))
     method.before_forward(step)
     pairs = dict((id(w), v) for w, v in weight_perturbation(method, step, 0.01))
-    assert torch.equal(pairs[id(model[1].weight)], torch.zeros_like(model[1].weight))
-    assert torch.isfinite(pairs[id(model[4].weight)]).all()
+    assert torch.equal(pairs[id(layer_weight(model[1]))], torch.zeros_like(layer_weight(model[1])))
+    assert torch.isfinite(pairs[id(layer_weight(model[4]))]).all()
 
 
 def test_weights_are_unperturbed_between_steps_and_in_the_checkpoint_after_the_warmup(
