@@ -55,6 +55,20 @@ def register(sub: Any) -> None:
         "(default: none)",
     )
     p.add_argument(
+        "--awp",
+        type=float,
+        metavar="GAMMA",
+        help="adversarial weight perturbation of relative size GAMMA per layer on top of "
+        "pgd-at, trades or mart, e.g. 5e-3 (default: none)",
+    )
+    p.add_argument(
+        "--awp-warmup",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="epochs trained before AWP starts (default: 0)",
+    )
+    p.add_argument(
         "--out", required=True, help="checkpoint folder (an interrupted run there resumes)"
     )
     p.add_argument(
@@ -79,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import get_architecture
     from ..models.checkpoint import checkpoint_outputs
     from ..train import TrainConfig, train
+    from ..train.awp import awp_hooks
     from ..train.compression import parse_regularizers, regularizer_hooks
 
     out = Path(args.out)
@@ -86,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     checked_outputs(args, outputs, data=[args.data])
     arch_options = key_values(args.arch_option)
     get_architecture(args.arch).arguments(**arch_options)  # its options, before any work
-    hooks = regularizer_hooks(parse_regularizers(args.regularizer))
+    regularizers = regularizer_hooks(parse_regularizers(args.regularizer))
     cfg = TrainConfig(
         arch=args.arch,
         data=args.data,
@@ -102,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         arch_options=arch_options,
     )
+    hooks = [*awp_hooks(cfg, args.awp, args.awp_warmup), *regularizers]
     splits = None
     if args.calibration:
         from ..data import load_data
