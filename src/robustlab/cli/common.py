@@ -376,12 +376,15 @@ def attack_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def load_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, object]]:
-    """Load the checkpoint and the data, check they fit, pick the device."""
+def load_model_and_data(
+    args: argparse.Namespace, device: str | None = None
+) -> tuple[Any, Any, str, dict[str, object]]:
+    """Load the checkpoint and the data, check they fit, pick the device (``device``: the
+    one already picked, e.g. this torchrun process's GPU)."""
     from ..core.device import resolve_device
     from ..data import load_data
 
-    device = resolve_device(args.device)
+    device = device or resolve_device(args.device)
     trust = args.trust_unhashed
     if args.arch is None:  # a bad checkpoint path fails before the data is read
         ckpt = load_model(args.model, trust_unhashed=trust)
