@@ -118,12 +118,23 @@ def processes_of_run(device: str, timeout_s: float = 1800.0) -> Iterator[tuple[P
 # -- what the processes of a run exchange, say together, and keep apart -----------------------
 
 
+@contextmanager
+def _exchange() -> Iterator[None]:
+    """An exchange between processes: one that breaks means another process is gone (it
+    failed, or the run is being stopped), which ends this one as a stop does."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch's DistBackendError and gloo's lost connections
+        raise RunStopped(str(exc)) from exc
+
+
 def broadcast(processes: Processes, obj: T) -> T:
     """Rank 0's ``obj``, on every process (itself for one process)."""
     if not processes.distributed:
         return obj
     box: list[Any] = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with _exchange():
+        dist.broadcast_object_list(box, src=0)
     return cast(T, box[0])
 
 
@@ -132,7 +143,8 @@ def all_gather(processes: Processes, obj: T) -> list[T]:
     if not processes.distributed:
         return [obj]
     found: list[Any] = [None] * processes.world_size
-    dist.all_gather_object(found, obj)
+    with _exchange():
+        dist.all_gather_object(found, obj)
     return found
 
 
@@ -175,6 +187,7 @@ def stop_on_sigterm(processes: Processes) -> Iterator[None]:
         return
 
     def stopped(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop; its message is being said
         raise RunStopped
 
     before = signal.signal(signal.SIGTERM, stopped)
@@ -184,12 +197,14 @@ def stop_on_sigterm(processes: Processes) -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
-def check_share(processes: Processes, items: int, what: str, advice: str) -> None:
-    """Every process must own at least one of ``items`` (round robin); one sentence if not."""
+def check_share(processes: Processes, items: int, names: tuple[str, str], advice: str) -> None:
+    """Every process must own at least one of ``items`` (round robin); one sentence if not.
+    ``names``: what an item is called, one and several; ``advice``: how else to get more."""
     if processes.world_size > items:
+        some = f"{items} {names[0] if items == 1 else names[1]}"
         raise RobustlabError(
-            f"the run has {processes.world_size} processes but only {items} {what} to share "
-            f"among them: start at most {items} processes{advice}"
+            f"torchrun started {processes.world_size} processes but there is only {some} to "
+            f"share among them: start at most {items}, or {advice}"
         )
 
 

@@ -77,7 +77,12 @@ def open_shard(
     process, said once."""
     batches = -(-total // batch_size)
     with together(processes):
-        check_share(processes, batches, "batches", " or a smaller batch size")
+        check_share(
+            processes,
+            batches,
+            ("evaluation batch", "evaluation batches"),
+            "use a smaller batch size",
+        )
         mine = key() if resume is not None or processes.distributed else ""
     keys = all_gather(processes, mine)
     shard = Shard(processes, total, batch_size)
