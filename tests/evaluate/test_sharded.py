@@ -276,3 +276,73 @@ def test_commands_that_do_not_share_work_refuse_to_run_as_several_processes(
         "torchrun started 2 of them: run it as one process (without torchrun); under torchrun "
         "run eval or train\n"
     )
+
+
+MSA_SCRIPT = '''
+import json, sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.core.distributed import processes_of_run
+from robustlab.data import load_data
+from robustlab.evaluate import evaluate_msa
+from robustlab.models.checkpoint import load_checkpoint
+
+
+class HardDecision(nn.Module):
+    """The base's decision as one-hot logits: no input gradient, the base its surrogate."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        z = self.base(x)
+        return 10.0 * F.one_hot(z.argmax(1), z.shape[1]).to(z.dtype) + 0 * z
+
+
+def run(processes=None):
+    torch.set_num_threads(1)
+    base = load_checkpoint(sys.argv[1]).model.eval()
+    return evaluate_msa(
+        HardDecision(base), load_data("digits").test, [("base", base)], norm="l2", eps=1.0,
+        attacks=("apgd-ce",), n=60, batch_size=20, progress=False, engine="torch",
+        processes=processes,
+    )
+
+
+if __name__ == "__main__":
+    with processes_of_run("cpu") as (processes, _):
+        record = run(processes)
+        if processes.main:
+            Path(sys.argv[2]).write_text(json.dumps([record.samples, record.world_size]))
+'''
+
+
+@pytest.mark.slow  # ~25 s: a torchrun run of a library script
+def test_sharded_msa_equals_one_process(ckpt: Path, tmp_path: Path) -> None:
+    """evaluate_msa from a script torchrun starts: the surrogate stage breaks what plain
+    AutoAttack cannot, and the merged rows equal one process's."""
+    script = tmp_path / "msa.py"
+    script.write_text(MSA_SCRIPT)
+    single, sharded = tmp_path / "single.json", tmp_path / "sharded.json"
+    runs = []
+    for launcher, out in (([], single), (["-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2"], sharded)):  # fmt: skip
+        runs.append(
+            subprocess.run(
+                [sys.executable, *launcher, str(script), str(ckpt), str(out)],
+                env=environment(),
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+                check=False,
+            )
+        )
+    assert [r.returncode for r in runs] == [0, 0], runs[1].stderr
+    (one, world_one), (two, world_two) = (json.loads(p.read_text()) for p in (single, sharded))
+    assert (world_one, world_two) == (1, 2) and one == two
+    assert any(str(row["broken_by"]).startswith("base/") for row in one)
