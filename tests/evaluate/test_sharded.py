@@ -143,8 +143,8 @@ def progress_files(json_path: Path) -> list[Path]:
 
 
 def batch_lines(path: Path) -> int:
-    """Finished batches in a progress file (its lines after the key line)."""
-    return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
+    """Finished batches in a progress file (its whole lines after the key line)."""
+    return max(0, path.read_text().count("\n") - 1) if path.exists() else 0
 
 
 def worker_of_rank(launcher: subprocess.Popen[str], rank: int) -> int | None:

@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = False
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            # the other processes of a torchrun run would repeat rank 0's warnings
+            warnings.simplefilter("ignore" if rank else "default")
             _check_torchrun(args.command)
             check_seeds(args)  # before any command starts: a seed every generator takes
             started = True
