@@ -377,9 +377,10 @@ def attack_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model_and_data(
-    args: argparse.Namespace, test_only: bool = False
+    args: argparse.Namespace, device: str | None = None, *, test_only: bool = False
 ) -> tuple[Any, Any, str, dict[str, object]]:
-    """Load the checkpoint and the data, check they fit, pick the device.
+    """Load the checkpoint and the data, check they fit, pick the device (``device``: the
+    one already picked, e.g. this torchrun process's GPU).
 
     ``test_only`` (commands that only evaluate): a user file without its own test split is all
     test points, unless the checkpoint was trained on that very file, whose held-out 20 % it
@@ -389,7 +390,7 @@ def load_model_and_data(
     from ..data import load_data
     from ..data.datasets import same_source
 
-    device = resolve_device(args.device)
+    device = device or resolve_device(args.device)
     trust = args.trust_unhashed
     if args.arch is None:  # a bad checkpoint path fails before the data is read
         ckpt = load_model(args.model, trust_unhashed=trust)
