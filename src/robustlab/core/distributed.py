@@ -9,11 +9,17 @@ environment; :func:`start` reads them and joins the group. Without them (a plain
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterator
+import signal
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from types import FrameType
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -107,3 +113,99 @@ def processes_of_run(device: str) -> Iterator[tuple[Processes, str]]:
         yield processes, device
     finally:
         stop(processes)
+
+
+def sample_seed(seed: int, *keys: int) -> int:
+    """The seed of one sample's random draws, from a run's seed and keys such as (step, sample
+    index in the data set): the same whichever process, batch or position the sample is in."""
+    packed = struct.pack(f"<{1 + len(keys)}q", seed, *keys)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little")
+
+
+def per_sample(
+    x: torch.Tensor,
+    seeds: Sequence[int],
+    draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+) -> torch.Tensor:
+    """``draw(x_i, generator)`` for each sample ``x_i`` (a batch of one) with a CPU generator
+    seeded by its own seed, stacked on ``x``'s device: the same numbers on any device, in any
+    batch and in any process."""
+    if len(seeds) != len(x):
+        raise ValueError(f"{len(seeds)} seeds for a batch of {len(x)} samples")
+    cpu = x.detach().cpu()
+    rows = [draw(cpu[i : i + 1], torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)]
+    return torch.cat(rows).to(x.device) if rows else torch.empty_like(x)
+
+
+T = TypeVar("T")
+
+
+def from_main(processes: Processes, obj: T) -> T:
+    """Rank 0's ``obj`` on every process (pickled through the process group; one process: ``obj``).
+    For what only rank 0 may read, such as a resume state on a disk the others do not share."""
+    if not processes.distributed:
+        return obj
+    box: list[object] = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]  # rank 0 sent a T
+
+
+def everyone(processes: Processes, flag: bool) -> bool:
+    """Whether ``flag`` holds on every process, the same answer on all of them."""
+    if not processes.distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _collective_device() -> torch.device:
+    """Where tensors of a collective must live: this process's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Stopped(RobustlabError):
+    """This process was asked to stop (SIGTERM): torchrun sends it to every process of a run when
+    one of them fails, and job schedulers when they cancel or preempt a job."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "stopped by SIGTERM (torchrun sends it to every process when one of them fails; job "
+            "schedulers when they cancel a job)"
+        )
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler: stop with :class:`Stopped` where the process is, unwinding cleanly."""
+    raise Stopped()
+
+
+def quiet_rank() -> bool:
+    """Whether this process is one of torchrun's processes other than rank 0."""
+    return launched_by_torchrun() and os.environ.get("RANK", "0").strip() != "0"
+
+
+@contextmanager
+def one_voice() -> Iterator[None]:
+    """For a command's block: SIGTERM raises :class:`Stopped` (so a torn-down run unwinds, keeps
+    its resume state and says why), and under torchrun only rank 0 speaks: on the other ranks a
+    robustlab error or an interruption ends the process with the same exit code but silently,
+    since every rank meets the same checks and rank 0 says them once."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        yield
+    except RobustlabError:
+        if quiet_rank():
+            raise SystemExit(2) from None
+        raise
+    except KeyboardInterrupt:
+        if quiet_rank():
+            raise SystemExit(130) from None
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
