@@ -25,12 +25,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from robustlab.cli import main
-from robustlab.core.distributed import Processes
+from robustlab.core.distributed import Processes, one_voice
 from robustlab.core.threat import ThreatModel
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
-from robustlab.train import Step, TrainConfig, train
+from robustlab.train import Hook, Step, TrainConfig, train
 from robustlab.train.distributed import SyncedBatchNorm, check_shares, synchronised_batchnorm
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -327,3 +327,50 @@ def test_synchronised_batchnorm_shares_the_layers_state_and_puts_them_back() -> 
         model.eval()
     assert dict(model.named_modules()) == before
     assert not any(m.training for m in norms.values())  # the mode set inside carries over
+
+
+class _SigtermAt(Hook):
+    """Sends this process SIGTERM after step ``number``, as torchrun does to the survivors."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def after_step(self, step: Step) -> None:
+        if step.number == self.number:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_training_with_one_sentence_and_keeps_the_finished_epochs(
+    tmp_path: Path, digits: DataSplits
+) -> None:
+    cfg = TrainConfig("mlp", "digits", epochs=3, arch_options={"width": 8}, channels_last=False)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RobustlabError) as stopped, one_voice():
+        train(cfg, tmp_path, splits=digits, progress=False, hooks=[_SigtermAt(30)])  # epoch 2
+    assert str(stopped.value) == (
+        "stopped by SIGTERM (torchrun sends it to every process when one of them fails; job "
+        f"schedulers when they cancel a job); the state after epoch 1 stays in "
+        f"{tmp_path / 'resume.pt'}; run the same command to resume"
+    )
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert torch.load(tmp_path / "resume.pt", weights_only=True)["epoch"] == 1
+
+
+def test_only_rank_0_speaks_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    variables = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**variables, "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(SystemExit) as quiet, one_voice():
+            raise RobustlabError("the same check fails on every rank")
+        assert quiet.value.code == 2  # the exit code the CLI gives, without the message
+        with pytest.raises(SystemExit) as interrupted, one_voice():
+            raise KeyboardInterrupt
+        assert interrupted.value.code == 130
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(RobustlabError, match="the same check"), one_voice():
+            raise RobustlabError("the same check fails on every rank")
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -30,7 +30,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--norm", default="linf", help="norm of the budget: linf or l2")
     p.add_argument("--epochs", type=int, help=f"training epochs {RECIPE}")
-    p.add_argument("--batch-size", type=int, help=f"training batch size {RECIPE}")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"training batch size; under torchrun the global batch, split across the processes "
+        f"{RECIPE}",
+    )
     p.add_argument(
         "--lr", type=float, help=f"peak learning rate of the one-cycle schedule {RECIPE}"
     )
@@ -74,8 +79,8 @@ def register(sub: Any) -> None:
         default=True,
         help="under torchrun, normalise BatchNorm layers with the statistics of the whole global "
         "batch, as one process does, so N processes train the model one process would; "
-        "--no-sync-bn: each process's part of the batch (torch DDP's default; saves one "
-        "exchange per BatchNorm layer and training step; the model differs) (default: on)",
+        "--no-sync-bn: with each process's own part (torch DDP's default: fewer exchanges "
+        "between the processes, but not the model one process trains) (default: on)",
     )
     add_common(
         p,

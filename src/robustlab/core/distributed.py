@@ -192,19 +192,20 @@ def one_voice() -> Iterator[None]:
     """For a command's block: SIGTERM raises :class:`Stopped` (so a torn-down run unwinds, keeps
     its resume state and says why), and under torchrun only rank 0 speaks: on the other ranks a
     robustlab error or an interruption ends the process with the same exit code but silently,
-    since every rank meets the same checks and rank 0 says them once."""
+    since every rank meets the same checks and rank 0 says them once. A torchrun process leaving
+    the block with an error ignores further SIGTERMs (torchrun sends them to every process when
+    one fails), so its one message gets out before it exits."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         yield
-    except RobustlabError:
-        if quiet_rank():
-            raise SystemExit(2) from None
-        raise
-    except KeyboardInterrupt:
-        if quiet_rank():
-            raise SystemExit(130) from None
+    except BaseException as exc:
+        if previous is not None and launched_by_torchrun():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous = None
+        if quiet_rank() and isinstance(exc, (RobustlabError, KeyboardInterrupt)):
+            raise SystemExit(2 if isinstance(exc, RobustlabError) else 130) from None
         raise
     finally:
         if previous is not None:
