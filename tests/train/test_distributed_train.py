@@ -31,7 +31,12 @@ from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
 from robustlab.train import Hook, Step, TrainConfig, train
-from robustlab.train.distributed import SyncedBatchNorm, check_shares, synchronised_batchnorm
+from robustlab.train.distributed import (
+    SyncedBatchNorm,
+    check_regularizers_for,
+    check_shares,
+    synchronised_batchnorm,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 TIMEOUT_S = 240
@@ -273,6 +278,16 @@ def test_a_world_too_large_for_the_batches_is_one_sentence(
     with pytest.raises(RobustlabError, match=message):
         check_shares(samples, batch, Processes(0, world, 0, "gloo"))
     check_shares(samples, batch, Processes(0, 1))  # one process takes any batch
+
+
+def test_a_batch_regularizer_under_torchrun_is_one_sentence() -> None:
+    two = Processes(0, 2, 0, "gloo")
+    with pytest.raises(
+        RobustlabError, match="the alignment regularizer is computed on the training"
+    ):
+        check_regularizers_for({"l1": 1e-4, "alignment": 0.1}, two)
+    check_regularizers_for({"l1": 1e-4, "nuclear": 1e-3}, two)  # weights only: the same everywhere
+    check_regularizers_for({"alignment": 0.1}, Processes())
 
 
 @pytest.mark.slow

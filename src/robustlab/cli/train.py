@@ -107,13 +107,16 @@ def _run(args: argparse.Namespace, processes: Processes, device: str) -> int:
     from ..models.checkpoint import checkpoint_outputs
     from ..train import TrainConfig, train
     from ..train.compression import parse_regularizers, regularizer_hooks
+    from ..train.distributed import check_regularizers_for
 
     out = Path(args.out)
     outputs = [*checkpoint_outputs(out), json_output(args.json)]
     checked_outputs(args, outputs, data=[args.data])
     arch_options = key_values(args.arch_option)
     get_architecture(args.arch).arguments(**arch_options)  # its options, before any work
-    hooks = regularizer_hooks(parse_regularizers(args.regularizer))
+    strengths = parse_regularizers(args.regularizer)
+    check_regularizers_for(strengths, processes)
+    hooks = regularizer_hooks(strengths)
     cfg = TrainConfig(
         arch=args.arch,
         data=args.data,

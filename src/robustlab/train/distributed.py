@@ -10,7 +10,7 @@ one process does), with each process's part when it is off (torch DDP's own defa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..core.distributed import Processes
 from ..errors import RobustlabError
+from .compression import BATCH_PENALTIES
 
 
 def check_shares(samples: int, batch_size: int, processes: Processes) -> None:
@@ -49,6 +50,17 @@ def check_shares(samples: int, batch_size: int, processes: Processes) -> None:
             f"the last batch of every epoch has {last} samples ({samples} training samples in "
             f"batches of {batch_size}), fewer than the {world} processes that must share it; "
             "choose a batch size that leaves at least one sample per process, or fewer processes"
+        )
+
+
+def check_regularizers_for(strengths: Mapping[str, float], processes: Processes) -> None:
+    """Refuse, in one sentence, a regulariser computed on each process's part of the batch under
+    torchrun: each process would add another gradient and the replicas would drift apart."""
+    batch = [name for name, value in strengths.items() if value and name in BATCH_PENALTIES]
+    if processes.distributed and batch:
+        raise RobustlabError(
+            f"the {batch[0]} regularizer is computed on the training batch, and under torchrun "
+            "on each process's part of it, which is not supported yet; train it with one process"
         )
 
 
