@@ -176,7 +176,7 @@ def fit(
 
     ``x``, ``y`` are the training set (where batches are gathered, e.g. on the device) and
     ``sampler`` orders it; the learning rate follows ``lr_at`` over the whole run; ``gen`` is the
-    method's generator (random starts). ``method`` and then ``hooks`` are called around every
+    method's generator (its initial seed seeds the random starts per sample). ``method`` and then ``hooks`` are called around every
     step (see ``methods``). After each epoch the loss and every weight must be finite, else
     ``Diverged`` is raised before any ``end_epoch`` hook (so no state of that epoch is saved).
     Returns the mean batch loss of each epoch run (fewer if a hook stopped training).
