@@ -384,8 +384,18 @@ def test_only_rank_0_speaks_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> N
         with pytest.raises(SystemExit) as interrupted, one_voice():
             raise KeyboardInterrupt
         assert interrupted.value.code == 130
+        lost = RuntimeError("[gloo/transport/tcp/pair.cc:537] Connection closed by peer")
+        with pytest.raises(SystemExit) as peer, one_voice():
+            raise lost
+        assert peer.value.code == 2
         monkeypatch.setenv("RANK", "0")
         with pytest.raises(RobustlabError, match="the same check"), one_voice():
             raise RobustlabError("the same check fails on every rank")
+        with pytest.raises(RobustlabError) as said, one_voice():
+            raise lost
+        assert (
+            str(said.value)
+            == "another process of this torchrun run failed, so this one stopped too"
+        )
     finally:
         signal.signal(signal.SIGTERM, before)

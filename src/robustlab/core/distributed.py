@@ -182,6 +182,21 @@ def _raise_stopped(signum: int, frame: FrameType | None) -> None:
     raise Stopped()
 
 
+#: What a process says when a collective failed because another process of the run went away.
+PEER_FAILED = "another process of this torchrun run failed, so this one stopped too"
+
+
+def peer_failed(exc: BaseException) -> bool:
+    """Whether an error came from a collective whose other side went away (another process of
+    the run died or was stopped): gloo's and NCCL's errors, as torch raises them."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset")
+    )
+
+
 def quiet_rank() -> bool:
     """Whether this process is one of torchrun's processes other than rank 0."""
     return launched_by_torchrun() and os.environ.get("RANK", "0").strip() != "0"
@@ -192,20 +207,25 @@ def one_voice() -> Iterator[None]:
     """For a command's block: SIGTERM raises :class:`Stopped` (so a torn-down run unwinds, keeps
     its resume state and says why), and under torchrun only rank 0 speaks: on the other ranks a
     robustlab error or an interruption ends the process with the same exit code but silently,
-    since every rank meets the same checks and rank 0 says them once. A torchrun process leaving
-    the block with an error ignores further SIGTERMs (torchrun sends them to every process when
-    one fails), so its one message gets out before it exits."""
+    since every rank meets the same checks and rank 0 says them once. A collective that failed
+    because another process went away becomes one sentence (``PEER_FAILED``). A torchrun
+    process leaving the block with an error ignores further SIGTERMs (torchrun sends them to
+    every process when one fails), so its one message gets out before it exits."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         yield
     except BaseException as exc:
-        if previous is not None and launched_by_torchrun():
+        torchrun = launched_by_torchrun()
+        if previous is not None and torchrun:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             previous = None
-        if quiet_rank() and isinstance(exc, (RobustlabError, KeyboardInterrupt)):
-            raise SystemExit(2 if isinstance(exc, RobustlabError) else 130) from None
+        peer = torchrun and peer_failed(exc)
+        if quiet_rank() and (peer or isinstance(exc, (RobustlabError, KeyboardInterrupt))):
+            raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 2) from None
+        if peer:
+            raise RobustlabError(PEER_FAILED) from None
         raise
     finally:
         if previous is not None:

@@ -274,14 +274,3 @@ def replicate(
 def _nothing() -> Iterator[int]:
     """No BatchNorm layer replaced."""
     yield 0
-
-
-def peer_failed(exc: BaseException) -> bool:
-    """Whether an error came from a collective whose other side went away (another process of
-    the run died or was stopped): gloo's and NCCL's errors, as torch raises them."""
-    if isinstance(exc, dist.DistError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset")
-    )

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..core.checks import check_batch_size
 from ..core.device import resolve_device
-from ..core.distributed import Processes, Stopped, everyone, from_main
+from ..core.distributed import PEER_FAILED, Processes, Stopped, everyone, from_main, peer_failed
 from ..core.guard import evaluating
 from ..data import Dataset, DataSplits, load_data
 from ..errors import RobustlabError
@@ -31,7 +31,6 @@ from .distributed import (
     Replicas,
     check_shares,
     effective_sync_bn,
-    peer_failed,
     processes_record,
     replicate,
 )
@@ -471,8 +470,7 @@ def train(
         if not (procs.distributed and peer_failed(exc)):
             raise
         raise RobustlabError(
-            "another process of this torchrun run failed, so this one stopped too; "
-            f"{writer.kept()}; run the same command to resume"
+            f"{PEER_FAILED}; {writer.kept()}; run the same command to resume"
         ) from None
     model.eval()
     ran = start_epoch + len(history)
