@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io import write_json
 from .common import DATA_HELP, add_command, add_common, checked_outputs, json_output, key_values
+
+if TYPE_CHECKING:  # torch is imported when the command runs, not when the parser is built
+    from ..core.distributed import Processes
 
 DESCRIPTION = "train a model (standard, pgd-at, trades or mart) and write its checkpoint"
 RECIPE = "(default: the method's recipe)"
@@ -27,7 +30,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--norm", default="linf", help="norm of the budget: linf or l2")
     p.add_argument("--epochs", type=int, help=f"training epochs {RECIPE}")
-    p.add_argument("--batch-size", type=int, help=f"training batch size {RECIPE}")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"training batch size; under torchrun the global batch, split across the processes "
+        f"{RECIPE}",
+    )
     p.add_argument(
         "--lr", type=float, help=f"peak learning rate of the one-cycle schedule {RECIPE}"
     )
@@ -79,6 +87,15 @@ def register(sub: Any) -> None:
         "chooses thresholds on (0: train on all)",
     )
     p.add_argument("--data-seed", type=int, default=0, help="seed of the calibration split")
+    p.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="under torchrun, normalise BatchNorm layers with the statistics of the whole global "
+        "batch, as one process does, so N processes train the model one process would; "
+        "--no-sync-bn: with each process's own part (torch DDP's default: fewer exchanges "
+        "between the processes, but not the model one process trains) (default: on)",
+    )
     add_common(
         p,
         json_help="write the checkpoint's manifest as JSON here (default: not written)",
@@ -89,19 +106,32 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the outputs, train, say how it went."""
+    """Under torchrun, join the run's processes (rank 0 alone speaks); then check, train, say
+    how it went."""
+    from ..core.device import resolve_device
+    from ..core.distributed import one_voice, processes_of_run
+
+    with one_voice(), processes_of_run(resolve_device(args.device)) as (processes, device):
+        return _run(args, processes, device)
+
+
+def _run(args: argparse.Namespace, processes: Processes, device: str) -> int:
+    """Check the outputs, train (one of ``processes``), say how it went (rank 0)."""
     from ..models import get_architecture
     from ..models.checkpoint import checkpoint_outputs
     from ..train import TrainConfig, train
     from ..train.awp import awp_hooks
     from ..train.compression import parse_regularizers, regularizer_hooks
+    from ..train.distributed import check_regularizers_for
 
     out = Path(args.out)
     outputs = [*checkpoint_outputs(out), json_output(args.json)]
     checked_outputs(args, outputs, data=[args.data])
     arch_options = key_values(args.arch_option)
     get_architecture(args.arch).arguments(**arch_options)  # its options, before any work
-    regularizers = regularizer_hooks(parse_regularizers(args.regularizer))
+    strengths = parse_regularizers(args.regularizer)
+    check_regularizers_for(strengths, processes)
+    regularizers = regularizer_hooks(strengths)
     cfg = TrainConfig(
         arch=args.arch,
         data=args.data,
@@ -126,8 +156,17 @@ def run(args: argparse.Namespace) -> int:
         # samples the backbone never trained on
         splits = load_data(args.data, calibration=args.calibration, seed=args.data_seed)
     result = train(
-        cfg, out, splits=splits, device=args.device, progress=not args.no_progress, hooks=hooks
+        cfg,
+        out,
+        splits=splits,
+        device=device,
+        progress=not args.no_progress,
+        hooks=hooks,
+        processes=processes,
+        sync_bn=args.sync_bn,
     )
+    if not processes.main:
+        return 0
     acc = result.manifest["metrics"]["clean_accuracy"]
     print(
         f"trained {cfg.arch} ({cfg.method}) in {result.manifest['train_time_s']:.0f} s: "

@@ -9,14 +9,18 @@ environment; :func:`start` reads them and joins the group. Without them (a plain
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
-from collections.abc import Iterator
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar, cast
 
 import torch
@@ -228,3 +232,96 @@ def shard_files(path: Path) -> dict[Path, int]:
             if match:
                 found[other] = int(match.group(1))
     return found
+
+
+def sample_seed(seed: int, *keys: int) -> int:
+    """The seed of one sample's random draws, from a run's seed and keys such as (step, sample
+    index in the data set): the same whichever process, batch or position the sample is in."""
+    packed = struct.pack(f"<{1 + len(keys)}q", seed, *keys)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little")
+
+
+def per_sample(
+    x: torch.Tensor,
+    seeds: Sequence[int],
+    draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+) -> torch.Tensor:
+    """``draw(x_i, generator)`` for each sample ``x_i`` (a batch of one) with a CPU generator
+    seeded by its own seed, stacked on ``x``'s device: the same numbers on any device, in any
+    batch and in any process."""
+    if len(seeds) != len(x):
+        raise ValueError(f"{len(seeds)} seeds for a batch of {len(x)} samples")
+    cpu = x.detach().cpu()
+    rows = [draw(cpu[i : i + 1], torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)]
+    return torch.cat(rows).to(x.device) if rows else torch.empty_like(x)
+
+
+def everyone(processes: Processes, flag: bool) -> bool:
+    """Whether ``flag`` holds on every process, the same answer on all of them."""
+    return all(all_gather(processes, flag))
+
+
+class Stopped(RobustlabError):
+    """This process was asked to stop (SIGTERM): torchrun sends it to every process of a run when
+    one of them fails, and job schedulers when they cancel or preempt a job."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "stopped by SIGTERM (torchrun sends it to every process when one of them fails; job "
+            "schedulers when they cancel a job)"
+        )
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler: stop with :class:`Stopped` where the process is, unwinding cleanly."""
+    raise Stopped()
+
+
+#: What a process says when a collective failed because another process of the run went away.
+PEER_FAILED = "another process of this torchrun run failed, so this one stopped too"
+
+
+def peer_failed(exc: BaseException) -> bool:
+    """Whether an error came from a collective whose other side went away (another process of
+    the run died or was stopped): gloo's and NCCL's errors, as torch raises them."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset")
+    )
+
+
+def quiet_rank() -> bool:
+    """Whether this process is one of torchrun's processes other than rank 0."""
+    return launched_by_torchrun() and os.environ.get("RANK", "0").strip() != "0"
+
+
+@contextmanager
+def one_voice() -> Iterator[None]:
+    """For a command's block: SIGTERM raises :class:`Stopped` (so a torn-down run unwinds, keeps
+    its resume state and says why), and under torchrun only rank 0 speaks: on the other ranks a
+    robustlab error or an interruption ends the process with the same exit code but silently,
+    since every rank meets the same checks and rank 0 says them once. A collective that failed
+    because another process went away becomes one sentence (``PEER_FAILED``). A torchrun
+    process leaving the block with an error ignores further SIGTERMs (torchrun sends them to
+    every process when one fails), so its one message gets out before it exits."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        yield
+    except BaseException as exc:
+        torchrun = launched_by_torchrun()
+        if previous is not None and torchrun:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous = None
+        peer = torchrun and peer_failed(exc)
+        if quiet_rank() and (peer or isinstance(exc, (RobustlabError, KeyboardInterrupt))):
+            raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 2) from None
+        if peer:
+            raise RobustlabError(PEER_FAILED) from None
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

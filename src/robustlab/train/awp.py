@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..core.guard import frozen_running_stats
@@ -92,7 +93,11 @@ def weight_perturbation(
         return []
     with torch.enable_grad(), frozen_running_stats(model):
         loss = method.loss(model, step)
-        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        grads: tuple[torch.Tensor | None, ...] = torch.autograd.grad(
+            loss, weights, allow_unused=True
+        )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        grads = _whole_batch(grads, len(step.x))
     pairs = []
     for weight, grad in zip(weights, grads, strict=True):
         if grad is None:
@@ -102,6 +107,26 @@ def weight_perturbation(
         scale = torch.where(g_norm > 0, gamma * w_norm / g_norm, torch.zeros_like(g_norm))
         pairs.append((weight, scale * grad))
     return pairs
+
+
+def _whole_batch(
+    grads: tuple[torch.Tensor | None, ...], part: int
+) -> tuple[torch.Tensor | None, ...]:
+    """Under torchrun: the gradient of the whole global batch's mean loss from every process's
+    gradient of its part's mean loss (weighted by the parts' sizes), the same on every
+    process, so every replica adds the same perturbation one process would."""
+    device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+    weight = torch.tensor([float(part)], device=device)
+    dist.all_reduce(weight)
+    out: list[torch.Tensor | None] = []
+    for grad in grads:
+        if grad is None:
+            out.append(None)
+            continue
+        summed = grad * part
+        dist.all_reduce(summed)
+        out.append(summed / weight)
+    return tuple(out)
 
 
 class AWP(Hook):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import ClassVar, TypeVar
 
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.optim import SteepestStep, ascend
+from ..core.distributed import per_sample, sample_seed
 from ..core.guard import evaluating, frozen_running_stats
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
@@ -35,7 +36,11 @@ def require_finite(**values: object) -> None:
 
 @dataclass
 class Step:
-    """One optimisation step as methods and hooks see it (``number`` counts steps from 0)."""
+    """One optimisation step as methods and hooks see it (``number`` counts steps from 0).
+
+    ``x``, ``y`` are this process's part of the step's batch and ``index`` their positions in
+    the training set; ``gen`` is seeded with the run's seed (its ``initial_seed``).
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -48,21 +53,34 @@ class Step:
     gen: torch.Generator
     x_adv: torch.Tensor | None = None
     loss: torch.Tensor | None = None
+    draws: int = field(default=0, init=False, repr=False)
 
     @property
     def progress(self) -> float:
         """How far training is once this step is taken, in (0, 1]."""
         return (self.number + 1) / self.total
 
+    def sample_seeds(self) -> list[int]:
+        """A seed per sample for the step's next random draw, from the run's seed, the step's
+        number, how many draws the step made before and the sample's index in the training set:
+        a sample draws the same numbers whichever process and batch position it has."""
+        self.draws += 1
+        seed = self.gen.initial_seed()
+        return [sample_seed(seed, self.number, self.draws, i) for i in self.index.tolist()]
+
     def random_start(self, threat: ThreatModel) -> torch.Tensor:
         """A random point of the threat model around the batch: where a method's attack starts.
-        Every random draw of a method goes through ``Step``, so how it is seeded is decided here."""
-        return threat.random_start(self.x, self.gen)
+        Every random draw of a method goes through ``Step``, seeded per sample (``sample_seeds``)."""
+        return per_sample(self.x, self.sample_seeds(), threat.random_start)
 
     def noise(self) -> torch.Tensor:
-        """Standard normal noise of the batch's shape, from the step's generator."""
-        x = self.x
-        return torch.randn(x.shape, generator=self.gen, dtype=x.dtype, device=x.device)
+        """Standard normal noise of the batch's shape, seeded per sample (``sample_seeds``)."""
+
+        def normal(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            """One sample's noise."""
+            return torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+
+        return per_sample(self.x, self.sample_seeds(), normal)
 
     @property
     def adversarial(self) -> torch.Tensor:
