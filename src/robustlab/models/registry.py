@@ -1,4 +1,5 @@
-"""The architecture registry: build any zoo model by name for a given input shape.
+"""The architecture registry: build any zoo model by name for a given input shape (and a
+torchvision:NAME or timm:NAME architecture through its library).
 
 Each zoo module registers its architectures beside its definition (``register``); the
 package imports every zoo module, so the registry is complete once ``robustlab.models`` is.
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..errors import RobustlabError
 from .blocks import Normalize
+from .libraries import library_builder, library_of
 from .lowrank import RANK_OPTION, check_rank, factorize
 
 
@@ -76,12 +78,17 @@ def register(arch: Architecture) -> None:
 
 
 def get_architecture(name: str) -> Architecture:
-    """Look up a registered architecture, with a clear error for unknown names."""
+    """Look up a registered architecture, or a torchvision:NAME / timm:NAME one (built by the
+    library, see ``libraries``), with a clear error for unknown names."""
+    found = library_of(name)
+    if found is not None:
+        return Architecture(name, library_builder(name), {}, f"{found[0]}'s {found[1]}")
     try:
         return ARCHITECTURES[name]
     except KeyError:
         raise RobustlabError(
-            f"unknown architecture '{name}'; known: {', '.join(sorted(ARCHITECTURES))}"
+            f"unknown architecture '{name}'; known: {', '.join(sorted(ARCHITECTURES))}, "
+            "or torchvision:NAME and timm:NAME"
         ) from None
 
 
@@ -131,6 +138,27 @@ def build_model(
     if rank is not None:
         factorize(body, rank)
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=body))
+
+
+def model_config(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    mean: list[float] | tuple[float, ...],
+    std: list[float] | tuple[float, ...],
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest's ``model`` section: everything ``build_model`` needs to rebuild it."""
+    return {
+        "arch": arch,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "image_size": image_size,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "options": dict(options or {}),
+    }
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,6 +15,11 @@ penultimate features it reads, the conv and linear layers).
 - **Penultimate features** are the input of the final linear layer (the classifier head).
   Each zoo architecture names its head with :func:`declare_features`; a foreign model does
   the same with one call, e.g. ``declare_features(MyNet, "fc")``.
+
+torchvision and timm networks are declared here too (tables of their classes, consulted only
+when the library is already imported, so nothing here imports it): the residual blocks of
+their ResNets, DenseNets and ViTs, the units of their ResNets (exits), and the heads of their
+ResNets, DenseNets and ViTs. A class's or instance's own declaration wins over these.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from ..errors import RobustlabError
 from .blocks import Normalize, ResidualBlock
 
 #: One step of a unit: (operation, submodule path). Operation ``"call"`` runs the submodule
-#: on the features; any other operation names a method of the submodule to run on them.
+#: on the features; ``FLATTEN`` flattens them to (batch, features); any other operation names
+#: a method of the submodule to run on them.
 Step = tuple[str, str]
+FLATTEN = "torch.flatten"
 
 BranchSpec = str | Sequence[str] | Callable[[nn.Module], nn.Module | Sequence[nn.Module]]
 HeadSpec = str | Callable[[nn.Module], nn.Module]
@@ -148,6 +155,43 @@ def sequential_units(
     return units, [f"{label}.{k}" for k in range(len(units))]
 
 
+def _resnet_blocks(net: nn.Module) -> list[str]:
+    """The residual blocks of a torchvision or timm ResNet, by path (layer1.0, ...)."""
+    return [
+        f"layer{i}.{j}"
+        for i in range(1, 5)
+        if isinstance(getattr(net, f"layer{i}", None), nn.Sequential)
+        for j in range(len(getattr(net, f"layer{i}")))
+    ]
+
+
+def _torchvision_resnet_units(net: nn.Module) -> Plan:
+    """Units of a torchvision ResNet: the stem, each block; the head pools and classifies."""
+    blocks = _resnet_blocks(net)
+    stem = (("call", "conv1"), ("call", "bn1"), ("call", "relu"), ("call", "maxpool"))
+    head = (("call", "avgpool"), (FLATTEN, ""), ("call", "fc"))
+    return Plan((stem, *((("call", b),) for b in blocks)), ("stem", *blocks), head)
+
+
+def _timm_resnet_units(net: nn.Module) -> Plan:
+    """Units of a timm ResNet: the stem, each block; its own forward_head pools and classifies."""
+    blocks = _resnet_blocks(net)
+    stem = (("call", "conv1"), ("call", "bn1"), ("call", "act1"), ("call", "maxpool"))
+    return Plan(
+        (stem, *((("call", b),) for b in blocks)), ("stem", *blocks), (("forward_head", ""),)
+    )
+
+
+def _library_units() -> dict[type[nn.Module], UnitPlanner]:
+    """Unit plans of torchvision and timm networks, for the libraries already imported."""
+    return _library_table(
+        [
+            ("torchvision.models.resnet", "ResNet", _torchvision_resnet_units),
+            ("timm.models.resnet", "ResNet", _timm_resnet_units),
+        ]
+    )
+
+
 def plan_for(backbone: nn.Module, root: str = "backbone") -> Plan:
     """Cut a ``build_model`` backbone (Normalize + zoo net) into units; paths under ``root``."""
     children = dict(backbone.named_children())
@@ -157,7 +201,7 @@ def plan_for(backbone: nn.Module, root: str = "backbone") -> Plan:
             "registered network)"
         )
     net = children["net"]
-    planner = _UNITS.lookup(net)
+    planner = _UNITS.lookup(net, _library_units())
     if planner is None:
         known = ", ".join(sorted(cls.__name__ for cls in _UNITS.by_type))
         raise RobustlabError(
@@ -177,6 +221,9 @@ def exit_points(backbone: nn.Module) -> list[str]:
 def run_steps(root: nn.Module, steps: Sequence[Step], h: torch.Tensor) -> torch.Tensor:
     """Apply ``steps`` (paths relative to ``root``) to features ``h``."""
     for op, path in steps:
+        if op == FLATTEN:  # what a library network does with torch.flatten in its forward
+            h = torch.flatten(h, 1)
+            continue
         module = root.get_submodule(path)
         h = module(h) if op == "call" else getattr(module, op)(h)
     return h
@@ -277,42 +324,58 @@ def _whole(block: nn.Module) -> nn.Module:
     return block
 
 
+def _imported(module: str, name: str) -> type[nn.Module] | None:
+    """A module class of a library, if that library is already imported (never imports it)."""
+    mod = sys.modules.get(module)
+    found = getattr(mod, name, None) if mod is not None else None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def _library_table(entries: Sequence[tuple[str, str, T]]) -> dict[type[nn.Module], T]:
+    """Declarations about library classes, for the libraries already imported."""
+    table: dict[type[nn.Module], T] = {}
+    for module, name, value in entries:
+        cls = _imported(module, name)
+        if cls is not None:
+            table[cls] = value
+    return table
+
+
 def _adapter_declarations() -> dict[type[nn.Module], _Residual]:
     """Residual blocks of torchvision and timm models, for those of them already imported."""
-    found: dict[type[nn.Module], _Residual] = {}
-
-    def add(module: str, cls: str, decl: _Residual) -> None:
-        mod = sys.modules.get(module)
-        found_cls = getattr(mod, cls, None) if mod is not None else None
-        if isinstance(found_cls, type) and issubclass(found_cls, nn.Module):
-            found[found_cls] = decl
-
     tv, tm = "torchvision", "timm"
-    add("torchvision.models.resnet", "BasicBlock", _Residual("bn2", 1.0, False, tv))
-    add("torchvision.models.resnet", "Bottleneck", _Residual("bn3", 1.0, False, tv))
-    add("torchvision.models.densenet", "_DenseLayer", _Residual(_whole, 1.0, False, tv, "concat"))
-    add(
-        "torchvision.models.vision_transformer",
-        "EncoderBlock",
-        _Residual(("dropout", "mlp"), 0.5, False, tv),
+    return _library_table(
+        [
+            ("torchvision.models.resnet", "BasicBlock", _Residual("bn2", 1.0, False, tv)),
+            ("torchvision.models.resnet", "Bottleneck", _Residual("bn3", 1.0, False, tv)),
+            (
+                "torchvision.models.densenet",
+                "_DenseLayer",
+                _Residual(_whole, 1.0, False, tv, "concat"),
+            ),
+            (
+                "torchvision.models.vision_transformer",
+                "EncoderBlock",
+                _Residual(("dropout", "mlp"), 0.5, False, tv),
+            ),
+            (
+                "timm.models.resnet",
+                "BasicBlock",
+                _Residual(_last_present("bn2", "se", "drop_path"), 1.0, False, tm),
+            ),
+            (
+                "timm.models.resnet",
+                "Bottleneck",
+                _Residual(_last_present("bn3", "se", "drop_path"), 1.0, False, tm),
+            ),
+            ("timm.models.densenet", "DenseLayer", _Residual(_whole, 1.0, False, tm, "concat")),
+            (
+                "timm.models.vision_transformer",
+                "Block",
+                _Residual(("drop_path1", "drop_path2"), 0.5, False, tm),
+            ),
+        ]
     )
-    add(
-        "timm.models.resnet",
-        "BasicBlock",
-        _Residual(_last_present("bn2", "se", "drop_path"), 1.0, False, tm),
-    )
-    add(
-        "timm.models.resnet",
-        "Bottleneck",
-        _Residual(_last_present("bn3", "se", "drop_path"), 1.0, False, tm),
-    )
-    add("timm.models.densenet", "DenseLayer", _Residual(_whole, 1.0, False, tm, "concat"))
-    add(
-        "timm.models.vision_transformer",
-        "Block",
-        _Residual(("drop_path1", "drop_path2"), 0.5, False, tm),
-    )
-    return found
 
 
 def _resolve(block: nn.Module, decl: _Residual) -> ResidualSite:
@@ -380,11 +443,34 @@ def declare_features(target: type[nn.Module] | nn.Module, head: HeadSpec) -> Cal
     return _HEADS.declare("declare_features", target, head)
 
 
+def _timm_classifier(net: nn.Module) -> nn.Module:
+    """A timm network's classifier, as timm itself names it."""
+    head = net.get_classifier()  # type: ignore[operator]
+    if not isinstance(head, nn.Module):
+        raise RobustlabError(f"{type(net).__name__}.get_classifier() returned no module")
+    return head
+
+
+def _library_heads() -> dict[type[nn.Module], HeadSpec]:
+    """Classifier heads of torchvision and timm networks, for the libraries already imported."""
+    return _library_table(
+        [
+            ("torchvision.models.resnet", "ResNet", "fc"),
+            ("torchvision.models.vision_transformer", "VisionTransformer", "heads.head"),
+            ("torchvision.models.densenet", "DenseNet", "classifier"),
+            ("timm.models.resnet", "ResNet", _timm_classifier),
+            ("timm.models.vision_transformer", "VisionTransformer", _timm_classifier),
+            ("timm.models.densenet", "DenseNet", _timm_classifier),
+        ]
+    )
+
+
 def classifier_head(model: nn.Module) -> nn.Module:
     """The final linear layer of a model (whose input is the penultimate features)."""
     heads: list[nn.Module] = []
+    library = _library_heads()
     for module in model.modules():
-        spec = _HEADS.lookup(module)
+        spec = _HEADS.lookup(module, library)
         if spec is None:
             continue
         if isinstance(spec, str):
