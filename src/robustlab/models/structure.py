@@ -45,6 +45,7 @@ Step = tuple[str, str]
 FLATTEN = "torch.flatten"
 
 BranchSpec = str | Sequence[str] | Callable[[nn.Module], nn.Module | Sequence[nn.Module]]
+ChainSpec = Sequence[str] | Callable[[nn.Module], Sequence[nn.Module]]
 HeadSpec = str | Callable[[nn.Module], nn.Module]
 
 T = TypeVar("T")
@@ -238,9 +239,11 @@ class ResidualSite:
 
     ``ends`` are the modules whose outputs are the residual branch's output(s) (the values
     the skip path is added to or concatenated with); SGM scales each by ``gamma ** power``.
-    ``branch`` is the whole branch as one module taking the block's input, when known
-    (LinBP needs it); ``None`` when only the branch's last layer is known. ``merge`` says
-    how the branch joins the skip path: ``"add"`` or ``"concat"`` (a dense layer).
+    ``branch`` is the whole branch as one module taking the block's input, when known;
+    ``None`` when only the branch's last layer is known. ``chain`` is the branch as the
+    modules its block runs one after another (a whole ``branch`` is a chain of one), when
+    known: LinBP needs it. ``merge`` says how the branch joins the skip path: ``"add"`` or
+    ``"concat"`` (a dense layer).
     """
 
     block: nn.Module
@@ -248,6 +251,11 @@ class ResidualSite:
     power: float = 1.0
     branch: nn.Module | None = None
     merge: str = "add"
+    chain: tuple[nn.Module, ...] = ()
+
+    def branch_chain(self) -> tuple[nn.Module, ...]:
+        """The branch as a chain of modules (the whole branch alone, if it is one); () if unknown."""
+        return self.chain or ((self.branch,) if self.branch is not None else ())
 
 
 @dataclass(frozen=True)
@@ -259,6 +267,7 @@ class _Residual:
     whole_branch: bool
     origin: str = "declared"
     merge: str = "add"
+    chain: ChainSpec | None = None
 
 
 _RESIDUAL: _Declarations[_Residual] = _Declarations()
@@ -270,6 +279,7 @@ def declare_residual(
     *,
     power: float = 1.0,
     whole_branch: bool = False,
+    chain: ChainSpec | None = None,
 ) -> Callable[[], None]:
     """Mark a block class (or one block) of a foreign model as residual; returns an undo function.
 
@@ -280,7 +290,13 @@ def declare_residual(
     the block's whole output is its branch, as a DenseNet layer). SGM scales each of these
     outputs' gradient by ``gamma ** power`` (``power=0.5`` for the two sub-blocks of a
     transformer layer). ``whole_branch=True`` says the named module computes the entire
-    branch from the block's input, which lets LinBP linearise and renormalise it.
+    branch from the block's input, which lets LinBP linearise and renormalise it. A branch
+    that is no one module is given to LinBP as ``chain``: the attribute paths (or a function
+    of the block returning the modules) that the block's forward runs one after another on
+    the branch, its entry first and its output last (``["conv1", "bn1", "relu", "conv2",
+    "bn2"]`` for a torchvision ``BasicBlock``); an activation module listed there is
+    linearised only for as many calls per block call as it is listed (the block may call it
+    again after the addition).
     """
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
         raise RobustlabError(f"declare_residual: power must be a positive number, got {power!r}")
@@ -298,8 +314,17 @@ def declare_residual(
         branch_spec = paths
     if whole_branch and not isinstance(branch_spec, str) and not callable(branch_spec):
         raise RobustlabError("declare_residual: whole_branch needs exactly one branch module")
+    if chain is not None and not callable(chain):
+        chain = tuple(chain)
+        if not chain or not all(isinstance(p, str) for p in chain):
+            raise RobustlabError(
+                "declare_residual: chain must be attribute paths or a function of the block "
+                "returning the branch's modules in order"
+            )
     return _RESIDUAL.declare(
-        "declare_residual", target, _Residual(branch_spec, float(power), whole_branch)
+        "declare_residual",
+        target,
+        _Residual(branch_spec, float(power), whole_branch, chain=chain),
     )
 
 
@@ -315,6 +340,16 @@ def _last_present(*names: str) -> Callable[[nn.Module], nn.Module]:
             f"{type(block).__name__} has none of {', '.join(names)}; "
             "declare its residual branch with declare_residual"
         )
+
+    return pick
+
+
+def _present(*names: str) -> Callable[[nn.Module], list[nn.Module]]:
+    """The named submodules that exist and are not None, in order (timm's optional layers)."""
+
+    def pick(block: nn.Module) -> list[nn.Module]:
+        found = [getattr(block, name, None) for name in names]
+        return [m for m in found if isinstance(m, nn.Module)]
 
     return pick
 
@@ -346,8 +381,22 @@ def _adapter_declarations() -> dict[type[nn.Module], _Residual]:
     tv, tm = "torchvision", "timm"
     return _library_table(
         [
-            ("torchvision.models.resnet", "BasicBlock", _Residual("bn2", 1.0, False, tv)),
-            ("torchvision.models.resnet", "Bottleneck", _Residual("bn3", 1.0, False, tv)),
+            (
+                "torchvision.models.resnet",
+                "BasicBlock",
+                _Residual("bn2", 1.0, False, tv, chain=("conv1", "bn1", "relu", "conv2", "bn2")),
+            ),
+            (
+                "torchvision.models.resnet",
+                "Bottleneck",
+                _Residual(
+                    "bn3",
+                    1.0,
+                    False,
+                    tv,
+                    chain=("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"),
+                ),
+            ),
             (
                 "torchvision.models.densenet",
                 "_DenseLayer",
@@ -356,23 +405,64 @@ def _adapter_declarations() -> dict[type[nn.Module], _Residual]:
             (
                 "torchvision.models.vision_transformer",
                 "EncoderBlock",
-                _Residual(("dropout", "mlp"), 0.5, False, tv),
+                _Residual(("dropout", "mlp"), 0.5, False, tv, chain=("ln_2", "mlp")),
             ),
             (
                 "timm.models.resnet",
                 "BasicBlock",
-                _Residual(_last_present("bn2", "se", "drop_path"), 1.0, False, tm),
+                _Residual(
+                    _last_present("bn2", "se", "drop_path"),
+                    1.0,
+                    False,
+                    tm,
+                    chain=_present(
+                        "conv1",
+                        "bn1",
+                        "drop_block",
+                        "act1",
+                        "aa",
+                        "conv2",
+                        "bn2",
+                        "se",
+                        "drop_path",
+                    ),
+                ),
             ),
             (
                 "timm.models.resnet",
                 "Bottleneck",
-                _Residual(_last_present("bn3", "se", "drop_path"), 1.0, False, tm),
+                _Residual(
+                    _last_present("bn3", "se", "drop_path"),
+                    1.0,
+                    False,
+                    tm,
+                    chain=_present(
+                        "conv1",
+                        "bn1",
+                        "act1",
+                        "conv2",
+                        "bn2",
+                        "drop_block",
+                        "act2",
+                        "aa",
+                        "conv3",
+                        "bn3",
+                        "se",
+                        "drop_path",
+                    ),
+                ),
             ),
             ("timm.models.densenet", "DenseLayer", _Residual(_whole, 1.0, False, tm, "concat")),
             (
                 "timm.models.vision_transformer",
                 "Block",
-                _Residual(("drop_path1", "drop_path2"), 0.5, False, tm),
+                _Residual(
+                    ("drop_path1", "drop_path2"),
+                    0.5,
+                    False,
+                    tm,
+                    chain=("norm2", "mlp", "ls2", "drop_path2"),
+                ),
             ),
         ]
     )
@@ -399,7 +489,29 @@ def _resolve(block: nn.Module, decl: _Residual) -> ResidualSite:
             f"the declared branch of {type(block).__name__} is not a module (or list of modules)"
         )
     whole = modules[0] if decl.whole_branch and len(modules) == 1 else None
-    return ResidualSite(block, tuple(modules), decl.power, whole, decl.merge)
+    chain: tuple[nn.Module, ...] = ()
+    if decl.chain is not None:
+        chain = tuple(_chain_modules(block, decl.chain))
+    return ResidualSite(block, tuple(modules), decl.power, whole, decl.merge, chain)
+
+
+def _chain_modules(block: nn.Module, spec: ChainSpec) -> list[nn.Module]:
+    """The modules of a declared branch chain, in order."""
+    if callable(spec):
+        found = list(spec(block))
+    else:
+        found = []
+        for path in spec:
+            try:
+                found.append(block.get_submodule(path))
+            except AttributeError:
+                raise RobustlabError(
+                    f"{type(block).__name__} was declared residual with chain step '{path}', "
+                    "but it has no such submodule"
+                ) from None
+    if not found or not all(isinstance(m, nn.Module) for m in found):
+        raise RobustlabError(f"the declared branch chain of {type(block).__name__} has no modules")
+    return found
 
 
 def _is_transformer_branch(branch: nn.Module) -> bool:
