@@ -202,7 +202,7 @@ def _obtain(
             spec.name if spec.foreign else str(spec.path),
             splits=splits,
             trust_unhashed=trust_unhashed,
-            options=model_options(args),
+            options=model_options(args) if spec.foreign else None,
         )
         return ckpt.model.to(device).eval(), _describe(ckpt.manifest, ckpt.path, spec)
     cfg = _train_config(spec, args)
