@@ -383,3 +383,55 @@ def test_eval_records_a_timm_model(tmp_path: Path) -> None:
     result = json.loads(record.read_text())
     info = result.get("records", [result])[0]["model"]
     assert info["source"]["kind"] == "timm" and info["arch"] == "timm:resnet18"
+
+
+# ---- RobustBench --------------------------------------------------------------------------
+
+
+def _robustbench() -> Any:
+    """RobustBench's model table, or a skip saying why it is not here."""
+    try:
+        from robustbench.model_zoo import model_dicts  # type: ignore[import-not-found,unused-ignore]
+        from robustbench.model_zoo.enums import (  # type: ignore[import-not-found,unused-ignore]
+            BenchmarkDataset,
+            ThreatModel,
+        )
+    except Exception as exc:
+        pytest.skip(f"robustbench does not import here ({type(exc).__name__}: {exc})")
+    return model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")]
+
+
+def test_robustbench_names_and_its_own_loader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = _robustbench()
+    monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path))
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # no download leaves this machine
+    with pytest.raises(
+        RobustlabError, match=r"no model 'Wong2020Fas' for cifar10 Linf; did you mean Wong2020Fast"
+    ):
+        robustlab.load("robustbench:Wong2020Fas")
+    with pytest.raises(RobustlabError, match=r"no dataset 'cifar11'; did you mean cifar10"):
+        robustlab.load("robustbench:Wong2020Fast", dataset="cifar11")
+    with pytest.raises(RobustlabError, match=r"no threat model 'linf2'; did you mean Linf"):
+        robustlab.load("robustbench:Wong2020Fast", threat_model="linf2")
+    with pytest.raises(RobustlabError, match=r"could not load Wong2020Fast .* needs a network"):
+        robustlab.load("robustbench:Wong2020Fast")
+    with pytest.raises(RobustlabError, match=r"--weights does not apply"):
+        robustlab.load("robustbench:Wong2020Fast", weights=tmp_path / "w.pt")
+    # weights where RobustBench keeps them (ours, not its download): its loader builds the
+    # architecture and loads them; the model takes [0, 1] pixels (normalisation inside)
+    torch.manual_seed(0)
+    net = table["Wong2020Fast"]["model"]().eval()
+    folder = tmp_path / "robustbench" / "cifar10" / "Linf"
+    folder.mkdir(parents=True, exist_ok=True)  # the failed download made it
+    torch.save(net.state_dict(), folder / "Wong2020Fast.pt")
+    ckpt = load_checkpoint("robustbench:Wong2020Fast")
+    x = _x()
+    torch.testing.assert_close(ckpt.model(x), net(x))
+    assert ckpt.manifest["source"]["name"] == "Wong2020Fast"
+    assert (
+        ckpt.manifest["model"]["mean"] == [0.0] * 3 and ckpt.manifest["model"]["std"] == [1.0] * 3
+    )
+    assert ckpt.manifest["source"]["sha256"] is not None
