@@ -30,7 +30,7 @@ from .foreign import DataShape, ForeignOptions, foreign_kind, load_foreign
 from .hpm import HPMClassifier, HPMConfig
 from .multiexit import MultiExitNetwork
 from .quantized import OBSERVERS, QuantizedModel, rebuild
-from .registry import build_model
+from .registry import build_model, shapes_only
 from .registry import model_config as model_config  # re-exported: callers import it here
 from .weightfile import file_sha256 as file_sha256  # re-exported
 from .weightfile import load_state
@@ -205,7 +205,7 @@ def check_model_size(config: dict[str, Any]) -> None:
     _within(config, "num_classes", bounds.classes, "classes")
     backbone = {k: v for k, v in config.items() if k != "multi_exit"}
     try:
-        with torch.device("meta"):
+        with shapes_only():
             shape = build_from_config(backbone)
     except (RuntimeError, NotImplementedError):
         return  # an architecture that cannot be sized on meta is sized by its real build

@@ -33,7 +33,7 @@ from ..errors import RobustlabError
 from .blocks import Normalize
 from .fingerprint import tensor_digest
 from .libraries import HUB, build_library_model, library_of
-from .registry import model_config
+from .registry import model_config, shapes_only
 from .robustbench_zoo import load_robustbench
 from .structure import classifier_head
 from .usercode import load_python_factory, load_torchscript, parse_python_spec
@@ -227,7 +227,7 @@ def _shape_from_state(
 ) -> tuple[int | None, int | None]:
     """Input channels and classes the weights were trained for: the first convolution's
     input width and the classifier head's rows (found on a model built on the meta device)."""
-    with torch.device("meta"):
+    with shapes_only():
         net = build_library_model(arch, 3, 1000, image_size)[0]
     channels = classes = None
     for name, module in net.named_modules():

@@ -11,10 +11,12 @@ import inspect
 import math
 import numbers
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import RobustlabError
@@ -159,6 +161,34 @@ def model_config(
         "std": [float(s) for s in std],
         "options": dict(options or {}),
     }
+
+
+#: Initialisers that draw from a normal distribution: on the meta device torch runs them
+#: through its reference implementations, whose first use imports TorchDynamo (seconds).
+_NORMAL_INITS = ("normal_", "kaiming_normal_", "xavier_normal_")
+
+
+@contextmanager
+def shapes_only() -> Iterator[None]:
+    """Build models on the meta device (their shapes, no memory) and skip the normal-family
+    initialisers on meta tensors, which alone would cost seconds the first time; they still
+    run as usual on real tensors, in any thread."""
+    originals = {name: getattr(nn.init, name) for name in _NORMAL_INITS}
+
+    def skipping(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+        return init
+
+    try:
+        for name, original in originals.items():
+            setattr(nn.init, name, skipping(original))
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
 
 
 def count_parameters(model: nn.Module) -> int:
