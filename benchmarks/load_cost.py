@@ -10,7 +10,8 @@ resnet18, 10 classes, 3x32x32 inputs, 11.2 M parameters) stored every way:
 
 Each kind is loaded in a fresh interpreter (robustlab and torch imported before the clock
 starts): ``first`` is the first load there (it imports torchvision or timm if the kind needs
-them), ``again`` the median of the next ``--repeat`` loads in that process. Needs torchvision
+them; the last two lines time those imports alone), ``again`` the median of the next
+``--repeat`` loads in that process. Needs torchvision
 and timm (the venv of ``pytest -m foreign``):
 
     OMP_NUM_THREADS=1 python benchmarks/load_cost.py --repeat 5
@@ -98,6 +99,24 @@ def _prepare(root: Path) -> dict[str, tuple[str, dict[str, object]]]:
     }
 
 
+IMPORT = """
+import json, sys, time
+import robustlab.models.checkpoint
+t0 = time.perf_counter()
+__import__(sys.argv[1])
+print(json.dumps({"first_s": time.perf_counter() - t0}))
+"""
+
+
+def _run(code: str, argv: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Run a snippet in a fresh interpreter; its last line of output, as JSON."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], env=env, check=True, capture_output=True, text=True
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     """Time each kind's loading in its own interpreter and print a JSON line per kind."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -111,18 +130,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         kinds = _prepare(Path(tmp))
         for kind, (spec, options) in kinds.items():
-            out = (
-                subprocess.run(
-                    [sys.executable, "-c", TIMED, spec, json.dumps(options), str(args.repeat)],
-                    env=env,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            print(json.dumps({"kind": kind, **json.loads(out)}), flush=True)
+            timed = _run(TIMED, [spec, json.dumps(options), str(args.repeat)], env)
+            print(json.dumps({"kind": kind, **timed}), flush=True)
+        for module in ("torchvision.models", "timm"):  # what a first load of theirs includes
+            print(json.dumps({"kind": f"import {module}", **_run(IMPORT, [module], env)}))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from ..data.dataset import cache_dir
 from ..errors import RobustlabError
+from ..io import cache_dir
 
 DEFAULT_DATASET = "cifar10"
 DEFAULT_THREAT = "Linf"
