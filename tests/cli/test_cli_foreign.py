@@ -166,3 +166,11 @@ def test_foreign_options_on_a_checkpoint_are_refused(
     args = ["eval", "--model", str(files["ckpt"]), "--mean", "0.5", "--std", "0.2"]
     assert main([*args, "--data", "digits", "--eps", "0.1", *QUIET]) == 2
     assert "only apply to foreign models" in capsys.readouterr().err
+
+
+def test_sloth_says_a_foreign_model_needs_exits_first(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["sloth", "--model", f"python:{files['py']}:make", "--data", "digits"]
+    assert main([*args, "--eps", "0.1", "--device", "cpu", "--no-progress"]) == 2
+    assert "not a multi-exit checkpoint; attach exits first" in capsys.readouterr().err
