@@ -9,6 +9,10 @@ and offline hub requests are one sentence each."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,26 +148,41 @@ def test_user_weights_without_normalisation_say_what_to_pass(tmp_path: Path) -> 
         robustlab.load("torchvision:resnet18", weights=weights, input_size=(3, 32, 32))
 
 
-def test_hub_weights_offline_say_how_to_get_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # no network here, and none tried: downloads go to a closed port on this machine
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+HUB_CHILD = """
+import json, robustlab
+out = {}
+for spec in ("torchvision:resnet18", "timm:resnet18", "torchvision:resnet18@NOPE"):
+    name, _, tag = spec.partition("@")
+    try:
+        robustlab.load(name, weights="hub:" + tag if tag else "hub", input_size=(3, 32, 32))
+    except robustlab.RobustlabError as exc:
+        out[spec] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_hub_weights_offline_say_how_to_get_them(tmp_path: Path) -> None:
+    # a fresh interpreter, so the libraries read this environment when they are imported:
+    # no network, and none tried (downloads go to a closed port on this machine)
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
+    env["HF_HUB_OFFLINE"] = "1"
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
+        env[var] = "http://127.0.0.1:9"
+    env["PYTHONPATH"] = str(Path(robustlab.__file__).parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", HUB_CHILD], env=env, capture_output=True, text=True, check=True
+    )
+    said = json.loads(run.stdout.strip().splitlines()[-1])
     for spec in ("torchvision:resnet18", "timm:resnet18"):
-        with pytest.raises(
-            RobustlabError,
-            match=r"cannot get the pretrained weights of .*needs a network once.*--weights FILE",
-        ) as info:
-            robustlab.load(spec, weights="hub", input_size=(3, 32, 32))
-        assert "\n" not in str(info.value)
-    with pytest.raises(
-        RobustlabError, match=r"has no pretrained weights 'NOPE'; it has IMAGENET1K_V1"
-    ):
-        robustlab.load("torchvision:resnet18", weights="hub:NOPE")
+        assert re.search(
+            rf"cannot get the pretrained weights of {spec} .*needs a network once.*--weights FILE",
+            said[spec],
+        ), said[spec]
+        assert "\n" not in said[spec]
+    assert (
+        "has no pretrained weights 'NOPE'; it has IMAGENET1K_V1"
+        in said["torchvision:resnet18@NOPE"]
+    )
 
 
 # ---- structure: SGM and LinBP ---------------------------------------------------------------
