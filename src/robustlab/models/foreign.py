@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import RobustlabError
 from .blocks import Normalize
 from .fingerprint import tensor_digest
-from .libraries import HUB, build_library_model, library_of
+from .libraries import HUB, build_library_model, is_hub, library_of
 from .registry import model_config, shapes_only
 from .robustbench_zoo import load_robustbench
 from .structure import classifier_head
@@ -152,7 +152,7 @@ def foreign_inputs(spec: str | Path, weights: str | None = None) -> list[Path]:
         files.append(parse_python_spec(str(spec))[0])
     elif kind == "torchscript":
         files.append(_script_path(str(spec)))
-    if weights is not None and not weights.startswith(HUB):
+    if weights is not None and not is_hub(weights):
         files.append(Path(weights).expanduser())
     return files
 
@@ -259,7 +259,7 @@ def _library(spec: str, options: ForeignOptions, data: DataShape | None) -> _Loa
             f"--arch {arch}"
         )
     size = _first(given[1] if given else None, data.image_size if data else None) or 224
-    if weights == HUB or weights.startswith(f"{HUB}:"):
+    if is_hub(weights):
         channels = given[0] if given else 3
         net, declared = build_library_model(
             arch, channels, 1000, size, hub=weights.partition(":")[2]
@@ -311,7 +311,7 @@ def _python(spec: str, options: ForeignOptions, data: DataShape | None) -> _Load
     }
     mean = std = None
     if options.weights is not None:
-        if options.weights.startswith(HUB):
+        if is_hub(options.weights):
             raise RobustlabError(f"{spec} has no hub weights; pass --weights FILE")
         wpath = _weights_file(spec, options.weights)
         state, mean, std = _unwrap(read_state_dict(wpath))

@@ -26,6 +26,11 @@ LIBRARIES = ("torchvision", "timm")
 HUB = "hub"
 
 
+def is_hub(weights: str | None) -> bool:
+    """Whether ``--weights`` asks for the library's pretrained weights (``hub``, ``hub:TAG``)."""
+    return weights is not None and (weights == HUB or weights.startswith(f"{HUB}:"))
+
+
 @dataclass(frozen=True)
 class HubWeights:
     """What pretrained weights declare: the classes they predict and their normalisation."""
