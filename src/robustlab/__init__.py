@@ -1,6 +1,7 @@
 """robustlab: attack, defend and audit the adversarial robustness of PyTorch classifiers.
 
-The public API, one import away: ``robustlab.load`` (a checkpoint as a model),
+The public API, one import away: ``robustlab.load`` (a checkpoint, or a torchvision:,
+timm:, robustbench:, python: or TorchScript model, as a model with its normalisation inside),
 ``robustlab.load_data`` (a data source by name), ``robustlab.make_attack`` (an attack by
 name), ``robustlab.AutoAttack`` and ``robustlab.ThreatModel``; evaluations are in
 ``robustlab.evaluate`` (``from robustlab.evaluate import evaluate``: clean and robust
