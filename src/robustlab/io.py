@@ -70,6 +70,14 @@ def limits() -> Limits:
     return Limits(**values)
 
 
+def cache_dir() -> Path:
+    """The robustlab cache folder: $ROBUSTLAB_CACHE if set, else ~/.cache/robustlab."""
+    env = os.environ.get("ROBUSTLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "robustlab"
+
+
 def size_text(n: int) -> str:
     """A byte count for messages: '3.4 GB', '12 MB', '512 bytes'."""
     for unit, size in (("GB", GiB), ("MB", MiB), ("KB", 1 << 10)):

@@ -440,6 +440,48 @@ def test_declared_foreign_blocks_match_the_robustlab_equivalent() -> None:
         pass
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_linbp_on_a_declared_chain_matches_the_robustlab_equivalent(renormalize: bool) -> None:
+    # ForeignBlock calls its one ReLU on the branch and again after the addition: only the
+    # first call may be linearised, and the branch is re-run from conv1's input
+    net = _foreign()
+    same = _as_robustlab(net)
+    x, y = _batch()
+    chain = ["conv1", "bn1", "relu", "conv2", "bn2"]
+    undo = declare_residual(ForeignBlock, "bn2", chain=chain)
+    try:
+        before = _snapshot(net)
+        plain_out, plain = _ce_grad(net, x, y)
+        for start in (0, -1):
+            with linbp(net, start, renormalize=renormalize) as sites:
+                assert [s.chain[2] for s in sites] == [b.relu for b in net.layer][start:]
+                out, grad = _ce_grad(net, x, y)
+            with linbp(same, start, renormalize=renormalize):
+                ref = _ce_grad(same, x, y)[1]
+            assert torch.equal(out, plain_out)
+            assert not torch.allclose(grad, plain)
+            torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
+        with skip_gradient(net, 0.5), linbp(net, 0, renormalize=renormalize):
+            both = _ce_grad(net, x, y)[1]
+        with skip_gradient(same, 0.5), linbp(same, 0, renormalize=renormalize):
+            torch.testing.assert_close(both, _ce_grad(same, x, y)[1], rtol=1e-5, atol=1e-7)
+        _assert_same(before, _snapshot(net))
+    finally:
+        undo()
+
+
+def test_a_bad_chain_declaration_is_named() -> None:
+    net = _foreign()
+    undo = declare_residual(ForeignBlock, "bn2", chain=["conv1", "nope"])
+    try:
+        with pytest.raises(RobustlabError, match="chain step 'nope'"), linbp(net):
+            pass
+    finally:
+        undo()
+    with pytest.raises(RobustlabError, match="chain must be attribute paths"):
+        declare_residual(ForeignBlock, "bn2", chain=[])
+
+
 def test_declaring_one_instance_and_bad_declarations() -> None:
     net = _foreign()
     undo = declare_residual(net.layer[1], lambda b: b.get_submodule("bn2"))
@@ -682,7 +724,7 @@ def test_linbp_bad_input() -> None:
     net = _foreign()
     undo = declare_residual(ForeignBlock, "bn2")
     try:
-        with pytest.raises(RobustlabError, match="whole_branch=True"), linbp(net):
+        with pytest.raises(RobustlabError, match="whole_branch=True.*chain="), linbp(net):
             pass
     finally:
         undo()

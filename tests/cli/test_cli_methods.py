@@ -24,7 +24,8 @@ def test_fast_at_with_early_stopping_names_the_kept_epoch(
     best = training["best_epoch"]
     assert best in (1, 2) and f"(weights of epoch {best})" in capsys.readouterr().out
     assert training["overfit_drop"] == 0.2 and training["early_stop"] is True
-    assert training["method_config"]["alpha"] == pytest.approx(0.125)
+    assert training["alpha_ratio"] == 1.0  # the recipe's step, 1.0 eps
+    assert training["method_config"]["alpha"] == pytest.approx(0.1)
     assert training["held_out_check"]["points"] == 200
     assert manifest["dataset"]["calibration_size"] == 200  # held out by default
 

@@ -59,7 +59,7 @@ def test_every_option_has_help_and_says_its_default() -> None:
     ("command", "shown"),
     [
         ("train", ["(default: resnet8)", "(default: standard)", "(default: the method's recipe)"]),
-        ("eval", ["(default: 1000)", "(default: mnist5k)", "(default: 0)"]),
+        ("eval", ["(default: all, at most 1000", "(default: mnist5k)", "(default: 0)"]),
         ("attack", ["(default: all)", "(default: pgd)"]),
         ("sloth", ["(default: 1)", "(default: 100)"]),
         ("report", ["(default: report.html)"]),

@@ -375,7 +375,7 @@ def test_npz_missing_file(tmp_path: Path) -> None:
 
 def test_npz_missing_arrays(tmp_path: Path) -> None:
     spec = write_npz(tmp_path, images=np.zeros((2, 4, 4)), y=np.zeros(2, dtype=np.int64))
-    with pytest.raises(RobustlabError, match=r"must hold arrays x and y, .*found: images, y"):
+    with pytest.raises(RobustlabError, match=r"must hold arrays x and y .*found: images, y"):
         load_data(spec)
 
 

@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from robustlab.models.checkpoint import (
     model_config,
     save_checkpoint,
 )
+from robustlab.models.registry import shapes_only
 from robustlab.version import __version__
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torch's pickle-protocol notes
@@ -548,3 +551,27 @@ def test_every_saved_manifest_says_when_and_by_which_version_it_was_written(
     ckpt.save_checkpoint(net, tmp_path / "b", given)  # a manifest's own value is kept
     kept = json.loads((tmp_path / "b" / ckpt.MANIFEST).read_text())
     assert kept["created"] == "2020-01-01T00:00:00+00:00"
+
+
+def test_sizing_a_manifest_skips_the_initialisers_and_restores_them(
+    saved: Path, tmp_path: Path
+) -> None:
+    # sizing on the meta device must not run normal_ there (torch would import TorchDynamo,
+    # seconds on every first load); a fresh interpreter shows what a command pays
+    code = (
+        "import sys; from robustlab.models.checkpoint import load_checkpoint; "
+        f"load_checkpoint({str(saved)!r}); print('torch._dynamo' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(ckpt.__file__).parents[2])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+    before = {name: getattr(nn.init, name) for name in ("normal_", "kaiming_normal_")}
+    with shapes_only():
+        assert nn.init.normal_ is not before["normal_"]
+        meta = build_model("resnet8", 1, 10, 28)
+        real = torch.empty(1000, device="cpu")
+        nn.init.normal_(real)  # still draws on real tensors
+    assert {name: getattr(nn.init, name) for name in before} == before
+    assert next(meta.parameters()).is_meta and float(real.std()) > 0.5

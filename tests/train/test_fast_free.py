@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustlab.core.distributed import sample_seed
 from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.train import (
@@ -46,6 +47,15 @@ def _input_gradient(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> t
     return (p @ linear.weight).view(x.shape)
 
 
+def _uniform_per_sample(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Step 0's first random draw for samples 0, 1, ...: uniform in [0, 1), one generator each."""
+    rows = []
+    for i in range(len(x)):
+        g = torch.Generator().manual_seed(sample_seed(seed, 0, 1, i))
+        rows.append(torch.rand(x[i : i + 1].shape, generator=g, dtype=x.dtype))
+    return torch.cat(rows)
+
+
 def test_fast_at_example_is_one_fgsm_step_from_the_uniform_random_start() -> None:
     model = _linear()
     g = torch.Generator().manual_seed(1)
@@ -57,9 +67,10 @@ def test_fast_at_example_is_one_fgsm_step_from_the_uniform_random_start() -> Non
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = Step(model, opt, x, y, torch.arange(8), 0, 0, 1, torch.Generator().manual_seed(7))
     method.before_forward(step)
-    # by hand: a uniform draw in the eps box from the same generator, clipped to [0, 1]; one
-    # signed step of 1.25 eps on the cross-entropy there; back into the eps box and [0, 1]
-    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    # by hand: a uniform draw in the eps box per sample (seeded from the run's seed, the step,
+    # the draw and the sample's index), clipped to [0, 1]; one signed step of 1.25 eps on the
+    # cross-entropy there; back into the eps box and [0, 1]
+    u = _uniform_per_sample(x, seed=7)
     start = (x + (2 * u - 1) * eps).clamp(0, 1)
     moved = start + 1.25 * eps * _input_gradient(model, start, y).sign()
     want = torch.minimum(torch.maximum(moved, x - eps), x + eps).clamp(0, 1)
@@ -85,10 +96,12 @@ def test_fast_at_crafts_with_batch_statistics_and_leaves_the_running_ones() -> N
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = Step(model, opt, x, y, torch.arange(8), 0, 0, 1, torch.Generator().manual_seed(7))
     make_method("fast-at", eps=eps, alpha_ratio=1.0).before_forward(step)
-    assert float(norm.running_mean) == 0.0 and int(norm.num_batches_tracked) == 0
+    mean, count = norm.running_mean, norm.num_batches_tracked
+    assert mean is not None and count is not None
+    assert float(mean) == 0.0 and int(count) == 0
     assert model.training  # the model's mode is restored
 
-    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    u = _uniform_per_sample(x, seed=7)
     start = (x + (2 * u - 1) * eps).clamp(0, 1).requires_grad_(True)
     z = (start - start.mean()) / (start.var(unbiased=False) + norm.eps).sqrt()
     logits = (z * norm.weight + norm.bias).flatten(1) @ linear.weight.T + linear.bias

@@ -80,6 +80,13 @@ def test_a_bad_beta_is_refused_in_one_sentence(beta: float) -> None:
         make_method("mart", eps=0.1, beta=beta)
 
 
+def _stats(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A norm layer's running mean, running variance and count of batches seen."""
+    mean, var, count = norm.running_mean, norm.running_var, norm.num_batches_tracked
+    assert mean is not None and var is not None and count is not None
+    return mean, var, int(count)
+
+
 @pytest.mark.parametrize("name", ["trades", "mart"])
 def test_running_norm_statistics_come_from_the_adversarial_batch_alone(name: str) -> None:
     """One loss evaluation in train mode moves BatchNorm's running mean once, towards the
@@ -93,12 +100,12 @@ def test_running_norm_statistics_come_from_the_adversarial_batch_alone(name: str
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = Step(model, opt, x, y, torch.arange(8), 0, 0, 1, torch.Generator().manual_seed(0))
     method.before_forward(step)  # crafts in eval mode: the statistics do not move
-    assert float(norm.running_mean) == 0.0 and int(norm.num_batches_tracked) == 0
+    assert float(_stats(norm)[0]) == 0.0 and _stats(norm)[2] == 0
     method.loss(model, step)
     adv_mean = float(step.adversarial.mean())
     assert abs(adv_mean - float(x.mean())) > 0.01  # the two batches' means differ
-    assert float(norm.running_mean) == pytest.approx(0.1 * adv_mean, rel=1e-5)
-    assert int(norm.num_batches_tracked) == 1
+    assert float(_stats(norm)[0]) == pytest.approx(0.1 * adv_mean, rel=1e-5)
+    assert _stats(norm)[2] == 1
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -107,13 +114,13 @@ def test_frozen_running_stats_leaves_the_statistics_and_restores_on_error(
 ) -> None:
     norm = nn.BatchNorm1d(3, momentum=momentum).train()
     norm(torch.randn(5, 3))
-    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    mean, var = (t.clone() for t in _stats(norm)[:2])
     with pytest.raises(ValueError), frozen_running_stats(norm):
         out = norm(torch.randn(5, 3) + 4)
         # still normalised with the batch's own statistics
         assert float(out.detach().mean().abs()) < 1e-5
         raise ValueError
-    assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
-    assert int(norm.num_batches_tracked) == 1 and norm.momentum == momentum
+    assert torch.equal(_stats(norm)[0], mean) and torch.equal(_stats(norm)[1], var)
+    assert _stats(norm)[2] == 1 and norm.momentum == momentum
     norm(torch.randn(5, 3) + 4)  # afterwards the statistics move again
-    assert not torch.equal(norm.running_mean, mean)
+    assert not torch.equal(_stats(norm)[0], mean)

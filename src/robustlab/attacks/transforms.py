@@ -45,7 +45,11 @@ unchanged, so in-place ReLUs anywhere in the model are harmless.
 treats the activations inside residual branches (ReLU family and GELU) as the identity,
 and (by default) rescales each branch's linearised input gradient, per sample, to the l2
 norm the true gradient through that branch would have. The renormalisation runs each
-such branch a second time (a forward and a backward pass of the branch only).
+such branch a second time (a forward and a backward pass of the branch only). A branch that
+is no one module (torchvision's and timm's blocks call their layers one by one) is known as
+the chain of modules the block runs on it (``ResidualSite.chain``): LinBP linearises the
+activations among them, only for their calls on the branch (a torchvision block calls the
+same ReLU again after the addition), and re-runs the chain from its first module's input.
 """
 
 from __future__ import annotations
@@ -246,11 +250,17 @@ _capture_out: Callable[[torch.Tensor, _BranchPass], torch.Tensor] = _CaptureOut.
 
 @dataclass
 class _LinBPState:
-    """Hook state shared by one ``linbp`` context (a re-run of a branch bypasses the hooks)."""
+    """Hook state shared by one ``linbp`` context (a re-run of a branch bypasses the hooks).
+
+    ``limits`` caps how many calls of an activation, per call of its block, lie on a branch
+    (a torchvision block calls its one ReLU inside the branch and again after the addition);
+    ``calls`` counts them since the block's call began."""
 
     bypass: bool = False
     pending: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
     passes: dict[int, list[_BranchPass | None]] = field(default_factory=dict)
+    limits: dict[int, int] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)
 
 
 def _activation_hooks(
@@ -267,6 +277,10 @@ def _activation_hooks(
             and isinstance(x, torch.Tensor)
             and x.requires_grad
         )
+        limit = state.limits.get(id(module))
+        if limit is not None and not state.bypass:  # only its first calls lie on the branch
+            state.calls[id(module)] = state.calls.get(id(module), 0) + 1
+            active = active and state.calls[id(module)] <= limit
         if not active or x is None:
             stack.append(None)
             return None
@@ -284,12 +298,20 @@ def _activation_hooks(
 
 
 def _branch_hooks(
-    state: _LinBPState, branch: nn.Module
+    state: _LinBPState, chain: tuple[nn.Module, ...]
 ) -> tuple[Callable[[nn.Module, Any], Any], Callable[[nn.Module, Any, Any], Any]]:
-    """Forward pre-hook and hook renormalising a linearised branch's input gradient."""
+    """Forward pre-hook (for the chain's entry) and hook (for its last module) renormalising
+    a linearised branch's input gradient; the branch is re-run from the entry's input."""
+
+    def rerun(x: torch.Tensor, extra: tuple[Any, ...]) -> Any:
+        """The branch again, without the hooks of its own chain modules."""
+        h: Any = chain[0].forward(x, *extra)
+        for module in chain[1:]:
+            h = module.forward(h)
+        return h
 
     def pre(module: nn.Module, args: Any) -> Any:
-        stack = state.passes.setdefault(id(module), [])
+        stack = state.passes.setdefault(id(chain), [])
         x = args[0] if args else None
         if (
             state.bypass
@@ -304,13 +326,14 @@ def _branch_hooks(
         return (_renorm_in(x, run), *args[1:])
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        run = state.passes[id(module)].pop()
-        if run is None or not isinstance(output, torch.Tensor):
+        run = state.passes[id(chain)].pop()
+        extra = tuple(args[1:]) if len(chain) == 1 else ()  # a whole branch's further arguments
+        if run is None or run.x_true is None or not isinstance(output, torch.Tensor):
             return None
         state.bypass = True
         try:
             with torch.enable_grad():
-                run.out_true = branch.forward(run.x_true, *args[1:])  # no hooks of this module
+                run.out_true = rerun(run.x_true, extra)
         finally:
             state.bypass = False
         return _capture_out(output, run)
@@ -343,31 +366,54 @@ def linbp(
             f"linbp start_block {start_block} is out of range: the model has {n} residual blocks"
         )
     chosen = all_sites[start_block:]
-    branches: list[nn.Module] = []
+    chains: list[tuple[nn.Module, ...]] = []
     for site in chosen:
-        if site.branch is None:
+        if not site.branch_chain():
             raise RobustlabError(
-                f"linbp needs the whole residual branch of {type(site.block).__name__} as one "
-                "module; declare it with declare_residual(..., whole_branch=True)"
+                f"linbp needs the whole residual branch of {type(site.block).__name__}; declare "
+                "it with declare_residual(..., whole_branch=True) for one module, or chain=[...] "
+                "for the modules the block runs on it"
             )
-        branches.append(site.branch)
-    activations = [m for branch in branches for m in branch.modules() if isinstance(m, LINEARISED)]
+        chains.append(site.branch_chain())
+    # an activation listed as a step of a chain lies on the branch for as many of its calls
+    # per block call as it is listed; one inside a step, for every call
+    limits: dict[nn.Module, int] = {}
+    activations: list[nn.Module] = []
+    for chain in chains:
+        for step in chain:
+            if isinstance(step, LINEARISED) and len(chain) > 1:
+                limits[step] = chain.count(step)
+            activations.extend(m for m in step.modules() if isinstance(m, LINEARISED))
     if not activations:
         raise RobustlabError(
             f"linbp found no ReLU or GELU inside the residual branches from block {start_block} "
             "on, so it would change nothing"
         )
-    state = _LinBPState()
+    state = _LinBPState(limits={id(m): k for m, k in limits.items()})
     handles: list[RemovableHandle] = []
+
+    def new_block_call(module: nn.Module, args: Any) -> None:
+        """A block's call begins: its activations' calls are counted afresh."""
+        if not state.bypass:
+            for step in limited.get(id(module), ()):
+                state.calls[id(step)] = 0
+
+    limited = {
+        id(site.block): [s for s in chain if s in limits]
+        for site, chain in zip(chosen, chains, strict=True)
+    }
     with _removing(handles):
+        for site in chosen:
+            if limited[id(site.block)]:
+                handles.append(site.block.register_forward_pre_hook(new_block_call))
         for act in dict.fromkeys(activations):
             pre, hook = _activation_hooks(state)
             handles.append(act.register_forward_pre_hook(pre))
             handles.append(act.register_forward_hook(hook))
         if renormalize:
-            for branch in dict.fromkeys(branches):
-                pre, hook = _branch_hooks(state, branch)
+            for chain in dict.fromkeys(chains):
+                pre, hook = _branch_hooks(state, chain)
                 # run first: the capture must sit under other transforms' output wrappers
-                handles.append(branch.register_forward_pre_hook(pre, prepend=True))
-                handles.append(branch.register_forward_hook(hook, prepend=True))
+                handles.append(chain[0].register_forward_pre_hook(pre, prepend=True))
+                handles.append(chain[-1].register_forward_hook(hook, prepend=True))
         yield chosen

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     check_engine(args.engine)
     save = Output(Path(args.save), "--save", ours=npz_with_keys(ARRAYS))
     checked_outputs(args, [save, json_output(args.json)], models=[args.model], data=[args.data])
-    model, splits, device, info = load_model_and_data(args)
+    model, splits, device, info = load_model_and_data(args, test_only=True)
     test = splits.test
     n = len(test) if args.n is None else args.n
     if not 1 <= n <= len(test):

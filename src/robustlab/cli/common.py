@@ -184,10 +184,13 @@ def checked_outputs(
     the files it reads as inputs: each checkpoint's files and each data source."""
     from ..data.datasets import source_path
     from ..models.checkpoint import checkpoint_files
+    from ..models.foreign import foreign_inputs
 
     read: list[str | Path | None] = list(inputs)
     for model in models:
-        if model is not None:  # a path that does not exist is said by the loader
+        if model is not None and is_foreign(model):  # its code, archive and weights files
+            read.extend(foreign_inputs(model, getattr(args, "weights", None)))
+        elif model is not None:  # a path that does not exist is said by the loader
             path = Path(model).expanduser()
             read.extend(checkpoint_files(path) if path.exists() else [path])
     read.extend(source_path(spec) for spec in data if spec)
@@ -265,21 +268,127 @@ def key_values(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def load_model(
-    path: str, arch: str | None = None, splits: Any = None, *, trust_unhashed: bool = False
-) -> Any:
-    """Load a checkpoint; ``arch`` builds a legacy .pt/.pth for the data's shape and classes;
-    ``trust_unhashed`` (--trust-unhashed) accepts a manifest without a weights hash."""
-    from ..models.checkpoint import load_checkpoint
+MODEL_HELP = (
+    "the model: a robustlab checkpoint (folder, manifest.json or legacy .pt/.pth), "
+    "torchvision:NAME, timm:NAME, robustbench:NAME, python:FILE.py:FACTORY or a TorchScript "
+    "file (see README, 'Your own model')"
+)
 
+
+def add_model_options(p: argparse.ArgumentParser, help_text: str = MODEL_HELP) -> None:
+    """--model, with --arch for a legacy .pt/.pth and what a foreign model is given."""
+    p.add_argument("--model", required=True, help=help_text)
+    add_legacy_arch(p)
+    add_foreign_options(p)
+
+
+def add_foreign_options(p: argparse.ArgumentParser, which: str = "the model") -> None:
+    """What a foreign model is given: --weights, --mean, --std, --input-size, --num-classes,
+    and RobustBench's --dataset and --threat-model."""
+    group = p.add_argument_group(
+        f"when {which} is foreign (torchvision:, timm:, robustbench:, python:, TorchScript)"
+    )
+    group.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="weights of a torchvision:, timm: or python: model: a safetensors file or a "
+        ".pt/.pth state dict (read without running code), or 'hub' (hub:TAG) for the library's "
+        "pretrained weights, which needs a network once (default: none)",
+    )
+    group.add_argument(
+        "--mean",
+        help="per-channel mean the model was trained with, e.g. 0.485,0.456,0.406; robustlab "
+        "puts the normalisation inside the model (default: what the source declares)",
+    )
+    group.add_argument(
+        "--std", help="per-channel std to go with --mean (default: what the source declares)"
+    )
+    group.add_argument(
+        "--input-size",
+        metavar="C,H,W",
+        help="input the model takes, e.g. 3,32,32 (default: the model's, else the data's)",
+    )
+    group.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes the model predicts (default: the weights', else the data's)",
+    )
+    group.add_argument(
+        "--dataset",
+        help="RobustBench's dataset of a robustbench: model: cifar10, cifar100 or imagenet "
+        "(default: cifar10)",
+    )
+    group.add_argument(
+        "--threat-model",
+        help="RobustBench's threat model of a robustbench: model: Linf, L2 or corruptions "
+        "(default: Linf)",
+    )
+
+
+def model_options(args: argparse.Namespace) -> Any:
+    """The foreign-model options a command was given (``models.foreign.ForeignOptions``)."""
+    from ..models.foreign import ForeignOptions
+
+    size = getattr(args, "input_size", None)
+    return ForeignOptions.of(
+        weights=getattr(args, "weights", None),
+        mean=floats(args.mean, "--mean") if getattr(args, "mean", None) else None,
+        std=floats(args.std, "--std") if getattr(args, "std", None) else None,
+        input_size=ints(size, "--input-size") if size else None,
+        num_classes=getattr(args, "num_classes", None),
+        dataset=getattr(args, "dataset", None),
+        threat_model=getattr(args, "threat_model", None),
+    )
+
+
+def is_foreign(model: str | Path) -> bool:
+    """Whether --model names a foreign model rather than a robustlab checkpoint."""
+    from ..models.foreign import foreign_kind
+
+    return foreign_kind(model) is not None
+
+
+def load_model(
+    path: str,
+    arch: str | None = None,
+    splits: Any = None,
+    *,
+    trust_unhashed: bool = False,
+    options: Any = None,
+    saves: str | None = None,
+) -> Any:
+    """Load a checkpoint or a foreign model; ``arch`` builds a legacy .pt/.pth for the data's
+    shape and classes (``splits``), which also fill in a foreign model's where it has none;
+    ``trust_unhashed`` (--trust-unhashed) accepts a manifest without a weights hash;
+    ``options`` are the foreign model's (``model_options``); ``saves`` names the command when
+    it will save a checkpoint of the model, which a python:/TorchScript model cannot give."""
+    from ..models.checkpoint import load_checkpoint
+    from ..models.foreign import DataShape, check_rebuilt
+
+    if is_foreign(path):
+        shape = (
+            None
+            if splits is None
+            else DataShape(splits.in_channels, splits.image_size, splits.num_classes)
+        )
+        if arch is not None:
+            raise RobustlabError(
+                f"--arch names the architecture of a legacy .pt/.pth file; {path} names its own"
+            )
+        ckpt = load_checkpoint(path, foreign=options, data=shape)
+        if saves is not None:
+            check_rebuilt(ckpt.manifest, saves)
+        return ckpt
     if arch is None:
-        return load_checkpoint(path, trust_unhashed=trust_unhashed)
-    shape = {
+        return load_checkpoint(path, trust_unhashed=trust_unhashed, foreign=options)
+    legacy = {
         "in_channels": splits.in_channels,
         "image_size": splits.image_size,
         "num_classes": splits.num_classes,
     }
-    ckpt = load_checkpoint(path, trust_unhashed=trust_unhashed, arch=arch, **shape)
+    ckpt = load_checkpoint(
+        path, trust_unhashed=trust_unhashed, foreign=options, arch=arch, **legacy
+    )
     if ckpt.manifest["model"]["arch"] != arch:
         raise RobustlabError(
             f"{path} is a {ckpt.manifest['model']['arch']} checkpoint with a manifest; --arch "
@@ -290,7 +399,8 @@ def load_model(
 
 def model_info(manifest: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """What a record says of the model it used: where, its weights' hash, its architecture,
-    and ``trusted_unhashed`` when its manifest had no hash and --trust-unhashed let it load."""
+    ``trusted_unhashed`` when its manifest had no hash and --trust-unhashed let it load, and
+    for a foreign model its ``source`` (kind, name, weights file and SHA-256, code SHA-256)."""
     weights = manifest.get("weights") or {}
     info: dict[str, Any] = {
         "path": str(path),
@@ -299,6 +409,8 @@ def model_info(manifest: dict[str, Any], path: str | Path) -> dict[str, Any]:
     }
     if weights.get("trusted_unhashed"):
         info["trusted_unhashed"] = True
+    if isinstance(manifest.get("source"), dict):  # a foreign model: what was loaded, and from where
+        info["source"] = dict(manifest["source"])
     hpm = (manifest.get("model") or {}).get("hpm")
     if isinstance(hpm, dict):  # the head's settings, mode included: HPM's numbers depend on them
         info["hpm"] = hpm.get("config")
@@ -336,8 +448,7 @@ def attack_names() -> str:
 
 def add_attack_options(p: argparse.ArgumentParser) -> None:
     """--model, --data and the attack's options, shared by eval and attack."""
-    p.add_argument("--model", required=True, help="checkpoint folder, manifest or legacy .pt/.pth")
-    add_legacy_arch(p)
+    add_model_options(p)
     p.add_argument("--data", default="mnist5k", help=f"test {DATA_HELP}")
     p.add_argument("--attack", default="pgd", help=ShownLater("attack to run", attack_names))
     p.add_argument("--norm", default="linf", help="norm of the budget: linf, l2 or l1")
@@ -376,18 +487,31 @@ def attack_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def load_model_and_data(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, object]]:
-    """Load the checkpoint and the data, check they fit, pick the device."""
+def load_model_and_data(
+    args: argparse.Namespace, device: str | None = None, *, test_only: bool = False
+) -> tuple[Any, Any, str, dict[str, object]]:
+    """Load the checkpoint and the data, check they fit, pick the device (``device``: the
+    one already picked, e.g. this torchrun process's GPU).
+
+    ``test_only`` (commands that only evaluate): a user file without its own test split is all
+    test points, unless the checkpoint was trained on that very file, whose held-out 20 % it
+    then keeps as in training (``data.load_data``).
+    """
     from ..core.device import resolve_device
     from ..data import load_data
+    from ..data.datasets import same_source
 
-    device = resolve_device(args.device)
+    device = device or resolve_device(args.device)
     trust = args.trust_unhashed
-    if args.arch is None:  # a bad checkpoint path fails before the data is read
-        ckpt = load_model(args.model, trust_unhashed=trust)
-        splits = load_data(args.data)
-    else:
-        splits = load_data(args.data)
-        ckpt = load_model(args.model, args.arch, splits, trust_unhashed=trust)
+    options = model_options(args)
+    if args.arch is None and not is_foreign(args.model):  # a bad path fails before the data
+        ckpt = load_model(args.model, trust_unhashed=trust, options=options)
+        trained_on = str(ckpt.manifest.get("dataset", {}).get("name", ""))
+        splits = load_data(
+            args.data, test_only=test_only and not same_source(args.data, trained_on)
+        )
+    else:  # a legacy file or a foreign model is built for the data's shape where it has none
+        splits = load_data(args.data, test_only=test_only)
+        ckpt = load_model(args.model, args.arch, splits, trust_unhashed=trust, options=options)
     check_fit(ckpt.manifest, splits)
     return ckpt.model.to(device), splits, device, model_info(ckpt.manifest, ckpt.path)

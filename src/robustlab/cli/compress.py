@@ -13,7 +13,7 @@ from .common import (
     DATA_HELP,
     add_command,
     add_common,
-    add_legacy_arch,
+    add_model_options,
     add_store,
     add_trust_unhashed,
     checked_outputs,
@@ -30,8 +30,7 @@ DESCRIPTION = "compressibility of a checkpoint, its robustness bound and its mea
 def register(sub: Any) -> None:
     """Add the compress command."""
     p = add_command(sub, "compress", DESCRIPTION)
-    p.add_argument("--model", required=True, help="checkpoint folder, manifest or legacy .pt/.pth")
-    add_legacy_arch(p)
+    add_model_options(p)
     p.add_argument("--data", default="mnist5k", help=f"test {DATA_HELP}")
     p.add_argument("--n", type=int, default=500, help="test points in the batch")
     p.add_argument(

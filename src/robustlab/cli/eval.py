@@ -1,10 +1,16 @@
-"""robustlab eval: clean and robust accuracy of a checkpoint under an attack, at one eps or more."""
+"""robustlab eval: clean and robust accuracy of a checkpoint under an attack, at one eps or more.
+
+Under ``torchrun --nproc_per_node N -m robustlab eval ...`` the evaluation batches are shared
+among the N processes (``evaluate.sharded``): each keeps its share in a progress file of its
+own beside --json, rank 0 alone prints, shows progress and writes the record, the per-sample
+table and the store's rows.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RobustlabError
 from ..io import Output, atomic_write_text, resume_state, write_json
@@ -23,8 +29,14 @@ from .common import (
     store_output,
 )
 
+if TYPE_CHECKING:
+    from ..core.distributed import Processes
+
 DESCRIPTION = "clean and robust accuracy of a checkpoint under an attack, at one eps or a curve"
+DEFAULT_N = 1000  # test points evaluated when --n is not given (all of mnist5k's test split)
 PROTOCOLS = ("plain", "msa")
+#: How long, in seconds, a torchrun process that finished its share waits for the others.
+WAIT_S = 24 * 3600.0
 
 
 def register(sub: Any) -> None:
@@ -34,7 +46,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--eps", required=True, help="budget, or a comma-separated list for a robustness curve"
     )
-    p.add_argument("--n", type=int, default=1000, help="number of test points")
+    p.add_argument(
+        "--n",
+        "--points",
+        type=int,
+        help=f"number of test points (default: all, at most {DEFAULT_N}; under torchrun write "
+        "--points: torchrun takes --n for an abbreviation of its own options)",
+    )
     p.add_argument(
         "--samples",
         metavar="PATH",
@@ -82,7 +100,8 @@ def _progress_path(args: argparse.Namespace) -> Path | None:
 
 def _outputs(args: argparse.Namespace, samples: Path | None, progress: Path | None) -> list[Any]:
     """Every file the command writes: the record, the per-sample CSV, the store, progress."""
-    from ..evaluate.robust import is_progress_file, is_samples_csv
+    from ..evaluate.progress import is_progress_file
+    from ..evaluate.robust import is_samples_csv
 
     return [
         json_output(args.json),
@@ -113,40 +132,69 @@ def _write(args: argparse.Namespace, records: list[Any], samples: Path | None) -
             store.add(d, label=args.label or Path(args.model).name)
 
 
-def _loaded(args: argparse.Namespace) -> tuple[Any, Any, str, dict[str, object]]:
-    """The model and data, the model in the HPM mode asked (and its record saying so)."""
+def _loaded(args: argparse.Namespace, device: str) -> tuple[Any, Any, dict[str, object]]:
+    """The model (on ``device``) and data, the model in the HPM mode asked (and its record
+    saying so)."""
     from ..models.hpm import HPMClassifier
 
-    model, splits, device, info = load_model_and_data(args)
+    model, splits, _, info = load_model_and_data(args, device, test_only=True)
+    if args.n is None:
+        args.n = min(DEFAULT_N, len(splits.test))
     if args.hpm_mode is not None:
         if not isinstance(model, HPMClassifier):
             raise RobustlabError("--hpm-mode needs an HPM checkpoint (see robustlab hpm)")
         model.mode = args.hpm_mode
         saved = info.get("hpm")
         info["hpm"] = {**(saved if isinstance(saved, dict) else {}), "mode": args.hpm_mode}
-    return model, splits, device, info
+    return model, splits, info
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the options and outputs, evaluate, print and write the records."""
+    """Join torchrun's processes (if it started this one), then evaluate with the protocol."""
+    from ..core.device import resolve_device
+    from ..core.distributed import processes_of_run, stop_on_sigterm
+
+    with (
+        processes_of_run(resolve_device(args.device), WAIT_S) as (processes, device),
+        stop_on_sigterm(processes),
+    ):
+        if args.protocol == "msa":
+            return run_msa(args, processes, device)
+        return run_plain(args, processes, device)
+
+
+def _prepared(
+    args: argparse.Namespace, processes: Processes, device: str
+) -> tuple[Path | None, Path | None, Path | None, Any, Any, dict[str, object]]:
+    """Check the outputs (this process's progress file among them), load the model and data:
+    the per-sample CSV, the run's progress path, this process's, the model, splits, info."""
+    from ..core.distributed import shard_path
+
+    samples, progress = _samples_path(args), _progress_path(args)
+    own = shard_path(progress, processes) if progress is not None else None
+    checked_outputs(args, _outputs(args, samples, own), models=[args.model], data=[args.data])
+    model, splits, info = _loaded(args, device)
+    return samples, progress, own, model, splits, info
+
+
+def run_plain(args: argparse.Namespace, processes: Processes, device: str) -> int:
+    """Check the options and outputs, evaluate, print and write the records (rank 0)."""
     from ..attacks.registry import make_attack
+    from ..core.distributed import together
     from ..evaluate import evaluate_curve
     from ..models.engine import check_engine
 
-    check_engine(args.engine)
-    if args.protocol == "msa":
-        return run_msa(args)
-    if args.surrogate_attacks:
-        raise RobustlabError("--surrogate-attacks goes with --protocol msa")
-    options = attack_options(args)
-    attacks = [
-        make_attack(args.attack, args.norm, eps, **options) for eps in floats(args.eps, "--eps")
-    ]
-    samples, progress = _samples_path(args), _progress_path(args)
-    checked_outputs(args, _outputs(args, samples, progress), models=[args.model], data=[args.data])
-    model, splits, device, info = _loaded(args)
+    with together(processes):  # a bad option or output stops every process, said once
+        check_engine(args.engine)
+        if args.surrogate_attacks:
+            raise RobustlabError("--surrogate-attacks goes with --protocol msa")
+        options = attack_options(args)
+        attacks = [
+            make_attack(args.attack, args.norm, eps, **options) for eps in floats(args.eps, "--eps")
+        ]
+        samples, progress, own, model, splits, info = _prepared(args, processes, device)
     # the resume state goes only once every output below was written
-    with resume_state(progress) as resume:
+    with resume_state(own):
         records = evaluate_curve(
             model,
             splits.test,
@@ -157,48 +205,59 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             model_info=info,
-            resume=resume,
+            resume=progress,
             keep_resume=True,
             engine=args.engine,
+            processes=processes,
         )
-        say_engine(records[0].engine)
-        for rec in records:
-            eps = rec.threat_model["eps"]
-            print(
-                f"{rec.n} points, {args.norm} eps={eps}: clean {100 * rec.clean_accuracy:.2f} %, "
-                f"robust {100 * rec.robust_accuracy:.2f} % ({rec.elapsed_s:.1f} s)"
-            )
-            for step in rec.per_attack:
-                print(
-                    f"    after {step['attack']}: {100 * step['robust_accuracy_after']:.2f} % "
-                    f"({step['seconds']} s)"
-                )
-            for warning in rec.warnings:
-                print(f"    warning: {warning}")
-        _write(args, records, samples)
+        with together(processes):
+            if processes.main:
+                _show(records, args.norm)
+                _write(args, records, samples)
     return 0
 
 
-def run_msa(args: argparse.Namespace) -> int:
+def _show(records: list[Any], norm: str) -> None:
+    """Print the records of a plain evaluation: one line per eps, its steps and warnings."""
+    say_engine(records[0].engine)
+    for rec in records:
+        eps = rec.threat_model["eps"]
+        shared = f", {rec.world_size} processes" if rec.world_size > 1 else ""
+        print(
+            f"{rec.n} points, {norm} eps={eps}: clean {100 * rec.clean_accuracy:.2f} %, "
+            f"robust {100 * rec.robust_accuracy:.2f} % ({rec.elapsed_s:.1f} s{shared})"
+        )
+        for step in rec.per_attack:
+            print(
+                f"    after {step['attack']}: {100 * step['robust_accuracy_after']:.2f} % "
+                f"({step['seconds']} s)"
+            )
+        for warning in rec.warnings:
+            print(f"    warning: {warning}")
+
+
+def run_msa(args: argparse.Namespace, processes: Processes, device: str) -> int:
     """The MSA protocol: check, evaluate the model with its declared surrogates, print, write."""
     from ..attacks.autoattack import AutoAttack
     from ..attacks.registry import make_attack
+    from ..core.distributed import together
     from ..evaluate.msa import evaluate_msa
+    from ..models.engine import check_engine
 
-    eps = floats(args.eps, "--eps")
-    if len(eps) != 1:
-        raise RobustlabError(f"--protocol msa evaluates one --eps, got {args.eps}")
-    if args.attack not in ("pgd", "autoattack"):  # pgd: the option's default, left unset
-        raise RobustlabError(
-            f"--protocol msa runs AutoAttack (choose its parts with --version or --attacks), "
-            f"not --attack {args.attack}"
-        )
-    ensemble = make_attack("autoattack", args.norm, eps[0], **attack_options(args))
-    assert isinstance(ensemble, AutoAttack)
-    samples, progress = _samples_path(args), _progress_path(args)
-    checked_outputs(args, _outputs(args, samples, progress), models=[args.model], data=[args.data])
-    model, splits, device, info = _loaded(args)
-    with resume_state(progress) as resume:  # removed only once every output was written
+    with together(processes):  # a bad option or output stops every process, said once
+        check_engine(args.engine)
+        eps = floats(args.eps, "--eps")
+        if len(eps) != 1:
+            raise RobustlabError(f"--protocol msa evaluates one --eps, got {args.eps}")
+        if args.attack not in ("pgd", "autoattack"):  # pgd: the option's default, left unset
+            raise RobustlabError(
+                f"--protocol msa runs AutoAttack (choose its parts with --version or "
+                f"--attacks), not --attack {args.attack}"
+            )
+        ensemble = make_attack("autoattack", args.norm, eps[0], **attack_options(args))
+        assert isinstance(ensemble, AutoAttack)
+        samples, progress, own, model, splits, info = _prepared(args, processes, device)
+    with resume_state(own):  # removed only once every output was written
         rec = evaluate_msa(
             model,
             splits.test,
@@ -215,13 +274,16 @@ def run_msa(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             model_info=info,
-            resume=resume,
+            resume=progress,
             keep_resume=True,
             engine=args.engine,
+            processes=processes,
         )
-        say_engine(rec.engine)
-        _show_msa(rec, args.norm)
-        _write(args, [rec], samples)
+        with together(processes):
+            if processes.main:
+                say_engine(rec.engine)
+                _show_msa(rec, args.norm)
+                _write(args, [rec], samples)
     return 0
 
 

@@ -19,19 +19,22 @@ from ..errors import RobustlabError
 from ..io import write_json
 from .common import (
     DATA_HELP,
+    MODEL_HELP,
     add_command,
     add_common,
     add_engine,
-    add_legacy_arch,
+    add_model_options,
     add_trust_unhashed,
     check_fit,
     checked_outputs,
     draw_plots,
     floats,
     ints,
+    is_foreign,
     json_output,
     load_model,
     model_info,
+    model_options,
     plot_outputs,
     say,
 )
@@ -95,12 +98,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     device = resolve_device(args.device)
-    # a legacy .pt is built for the data's shape, so the data is read first
+    # a legacy .pt or a foreign model is built for the data's shape, so the data is read first
     ckpt = load_model(
         args.model,
         args.arch,
-        load_data(args.data) if args.arch else None,
+        load_data(args.data) if args.arch or is_foreign(args.model) else None,
         trust_unhashed=args.trust_unhashed,
+        options=model_options(args),
+        saves="exits",
     )
     if isinstance(ckpt.model, MultiExitNetwork) or "multi_exit" in ckpt.manifest["model"]:
         raise RobustlabError(f"{args.model} already has exits; give the backbone's checkpoint")
@@ -196,8 +201,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add the exits command."""
     p = add_command(sub, "exits", DESCRIPTION)
-    p.add_argument("--model", required=True, help="backbone checkpoint folder, manifest or .pt")
-    add_legacy_arch(p)
+    add_model_options(p, f"the backbone: {MODEL_HELP[len('the model: ') :]}")
     p.add_argument("--data", default="mnist5k", help=f"the backbone's training {DATA_HELP}")
     p.add_argument("--out", required=True, help="folder for the multi-exit checkpoint and plots")
     p.add_argument(

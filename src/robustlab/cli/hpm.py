@@ -18,15 +18,18 @@ from ..errors import RobustlabError
 from ..io import write_json
 from .common import (
     DATA_HELP,
+    MODEL_HELP,
     add_command,
     add_common,
-    add_legacy_arch,
+    add_model_options,
     add_trust_unhashed,
     check_fit,
     checked_outputs,
+    is_foreign,
     json_output,
     load_model,
     model_info,
+    model_options,
     say,
 )
 
@@ -73,9 +76,16 @@ def run(args: argparse.Namespace) -> int:
     )
     eval_batch = check_batch_size(args.eval_batch_size)
     device = resolve_device(args.device)
-    # a legacy .pt is built for the data's shape, so the data is read first
-    splits = load_data(args.data) if args.arch else None
-    ckpt = load_model(args.model, args.arch, splits, trust_unhashed=args.trust_unhashed)
+    # a legacy .pt or a foreign model is built for the data's shape, so the data is read first
+    splits = load_data(args.data) if args.arch or is_foreign(args.model) else None
+    ckpt = load_model(
+        args.model,
+        args.arch,
+        splits,
+        trust_unhashed=args.trust_unhashed,
+        options=model_options(args),
+        saves="hpm",
+    )
     if "hpm" in ckpt.manifest["model"]:
         raise RobustlabError(f"{args.model} already has an HPM head; give the base's checkpoint")
     splits = splits or load_data(args.data)
@@ -118,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add the hpm command."""
     p = add_command(sub, "hpm", DESCRIPTION)
-    p.add_argument("--model", required=True, help="base checkpoint folder, manifest or .pt")
-    add_legacy_arch(p)
+    add_model_options(p, f"the base model: {MODEL_HELP[len('the model: ') :]}")
     p.add_argument("--data", default="mnist5k", help=f"the base's training {DATA_HELP}")
     p.add_argument("--out", required=True, help="folder for the HPM checkpoint")
     p.add_argument("--eps", type=float, default=0.3, help="budget of the PGD fine-tuning")

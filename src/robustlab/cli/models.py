@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             print(f"{r['arch']:<{width}}  {r['parameters']:>10,}  {r['description']}")
+    print(
+        "also torchvision:NAME and timm:NAME (built by those libraries when installed), and "
+        "for evaluating a model of your own see README.md, 'Your own model'"
+    )
     if args.json:
         write_json(args.json, rows)
     return 0

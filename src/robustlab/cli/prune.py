@@ -11,13 +11,14 @@ from .common import (
     DATA_HELP,
     add_command,
     add_common,
-    add_legacy_arch,
+    add_model_options,
     add_trust_unhashed,
     check_fit,
     checked_outputs,
     json_output,
     load_model,
     model_info,
+    model_options,
 )
 
 DESCRIPTION = "prune a checkpoint (global, per layer or by filter), optionally fine-tune it"
@@ -26,8 +27,7 @@ DESCRIPTION = "prune a checkpoint (global, per layer or by filter), optionally f
 def register(sub: Any) -> None:
     """Add the prune command."""
     p = add_command(sub, "prune", DESCRIPTION)
-    p.add_argument("--model", required=True, help="checkpoint folder, manifest or legacy .pt/.pth")
-    add_legacy_arch(p)
+    add_model_options(p)
     p.add_argument("--data", default="mnist5k", help=f"{DATA_HELP} (test accuracy, fine-tuning)")
     p.add_argument(
         "--sparsity",
@@ -98,7 +98,14 @@ def run(args: argparse.Namespace) -> int:
         data=[args.data],
     )
     splits = load_data(args.data)
-    ckpt = load_model(args.model, args.arch, splits, trust_unhashed=args.trust_unhashed)
+    ckpt = load_model(
+        args.model,
+        args.arch,
+        splits,
+        trust_unhashed=args.trust_unhashed,
+        options=model_options(args),
+        saves="prune",
+    )
     check_fit(ckpt.manifest, splits)
     manifest = prune_checkpoint(
         ckpt.model,

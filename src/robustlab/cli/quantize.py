@@ -12,13 +12,14 @@ from .common import (
     DATA_HELP,
     add_command,
     add_common,
-    add_legacy_arch,
+    add_model_options,
     add_trust_unhashed,
     check_fit,
     checked_outputs,
     json_output,
     load_model,
     model_info,
+    model_options,
 )
 
 DESCRIPTION = "quantize a checkpoint to int8 after training (PyTorch static quantization, CPU)"
@@ -27,8 +28,7 @@ DESCRIPTION = "quantize a checkpoint to int8 after training (PyTorch static quan
 def register(sub: Any) -> None:
     """Add the quantize command."""
     p = add_command(sub, "quantize", DESCRIPTION)
-    p.add_argument("--model", required=True, help="checkpoint folder, manifest or legacy .pt/.pth")
-    add_legacy_arch(p)
+    add_model_options(p)
     p.add_argument("--data", default="mnist5k", help=f"{DATA_HELP} (calibration, test accuracy)")
     p.add_argument(
         "--backend", default="x86", help="quantized engine: x86, fbgemm, qnnpack, onednn"
@@ -64,7 +64,14 @@ def run(args: argparse.Namespace) -> int:
         args, [*outputs, observers, json_output(args.json)], models=[args.model], data=[args.data]
     )
     splits = load_data(args.data)
-    ckpt = load_model(args.model, args.arch, splits, trust_unhashed=args.trust_unhashed)
+    ckpt = load_model(
+        args.model,
+        args.arch,
+        splits,
+        trust_unhashed=args.trust_unhashed,
+        options=model_options(args),
+        saves="quantize",
+    )
     check_fit(ckpt.manifest, splits)
     _, manifest = quantize_checkpoint(
         ckpt.model,

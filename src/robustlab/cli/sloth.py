@@ -55,8 +55,14 @@ def _summary(label: str, rec: Any, clean: Any) -> str:
 def _load_multi_exit(path: str, device: str, trust_unhashed: bool) -> tuple[Any, dict[str, Any]]:
     """Load a multi-exit checkpoint (from robustlab exits) onto the device."""
     from ..models.checkpoint import load_checkpoint
+    from ..models.foreign import foreign_kind
     from ..models.multiexit import MultiExitNetwork
 
+    if foreign_kind(path) is not None:
+        raise RobustlabError(
+            f"{path} is not a multi-exit checkpoint; attach exits first with robustlab exits "
+            "(which takes torchvision: and timm: ResNets too)"
+        )
     ckpt = load_checkpoint(path, trust_unhashed=trust_unhashed)
     if not isinstance(ckpt.model, MultiExitNetwork):
         raise RobustlabError(

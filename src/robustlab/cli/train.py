@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io import write_json
 from .common import DATA_HELP, add_command, add_common, checked_outputs, json_output, key_values
+
+if TYPE_CHECKING:  # torch is imported when the command runs, not when the parser is built
+    from ..core.distributed import Processes
 
 DESCRIPTION = (
     "train a model (standard, pgd-at, trades, mart, fast-at or free-at; optionally with robust "
@@ -41,7 +44,12 @@ def register(sub: Any) -> None:
         "--replays times, so each costs about m standard epochs (the paper runs the standard "
         f"number of epochs divided by m) {RECIPE}",
     )
-    p.add_argument("--batch-size", type=int, help=f"training batch size {RECIPE}")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"training batch size; under torchrun the global batch, split across the processes "
+        f"{RECIPE}",
+    )
     p.add_argument(
         "--lr", type=float, help=f"peak learning rate of the one-cycle schedule {RECIPE}"
     )
@@ -99,6 +107,20 @@ def register(sub: Any) -> None:
         "(default: none)",
     )
     p.add_argument(
+        "--awp",
+        type=float,
+        metavar="GAMMA",
+        help="adversarial weight perturbation of relative size GAMMA per layer on top of "
+        "pgd-at, trades or mart, e.g. 5e-3 (default: none)",
+    )
+    p.add_argument(
+        "--awp-warmup",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="epochs trained before AWP starts (default: 0)",
+    )
+    p.add_argument(
         "--out", required=True, help="checkpoint folder (an interrupted run there resumes)"
     )
     p.add_argument(
@@ -109,6 +131,15 @@ def register(sub: Any) -> None:
         "(default: 200 when a check is on, else 0: train on all)",
     )
     p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="under torchrun, normalise BatchNorm layers with the statistics of the whole global "
+        "batch, as one process does, so N processes train the model one process would; "
+        "--no-sync-bn: with each process's own part (torch DDP's default: fewer exchanges "
+        "between the processes, but not the model one process trains) (default: on)",
+    )
     add_common(
         p,
         json_help="write the checkpoint's manifest as JSON here (default: not written)",
@@ -119,18 +150,32 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the outputs, train, say how it went."""
+    """Under torchrun, join the run's processes (rank 0 alone speaks); then check, train, say
+    how it went."""
+    from ..core.device import resolve_device
+    from ..core.distributed import one_voice, processes_of_run
+
+    with one_voice(), processes_of_run(resolve_device(args.device)) as (processes, device):
+        return _run(args, processes, device)
+
+
+def _run(args: argparse.Namespace, processes: Processes, device: str) -> int:
+    """Check the outputs, train (one of ``processes``), say how it went (rank 0)."""
     from ..models import get_architecture
     from ..models.checkpoint import checkpoint_outputs
     from ..train import TrainConfig, train, training_splits
+    from ..train.awp import awp_hooks
     from ..train.compression import parse_regularizers, regularizer_hooks
+    from ..train.distributed import check_regularizers_for
 
     out = Path(args.out)
     outputs = [*checkpoint_outputs(out), json_output(args.json)]
     checked_outputs(args, outputs, data=[args.data])
     arch_options = key_values(args.arch_option)
     get_architecture(args.arch).arguments(**arch_options)  # its options, before any work
-    hooks = regularizer_hooks(parse_regularizers(args.regularizer))
+    strengths = parse_regularizers(args.regularizer)
+    check_regularizers_for(strengths, processes)
+    regularizers = regularizer_hooks(strengths)
     cfg = TrainConfig(
         arch=args.arch,
         data=args.data,
@@ -150,12 +195,22 @@ def run(args: argparse.Namespace) -> int:
         early_stop=args.early_stop,
         overfit_drop=args.overfit_drop,
     )
+    hooks = [*awp_hooks(cfg, args.awp, args.awp_warmup), *regularizers]
     # the same seeded split `robustlab exits` holds out, so its thresholds are chosen on
     # samples the backbone never trained on
     splits = training_splits(cfg.resolved(), args.calibration, args.data_seed)
     result = train(
-        cfg, out, splits=splits, device=args.device, progress=not args.no_progress, hooks=hooks
+        cfg,
+        out,
+        splits=splits,
+        device=device,
+        progress=not args.no_progress,
+        hooks=hooks,
+        processes=processes,
+        sync_bn=args.sync_bn,
     )
+    if not processes.main:
+        return 0
     acc = result.manifest["metrics"]["clean_accuracy"]
     training = result.manifest["training"]
     kept = training.get("overfitting", {}).get("kept_epoch", training.get("best_epoch"))

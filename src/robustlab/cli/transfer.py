@@ -1,8 +1,12 @@
 """robustlab transfer: a transfer matrix of attacks crafted on sources, evaluated on targets.
 
 Sources and targets are architecture names from robustlab models (trained on --data or
-reused from the model cache; NAME:pgd-at is its PGD-adversarially-trained version) or
-checkpoint paths; a source A+B is an ensemble of A and B. Each source's examples are crafted
+reused from the model cache; NAME:pgd-at is its PGD-adversarially-trained version),
+checkpoint paths or foreign models (torchvision:NAME, timm:NAME, robustbench:NAME,
+python:FILE.py:FACTORY, TorchScript files; --weights, --mean, ... apply to each of them); a
+source A+B is an ensemble of A and B. The test points are --data's test split; a user file
+without one is all test points, unless a zoo model is trained on it here or a checkpoint was
+trained on it (then its held-out 20 %, as in training). Each source's examples are crafted
 once per attack and evaluated on every target. Everything that can fail without training
 (names, budgets, output paths, checkpoint shapes, whether a source has the residual blocks
 SGM and LinBP need) is checked before any model is trained.
@@ -23,14 +27,18 @@ from .common import (
     add_command,
     add_common,
     add_engine,
+    add_foreign_options,
     add_store,
     add_trust_unhashed,
     cache_output,
     checked_outputs,
     draw_plots,
     floats,
+    is_foreign,
     json_output,
+    load_model,
     model_info,
+    model_options,
     names,
     plot_outputs,
     say,
@@ -46,12 +54,14 @@ SWEEP = "gamma_sweep.png"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a source or target name stands for: a zoo architecture to train, or a checkpoint."""
+    """What a source or target name stands for: a zoo architecture to train, a checkpoint,
+    or a foreign model."""
 
     name: str
     arch: str | None = None
     method: str = "standard"
     path: Path | None = None
+    foreign: bool = False
 
 
 def register(sub: Any) -> None:
@@ -112,13 +122,16 @@ def register(sub: Any) -> None:
     add_engine(p)
     add_common(p, json_help="write the result record (key 'cells') here (default: not written)")
     add_trust_unhashed(p)
+    add_foreign_options(p, "a source or target")
     p.set_defaults(func=run)
 
 
 def parse_model(name: str) -> ModelSpec:
-    """Read a model name: ARCH, ARCH:pgd-at, ARCH:trades or a checkpoint path."""
+    """Read a model name: ARCH, ARCH:pgd-at, ARCH:trades, a checkpoint path or a foreign model."""
     from ..models import ARCHITECTURES
 
+    if is_foreign(name):
+        return ModelSpec(name, method="unknown", foreign=True)
     arch, sep, method = name.partition(":")
     if arch in ARCHITECTURES and (not sep or method in AT_METHODS or method == "standard"):
         return ModelSpec(name, arch=arch, method=method or "standard")
@@ -134,7 +147,8 @@ def parse_model(name: str) -> ModelSpec:
         raise RobustlabError(f"checkpoint {name} does not exist")
     raise RobustlabError(
         f"unknown model '{name}': neither an architecture ({', '.join(sorted(ARCHITECTURES))}, "
-        "optionally with :pgd-at) nor an existing checkpoint path"
+        "optionally with :pgd-at), an existing checkpoint path nor a foreign model "
+        "(torchvision:NAME, timm:NAME, robustbench:NAME, python:FILE.py:FACTORY)"
     )
 
 
@@ -165,6 +179,7 @@ def _describe(manifest: dict[str, Any], where: Path, spec: ModelSpec) -> dict[st
         "method": (manifest.get("training") or {}).get("method", spec.method),
         "input_shape": [m.get("in_channels"), m.get("image_size"), m.get("image_size")],
         "clean_accuracy": (manifest.get("metrics") or {}).get("clean_accuracy"),
+        "trained_on": (manifest.get("dataset") or {}).get("name"),
     }
 
 
@@ -177,13 +192,18 @@ def _obtain(
     *,
     trust_unhashed: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """Load a checkpoint (one without a weights hash only if ``trust_unhashed``), or reuse /
-    train a zoo model; returns it and a description."""
-    from ..models.checkpoint import load_checkpoint
+    """Load a checkpoint (one without a weights hash only if ``trust_unhashed``) or a foreign
+    model (for the data's shape where it has none), or reuse / train a zoo model; returns it
+    and a description."""
     from ..train.cache import cached_folder, is_cached, obtain
 
-    if spec.path is not None:
-        ckpt = load_checkpoint(spec.path, trust_unhashed=trust_unhashed)
+    if spec.path is not None or spec.foreign:
+        ckpt = load_model(
+            spec.name if spec.foreign else str(spec.path),
+            splits=splits,
+            trust_unhashed=trust_unhashed,
+            options=model_options(args) if spec.foreign else None,
+        )
         return ckpt.model.to(device).eval(), _describe(ckpt.manifest, ckpt.path, spec)
     cfg = _train_config(spec, args)
     where = cached_folder(cfg, cache)
@@ -253,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.checks import check_batch_size
     from ..core.device import resolve_device
     from ..data import load_data
+    from ..data.datasets import same_source
     from ..models.engine import check_engine
     from ..train.cache import cache_root
 
@@ -264,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     check_batch_size(args.batch_size)
     check_engine(args.engine)
+    options = model_options(args)  # checked before any work
     members = {m: parse_model(m) for s in sources for m in s.split("+") if m}
     members.update({t: parse_model(t) for t in targets})
     for s in sources:
@@ -273,7 +295,12 @@ def run(args: argparse.Namespace) -> int:
     outputs = [json_output(args.json), store_output(args.store)]
     cache = Path(args.cache) if args.cache else cache_root()
     trust = args.trust_unhashed
-    zoo = any(m.path is None for m in members.values())  # trained into or reused from the cache
+    zoo = any(m.arch is not None for m in members.values())  # trained here or reused from the cache
+    if not any(m.foreign for m in members.values()) and options != type(options)():
+        raise RobustlabError(
+            "--weights, --mean, --std, --input-size, --num-classes, --dataset and "
+            "--threat-model apply to foreign sources and targets, and there are none"
+        )
     checked_outputs(
         args,
         [
@@ -281,22 +308,30 @@ def run(args: argparse.Namespace) -> int:
             *plot_outputs(args.plots, pngs, "--plots"),
             cache_output(cache) if zoo else None,
         ],
-        models=[m.path for m in members.values()],
+        models=[m.path or (m.name if m.foreign else None) for m in members.values()],
         data=[args.data],
         inputs=[cache] if zoo else [],
     )
     device = resolve_device(args.device)
-    splits = load_data(args.data)
     models: dict[str, Any] = {}
     infos: dict[str, dict[str, Any]] = {}
-    # before any training: the checkpoints' shapes, then the sources' structure (zoo models
-    # built untrained) against what the attacks' transforms need
+    # checkpoints first: the data a checkpoint was trained on decides whether a user file
+    # without a test split is all test points (as for eval) or keeps its held-out 20 %
+    trained_on = []
     for name, member in members.items():
-        if member.path is None:
-            continue
-        models[name], infos[name] = _obtain(
-            member, args, splits, device, cache, trust_unhashed=trust
-        )
+        if member.path is not None:
+            models[name], infos[name] = _obtain(
+                member, args, None, device, cache, trust_unhashed=trust
+            )
+            trained_on.append(infos[name].get("trained_on") or "")
+    keep_split = zoo or any(same_source(args.data, t) for t in trained_on if t)
+    splits = load_data(args.data, test_only=not keep_split)
+    for name, member in members.items():  # foreign models take the data's shape if they have none
+        if member.foreign:
+            models[name], infos[name] = _obtain(member, args, splits, device, cache)
+    # before any training: the loaded models' shapes, then the sources' structure (zoo models
+    # built untrained) against what the attacks' transforms need
+    for name in models:
         role = "target" if name in targets else "source"
         peers = [n for n in (sources if role == "target" else targets) if n != name]
         other_role = "source" if role == "target" else "target"
@@ -305,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     skeletons = {n: models[n] if n in models else _skeleton(m, splits) for n, m in members.items()}
     check_sources(attacks, _ensembles(sources, skeletons))
     for name, member in members.items():
-        if member.path is None:
+        if member.arch is not None:
             models[name], infos[name] = _obtain(
                 member, args, splits, device, cache, trust_unhashed=trust
             )

@@ -21,7 +21,7 @@ from .common import (
     DATA_HELP,
     add_command,
     add_common,
-    add_legacy_arch,
+    add_model_options,
     add_store,
     add_trust_unhashed,
     checked_outputs,
@@ -41,8 +41,7 @@ ARRAY, IMAGE, RECORD = "uap.npy", "uap.png", "uap.json"
 def register(sub: Any) -> None:
     """Add the uap command."""
     p = add_command(sub, "uap", DESCRIPTION)
-    p.add_argument("--model", required=True, help="checkpoint folder, manifest or legacy .pt/.pth")
-    add_legacy_arch(p)
+    add_model_options(p)
     p.add_argument("--data", default="mnist5k", help=f"{DATA_HELP}; crafted on its training split")
     p.add_argument(
         "--method",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import RobustlabError
+from ..io import cache_dir as cache_dir  # re-exported: the data loaders use it from here
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -128,11 +127,3 @@ class LoadedData:
     train: Dataset
     test: Dataset | None
     class_names: tuple[str, ...]
-
-
-def cache_dir() -> Path:
-    """The robustlab cache folder: $ROBUSTLAB_CACHE if set, else ~/.cache/robustlab."""
-    env = os.environ.get("ROBUSTLAB_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "robustlab"

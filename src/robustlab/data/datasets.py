@@ -121,6 +121,14 @@ def _path_of(spec: str, prefix: str) -> Path:
     return Path(raw).expanduser()
 
 
+def same_source(spec: str, other: str) -> bool:
+    """Whether two data specs name the same source (a user file: the same resolved path)."""
+    path, other_path = source_path(spec), source_path(other)
+    if path is None or other_path is None:
+        return spec.strip().lower() == other.strip().lower()
+    return path.resolve() == other_path.resolve()
+
+
 def source_path(spec: str) -> Path | None:
     """The file or folder a data spec reads (npz:PATH, folder:PATH), None for the built-in and
     downloaded sources: an input that ``io.check_outputs`` must never write over."""
@@ -148,8 +156,17 @@ def _load_source(spec: str) -> LoadedData:
     raise RobustlabError(f"unknown dataset spec {spec!r}; accepted forms are {ACCEPTED_SPECS}")
 
 
-def load_data(spec: str, *, calibration: int = 0, seed: int = 0) -> DataSplits:
-    """Load a data source by spec and split it (deterministically for a given seed)."""
+def load_data(
+    spec: str, *, calibration: int = 0, seed: int = 0, test_only: bool = False
+) -> DataSplits:
+    """Load a data source by spec and split it (deterministically for a given seed).
+
+    ``test_only`` is for commands that only evaluate: a user file without its own test split
+    (an ``npz`` of ``x, y``, a folder) is then all test points, in its own order, and its train
+    split is empty (the 80/20 split belongs to training); normalisation statistics come from
+    those test points. Built-in sources keep their one seeded split, and sources with a test
+    split give it, as usual.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise RobustlabError(
             f"dataset spec must be a non-empty string like 'mnist5k', got {spec!r}"
@@ -162,14 +179,19 @@ def load_data(spec: str, *, calibration: int = 0, seed: int = 0) -> DataSplits:
         raise RobustlabError(f"calibration must be >= 0 samples, got {calibration}")
     source = _load_source(spec)
     check_several_classes(source.train.num_classes, f"dataset {spec}", source.class_names)
-    if source.test is None:
+    if source.test is None and test_only and source_path(spec) is not None:
+        if calibration > 0:
+            raise RobustlabError("a calibration hold-out needs a train split, not test points only")
+        test = Dataset(source.train.x, source.train.y, source.train.num_classes, f"{spec}/test")
+        train = Dataset(test.x[:0], test.y[:0], test.num_classes, f"{spec}/train")
+    elif source.test is None:
         train, test = split_test(source.train, seed, spec)
     else:
         train, test = source.train, source.test
     held: Dataset | None = None
     if calibration > 0:
         train, held = split_calibration(train, calibration, seed, spec)
-    mean, std = channel_stats(train.x)
+    mean, std = channel_stats(train.x if len(train) else test.x)
     return DataSplits(
         name=spec,
         train=train,

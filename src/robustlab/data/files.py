@@ -23,7 +23,6 @@ from .validate import (
     count_classes,
 )
 
-UNSPLIT_KEYS = ("x", "y")
 SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
@@ -103,7 +102,8 @@ def _dataset(x: np.ndarray, y: np.ndarray, num_classes: int, name: str) -> Datas
 
 
 def load_npz(path: Path, spec: str) -> LoadedData:
-    """An .npz with x and y (split 80/20 later) or x_train, y_train, x_test, y_test."""
+    """An .npz with x and y (split 80/20 later, unless only evaluated), x_adv and y (what
+    ``robustlab attack --save`` writes), or x_train, y_train, x_test and y_test."""
     where = f"npz file {path}"
     arrays = _read_npz(path, where)
     value_range = (
@@ -122,14 +122,17 @@ def load_npz(path: Path, spec: str) -> LoadedData:
         train = _dataset(x_train, y_train, num_classes, f"{spec}/train")
         test = _dataset(x_test, y_test, num_classes, f"{spec}/test")
         return LoadedData(train=train, test=test, class_names=_numbered(num_classes))
-    if all(key in arrays for key in UNSPLIT_KEYS):
-        x, y = _array_pair(arrays, "x", "y", where, value_range)
+    # `robustlab attack --save` writes its examples as x_adv, beside their labels y
+    x_key = "x_adv" if "x" not in arrays and "x_adv" in arrays else "x"
+    if x_key in arrays and "y" in arrays:
+        x, y = _array_pair(arrays, x_key, "y", where, value_range)
         num_classes = count_classes([y], where, "y")
         full = _dataset(x, y, num_classes, spec)
         return LoadedData(train=full, test=None, class_names=_numbered(num_classes))
     found = ", ".join(sorted(arrays)) or "no arrays"
     raise RobustlabError(
-        f"{where} must hold arrays x and y, or x_train, y_train, x_test and y_test; found: {found}"
+        f"{where} must hold arrays x and y (or x_adv and y, as robustlab attack --save writes), "
+        f"or x_train, y_train, x_test and y_test; found: {found}"
     )
 
 

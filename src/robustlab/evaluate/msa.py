@@ -58,24 +58,25 @@ from ..attacks.autoattack import BLACK_BOX, AutoAttack, run_member
 from ..attacks.base import Attack
 from ..attacks.restarts import Best
 from ..core.criteria import success, unbroken
+from ..core.distributed import Processes, together
 from ..core.guard import frozen_eval
 from ..data import Dataset
+from ..data.convert import UserData, as_dataset
 from ..errors import RobustlabError
-from ..models.engine import check_engine, infer, inference_engine
+from ..models.engine import check_engine, infer
 from ..models.structure import surrogates_for
 from .checks import black_box_warning, masking_checks
+from .progress import run_key
 from .robust import (
     ONE_CLASS_WARNING,
     AttackStep,
     EvalRecord,
-    _append,
     _batch_of,
     _fast_copy,
-    _open_progress,
-    _run_key,
     checked_points,
     sample_rows,
 )
+from .sharded import Batch, attack_batches, merged, on_rank_zero, open_shard, shared_engine
 
 PLAIN = "plain"
 """The name of the first stage: AutoAttack on the defended forward itself."""
@@ -206,7 +207,7 @@ def _named(
 
 def evaluate_msa(
     model: nn.Module,
-    data: Dataset,
+    data: UserData,
     surrogates: Sequence[tuple[str, nn.Module]] | None = None,
     *,
     norm: str = "linf",
@@ -224,6 +225,7 @@ def evaluate_msa(
     resume: str | Path | None = None,
     keep_resume: bool = False,
     engine: str = "auto",
+    processes: Processes | None = None,
 ) -> MSARecord:
     """MSA robust accuracy of the defended ``model`` on the first ``n`` points of ``data``.
 
@@ -237,12 +239,17 @@ def evaluate_msa(
     :func:`~robustlab.evaluate.robust.evaluate_curve` (its key covers the surrogates too).
     ``engine``: what runs the defended model's forward-only passes (judging, Square), as
     for :func:`~robustlab.evaluate.robust.evaluate`; surrogates always run in PyTorch.
+    ``processes``: the batches shared among torchrun's processes, as for
+    :func:`~robustlab.evaluate.robust.evaluate_curve`.
     """
-    check_engine(engine)
-    ensemble = AutoAttack(norm=norm, eps=eps, version=version, attacks=attacks, seed=seed)
-    members = surrogate_members(ensemble, surrogate_attacks)
-    total = checked_points(data, n, batch_size)
-    named = _named(model, surrogates)
+    processes = processes or Processes()
+    with together(processes):
+        check_engine(engine)
+        data = as_dataset(data)
+        ensemble = AutoAttack(norm=norm, eps=eps, version=version, attacks=attacks, seed=seed)
+        members = surrogate_members(ensemble, surrogate_attacks)
+        total = checked_points(data, n, batch_size)
+        named = _named(model, surrogates)
     warnings: list[str] = [ONE_CLASS_WARNING] if data.num_classes < 2 else []
     # one private copy of the model and its surrogates together, so the parts they share
     # stay shared (BatchNorm folded, channels_last on CPU, as evaluate's)
@@ -257,47 +264,51 @@ def evaluate_msa(
         ensemble,
         members,
     )
-    done: dict[int, dict[str, Any]] = {}
-    progress_path = Path(resume) if resume is not None else None
-    if progress_path is not None:  # the surrogates' weights and names are part of the key
+
+    def key() -> str:
+        """The run key: the surrogates' weights and names are part of it."""
         everything = nn.ModuleList([model, *(s for _, s in named)])
         config = {"msa": [name for name, _ in named], "on_surrogates": [m for m, _ in members]}
-        key = _run_key([ensemble], everything, data, total, batch_size, seed, config)
-        done = _open_progress(progress_path, key, data, total, batch_size, 1)
+        return run_key([ensemble], everything, data, total, batch_size, seed, config)
+
+    def check(path: Path, done: dict[int, Batch]) -> None:
+        """Stored MSA batches also count the points whose outcome changed in the last pass."""
         for batch in done.values():
             found = batch.get("disagreements")
             if not isinstance(found, int) or isinstance(found, bool) or found < 0:
                 raise RobustlabError(
-                    f"progress file {progress_path} is damaged or was edited; delete it to "
-                    "start the evaluation over"
+                    f"progress file {path} is damaged or was edited; delete it to start the "
+                    "evaluation over"
                 )
-    resumed = len(done)
+
+    resume_path = Path(resume) if resume is not None else None
+    shard = open_shard(processes, data, total, batch_size, 1, key, resume_path, check)
     with ExitStack() as stack:
         stack.enter_context(frozen_eval(judge))
         first = slice(0, min(total, batch_size))
         probe = _batch_of(judge, data.x[first], device)
-        choice = stack.enter_context(inference_engine(judge, probe, engine))
+        choice = stack.enter_context(shared_engine(processes, judge, probe, engine))
         for k in range(len(named)):
             stack.enter_context(frozen_eval(bundle[1 + k], warn_train_mode=False))
         bar = stack.enter_context(
             tqdm(
-                total=total,
-                desc="eval msa",
-                disable=not progress,
+                total=shard.points(),
+                desc="eval msa" if not processes.distributed else "eval msa (rank 0's share)",
+                disable=not progress or not processes.main,
                 file=sys.stderr,
                 unit="pt",
                 leave=False,
             )
         )
-        warnings += masking_checks(judge, data.x[first].to(device), data.y[first].to(device))
-        for start in range(0, total, batch_size):
-            end = min(total, start + batch_size)
-            if start not in done:
-                torch.manual_seed(seed + start)
-                done[start] = _attack_batch(judge, stages, ensemble, data, start, end, device)
-                if progress_path is not None:
-                    _append(progress_path, done[start])
-            bar.update(end - start)
+        x0, y0 = data.x[first].to(device), data.y[first].to(device)
+        warnings += on_rank_zero(processes, lambda: masking_checks(judge, x0, y0))
+        attack_batches(
+            shard,
+            seed,
+            lambda start, end: _attack_batch(judge, stages, ensemble, data, start, end, device),
+            bar.update,
+        )
+    done, resumed = merged(shard)
     entries = [done[s]["per_eps"]["0"] for s in sorted(done)]
     seconds: dict[str, float] = {}
     for entry in entries:
@@ -320,8 +331,9 @@ def evaluate_msa(
     )
     record.resumed_batches = resumed
     record.engine = choice.as_dict()
-    if progress_path is not None and not keep_resume:
-        progress_path.unlink(missing_ok=True)
+    record.world_size = processes.world_size
+    if shard.path is not None and not keep_resume:
+        shard.path.unlink(missing_ok=True)
     return record
 
 

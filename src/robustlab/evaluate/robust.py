@@ -8,10 +8,7 @@ resumes without redoing finished batches.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,15 +23,18 @@ from tqdm import tqdm
 
 from ..attacks.base import Attack
 from ..core.checks import check_batch, check_batch_size
+from ..core.distributed import Processes, together
 from ..core.guard import frozen_eval
 from ..data import Dataset
+from ..data.convert import UserData, as_dataset
 from ..errors import RobustlabError
-from ..io import limits, read_head, read_regular_text, starts_with
-from ..models.engine import check_engine, infer, inference_engine
-from ..models.fingerprint import model_digest, tensor_digest
+from ..io import starts_with
+from ..models.engine import check_engine, infer
 from ..version import __version__
 from .checks import black_box_warning, masking_checks
 from .fast import fast_copy
+from .progress import run_key
+from .sharded import attack_batches, merged, on_rank_zero, open_shard, shared_engine
 
 
 class AttackStep(TypedDict):
@@ -64,6 +64,7 @@ class EvalRecord:
     resumed_batches: int = 0
     batch_size: int | None = None  # the evaluation batch: points attacked (and judged) together
     engine: dict[str, object] | None = None  # what ran the forward-only passes, and why
+    world_size: int = 1  # processes that shared the batches (torchrun); elapsed_s sums them
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -122,7 +123,7 @@ def checked_points(data: Dataset, n: int | None, batch_size: int) -> int:
 
 def evaluate(
     model: nn.Module,
-    data: Dataset,
+    data: UserData,
     attack: Attack,
     *,
     n: int | None = None,
@@ -135,13 +136,16 @@ def evaluate(
     fold_batchnorm: bool = True,
     keep_resume: bool = False,
     engine: str = "auto",
+    processes: Processes | None = None,
 ) -> EvalRecord:
     """Clean and robust accuracy of ``model`` on the first ``n`` points of ``data``.
 
+    ``data``: a robustlab Dataset, an ``(x, y)`` pair, a ``TensorDataset`` or a ``DataLoader``.
     A point counts as robust only if it is classified correctly both clean and under attack;
     every adversarial example is checked to lie inside the attack's threat model.
     ``engine`` runs the forward-only passes (``auto``, ``torch``, ``onnxruntime``;
-    :mod:`robustlab.models.engine`); the record names the one that ran.
+    :mod:`robustlab.models.engine`); the record names the one that ran. ``processes``:
+    the batches shared among torchrun's processes, as for :func:`evaluate_curve`.
     """
     return evaluate_curve(
         model,
@@ -157,6 +161,7 @@ def evaluate(
         fold_batchnorm=fold_batchnorm,
         keep_resume=keep_resume,
         engine=engine,
+        processes=processes,
     )[0]
 
 
@@ -176,159 +181,9 @@ def _run(
     return x_adv, names, {attack.name: time.perf_counter() - t0}
 
 
-def _run_key(
-    attacks: Sequence[Attack],
-    model: nn.Module,
-    data: Dataset,
-    total: int,
-    batch_size: int,
-    seed: int,
-    extra: object = None,
-) -> str:
-    """What a resumed run must share with the first: the model (its structure and every
-    weight and buffer), the evaluated points and the configuration (``extra``: more of it,
-    JSON-able); never a path or name."""
-    h = hashlib.sha256()
-    model_digest(h, model)
-    tensor_digest(h, data.x[:total])
-    tensor_digest(h, data.y[:total])
-    config = [[a.config() for a in attacks], total, batch_size, seed]
-    if extra is not None:
-        config.append(extra)
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def _check_row(row: Any, index: int, label: int) -> bool:
-    """Whether one stored per-sample row is well formed and belongs to this point."""
-    if not isinstance(row, dict) or row.get("index") != index or row.get("label") != label:
-        return False
-    preds = row.get("clean_pred"), row.get("final_pred")
-    if not all(isinstance(p, int) and not isinstance(p, bool) for p in preds):
-        return False
-    robust, by, norm = row.get("robust"), row.get("broken_by"), row.get("perturbation_norm")
-    if not isinstance(robust, bool) or not (by is None or isinstance(by, str)):
-        return False
-    if robust and preds != (label, label):
-        return False
-    return norm is None or isinstance(norm, (int, float)) and not isinstance(norm, bool)
-
-
-def _check_batch_record(batch: Any, data: Dataset, total: int, size: int, eps: int) -> bool:
-    """Whether one stored batch is well formed for this evaluation (points, labels, eps)."""
-    if not isinstance(batch, dict) or not isinstance(batch.get("per_eps"), dict):
-        return False
-    start = batch.get("start")
-    if (
-        not isinstance(start, int)
-        or isinstance(start, bool)
-        or start % size
-        or not 0 <= start < total
-    ):
-        return False
-    end = min(total, start + size)
-    per_eps = batch["per_eps"]
-    if set(per_eps) != {str(i) for i in range(eps)}:
-        return False
-    labels = data.y[start:end].tolist()
-    for entry in per_eps.values():
-        if not isinstance(entry, dict) or not isinstance(entry.get("rows"), list):
-            return False
-        seconds, spent = entry.get("seconds"), entry.get("total_s")
-        if not isinstance(seconds, dict) or not isinstance(spent, (int, float)):
-            return False
-        if not all(isinstance(v, (int, float)) for v in seconds.values()):
-            return False
-        rows = entry["rows"]
-        if len(rows) != end - start or not all(
-            _check_row(r, start + j, labels[j]) for j, r in enumerate(rows)
-        ):
-            return False
-    return True
-
-
-def _damaged(path: Path, line: int) -> RobustlabError:
-    """The error for a progress file whose content is not what robustlab wrote."""
-    return RobustlabError(
-        f"progress file {path} is damaged or was edited (line {line}); delete it to start "
-        "the evaluation over"
-    )
-
-
-def _read_progress(
-    path: Path, key: str, data: Dataset, total: int, size: int, eps: int
-) -> tuple[dict[int, dict[str, Any]], bool]:
-    """Finished batches of an earlier run with the same key, and whether the file must be
-    started afresh (missing, empty, or cut before its first line ended). A line cut short by
-    a kill is dropped from the file; any other damage is refused with a sentence."""
-    if not path.exists() and not path.is_symlink():
-        return {}, True
-    text = read_regular_text(path, "progress file", limits().text_bytes)
-    complete, _, torn = text.rpartition("\n")
-    if not complete.strip():
-        return {}, True  # killed before the first line was written whole
-    lines = complete.split("\n")
-    try:
-        head = json.loads(lines[0])
-    except ValueError:
-        head = None
-    if not isinstance(head, dict) or not isinstance(head.get("key"), str):
-        raise RobustlabError(
-            f"{path} is not a robustlab progress file; delete it or use another --json"
-        )
-    if head["key"] != key:
-        raise RobustlabError(
-            f"{path} holds progress of a different evaluation; delete it or use another --json"
-        )
-    done: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        try:
-            batch = json.loads(line)
-        except ValueError:
-            raise _damaged(path, number) from None
-        if not _check_batch_record(batch, data, total, size, eps) or batch["start"] in done:
-            raise _damaged(path, number)
-        done[batch["start"]] = batch
-    if torn:
-        with open(path, "r+b") as f:  # drop the line a kill cut short; it is redone
-            f.truncate(len(complete.encode()) + 1)
-    return done, False
-
-
-def _open_progress(
-    path: Path, key: str, data: Dataset, total: int, size: int, eps: int
-) -> dict[int, dict[str, Any]]:
-    """The finished batches an earlier run with this key left in ``path``; when there is
-    nothing to resume, the file is started afresh with its key line."""
-    done, fresh = _read_progress(path, key, data, total, size, eps)
-    if fresh:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-        _append(path, {"key": key})
-    return done
-
-
-#: How every progress file robustlab writes begins: its first line is {"key": "<run key>"}.
-PROGRESS_PREFIX = b'{"key": "'
-
-
-def is_progress_file(path: Path) -> bool:
-    """Whether a file is an evaluation progress file robustlab wrote (possibly killed before
-    its first line was whole: empty, or a prefix of that line), so a run may replace it."""
-    head = read_head(path, len(PROGRESS_PREFIX))
-    return PROGRESS_PREFIX.startswith(head)
-
-
-def _append(path: Path, obj: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def evaluate_curve(
     model: nn.Module,
-    data: Dataset,
+    data: UserData,
     attacks: Sequence[Attack],
     *,
     n: int | None = None,
@@ -342,6 +197,7 @@ def evaluate_curve(
     fold_batchnorm: bool = True,
     keep_resume: bool = False,
     engine: str = "auto",
+    processes: Processes | None = None,
 ) -> list[EvalRecord]:
     """One record per attack, for attacks of one norm at growing eps (a robustness curve).
 
@@ -358,55 +214,69 @@ def evaluate_curve(
     to float rounding, fewer and faster passes. Forward-only passes (clean, checking,
     Square's queries) run through ``engine``: ONNX Runtime where it is installed, agrees with
     PyTorch on the first batch and is faster (``auto``), PyTorch otherwise.
+
+    Under torchrun (``processes``, from :func:`robustlab.core.distributed.start`), each
+    process attacks its round-robin share of whole batches and keeps them in a progress file
+    of its own beside ``resume`` (:mod:`robustlab.evaluate.sharded`); every process returns
+    the merged records, equal sample for sample to one process's (same seed, batch size,
+    engine and thread count), stating the ``world_size``.
     """
-    if not attacks:
-        raise RobustlabError("no attack to evaluate")
-    check_engine(engine)
-    norms = {a.threat.norm for a in attacks}
-    if len(norms) > 1:
-        raise RobustlabError(f"a robustness curve needs one norm, got {', '.join(sorted(norms))}")
+    processes = processes or Processes()
+    with together(processes):
+        if not attacks:
+            raise RobustlabError("no attack to evaluate")
+        check_engine(engine)
+        data = as_dataset(data)
+        norms = {a.threat.norm for a in attacks}
+        if len(norms) > 1:
+            raise RobustlabError(
+                f"a robustness curve needs one norm, got {', '.join(sorted(norms))}"
+            )
+        total = checked_points(data, n, batch_size)
     order = sorted(range(len(attacks)), key=lambda i: attacks[i].threat.eps)
-    total = checked_points(data, n, batch_size)
-    progress_path = Path(resume) if resume is not None else None
-    done: dict[int, dict[str, Any]] = {}
-    if progress_path is not None:
-        key = _run_key(attacks, model, data, total, batch_size, seed)
-        done = _open_progress(progress_path, key, data, total, batch_size, len(attacks))
-    resumed = len(done)
+    shard = open_shard(
+        processes,
+        data,
+        total,
+        batch_size,
+        len(attacks),
+        lambda: run_key(attacks, model, data, total, batch_size, seed),
+        Path(resume) if resume is not None else None,
+    )
     warnings: list[str] = [ONE_CLASS_WARNING] if data.num_classes < 2 else []
     name = attacks[0].config().get("name")
     model = _fast_copy(model, data, device, channels_last, fold_batchnorm)
     first = slice(0, min(total, batch_size))
+    probe = _batch_of(model, data.x[first], device)
     with (
         frozen_eval(model),
-        inference_engine(model, _batch_of(model, data.x[first], device), engine) as choice,
+        shared_engine(processes, model, probe, engine) as choice,
         tqdm(
-            total=total,
-            desc=f"eval {name}",
-            disable=not progress,
+            total=shard.points(),
+            desc=f"eval {name}" if not processes.distributed else f"eval {name} (rank 0's share)",
+            disable=not progress or not processes.main,
             file=sys.stderr,
             unit="pt",
             leave=False,
         ) as bar,
     ):
-        warnings += masking_checks(model, data.x[first].to(device), data.y[first].to(device))
-        for start in range(0, total, batch_size):
-            if start not in done:
-                torch.manual_seed(seed + start)
-                batch = _attack_batch(
-                    model, data, attacks, order, start, min(total, start + batch_size), device
-                )
-                done[start] = batch
-                if progress_path:
-                    _append(progress_path, batch)
-            bar.update(min(total, start + batch_size) - start)
+        x0, y0 = data.x[first].to(device), data.y[first].to(device)
+        warnings += on_rank_zero(processes, lambda: masking_checks(model, x0, y0))
+        attack_batches(
+            shard,
+            seed,
+            lambda start, end: _attack_batch(model, data, attacks, order, start, end, device),
+            bar.update,
+        )
+    done, resumed = merged(shard)
     records = _records(attacks, done, total, data, model_info, seed, warnings)
     for rec in records:
         rec.resumed_batches = resumed
         rec.batch_size = batch_size
         rec.engine = choice.as_dict()
-    if progress_path and not keep_resume:
-        progress_path.unlink(missing_ok=True)
+        rec.world_size = processes.world_size
+    if shard.path is not None and not keep_resume:
+        shard.path.unlink(missing_ok=True)
     return records
 
 

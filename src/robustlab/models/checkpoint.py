@@ -1,11 +1,10 @@
-"""Safe checkpoints: safetensors weights plus a JSON manifest; loading never runs code from a file."""
+"""Safe checkpoints: safetensors weights plus a JSON manifest; loading one never runs code
+from a file. The same entry point loads the foreign models a user names explicitly
+(``models.foreign``), of which a python: factory and a TorchScript file do run code."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import pickle
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,10 +26,15 @@ from ..io import (
 )
 from ..version import __version__
 from .blocks import Normalize
+from .foreign import DataShape, ForeignOptions, foreign_kind, load_foreign
 from .hpm import HPMClassifier, HPMConfig
 from .multiexit import MultiExitNetwork
 from .quantized import OBSERVERS, QuantizedModel, rebuild
-from .registry import build_model
+from .registry import build_model, shapes_only
+from .registry import model_config as model_config  # re-exported: callers import it here
+from .weightfile import file_sha256 as file_sha256  # re-exported
+from .weightfile import load_state
+from .weightfile import read_torch_file as read_torch_file  # re-exported
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -44,37 +48,6 @@ class Checkpoint:
     model: nn.Module
     manifest: dict[str, Any]
     path: Path
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a regular file's bytes (a device or FIFO is refused, never read)."""
-    check_regular(path, "file")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def model_config(
-    arch: str,
-    in_channels: int,
-    num_classes: int,
-    image_size: int,
-    mean: list[float] | tuple[float, ...],
-    std: list[float] | tuple[float, ...],
-    options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The manifest's ``model`` section: everything ``build_model`` needs to rebuild it."""
-    return {
-        "arch": arch,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
-        "image_size": image_size,
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "options": dict(options or {}),
-    }
 
 
 def build_from_config(config: dict[str, Any]) -> nn.Sequential:
@@ -208,17 +181,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
-            lines = lines[1:]  # the first line only names the module class
-        detail = lines[0][:200] if lines else "unknown mismatch"
-        raise RobustlabError(f"weights in {where} do not fit the architecture: {detail}") from None
-
-
 def _within(config: dict[str, Any], key: str, limit: int, what: str) -> None:
     """A manifest number that sizes the model is within its limit (other faults of it are
     left to ``build_from_config``, which names them)."""
@@ -243,7 +205,7 @@ def check_model_size(config: dict[str, Any]) -> None:
     _within(config, "num_classes", bounds.classes, "classes")
     backbone = {k: v for k, v in config.items() if k != "multi_exit"}
     try:
-        with torch.device("meta"):
+        with shapes_only():
             shape = build_from_config(backbone)
     except (RuntimeError, NotImplementedError):
         return  # an architecture that cannot be sized on meta is sized by its real build
@@ -284,8 +246,18 @@ def _checked_weights(
     return {**(info or {}), "file": WEIGHTS, "sha256": actual, "trusted_unhashed": True}
 
 
-def load_checkpoint(path: str | Path, *, trust_unhashed: bool = False, **legacy: Any) -> Checkpoint:
-    """Rebuild a model from a checkpoint folder, its manifest or weights file, or a legacy .pt.
+def load_checkpoint(
+    path: str | Path,
+    *,
+    trust_unhashed: bool = False,
+    foreign: ForeignOptions | None = None,
+    data: DataShape | None = None,
+    **legacy: Any,
+) -> Checkpoint:
+    """Rebuild a model from a checkpoint folder, its manifest or weights file, or a legacy .pt;
+    or load a foreign model (``torchvision:NAME``, ``timm:NAME``, ``robustbench:NAME``,
+    ``python:FILE.py:FACTORY``, a TorchScript file) with ``foreign`` options (``models.foreign``),
+    ``data`` giving the input shape and classes where neither the options nor the model do.
 
     The weights must match the SHA-256 in the manifest; a manifest without one is refused
     unless ``trust_unhashed``, and then the returned manifest says so (``trusted_unhashed``).
@@ -293,6 +265,18 @@ def load_checkpoint(path: str | Path, *, trust_unhashed: bool = False, **legacy:
     (``arch=..., in_channels=..., num_classes=..., image_size=..., mean=..., std=...``). It is
     read with ``weights_only=True``; a file that needs arbitrary code to unpickle is refused.
     """
+    if foreign_kind(path) is not None:
+        if legacy:
+            raise RobustlabError(
+                f"{path} is not a legacy weights file; {', '.join(sorted(legacy))} do not apply"
+            )
+        return Checkpoint(*load_foreign(path, foreign, data), Path(str(path)))
+    if foreign is not None and foreign != ForeignOptions():
+        raise RobustlabError(
+            f"{path} is a robustlab checkpoint, which declares its own weights, shape and "
+            "normalisation; --weights, --mean, --std, --input-size, --num-classes, --dataset "
+            "and --threat-model only apply to foreign models"
+        )
     p = Path(path)
     if not p.exists():
         raise RobustlabError(f"checkpoint {p} does not exist")
@@ -318,7 +302,7 @@ def load_checkpoint(path: str | Path, *, trust_unhashed: bool = False, **legacy:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise RobustlabError(f"cannot read weights {weights_path}: {exc}") from None
-    _load_state(model, state, weights_path)
+    load_state(model, state, weights_path)
     model.eval()
     if "quantization" in manifest:  # int8: the float model above, requantized
         model = _requantized(model, manifest, weights_path.parent)
@@ -364,47 +348,6 @@ def _requantized(model: nn.Module, manifest: dict[str, Any], folder: Path) -> Qu
     return rebuild(model, observers, str(section.get("backend", "x86")), shape)
 
 
-def _unpickling_reason(message: str) -> str:
-    """The useful part of torch's weights-only error (which also suggests the unsafe way out)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", message)
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if found is not None:
-        reason = found.group(1)
-    else:
-        hits = [
-            line
-            for line in text.splitlines()
-            if re.search(r"unsupported|GLOBAL", line, re.IGNORECASE) and "weights_only" not in line
-        ]
-        reason = hits[0] if hits else ""
-    reason = reason.strip().split(". Please use")[0].rstrip(".")
-    return reason[:160] or "unsafe or unknown content"
-
-
-def read_torch_file(
-    p: Path, what: str = "a PyTorch weights file", map_location: str | torch.device = "cpu"
-) -> Any:
-    """A ``torch.load(weights_only=True)`` of a regular file, every failure one sentence that
-    never repeats torch's advice to load unsafely (weights files and training resume state)."""
-    check_regular(p, what.removeprefix("a "), limits().data_bytes)
-    try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise RobustlabError(
-            f"refusing to load {p}: it is not {what} of plain tensors and unpickling it could "
-            f"run code ({_unpickling_reason(str(exc))})"
-        ) from None
-    except EOFError:
-        raise RobustlabError(f"cannot read {p} as {what}: it is empty or cut short") from None
-    except Exception as exc:  # a corrupt file makes torch's unpickler raise nearly anything
-        text = _unpickling_reason(str(exc)) if "weights_only" in str(exc) else str(exc).strip()
-        first = text.splitlines()[0][:200] if text else "no details"
-        raise RobustlabError(
-            f"cannot read {p} as {what}, it is corrupt or of another kind "
-            f"({type(exc).__name__}: {first})"
-        ) from None
-
-
 def _load_legacy(p: Path, legacy: dict[str, Any]) -> Checkpoint:
     obj = read_torch_file(p)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -436,7 +379,7 @@ def _load_legacy(p: Path, legacy: dict[str, Any]) -> Checkpoint:
         state = {f"net.{k}": v for k, v in state.items()}
         normalize = model[0]
         state.update({f"normalize.{k}": v for k, v in normalize.state_dict().items()})
-    _load_state(model, state, p)
+    load_state(model, state, p)
     model.eval()
     # a full state dict brings its own normalisation: report the one the model now uses
     normalize = model[0]
@@ -447,6 +390,12 @@ def _load_legacy(p: Path, legacy: dict[str, Any]) -> Checkpoint:
     return Checkpoint(model, manifest, p)
 
 
-def load(path: str | Path, **legacy: Any) -> nn.Module:
-    """Rebuild a model (in eval mode) from a checkpoint; see ``load_checkpoint``."""
-    return load_checkpoint(path, **legacy).model
+def load(path: str | Path, **options: Any) -> nn.Module:
+    """A model (in eval mode, its normalisation inside) from a checkpoint, or from a foreign
+    source: ``load("torchvision:resnet18", weights="w.safetensors", mean=..., std=...,
+    input_size=(3, 32, 32))``, ``load("python:net.py:make", weights=..., mean=0, std=1,
+    input_size=...)``, ``load("model.ts", ...)``, ``load("robustbench:NAME", dataset=...,
+    threat_model=...)``; see ``load_checkpoint`` and ``models.foreign``."""
+    if foreign_kind(path) is not None:
+        return load_checkpoint(path, foreign=ForeignOptions.of(**options)).model
+    return load_checkpoint(path, **options).model

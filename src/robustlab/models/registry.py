@@ -1,4 +1,5 @@
-"""The architecture registry: build any zoo model by name for a given input shape.
+"""The architecture registry: build any zoo model by name for a given input shape (and a
+torchvision:NAME or timm:NAME architecture through its library).
 
 Each zoo module registers its architectures beside its definition (``register``); the
 package imports every zoo module, so the registry is complete once ``robustlab.models`` is.
@@ -10,14 +11,17 @@ import inspect
 import math
 import numbers
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import RobustlabError
 from .blocks import Normalize
+from .libraries import library_builder, library_of
 from .lowrank import RANK_OPTION, check_rank, factorize
 
 
@@ -76,12 +80,17 @@ def register(arch: Architecture) -> None:
 
 
 def get_architecture(name: str) -> Architecture:
-    """Look up a registered architecture, with a clear error for unknown names."""
+    """Look up a registered architecture, or a torchvision:NAME / timm:NAME one (built by the
+    library, see ``libraries``), with a clear error for unknown names."""
+    found = library_of(name)
+    if found is not None:
+        return Architecture(name, library_builder(name), {}, f"{found[0]}'s {found[1]}")
     try:
         return ARCHITECTURES[name]
     except KeyError:
         raise RobustlabError(
-            f"unknown architecture '{name}'; known: {', '.join(sorted(ARCHITECTURES))}"
+            f"unknown architecture '{name}'; known: {', '.join(sorted(ARCHITECTURES))}, "
+            "or torchvision:NAME and timm:NAME"
         ) from None
 
 
@@ -131,6 +140,55 @@ def build_model(
     if rank is not None:
         factorize(body, rank)
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=body))
+
+
+def model_config(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    mean: list[float] | tuple[float, ...],
+    std: list[float] | tuple[float, ...],
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest's ``model`` section: everything ``build_model`` needs to rebuild it."""
+    return {
+        "arch": arch,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "image_size": image_size,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "options": dict(options or {}),
+    }
+
+
+#: Initialisers that draw from a normal distribution: on the meta device torch runs them
+#: through its reference implementations, whose first use imports TorchDynamo (seconds).
+_NORMAL_INITS = ("normal_", "kaiming_normal_", "xavier_normal_")
+
+
+@contextmanager
+def shapes_only() -> Iterator[None]:
+    """Build models on the meta device (their shapes, no memory) and skip the normal-family
+    initialisers on meta tensors, which alone would cost seconds the first time; they still
+    run as usual on real tensors, in any thread."""
+    originals = {name: getattr(nn.init, name) for name in _NORMAL_INITS}
+
+    def skipping(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+        return init
+
+    try:
+        for name, original in originals.items():
+            setattr(nn.init, name, skipping(original))
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,6 +15,11 @@ penultimate features it reads, the conv and linear layers).
 - **Penultimate features** are the input of the final linear layer (the classifier head).
   Each zoo architecture names its head with :func:`declare_features`; a foreign model does
   the same with one call, e.g. ``declare_features(MyNet, "fc")``.
+
+torchvision and timm networks are declared here too (tables of their classes, consulted only
+when the library is already imported, so nothing here imports it): the residual blocks of
+their ResNets, DenseNets and ViTs, the units of their ResNets (exits), and the heads of their
+ResNets, DenseNets and ViTs. A class's or instance's own declaration wins over these.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ from ..errors import RobustlabError
 from .blocks import Normalize, ResidualBlock
 
 #: One step of a unit: (operation, submodule path). Operation ``"call"`` runs the submodule
-#: on the features; any other operation names a method of the submodule to run on them.
+#: on the features; ``FLATTEN`` flattens them to (batch, features); any other operation names
+#: a method of the submodule to run on them.
 Step = tuple[str, str]
+FLATTEN = "torch.flatten"
 
 BranchSpec = str | Sequence[str] | Callable[[nn.Module], nn.Module | Sequence[nn.Module]]
+ChainSpec = Sequence[str] | Callable[[nn.Module], Sequence[nn.Module]]
 HeadSpec = str | Callable[[nn.Module], nn.Module]
 
 T = TypeVar("T")
@@ -148,6 +156,43 @@ def sequential_units(
     return units, [f"{label}.{k}" for k in range(len(units))]
 
 
+def _resnet_blocks(net: nn.Module) -> list[str]:
+    """The residual blocks of a torchvision or timm ResNet, by path (layer1.0, ...)."""
+    return [
+        f"layer{i}.{j}"
+        for i in range(1, 5)
+        if isinstance(getattr(net, f"layer{i}", None), nn.Sequential)
+        for j in range(len(getattr(net, f"layer{i}")))
+    ]
+
+
+def _torchvision_resnet_units(net: nn.Module) -> Plan:
+    """Units of a torchvision ResNet: the stem, each block; the head pools and classifies."""
+    blocks = _resnet_blocks(net)
+    stem = (("call", "conv1"), ("call", "bn1"), ("call", "relu"), ("call", "maxpool"))
+    head = (("call", "avgpool"), (FLATTEN, ""), ("call", "fc"))
+    return Plan((stem, *((("call", b),) for b in blocks)), ("stem", *blocks), head)
+
+
+def _timm_resnet_units(net: nn.Module) -> Plan:
+    """Units of a timm ResNet: the stem, each block; its own forward_head pools and classifies."""
+    blocks = _resnet_blocks(net)
+    stem = (("call", "conv1"), ("call", "bn1"), ("call", "act1"), ("call", "maxpool"))
+    return Plan(
+        (stem, *((("call", b),) for b in blocks)), ("stem", *blocks), (("forward_head", ""),)
+    )
+
+
+def _library_units() -> dict[type[nn.Module], UnitPlanner]:
+    """Unit plans of torchvision and timm networks, for the libraries already imported."""
+    return _library_table(
+        [
+            ("torchvision.models.resnet", "ResNet", _torchvision_resnet_units),
+            ("timm.models.resnet", "ResNet", _timm_resnet_units),
+        ]
+    )
+
+
 def plan_for(backbone: nn.Module, root: str = "backbone") -> Plan:
     """Cut a ``build_model`` backbone (Normalize + zoo net) into units; paths under ``root``."""
     children = dict(backbone.named_children())
@@ -157,7 +202,7 @@ def plan_for(backbone: nn.Module, root: str = "backbone") -> Plan:
             "registered network)"
         )
     net = children["net"]
-    planner = _UNITS.lookup(net)
+    planner = _UNITS.lookup(net, _library_units())
     if planner is None:
         known = ", ".join(sorted(cls.__name__ for cls in _UNITS.by_type))
         raise RobustlabError(
@@ -177,6 +222,9 @@ def exit_points(backbone: nn.Module) -> list[str]:
 def run_steps(root: nn.Module, steps: Sequence[Step], h: torch.Tensor) -> torch.Tensor:
     """Apply ``steps`` (paths relative to ``root``) to features ``h``."""
     for op, path in steps:
+        if op == FLATTEN:  # what a library network does with torch.flatten in its forward
+            h = torch.flatten(h, 1)
+            continue
         module = root.get_submodule(path)
         h = module(h) if op == "call" else getattr(module, op)(h)
     return h
@@ -191,9 +239,11 @@ class ResidualSite:
 
     ``ends`` are the modules whose outputs are the residual branch's output(s) (the values
     the skip path is added to or concatenated with); SGM scales each by ``gamma ** power``.
-    ``branch`` is the whole branch as one module taking the block's input, when known
-    (LinBP needs it); ``None`` when only the branch's last layer is known. ``merge`` says
-    how the branch joins the skip path: ``"add"`` or ``"concat"`` (a dense layer).
+    ``branch`` is the whole branch as one module taking the block's input, when known;
+    ``None`` when only the branch's last layer is known. ``chain`` is the branch as the
+    modules its block runs one after another (a whole ``branch`` is a chain of one), when
+    known: LinBP needs it. ``merge`` says how the branch joins the skip path: ``"add"`` or
+    ``"concat"`` (a dense layer).
     """
 
     block: nn.Module
@@ -201,6 +251,11 @@ class ResidualSite:
     power: float = 1.0
     branch: nn.Module | None = None
     merge: str = "add"
+    chain: tuple[nn.Module, ...] = ()
+
+    def branch_chain(self) -> tuple[nn.Module, ...]:
+        """The branch as a chain of modules (the whole branch alone, if it is one); () if unknown."""
+        return self.chain or ((self.branch,) if self.branch is not None else ())
 
 
 @dataclass(frozen=True)
@@ -212,6 +267,7 @@ class _Residual:
     whole_branch: bool
     origin: str = "declared"
     merge: str = "add"
+    chain: ChainSpec | None = None
 
 
 _RESIDUAL: _Declarations[_Residual] = _Declarations()
@@ -223,6 +279,7 @@ def declare_residual(
     *,
     power: float = 1.0,
     whole_branch: bool = False,
+    chain: ChainSpec | None = None,
 ) -> Callable[[], None]:
     """Mark a block class (or one block) of a foreign model as residual; returns an undo function.
 
@@ -233,7 +290,13 @@ def declare_residual(
     the block's whole output is its branch, as a DenseNet layer). SGM scales each of these
     outputs' gradient by ``gamma ** power`` (``power=0.5`` for the two sub-blocks of a
     transformer layer). ``whole_branch=True`` says the named module computes the entire
-    branch from the block's input, which lets LinBP linearise and renormalise it.
+    branch from the block's input, which lets LinBP linearise and renormalise it. A branch
+    that is no one module is given to LinBP as ``chain``: the attribute paths (or a function
+    of the block returning the modules) that the block's forward runs one after another on
+    the branch, its entry first and its output last (``["conv1", "bn1", "relu", "conv2",
+    "bn2"]`` for a torchvision ``BasicBlock``); an activation module listed there is
+    linearised only for as many calls per block call as it is listed (the block may call it
+    again after the addition).
     """
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
         raise RobustlabError(f"declare_residual: power must be a positive number, got {power!r}")
@@ -251,8 +314,17 @@ def declare_residual(
         branch_spec = paths
     if whole_branch and not isinstance(branch_spec, str) and not callable(branch_spec):
         raise RobustlabError("declare_residual: whole_branch needs exactly one branch module")
+    if chain is not None and not callable(chain):
+        chain = tuple(chain)
+        if not chain or not all(isinstance(p, str) for p in chain):
+            raise RobustlabError(
+                "declare_residual: chain must be attribute paths or a function of the block "
+                "returning the branch's modules in order"
+            )
     return _RESIDUAL.declare(
-        "declare_residual", target, _Residual(branch_spec, float(power), whole_branch)
+        "declare_residual",
+        target,
+        _Residual(branch_spec, float(power), whole_branch, chain=chain),
     )
 
 
@@ -272,47 +344,128 @@ def _last_present(*names: str) -> Callable[[nn.Module], nn.Module]:
     return pick
 
 
+def _present(*names: str) -> Callable[[nn.Module], list[nn.Module]]:
+    """The named submodules that exist and are not None, in order (timm's optional layers)."""
+
+    def pick(block: nn.Module) -> list[nn.Module]:
+        found = [getattr(block, name, None) for name in names]
+        return [m for m in found if isinstance(m, nn.Module)]
+
+    return pick
+
+
 def _whole(block: nn.Module) -> nn.Module:
     """The block itself: its whole output is the residual branch (DenseNet layers)."""
     return block
 
 
+def _imported(module: str, name: str) -> type[nn.Module] | None:
+    """A module class of a library, if that library is already imported (never imports it)."""
+    mod = sys.modules.get(module)
+    found = getattr(mod, name, None) if mod is not None else None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def _library_table(entries: Sequence[tuple[str, str, T]]) -> dict[type[nn.Module], T]:
+    """Declarations about library classes, for the libraries already imported."""
+    table: dict[type[nn.Module], T] = {}
+    for module, name, value in entries:
+        cls = _imported(module, name)
+        if cls is not None:
+            table[cls] = value
+    return table
+
+
 def _adapter_declarations() -> dict[type[nn.Module], _Residual]:
     """Residual blocks of torchvision and timm models, for those of them already imported."""
-    found: dict[type[nn.Module], _Residual] = {}
-
-    def add(module: str, cls: str, decl: _Residual) -> None:
-        mod = sys.modules.get(module)
-        found_cls = getattr(mod, cls, None) if mod is not None else None
-        if isinstance(found_cls, type) and issubclass(found_cls, nn.Module):
-            found[found_cls] = decl
-
     tv, tm = "torchvision", "timm"
-    add("torchvision.models.resnet", "BasicBlock", _Residual("bn2", 1.0, False, tv))
-    add("torchvision.models.resnet", "Bottleneck", _Residual("bn3", 1.0, False, tv))
-    add("torchvision.models.densenet", "_DenseLayer", _Residual(_whole, 1.0, False, tv, "concat"))
-    add(
-        "torchvision.models.vision_transformer",
-        "EncoderBlock",
-        _Residual(("dropout", "mlp"), 0.5, False, tv),
+    return _library_table(
+        [
+            (
+                "torchvision.models.resnet",
+                "BasicBlock",
+                _Residual("bn2", 1.0, False, tv, chain=("conv1", "bn1", "relu", "conv2", "bn2")),
+            ),
+            (
+                "torchvision.models.resnet",
+                "Bottleneck",
+                _Residual(
+                    "bn3",
+                    1.0,
+                    False,
+                    tv,
+                    chain=("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"),
+                ),
+            ),
+            (
+                "torchvision.models.densenet",
+                "_DenseLayer",
+                _Residual(_whole, 1.0, False, tv, "concat"),
+            ),
+            (
+                "torchvision.models.vision_transformer",
+                "EncoderBlock",
+                _Residual(("dropout", "mlp"), 0.5, False, tv, chain=("ln_2", "mlp")),
+            ),
+            (
+                "timm.models.resnet",
+                "BasicBlock",
+                _Residual(
+                    _last_present("bn2", "se", "drop_path"),
+                    1.0,
+                    False,
+                    tm,
+                    chain=_present(
+                        "conv1",
+                        "bn1",
+                        "drop_block",
+                        "act1",
+                        "aa",
+                        "conv2",
+                        "bn2",
+                        "se",
+                        "drop_path",
+                    ),
+                ),
+            ),
+            (
+                "timm.models.resnet",
+                "Bottleneck",
+                _Residual(
+                    _last_present("bn3", "se", "drop_path"),
+                    1.0,
+                    False,
+                    tm,
+                    chain=_present(
+                        "conv1",
+                        "bn1",
+                        "act1",
+                        "conv2",
+                        "bn2",
+                        "drop_block",
+                        "act2",
+                        "aa",
+                        "conv3",
+                        "bn3",
+                        "se",
+                        "drop_path",
+                    ),
+                ),
+            ),
+            ("timm.models.densenet", "DenseLayer", _Residual(_whole, 1.0, False, tm, "concat")),
+            (
+                "timm.models.vision_transformer",
+                "Block",
+                _Residual(
+                    ("drop_path1", "drop_path2"),
+                    0.5,
+                    False,
+                    tm,
+                    chain=("norm2", "mlp", "ls2", "drop_path2"),
+                ),
+            ),
+        ]
     )
-    add(
-        "timm.models.resnet",
-        "BasicBlock",
-        _Residual(_last_present("bn2", "se", "drop_path"), 1.0, False, tm),
-    )
-    add(
-        "timm.models.resnet",
-        "Bottleneck",
-        _Residual(_last_present("bn3", "se", "drop_path"), 1.0, False, tm),
-    )
-    add("timm.models.densenet", "DenseLayer", _Residual(_whole, 1.0, False, tm, "concat"))
-    add(
-        "timm.models.vision_transformer",
-        "Block",
-        _Residual(("drop_path1", "drop_path2"), 0.5, False, tm),
-    )
-    return found
 
 
 def _resolve(block: nn.Module, decl: _Residual) -> ResidualSite:
@@ -336,7 +489,29 @@ def _resolve(block: nn.Module, decl: _Residual) -> ResidualSite:
             f"the declared branch of {type(block).__name__} is not a module (or list of modules)"
         )
     whole = modules[0] if decl.whole_branch and len(modules) == 1 else None
-    return ResidualSite(block, tuple(modules), decl.power, whole, decl.merge)
+    chain: tuple[nn.Module, ...] = ()
+    if decl.chain is not None:
+        chain = tuple(_chain_modules(block, decl.chain))
+    return ResidualSite(block, tuple(modules), decl.power, whole, decl.merge, chain)
+
+
+def _chain_modules(block: nn.Module, spec: ChainSpec) -> list[nn.Module]:
+    """The modules of a declared branch chain, in order."""
+    if callable(spec):
+        found = list(spec(block))
+    else:
+        found = []
+        for path in spec:
+            try:
+                found.append(block.get_submodule(path))
+            except AttributeError:
+                raise RobustlabError(
+                    f"{type(block).__name__} was declared residual with chain step '{path}', "
+                    "but it has no such submodule"
+                ) from None
+    if not found or not all(isinstance(m, nn.Module) for m in found):
+        raise RobustlabError(f"the declared branch chain of {type(block).__name__} has no modules")
+    return found
 
 
 def _is_transformer_branch(branch: nn.Module) -> bool:
@@ -380,11 +555,34 @@ def declare_features(target: type[nn.Module] | nn.Module, head: HeadSpec) -> Cal
     return _HEADS.declare("declare_features", target, head)
 
 
+def _timm_classifier(net: nn.Module) -> nn.Module:
+    """A timm network's classifier, as timm itself names it."""
+    head = net.get_classifier()  # type: ignore[operator]
+    if not isinstance(head, nn.Module):
+        raise RobustlabError(f"{type(net).__name__}.get_classifier() returned no module")
+    return head
+
+
+def _library_heads() -> dict[type[nn.Module], HeadSpec]:
+    """Classifier heads of torchvision and timm networks, for the libraries already imported."""
+    return _library_table(
+        [
+            ("torchvision.models.resnet", "ResNet", "fc"),
+            ("torchvision.models.vision_transformer", "VisionTransformer", "heads.head"),
+            ("torchvision.models.densenet", "DenseNet", "classifier"),
+            ("timm.models.resnet", "ResNet", _timm_classifier),
+            ("timm.models.vision_transformer", "VisionTransformer", _timm_classifier),
+            ("timm.models.densenet", "DenseNet", _timm_classifier),
+        ]
+    )
+
+
 def classifier_head(model: nn.Module) -> nn.Module:
     """The final linear layer of a model (whose input is the penultimate features)."""
     heads: list[nn.Module] = []
+    library = _library_heads()
     for module in model.modules():
-        spec = _HEADS.lookup(module)
+        spec = _HEADS.lookup(module, library)
         if spec is None:
             continue
         if isinstance(spec, str):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..attacks.pgd import PGD
+from ..core.distributed import Processes, broadcast
 from ..core.guard import evaluating
 from ..core.threat import ThreatModel
 from ..data import Dataset
@@ -77,7 +78,8 @@ class HeldOutCheck(Hook):
     (``keep_best``) and, with ``drop`` > 0, stops with a rollback on a collapse (see the module).
 
     Call ``restore`` when training ends so the model holds the weights to keep, and ``record``
-    for the manifest.
+    for the manifest. Under torchrun (``processes``) every process measures the same weights on
+    the same points; rank 0's number decides for all of them, and rank 0 alone speaks.
     """
 
     def __init__(
@@ -91,9 +93,11 @@ class HeldOutCheck(Hook):
         seed: int = 0,
         device: str | torch.device = "cpu",
         say: Callable[[str], None] = _stderr,
+        processes: Processes | None = None,
     ) -> None:
         self.data, self.threat, self.keep_best, self.drop = data, threat, keep_best, drop
         self.steps, self.seed, self.device, self.say = steps, seed, device, say
+        self.processes = processes or Processes()
         self.accuracies: list[float] = []  # per epoch checked, from the run's first epoch
         self.best_epoch: int | None = None
         self.best_weights: dict[str, Any] | None = None
@@ -116,6 +120,7 @@ class HeldOutCheck(Hook):
             seed=self.seed,
             device=self.device,
         )
+        acc = broadcast(self.processes, acc)
         self.accuracies.append(acc)
         best = self._best()
         if self.drop > 0 and best is not None and acc < best - self.drop:
@@ -123,12 +128,13 @@ class HeldOutCheck(Hook):
             self.collapsed_at = end.epoch
             end.model.load_state_dict(self.previous["model"])
             end.optimizer.load_state_dict(self.previous["optimizer"])
-            self.say(
-                f"catastrophic overfitting after epoch {end.epoch}: held-out PGD-{self.steps} "
-                f"robust accuracy fell to {100 * acc:.1f} %, more than {100 * self.drop:g} points "
-                f"below its best ({100 * best:.1f} %, epoch {self.best_epoch}); rolled back to "
-                f"epoch {end.epoch - 1} and stopped"
-            )
+            if self.processes.main:
+                self.say(
+                    f"catastrophic overfitting after epoch {end.epoch}: held-out PGD-{self.steps} "
+                    f"robust accuracy fell to {100 * acc:.1f} %, more than {100 * self.drop:g} points "
+                    f"below its best ({100 * best:.1f} %, epoch {self.best_epoch}); rolled back to "
+                    f"epoch {end.epoch - 1} and stopped"
+                )
             end.stop = True
             return
         if best is None or acc > best:

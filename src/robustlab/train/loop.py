@@ -14,18 +14,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, Sampler
 from tqdm import tqdm
 
 from ..core.checks import check_batch_size
 from ..core.device import resolve_device
+from ..core.distributed import (
+    PEER_FAILED,
+    Processes,
+    Stopped,
+    all_gather,
+    broadcast,
+    everyone,
+    peer_failed,
+)
 from ..core.guard import evaluating
 from ..data import Dataset, DataSplits, load_data
 from ..errors import RobustlabError
 from ..io import atomic_write
 from ..models import build_model
 from ..models.checkpoint import MANIFEST, model_config, read_torch_file, save_checkpoint
+from .distributed import (
+    Replicas,
+    check_shares,
+    effective_sync_bn,
+    processes_record,
+    replicate,
+)
 from .heldout import DEFAULT_HOLDOUT, HeldOutCheck
 from .methods import (
     METHODS,
@@ -253,18 +270,24 @@ def fit(
     memory_format: torch.memory_format = torch.contiguous_format,
     progress: bool = False,
     desc: str = "train",
+    replicas: Replicas | None = None,
 ) -> list[float]:
     """Train epochs ``start_epoch`` to ``end_epoch`` (default ``epochs``) of an ``epochs`` run.
 
     ``x``, ``y`` are the training set (where batches are gathered, e.g. on the device) and
     ``sampler`` orders it; each batch is replayed ``method.replays`` times, each replay a full
     step, so an epoch makes batches x replays steps; the learning rate follows ``lr_at`` over
-    all steps of the run; ``gen`` is the method's generator (random starts). ``method`` and
-    then ``hooks`` are called around every step (see ``methods``). After each epoch the loss
-    and every weight must be finite, else ``Diverged`` is raised before any ``end_epoch`` hook
-    (so no state of that epoch is saved).
+    all steps of the run; ``gen`` is the method's generator (its initial seed seeds the random
+    starts per sample). ``method`` and then ``hooks`` are called around every step (see
+    ``methods``). After each epoch the loss and every weight must be finite, else ``Diverged``
+    is raised before any ``end_epoch`` hook (so no state of that epoch is saved).
     Returns the mean batch loss of each epoch run (fewer if a hook stopped training).
+
+    ``replicas`` (``distributed.replicate``) trains under torchrun: the batches are global,
+    each process takes its part of each and runs its loss through DDP; the epoch's loss is the
+    global batches' and the processes agree on divergence and must hold the same weights.
     """
+    rep = replicas if replicas is not None else Replicas.single(model)
     replays = method.replays
     batches = Replayed(BatchSampler(sampler, batch_size, drop_last=False), replays)
     per_epoch = len(batches)  # steps per epoch
@@ -297,7 +320,7 @@ def fit(
                 number = epoch * per_epoch + b
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(number, total, lr)
-                index = torch.tensor(indices, device=x.device)
+                index, share = rep.share(torch.tensor(indices, device=x.device))
                 xb = x[index].contiguous(memory_format=memory_format)
                 step = Step(
                     model,
@@ -310,25 +333,28 @@ def fit(
                     total,
                     gen,
                     replay=b % replays,
+                    part=rep.rows(len(indices)),
+                    processes=rep.processes,
                 )
                 for hook in around:
                     hook.before_forward(step)
-                loss = step.loss = method.loss(model, step)
+                loss = step.loss = method.loss(rep.forward, step)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share).backward()
                 for hook in around:
                     hook.after_backward(step)
                 optimizer.step()
                 for hook in unwind:
                     hook.after_step(step)
-                losses.append(loss.detach())
+                losses.append(loss.detach() * share)
                 bar.update(1)
             mean = 0.0
-            for value in torch.stack(losses).tolist():
+            for value in rep.batch_losses(torch.stack(losses)).tolist():
                 mean += value
             mean /= len(losses)
-            if not math.isfinite(mean) or not _all_finite(model):
+            if not everyone(rep.processes, math.isfinite(mean) and _all_finite(model)):
                 raise Diverged(epoch + 1, mean)
+            rep.check_identical(epoch + 1)
             history.append(mean)
             bar.set_postfix(epoch=epoch + 1, loss=f"{mean:.3f}")
             end_state = EpochEnd(model, optimizer, epoch + 1, mean, started)
@@ -364,10 +390,13 @@ def _split_key(splits: DataSplits | None) -> str:
 
 
 class _ResumeWriter(Hook):
-    """Writes the resume state after every finished epoch and counts the training time.
+    """Writes the resume state after every finished epoch (rank 0 only, when ``write``) and
+    counts the training time; ``saved`` is the epoch whose state is in the file (0: none).
 
-    An epoch after which a hook stopped training (say, a rollback) is not saved: a run killed
-    before its checkpoint is written resumes from the epoch before and stops the same way.
+    The state of every hook in ``stateful`` (``Hook.state``) is saved too, each process's own
+    (free AT's perturbation differs between processes). An epoch after which a hook stopped
+    training (say, a rollback) is not saved: a run killed before its checkpoint is written
+    resumes from the epoch before and stops the same way.
     """
 
     def __init__(
@@ -376,26 +405,75 @@ class _ResumeWriter(Hook):
         header: dict[str, Any],
         gens: tuple[torch.Generator, torch.Generator],
         elapsed: float,
+        saved: int,
+        write: bool = True,
         stateful: Sequence[Hook] = (),
+        processes: Processes | None = None,
     ) -> None:
         self.path, self.header, self.gens, self.elapsed = path, header, gens, elapsed
-        self.stateful = stateful
+        self.saved, self.write = saved, write
+        self.stateful, self.processes = stateful, processes or Processes()
+
+    def kept(self) -> str:
+        """What an interrupted or failed run leaves behind, for its error message."""
+        if self.saved == 0:
+            return "no epoch finished, so nothing was saved"
+        return f"the state after epoch {self.saved} stays in {self.path}"
+
+    def _hook_states(self) -> list[list[Any]] | None:
+        """Every process's hook states, in rank order (None: no hook has any)."""
+        mine = [h.state() for h in self.stateful]
+        if all(s is None for s in mine):  # the same hooks on every process, so the same answer
+            return None
+        return all_gather(self.processes, mine)
 
     def end_epoch(self, end: EpochEnd) -> None:
         """Save everything a resumed run needs to continue bit for bit."""
-        if not end.stop:
-            state = {
-                **self.header,
-                "epoch": end.epoch,
-                "elapsed": self.elapsed + time.perf_counter() - end.started,
-                "model": end.model.state_dict(),
-                "optimizer": end.optimizer.state_dict(),
-                "gen": self.gens[0].get_state(),
-                "attack_gen": self.gens[1].get_state(),
-                "hooks": [h.state() for h in self.stateful],
-            }
-            atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        if end.stop:
+            self.elapsed += time.perf_counter() - end.started
+            return
+        hooks = self._hook_states()
+        if not self.write:
+            self.elapsed += time.perf_counter() - end.started
+            self.saved = end.epoch
+            return
+        state = {
+            **self.header,
+            "epoch": end.epoch,
+            "elapsed": self.elapsed + time.perf_counter() - end.started,
+            "model": end.model.state_dict(),
+            "optimizer": end.optimizer.state_dict(),
+            "gen": self.gens[0].get_state(),
+            "attack_gen": self.gens[1].get_state(),
+        }
+        if hooks is not None:
+            state["hooks"] = hooks
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
         self.elapsed += time.perf_counter() - end.started  # saving is part of training's cost
+        self.saved = end.epoch
+
+
+def _processes_key(processes: Processes, sync_bn: bool) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one about its processes."""
+    return {"world_size": processes.world_size, "sync_bn": effective_sync_bn(sync_bn, processes)}
+
+
+def _check_resumed_processes(out_dir: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse, in one sentence, to resume a run with another number of processes or another
+    BatchNorm synchronisation than it was started with (a state of before torchrun: 1 process)."""
+    world, was = now["world_size"], saved.get("world_size", 1)
+    if was != world:
+        raise RobustlabError(
+            f"{out_dir} holds an unfinished run of {was} process(es) (torchrun's world size) and "
+            f"this run has {world}; resume it with {was} process(es) in all, or choose another "
+            "--out or delete its resume.pt"
+        )
+    if saved.get("sync_bn") != now["sync_bn"]:
+        flag = "--sync-bn" if saved.get("sync_bn") else "--no-sync-bn"
+        raise RobustlabError(
+            f"{out_dir} holds an unfinished run trained with {flag}; resume it with {flag}, or "
+            "choose another --out or delete its resume.pt"
+        )
 
 
 def training_splits(cfg: TrainConfig, calibration: int | None = None, seed: int = 0) -> DataSplits:
@@ -408,7 +486,7 @@ def training_splits(cfg: TrainConfig, calibration: int | None = None, seed: int 
 
 
 def _held_out_check(
-    cfg: TrainConfig, method: Method, splits: DataSplits, device: str
+    cfg: TrainConfig, method: Method, splits: DataSplits, device: str, processes: Processes
 ) -> HeldOutCheck | None:
     """The held-out robustness check the config asks for (None: none)."""
     if not cfg.checked:
@@ -426,6 +504,7 @@ def _held_out_check(
         drop=cfg.overfit_drop or 0.0,
         seed=cfg.seed,
         device=device,
+        processes=processes,
     )
 
 
@@ -438,6 +517,8 @@ def train(
     progress: bool = True,
     stop_after_epochs: int | None = None,
     hooks: Sequence[Hook] = (),
+    processes: Processes | None = None,
+    sync_bn: bool = True,
 ) -> TrainResult:
     """Train a model and write its checkpoint to ``out``; resumes an interrupted run there.
 
@@ -449,6 +530,12 @@ def train(
     is written. If a hook stops training early, the checkpoint is written and its manifest says
     after which epoch (``training.stopped_after_epoch``).
 
+    ``processes`` (from ``core.distributed.start``; default one process) trains under torchrun
+    with DDP: ``batch_size`` stays the global batch, each process takes its part of it (see
+    ``distributed``), and only rank 0 reads and writes the resume state and the checkpoint.
+    ``sync_bn`` normalises BatchNorm layers with the whole global batch's statistics, as one
+    process does (else each process's part). The manifest's ``processes`` section says both.
+
     With early stopping or the overfitting check (``TrainConfig.checked``), held-out robust
     accuracy is measured on ``splits.calibration`` after every epoch (``heldout``); without
     ``splits``, ``training_splits`` holds ``DEFAULT_HOLDOUT`` samples out for it. The manifest
@@ -458,12 +545,15 @@ def train(
     """
     cfg = config.resolved()
     method = cfg.make_method()
+    procs = processes if processes is not None else Processes()
     dev = resolve_device(device)
     splits = splits if splits is not None else training_splits(cfg)
-    check = _held_out_check(cfg, method, splits, dev)
+    check = _held_out_check(cfg, method, splits, dev, procs)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_path = out_dir / RESUME
+    assert cfg.lr is not None and cfg.epochs is not None and cfg.batch_size is not None
+    check_shares(len(splits.train), cfg.batch_size, procs)
     torch.manual_seed(cfg.seed)
     model = build_model(  # after seeding: the initial weights depend only on the seed
         cfg.arch,
@@ -477,7 +567,6 @@ def train(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     # Module.to works in place; torch's overloads of it omit memory_format (accepted at runtime)
     model.to(memory_format=memory_format)  # type: ignore[call-overload]
-    assert cfg.lr is not None and cfg.epochs is not None and cfg.batch_size is not None
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=cfg.lr,
@@ -491,10 +580,14 @@ def train(
     add_ons = [c for c in (h.config() for h in hooks) if c is not None]
     checks = [] if check is None else [check]
     stateful = [method, *hooks, *checks]
-    if resume_path.exists():
-        state = read_torch_file(resume_path, "a training resume state", map_location=dev)
+    processes_key = _processes_key(procs, sync_bn)
+    state = None
+    if procs.main and resume_path.exists():  # rank 0's disk; the others get it from rank 0
+        state = read_torch_file(resume_path, "a training resume state", map_location="cpu")
         if not isinstance(state, dict):
             raise RobustlabError(f"{resume_path} is not a robustlab training resume state")
+    state = broadcast(procs, state)
+    if state is not None:
         if state.get("config") != _config_key(cfg):
             raise RobustlabError(
                 f"{out_dir} holds an unfinished run with a different configuration; "
@@ -510,46 +603,67 @@ def train(
                 f"{out_dir} holds an unfinished run with other add-ons (such as regularizers); "
                 "choose another --out or delete its resume.pt"
             )
+        _check_resumed_processes(out_dir, state.get("processes", {}), processes_key)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["gen"])
         attack_gen.set_state(state["attack_gen"])
-        for hook, saved in zip(stateful, state.get("hooks", []), strict=False):
+        saved_hooks = state.get("hooks")  # per process, in rank order
+        mine = saved_hooks[procs.rank] if saved_hooks else []
+        for hook, saved in zip(stateful, mine, strict=False):
             if saved is not None:
                 hook.load_state(saved)
         start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
-    header: dict[str, Any] = {"config": _config_key(cfg), "split": _split_key(splits)}
+    header: dict[str, Any] = {
+        "config": _config_key(cfg),
+        "split": _split_key(splits),
+        "processes": processes_key,
+    }
     if add_ons:
         header["add_ons"] = add_ons
-    writer = _ResumeWriter(resume_path, header, (gen, attack_gen), elapsed, stateful)
+    writer = _ResumeWriter(
+        resume_path,
+        header,
+        (gen, attack_gen),
+        elapsed,
+        start_epoch,
+        write=procs.main,
+        stateful=stateful,
+        processes=procs,
+    )
     end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
     try:
-        history = fit(
-            model,
-            method,
-            optimizer,
-            splits.train.x.to(dev),
-            splits.train.y.to(dev),
-            EpochSampler(len(splits.train), gen),
-            batch_size=cfg.batch_size,
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            gen=attack_gen,
-            hooks=[*hooks, *checks, writer],
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            memory_format=memory_format,
-            progress=progress,
-            desc=f"train {cfg.arch} {method.name}",
-        )
+        with replicate(model, procs, sync_bn=sync_bn) as replicas:
+            history = fit(
+                model,
+                method,
+                optimizer,
+                splits.train.x.to(dev),
+                splits.train.y.to(dev),
+                EpochSampler(len(splits.train), gen),
+                batch_size=cfg.batch_size,
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                gen=attack_gen,
+                hooks=[*hooks, *checks, writer],
+                start_epoch=start_epoch,
+                end_epoch=end_epoch,
+                memory_format=memory_format,
+                progress=progress and procs.main,
+                desc=f"train {cfg.arch} {method.name}",
+                replicas=replicas,
+            )
     except Diverged as exc:
-        kept = (
-            f"the state after epoch {exc.epoch - 1} stays in {resume_path}"
-            if resume_path.exists()
-            else "no epoch finished, so nothing was saved"
-        )
         raise RobustlabError(
-            f"{exc}; no checkpoint was written and {kept}; try a lower learning rate"
+            f"{exc}; no checkpoint was written and {writer.kept()}; try a lower learning rate"
+        ) from None
+    except Stopped as exc:
+        raise RobustlabError(f"{exc}; {writer.kept()}; run the same command to resume") from None
+    except RuntimeError as exc:
+        if not (procs.distributed and peer_failed(exc)):
+            raise
+        raise RobustlabError(
+            f"{PEER_FAILED}; {writer.kept()}; run the same command to resume"
         ) from None
     model.eval()
     ran = start_epoch + len(history)
@@ -579,9 +693,13 @@ def train(
         "training": training,
         "metrics": {"clean_accuracy": clean, "test_samples": len(splits.test)},
         "train_time_s": round(writer.elapsed, 2),
+        "processes": processes_record(procs, cfg.batch_size, cfg.lr, sync_bn),
     }
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
-    save_checkpoint(model, out_dir, manifest)
-    resume_path.unlink(missing_ok=True)
-    manifest = json.loads((out_dir / MANIFEST).read_text())
+    if procs.main:
+        save_checkpoint(model, out_dir, manifest)
+        resume_path.unlink(missing_ok=True)
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    if procs.distributed:  # no process returns before the checkpoint is written
+        dist.barrier()
     return TrainResult(model, out_dir, manifest)

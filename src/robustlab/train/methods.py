@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.optim import SteepestStep, ascend
+from ..core.distributed import Processes, all_gather, per_sample, sample_seed
 from ..core.guard import evaluating, frozen_running_stats
 from ..core.threat import ThreatModel
 from ..errors import RobustlabError
@@ -39,7 +40,13 @@ def require_finite(**values: object) -> None:
 @dataclass
 class Step:
     """One optimisation step as methods and hooks see it (``number`` counts steps from 0, over
-    the whole run; ``replay`` says which replay of its batch this step is, from 0)."""
+    the whole run; ``replay`` says which replay of its batch this step is, from 0).
+
+    ``x``, ``y`` are this process's part of the step's batch and ``index`` their positions in
+    the training set; ``gen`` is seeded with the run's seed (its ``initial_seed``). Under
+    torchrun, ``part`` is where this process's samples sit in the global batch and
+    ``processes`` the run's processes (one process: the whole batch).
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -53,21 +60,49 @@ class Step:
     x_adv: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     replay: int = 0
+    part: slice | None = None
+    processes: Processes = field(default_factory=Processes, repr=False)
+    draws: int = field(default=0, init=False, repr=False)
 
     @property
     def progress(self) -> float:
         """How far training is once this step is taken, in (0, 1]."""
         return (self.number + 1) / self.total
 
+    @property
+    def rows(self) -> slice:
+        """Where this process's samples sit in the step's (global) batch."""
+        return self.part if self.part is not None else slice(0, len(self.x))
+
+    def whole_batch(self, mine: torch.Tensor) -> torch.Tensor:
+        """A per-sample tensor of this process's samples completed with every other process's
+        rows: the whole global batch's, in order (``mine`` itself with one process)."""
+        if not self.processes.distributed:
+            return mine
+        parts = all_gather(self.processes, mine.detach().cpu())
+        return torch.cat(parts).to(mine.device)
+
+    def sample_seeds(self) -> list[int]:
+        """A seed per sample for the step's next random draw, from the run's seed, the step's
+        number, how many draws the step made before and the sample's index in the training set:
+        a sample draws the same numbers whichever process and batch position it has."""
+        self.draws += 1
+        seed = self.gen.initial_seed()
+        return [sample_seed(seed, self.number, self.draws, i) for i in self.index.tolist()]
+
     def random_start(self, threat: ThreatModel) -> torch.Tensor:
         """A random point of the threat model around the batch: where a method's attack starts.
-        Every random draw of a method goes through ``Step``, so how it is seeded is decided here."""
-        return threat.random_start(self.x, self.gen)
+        Every random draw of a method goes through ``Step``, seeded per sample (``sample_seeds``)."""
+        return per_sample(self.x, self.sample_seeds(), threat.random_start)
 
     def noise(self) -> torch.Tensor:
-        """Standard normal noise of the batch's shape, from the step's generator."""
-        x = self.x
-        return torch.randn(x.shape, generator=self.gen, dtype=x.dtype, device=x.device)
+        """Standard normal noise of the batch's shape, seeded per sample (``sample_seeds``)."""
+
+        def normal(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            """One sample's noise."""
+            return torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+
+        return per_sample(self.x, self.sample_seeds(), normal)
 
     @property
     def adversarial(self) -> torch.Tensor:
@@ -446,7 +481,9 @@ class FreeAT(AdversarialMethod):
     ``replays`` times (the loop makes a full step each time); one backward pass per replay gives
     both the weights' gradient and the perturbation's, which then takes a signed step of eps
     and is projected. The perturbation is carried over to the next replay and to the next batch
-    (its first rows, as the official code's buffer of batch size), never reset.
+    (by position in the batch, as the official code's buffer of batch size), never reset; under
+    torchrun every process keeps the whole global batch's (exchanged after each backward
+    pass), so a sample gets what one process would give it.
 
     Ours, unlike the official code: the perturbation is also projected into [0, 1] around the
     batch it is applied to before the forward pass, so every example lies in the threat model.
@@ -467,21 +504,23 @@ class FreeAT(AdversarialMethod):
         options = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         return {**options, "alpha": self.eps, "name": self.name}
 
-    def _delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The carried perturbation for a batch like ``x`` (zeros where there is none yet)."""
+    def _carried(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The carried perturbation of at least ``rows`` batch positions, for inputs like
+        ``x`` (zeros where there is none yet)."""
         delta = self.carried.delta
         if delta is None or delta.shape[1:] != x.shape[1:] or delta.device != x.device:
-            delta = torch.zeros_like(x)
-        if len(delta) < len(x):
-            delta = torch.cat([delta, torch.zeros_like(x[len(delta) :])])
+            delta = torch.zeros_like(x[:0])
+        if len(delta) < rows:
+            delta = torch.cat([delta, delta.new_zeros((rows - len(delta), *x.shape[1:]))])
         self.carried.delta = delta
-        return delta[: len(x)]
+        return delta
 
     def before_forward(self, step: Step) -> None:
-        """The batch plus the carried perturbation, in the threat model, as a leaf whose
-        gradient the loss's backward fills."""
+        """The batch plus the carried perturbation of its positions in the (global) batch, in
+        the threat model, as a leaf whose gradient the loss's backward fills."""
         threat = self.threat_at(step.progress)
-        x_adv = threat.project(step.x, step.x + self._delta(step.x))
+        delta = self._carried(step.x, step.rows.stop)[step.rows]
+        x_adv = threat.project(step.x, step.x + delta)
         step.x_adv = x_adv.detach().requires_grad_(True)
 
     def loss(self, model: nn.Module, step: Step) -> torch.Tensor:
@@ -496,9 +535,8 @@ class FreeAT(AdversarialMethod):
         threat = self.threat_at(step.progress)
         with torch.no_grad():
             moved = x_adv + threat.eps * threat.steepest_step(x_adv.grad)
-            new = threat.project(step.x, moved) - step.x
-        assert self.carried.delta is not None  # set by before_forward
-        self.carried.delta[: len(new)] = new
+            new = step.whole_batch(threat.project(step.x, moved) - step.x)
+        self._carried(step.x, len(new))[: len(new)] = new
 
     def state(self) -> dict[str, Any]:
         """The carried perturbation."""

@@ -1,0 +1,453 @@
+"""Distributed training for real: torchrun starts gloo processes on this CPU machine and the
+model they train is the one a single process trains with the same seed and global batch; a
+killed process stops the run with one sentence and the run resumes; bad worlds are refused.
+
+Every torchrun run is a real subprocess (``python -m torch.distributed.run``) with a timeout;
+single-process references run in this process, on one thread as the workers do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from robustlab.cli import main
+from robustlab.core.distributed import Processes, one_voice
+from robustlab.core.threat import ThreatModel
+from robustlab.data import DataSplits
+from robustlab.errors import RobustlabError
+from robustlab.models import build_model
+from robustlab.train import Hook, Step, TrainConfig, train
+from robustlab.train.distributed import (
+    SyncedBatchNorm,
+    check_regularizers_for,
+    check_shares,
+    synchronised_batchnorm,
+)
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+TIMEOUT_S = 240
+MLP = ["--arch", "mlp", "--data", "digits", "--arch-option", "width=32", "--seed", "3"]
+PGD_AT = [*MLP, "--method", "pgd-at", "--eps", "0.1", "--steps", "3", "--epochs", "2"]
+TOLERANCE = 1e-5
+
+
+def _env() -> dict[str, str]:
+    """The workers' environment: this checkout's code, one thread each."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _torchrun(launcher: Sequence[str], args: Sequence[str]) -> list[str]:
+    """The command line of one torchrun launcher running ``robustlab train``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        "-m",
+        "robustlab",
+        "train",
+        "--no-progress",
+        *args,
+    ]
+
+
+def _run(launcher: Sequence[str], args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run one torchrun launcher to its end (or fail the test at the timeout)."""
+    return subprocess.run(
+        _torchrun(launcher, args),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def _two_processes(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node 2 -m robustlab train ARGS``."""
+    return _run(["--standalone", "--nproc_per_node", "2"], args)
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Single-process references computed on one thread, as each worker computes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _one_process(args: Sequence[str], out: Path) -> dict[str, torch.Tensor]:
+    """Train with the same command in this process; its weights."""
+    assert main(["train", "--no-progress", *args, "--out", str(out)]) == 0
+    return load_file(out / "model.safetensors")
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two checkpoints' tensors (same names)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    """A checkpoint's manifest."""
+    manifest: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+    return manifest
+
+
+def _errors(stderr: str) -> list[str]:
+    """The lines robustlab printed as errors."""
+    return [line for line in stderr.splitlines() if line.startswith("robustlab: error:")]
+
+
+def test_two_processes_train_pgd_at_as_one_process_does(tmp_path: Path, one_thread: None) -> None:
+    done = _two_processes([*PGD_AT, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("trained mlp (pgd-at)") == 1  # rank 0 alone speaks
+    one = _one_process(PGD_AT, tmp_path / "one")
+    assert _max_difference(load_file(tmp_path / "two" / "model.safetensors"), one) < TOLERANCE
+    manifest = _manifest(tmp_path / "two")
+    assert manifest["processes"] == {
+        "world_size": 2,
+        "backend": "gloo",
+        "global_batch_size": 64,
+        "batch_size_per_process": [32, 32],
+        "lr": 0.05,
+        "sync_bn": True,
+    }
+    single = _manifest(tmp_path / "one")
+    assert manifest["training"] == single["training"]
+    assert single["processes"]["world_size"] == 1 and single["processes"]["sync_bn"] is None
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+    ]
+
+
+@pytest.mark.slow
+def test_two_processes_train_pgd_at_with_awp_as_one_process_does(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """AWP's weight perturbation comes from the whole global batch's gradient on every process
+    (each process's own part alone would make the replicas drift apart)."""
+    args = [*PGD_AT, "--awp", "0.01"]
+    done = _two_processes([*args, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr
+    one = _one_process(args, tmp_path / "one")
+    assert _max_difference(load_file(tmp_path / "two" / "model.safetensors"), one) < TOLERANCE
+    assert _manifest(tmp_path / "two")["training"]["add_ons"][0]["name"] == "awp"
+
+
+# one epoch: fast AT's sign step turns float rounding (the processes sum BatchNorm's statistics
+# in another order) into whole steps on pixels whose gradient is near zero, so over epochs two
+# processes drift from one as float computations of training do
+FAST_AT = ["--arch", "resnet8", "--arch-option", "width=4", "--data", "digits", "--seed", "3"]
+FAST_AT += ["--method", "fast-at", "--eps", "0.1", "--epochs", "1", "--early-stop"]
+FAST_AT += ["--batch-size", "62"]  # 200 held out: 1,238 samples, a last batch of 60
+FREE_AT = [*MLP, "--method", "free-at", "--eps", "0.1", "--replays", "2", "--epochs", "2"]
+
+
+@pytest.mark.parametrize("args", [FAST_AT, FREE_AT], ids=["fast-at", "free-at"])
+def test_two_processes_train_fast_and_free_at_as_one_process_does(
+    tmp_path: Path, one_thread: None, args: list[str]
+) -> None:
+    """Fast AT's step on synchronised batch statistics and its held-out check (the same decision
+    on every process), free AT's replays and the perturbation each process carries for its own
+    part of the batch: the model one process trains."""
+    done = _two_processes([*args, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr
+    one = _one_process(args, tmp_path / "one")
+    assert _max_difference(load_file(tmp_path / "two" / "model.safetensors"), one) < TOLERANCE
+    assert _manifest(tmp_path / "two")["training"] == _manifest(tmp_path / "one")["training"]
+
+
+def _worker(launcher: subprocess.Popen[str], rank: int) -> int:
+    """The pid of the worker of a torchrun launcher that has ``rank``."""
+    for _ in range(200):
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        for pid in children:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} found")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method",
+    [["--method", "pgd-at", "--steps", "10"], ["--method", "free-at", "--replays", "2"]],
+    ids=["pgd-at", "free-at"],
+)
+def test_a_killed_process_stops_the_run_with_one_sentence_and_the_run_resumes(
+    tmp_path: Path, digits: DataSplits, one_thread: None, method: list[str]
+) -> None:
+    """free-at: the resumed processes carry on with the perturbation the run carried."""
+    out = tmp_path / "two"
+    args = [*MLP, *method, "--eps", "0.1", "--epochs", "6"]
+    launcher = subprocess.Popen(
+        _torchrun(["--standalone", "--nproc_per_node", "2"], [*args, "--out", str(out)]),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (out / "resume.pt").exists():  # the first epoch is saved
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(_worker(launcher, 1), signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    errors = _errors(stderr)
+    assert len(errors) == 1 and "stopped" in errors[0], stderr
+    assert not (out / "manifest.json").exists()
+    state = torch.load(out / "resume.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 6 and state["processes"]["world_size"] == 2
+
+    # one process cannot take the run over: the world size changed
+    steps, replays = (10, None) if "pgd-at" in method else (None, 2)
+    cfg = TrainConfig(
+        "mlp",
+        "digits",
+        method[1],
+        eps=0.1,
+        epochs=6,
+        steps=steps,
+        seed=3,
+        replays=replays,
+        arch_options={"width": 32},
+    )
+    with pytest.raises(RobustlabError, match=r"unfinished run of 2 process\(es\).* this run has 1"):
+        train(cfg, out, splits=digits, progress=False)
+
+    resumed = _two_processes([*args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    one = _one_process(args, tmp_path / "one")
+    assert _max_difference(load_file(out / "model.safetensors"), one) < TOLERANCE
+
+
+def test_two_nodes_with_sync_bn_train_a_batchnorm_model_as_one_process_does(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """Two torchrun launchers (one process each) meet on the loopback rendezvous; their
+    BatchNorm statistics are the global batch's (--sync-bn)."""
+    args = ["--arch", "resnet8", "--arch-option", "width=4", "--data", "digits", "--epochs", "1"]
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d"]
+    launcher += ["--rdzv_endpoint", endpoint, "--rdzv_id", "robustlab-test"]
+    command = _torchrun(launcher, [*args, "--sync-bn", "--out", str(tmp_path / "two")])
+    nodes = [
+        subprocess.Popen(
+            command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=TIMEOUT_S) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err for _, err in outputs]
+    assert sum(out.count("trained resnet8 (standard)") for out, _ in outputs) == 1
+    one = _one_process(args, tmp_path / "one")
+    two = load_file(tmp_path / "two" / "model.safetensors")
+    assert any("running_var" in k for k in two)  # BatchNorm statistics compared too
+    assert _max_difference(two, one) < TOLERANCE
+    processes = _manifest(tmp_path / "two")["processes"]
+    assert processes["world_size"] == 2 and processes["sync_bn"] is True
+
+
+def test_a_run_resumed_with_another_world_size_is_one_sentence(
+    tmp_path: Path, digits: DataSplits
+) -> None:
+    cfg = TrainConfig("mlp", "digits", epochs=2, arch_options={"width": 8}, channels_last=False)
+    train(cfg, tmp_path, splits=digits, progress=False, stop_after_epochs=1)
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert state["processes"] == {"world_size": 1, "sync_bn": None}
+    state["processes"] = {"world_size": 2, "sync_bn": True}  # as 2 processes write it (slow test)
+    torch.save(state, tmp_path / "resume.pt")
+    with pytest.raises(
+        RobustlabError,
+        match=r"holds an unfinished run of 2 process\(es\) \(torchrun's world size\) and this "
+        r"run has 1; resume it with 2 process\(es\) in all",
+    ):
+        train(cfg, tmp_path, splits=digits, progress=False)
+    assert (tmp_path / "resume.pt").exists()
+
+
+@pytest.mark.slow
+def test_without_sync_bn_each_process_normalises_its_own_part(
+    tmp_path: Path, one_thread: None
+) -> None:
+    args = ["--arch", "resnet8", "--arch-option", "width=4", "--data", "digits", "--epochs", "1"]
+    done = _two_processes([*args, "--no-sync-bn", "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr
+    one = _one_process(args, tmp_path / "one")
+    assert _max_difference(load_file(tmp_path / "two" / "model.safetensors"), one) > 1e-3
+    assert _manifest(tmp_path / "two")["processes"]["sync_bn"] is False
+
+
+@pytest.mark.parametrize(
+    ("samples", "batch", "world", "message"),
+    [
+        (3, 64, 4, "4 processes cannot share a training set of 3 samples"),
+        (1438, 2, 4, "4 processes cannot share batches of 2 samples"),
+        (1438, 64, 32, "the last batch of every epoch has 30 samples"),
+    ],
+)
+def test_a_world_too_large_for_the_batches_is_one_sentence(
+    samples: int, batch: int, world: int, message: str
+) -> None:
+    with pytest.raises(RobustlabError, match=message):
+        check_shares(samples, batch, Processes(0, world, 0, "gloo"))
+    check_shares(samples, batch, Processes(0, 1))  # one process takes any batch
+
+
+def test_a_batch_regularizer_under_torchrun_is_one_sentence() -> None:
+    two = Processes(0, 2, 0, "gloo")
+    with pytest.raises(
+        RobustlabError, match="the alignment regularizer is computed on the training"
+    ):
+        check_regularizers_for({"l1": 1e-4, "alignment": 0.1}, two)
+    check_regularizers_for({"l1": 1e-4, "nuclear": 1e-3}, two)  # weights only: the same everywhere
+    check_regularizers_for({"alignment": 0.1}, Processes())
+
+
+@pytest.mark.slow
+def test_more_processes_than_a_batch_is_one_sentence_under_torchrun(tmp_path: Path) -> None:
+    done = _two_processes([*MLP, "--batch-size", "1", "--out", str(tmp_path / "two")])
+    assert done.returncode != 0
+    assert _errors(done.stderr) == [
+        "robustlab: error: 2 processes cannot share batches of 1 samples (--batch-size is the "
+        "global batch, split across the processes); use a batch size of at least 2 or fewer "
+        "processes"
+    ]
+
+
+def _step(x: torch.Tensor, index: torch.Tensor, number: int, seed: int) -> Step:
+    """A training step over ``x`` (positions ``index`` in the training set)."""
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    return Step(model, opt, x, torch.zeros(len(x), dtype=torch.long), index, 0, number, 10, gen)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_draws_do_not_depend_on_how_the_batch_is_split(norm: str) -> None:
+    x, index = torch.rand(6, 1, 4, 4), torch.tensor([5, 9, 2, 7, 0, 3])
+    threat = ThreatModel(norm, 0.3)
+    whole = _step(x, index, 4, seed=1)
+    halves = [_step(x[i : i + 3], index[i : i + 3], 4, seed=1) for i in (0, 3)]
+    assert torch.equal(
+        whole.random_start(threat), torch.cat([h.random_start(threat) for h in halves])
+    )
+    assert torch.equal(whole.noise(), torch.cat([h.noise() for h in halves]))
+    again = _step(x, index, 4, seed=1)
+    assert torch.equal(again.random_start(threat), _step(x, index, 4, seed=1).random_start(threat))
+    first = again.noise()
+    assert not torch.equal(first, again.noise())  # a second draw of the step is a new one
+    assert not torch.equal(first, _step(x, index, 5, seed=1).noise())  # another step
+    assert not torch.equal(first, _step(x, index, 4, seed=2).noise())  # another seed
+    assert not torch.equal(first[:1], first[1:2])  # every sample its own
+
+
+def test_synchronised_batchnorm_shares_the_layers_state_and_puts_them_back() -> None:
+    model = build_model("resnet8", 1, 10, 8, (0.0,), (1.0,), width=4)
+    before = dict(model.named_modules())
+    norms = {n: m for n, m in before.items() if isinstance(m, nn.BatchNorm2d)}
+    with synchronised_batchnorm(model) as replaced:
+        assert replaced == len(norms) > 0
+        modules = dict(model.named_modules())
+        for name, norm in norms.items():
+            synced = modules[name]
+            assert isinstance(synced, SyncedBatchNorm)
+            assert synced.weight is norm.weight and synced.running_var is norm.running_var
+        model.eval()
+    assert dict(model.named_modules()) == before
+    assert not any(m.training for m in norms.values())  # the mode set inside carries over
+
+
+class _SigtermAt(Hook):
+    """Sends this process SIGTERM after step ``number``, as torchrun does to the survivors."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def after_step(self, step: Step) -> None:
+        if step.number == self.number:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_training_with_one_sentence_and_keeps_the_finished_epochs(
+    tmp_path: Path, digits: DataSplits
+) -> None:
+    cfg = TrainConfig("mlp", "digits", epochs=3, arch_options={"width": 8}, channels_last=False)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RobustlabError) as stopped, one_voice():
+        train(cfg, tmp_path, splits=digits, progress=False, hooks=[_SigtermAt(30)])  # epoch 2
+    assert str(stopped.value) == (
+        "stopped by SIGTERM (torchrun sends it to every process when one of them fails; job "
+        f"schedulers when they cancel a job); the state after epoch 1 stays in "
+        f"{tmp_path / 'resume.pt'}; run the same command to resume"
+    )
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert torch.load(tmp_path / "resume.pt", weights_only=True)["epoch"] == 1
+
+
+def test_only_rank_0_speaks_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    variables = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**variables, "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(SystemExit) as quiet, one_voice():
+            raise RobustlabError("the same check fails on every rank")
+        assert quiet.value.code == 2  # the exit code the CLI gives, without the message
+        with pytest.raises(SystemExit) as interrupted, one_voice():
+            raise KeyboardInterrupt
+        assert interrupted.value.code == 130
+        lost = RuntimeError("[gloo/transport/tcp/pair.cc:537] Connection closed by peer")
+        with pytest.raises(SystemExit) as peer, one_voice():
+            raise lost
+        assert peer.value.code == 2
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(RobustlabError, match="the same check"), one_voice():
+            raise RobustlabError("the same check fails on every rank")
+        with pytest.raises(RobustlabError) as said, one_voice():
+            raise lost
+        assert (
+            str(said.value)
+            == "another process of this torchrun run failed, so this one stopped too"
+        )
+    finally:
+        signal.signal(signal.SIGTERM, before)
