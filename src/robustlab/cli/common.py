@@ -487,6 +487,19 @@ def attack_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def load_command_model(args: argparse.Namespace, splits: Any, saves: str) -> Any:
+    """The ``--model`` of a command that writes a checkpoint of its own (``saves``: its name),
+    with the model options every command shares (see ``load_model``)."""
+    return load_model(
+        args.model,
+        args.arch,
+        splits,
+        trust_unhashed=args.trust_unhashed,
+        options=model_options(args),
+        saves=saves,
+    )
+
+
 def load_model_and_data(
     args: argparse.Namespace, device: str | None = None, *, test_only: bool = False
 ) -> tuple[Any, Any, str, dict[str, object]]:

@@ -32,9 +32,8 @@ from .common import (
     ints,
     is_foreign,
     json_output,
-    load_model,
+    load_command_model,
     model_info,
-    model_options,
     plot_outputs,
     say,
 )
@@ -99,13 +98,8 @@ def run(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device)
     # a legacy .pt or a foreign model is built for the data's shape, so the data is read first
-    ckpt = load_model(
-        args.model,
-        args.arch,
-        load_data(args.data) if args.arch or is_foreign(args.model) else None,
-        trust_unhashed=args.trust_unhashed,
-        options=model_options(args),
-        saves="exits",
+    ckpt = load_command_model(
+        args, load_data(args.data) if args.arch or is_foreign(args.model) else None, "exits"
     )
     if isinstance(ckpt.model, MultiExitNetwork) or "multi_exit" in ckpt.manifest["model"]:
         raise RobustlabError(f"{args.model} already has exits; give the backbone's checkpoint")

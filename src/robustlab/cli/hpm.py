@@ -27,9 +27,8 @@ from .common import (
     checked_outputs,
     is_foreign,
     json_output,
-    load_model,
+    load_command_model,
     model_info,
-    model_options,
     say,
 )
 
@@ -78,14 +77,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # a legacy .pt or a foreign model is built for the data's shape, so the data is read first
     splits = load_data(args.data) if args.arch or is_foreign(args.model) else None
-    ckpt = load_model(
-        args.model,
-        args.arch,
-        splits,
-        trust_unhashed=args.trust_unhashed,
-        options=model_options(args),
-        saves="hpm",
-    )
+    ckpt = load_command_model(args, splits, "hpm")
     if "hpm" in ckpt.manifest["model"]:
         raise RobustlabError(f"{args.model} already has an HPM head; give the base's checkpoint")
     splits = splits or load_data(args.data)

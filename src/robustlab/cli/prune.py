@@ -16,9 +16,8 @@ from .common import (
     check_fit,
     checked_outputs,
     json_output,
-    load_model,
+    load_command_model,
     model_info,
-    model_options,
 )
 
 DESCRIPTION = "prune a checkpoint (global, per layer or by filter), optionally fine-tune it"
@@ -98,14 +97,7 @@ def run(args: argparse.Namespace) -> int:
         data=[args.data],
     )
     splits = load_data(args.data)
-    ckpt = load_model(
-        args.model,
-        args.arch,
-        splits,
-        trust_unhashed=args.trust_unhashed,
-        options=model_options(args),
-        saves="prune",
-    )
+    ckpt = load_command_model(args, splits, "prune")
     check_fit(ckpt.manifest, splits)
     manifest = prune_checkpoint(
         ckpt.model,

@@ -17,9 +17,8 @@ from .common import (
     check_fit,
     checked_outputs,
     json_output,
-    load_model,
+    load_command_model,
     model_info,
-    model_options,
 )
 
 DESCRIPTION = "quantize a checkpoint to int8 after training (PyTorch static quantization, CPU)"
@@ -64,14 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args, [*outputs, observers, json_output(args.json)], models=[args.model], data=[args.data]
     )
     splits = load_data(args.data)
-    ckpt = load_model(
-        args.model,
-        args.arch,
-        splits,
-        trust_unhashed=args.trust_unhashed,
-        options=model_options(args),
-        saves="quantize",
-    )
+    ckpt = load_command_model(args, splits, "quantize")
     check_fit(ckpt.manifest, splits)
     _, manifest = quantize_checkpoint(
         ckpt.model,
