@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,11 +19,9 @@ from typing import Any
 
 import pytest
 
-import robustlab
+from _torchrun import TIMEOUT_S, environment, free_port, torchrun, torchrun_command
 from robustlab.cli import main
 
-SRC = str(Path(robustlab.__file__).resolve().parents[1])
-TIMEOUT_S = 240  # a torchrun run here takes 10-30 s on a loaded machine
 #: AutoAttack's APGD members (random starts; at this eps each point's rows depend on them)
 #: on 100 digits points in 5 batches: process 0 attacks batches 0, 2 and 4, process 1 the
 #: batches 1 and 3.
@@ -53,36 +50,6 @@ def eval_args(ckpt: Path, options: list[str], json_path: Path) -> list[str]:
     """The arguments of one ``robustlab eval`` run."""
     base = ["eval", "--model", str(ckpt), "--data", "digits", "--no-progress"]
     return [*base, *options, "--json", str(json_path)]
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def torchrun_command(launcher: list[str], args: list[str]) -> list[str]:
-    """``torchrun LAUNCHER -m robustlab ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "robustlab", *args]
-
-
-def environment() -> dict[str, str]:
-    """This checkout's robustlab, one thread per process."""
-    return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess[str]:
-    """A one-machine torchrun run of ``robustlab ARGS`` (free rendezvous port)."""
-    launcher = ["--standalone", "--nproc_per_node", str(processes)]
-    return subprocess.run(
-        torchrun_command(launcher, args),
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
 
 
 def two_nodes(args: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from _torchrun import TIMEOUT_S, environment, free_port, torchrun, torchrun_command
 from robustlab.cli import main
 from robustlab.core.distributed import Processes, one_voice
 from robustlab.core.threat import ThreatModel
@@ -38,56 +37,14 @@ from robustlab.train.distributed import (
     synchronised_batchnorm,
 )
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-TIMEOUT_S = 240
 MLP = ["--arch", "mlp", "--data", "digits", "--arch-option", "width=32", "--seed", "3"]
 PGD_AT = [*MLP, "--method", "pgd-at", "--eps", "0.1", "--steps", "3", "--epochs", "2"]
 TOLERANCE = 1e-5
 
 
-def _env() -> dict[str, str]:
-    """The workers' environment: this checkout's code, one thread each."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
-
-
-def _free_port() -> int:
-    """A TCP port nobody listens on now, for a rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _torchrun(launcher: Sequence[str], args: Sequence[str]) -> list[str]:
-    """The command line of one torchrun launcher running ``robustlab train``."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *launcher,
-        "-m",
-        "robustlab",
-        "train",
-        "--no-progress",
-        *args,
-    ]
-
-
-def _run(launcher: Sequence[str], args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    """Run one torchrun launcher to its end (or fail the test at the timeout)."""
-    return subprocess.run(
-        _torchrun(launcher, args),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-
-
 def _two_processes(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node 2 -m robustlab train ARGS``."""
-    return _run(["--standalone", "--nproc_per_node", "2"], args)
+    return torchrun(["train", "--no-progress", *args])
 
 
 @pytest.fixture()
@@ -211,8 +168,11 @@ def test_a_killed_process_stops_the_run_with_one_sentence_and_the_run_resumes(
     out = tmp_path / "two"
     args = [*MLP, *method, "--eps", "0.1", "--epochs", "6"]
     launcher = subprocess.Popen(
-        _torchrun(["--standalone", "--nproc_per_node", "2"], [*args, "--out", str(out)]),
-        env=_env(),
+        torchrun_command(
+            ["--standalone", "--nproc_per_node", "2"],
+            ["train", "--no-progress", *args, "--out", str(out)],
+        ),
+        env=environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -261,13 +221,14 @@ def test_two_nodes_with_sync_bn_train_a_batchnorm_model_as_one_process_does(
     """Two torchrun launchers (one process each) meet on the loopback rendezvous; their
     BatchNorm statistics are the global batch's (--sync-bn)."""
     args = ["--arch", "resnet8", "--arch-option", "width=4", "--data", "digits", "--epochs", "1"]
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d"]
     launcher += ["--rdzv_endpoint", endpoint, "--rdzv_id", "robustlab-test"]
-    command = _torchrun(launcher, [*args, "--sync-bn", "--out", str(tmp_path / "two")])
+    train = ["train", "--no-progress", *args, "--sync-bn", "--out", str(tmp_path / "two")]
+    command = torchrun_command(launcher, train)
     nodes = [
         subprocess.Popen(
-            command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for _ in range(2)
     ]
