@@ -42,7 +42,6 @@ on every surrogate, 3.3x with FAB-T added (FAB-T is 58 % of the surrogate stages
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -52,7 +51,6 @@ from typing import Any, TypedDict
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..attacks.autoattack import BLACK_BOX, AutoAttack, run_member
 from ..attacks.base import Attack
@@ -76,7 +74,15 @@ from .robust import (
     checked_points,
     sample_rows,
 )
-from .sharded import Batch, attack_batches, merged, on_rank_zero, open_shard, shared_engine
+from .sharded import (
+    Batch,
+    attack_batches,
+    merged,
+    on_rank_zero,
+    open_shard,
+    shard_bar,
+    shared_engine,
+)
 
 PLAIN = "plain"
 """The name of the first stage: AutoAttack on the defended forward itself."""
@@ -290,16 +296,7 @@ def evaluate_msa(
         choice = stack.enter_context(shared_engine(processes, judge, probe, engine))
         for k in range(len(named)):
             stack.enter_context(frozen_eval(bundle[1 + k], warn_train_mode=False))
-        bar = stack.enter_context(
-            tqdm(
-                total=shard.points(),
-                desc="eval msa" if not processes.distributed else "eval msa (rank 0's share)",
-                disable=not progress or not processes.main,
-                file=sys.stderr,
-                unit="pt",
-                leave=False,
-            )
-        )
+        bar = stack.enter_context(shard_bar(shard, "msa", progress))
         x0, y0 = data.x[first].to(device), data.y[first].to(device)
         warnings += on_rank_zero(processes, lambda: masking_checks(judge, x0, y0))
         attack_batches(

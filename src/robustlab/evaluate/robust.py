@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,6 @@ from typing import Any, TypedDict
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..attacks.base import Attack
 from ..core.checks import check_batch, check_batch_size
@@ -34,7 +32,7 @@ from ..version import __version__
 from .checks import black_box_warning, masking_checks
 from .fast import fast_copy
 from .progress import run_key
-from .sharded import attack_batches, merged, on_rank_zero, open_shard, shared_engine
+from .sharded import attack_batches, merged, on_rank_zero, open_shard, shard_bar, shared_engine
 
 
 class AttackStep(TypedDict):
@@ -251,14 +249,7 @@ def evaluate_curve(
     with (
         frozen_eval(model),
         shared_engine(processes, model, probe, engine) as choice,
-        tqdm(
-            total=shard.points(),
-            desc=f"eval {name}" if not processes.distributed else f"eval {name} (rank 0's share)",
-            disable=not progress or not processes.main,
-            file=sys.stderr,
-            unit="pt",
-            leave=False,
-        ) as bar,
+        shard_bar(shard, str(name), progress) as bar,
     ):
         x0, y0 = data.x[first].to(device), data.y[first].to(device)
         warnings += on_rank_zero(processes, lambda: masking_checks(model, x0, y0))

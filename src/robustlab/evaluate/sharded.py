@@ -18,6 +18,7 @@ progress file of its own (``progress.open_progress``); a killed run resumes from
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..core.distributed import Processes, all_gather, broadcast, check_share, together
 from ..data import Dataset
@@ -57,6 +59,20 @@ class Shard:
     def points(self) -> int:
         """How many points this process's batches hold."""
         return sum(end - start for start, end in self.batches())
+
+
+def shard_bar(shard: Shard, name: str, progress: bool) -> tqdm[Any]:
+    """The progress bar of this process's share of an evaluation: shown by rank 0 alone
+    (``progress``: shown at all), in points."""
+    processes = shard.processes
+    return tqdm(
+        total=shard.points(),
+        desc=f"eval {name}" if not processes.distributed else f"eval {name} (rank 0's share)",
+        disable=not progress or not processes.main,
+        file=sys.stderr,
+        unit="pt",
+        leave=False,
+    )
 
 
 def open_shard(
