@@ -1,5 +1,6 @@
 """A stored attack configuration as a reader sees it: a name, its key parameters (whatever does
-not change with eps), and whether it is leaderboard-grade (full AutoAttack or MSA)."""
+not change with eps; the step size, which does, apart), and whether it is leaderboard-grade
+(full AutoAttack or MSA)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from ..attacks.registry import make_attack
 from ..errors import RobustlabError
 
 #: Fields that are not parameters of the configuration: they change with eps along a curve
-#: (eps, alpha: shown as the step size relative to eps), are shown elsewhere (norm, seed) or
-#: are the name itself.
+#: (eps, alpha: the step size, shown apart), are shown elsewhere (norm, seed) or are the name.
 NOT_PARAMETERS = frozenset({"name", "alias_of", "norm", "eps", "alpha", "seed", "components"})
 #: The parameters shown in their own columns, when the attack has them.
-COLUMNS = ("steps", "restarts", "step size", "loss")
+COLUMNS = ("steps", "restarts", "loss")
 #: The leaderboard grades: evaluations whose robust accuracy the field accepts as such.
 GRADES = ("AutoAttack", "MSA")
 
@@ -35,13 +35,9 @@ class AttackSpec:
         """One parameter's value as shown ('–' when the attack has none)."""
         return dict(self.params).get(key, "–")
 
-    def further(self) -> str:
-        """The parameters without a column of their own, as 'key value, key value'."""
-        return ", ".join(f"{k} {v}".strip() if v else k for k, v in self.params if k not in COLUMNS)
-
-    def summary(self) -> str:
-        """Every parameter in one line, e.g. 'steps 40, restarts 1, step size 2.5·eps/steps'."""
-        return ", ".join(f"{k} {v}".strip() if v else k for k, v in self.params)
+    def further(self) -> list[str]:
+        """The parameters without a column of their own, each as 'key: value'."""
+        return [f"{k}: {v}" if v else k for k, v in self.params if k not in COLUMNS]
 
 
 def _value(v: Any) -> str:
@@ -55,8 +51,11 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def _step_size(config: Mapping[str, Any]) -> str | None:
-    """The step size relative to eps (the convention of the papers), e.g. '2.5·eps/steps'."""
+def step_size(config: Mapping[str, Any]) -> str | None:
+    """The step size of a stored attack relative to its eps (the convention of the papers),
+    e.g. '2.5·eps/steps'; 'adaptive' for APGD; None when it has none (or eps is 0)."""
+    if str(config.get("name", "")).startswith("apgd"):
+        return "adaptive"
     alpha, eps, steps = config.get("alpha"), config.get("eps"), config.get("steps")
     if not isinstance(alpha, (int, float)) or not isinstance(eps, (int, float)) or eps <= 0:
         return None
@@ -83,9 +82,6 @@ def _plain(config: Mapping[str, Any]) -> AttackSpec:
     for key in ("steps", "restarts"):
         if key in config:
             params.append((key, _value(config[key])))
-    step = "adaptive" if name.startswith("apgd") else _step_size(config)
-    if step is not None:
-        params.append(("step size", step))
     if "loss" in config:
         params.append(("loss", _value(config["loss"])))
     if "queries" in config:

@@ -10,6 +10,34 @@ from .attack_spec import AttackSpec, attack_labels
 from .entries import Entry, ModelKey, entry_names, format_eps, threat_order
 
 
+def parameter_table(params: Sequence[tuple[str, object]]) -> str:
+    """One configuration as a one-row table: a column per parameter (names with spaces,
+    numbers short)."""
+    head = "".join(f"<th class=l>{html.escape(k.replace('_', ' '))}</th>" for k, _ in params)
+    cells = "".join(
+        f"<td class=l>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>"
+        for _, v in params
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody><tr>{cells}</tr></tbody></table>"
+
+
+def _steps(entries: Sequence[Entry]) -> str:
+    """The step sizes of a configuration's runs: one, or each with the eps it ran at."""
+    by_step: dict[str, list[float]] = {}
+    for e in entries:
+        if e.step is not None and e.eps > 0:
+            by_step.setdefault(e.step, []).append(e.eps)
+    if len(by_step) <= 1:
+        return next(iter(by_step), "–")
+    alphas = {e.alpha for e in entries if e.eps > 0}
+    if len(alphas) == 1 and None not in alphas:
+        return f"{alphas.pop():.4g} at every eps"
+    return ", ".join(
+        f"{step} at eps {', '.join(format_eps(x) for x in sorted(set(eps)))}"
+        for step, eps in by_step.items()
+    )
+
+
 def attacks_section_html(entries: Sequence[Entry]) -> str:
     """The attack-configuration table of the stored evaluations."""
     rows: dict[tuple[AttackSpec, str], list[Entry]] = {}
@@ -28,9 +56,9 @@ def attacks_section_html(entries: Sequence[Entry]) -> str:
             f"<tr><td class=l>{html.escape(labels[spec])}{grade}</td>"
             f"<td class=l>{html.escape(norm)}</td><td class='l nw'>{html.escape(eps)}</td>"
             + "".join(f"<td>{html.escape(spec.param(k))}</td>" for k in ("steps", "restarts"))
-            + f"<td class=l>{html.escape(spec.param('step size'))}</td>"
+            + f"<td class=l>{html.escape(_steps(got))}</td>"
             f"<td class=l>{html.escape(spec.param('loss'))}</td>"
-            f"<td class=l>{html.escape(spec.further() or '–')}</td>"
+            f"<td class=l>{'<br>'.join(html.escape(p) for p in spec.further()) or '–'}</td>"
             f"<td class=l>{html.escape(', '.join(names[m] for m in models))}</td></tr>"
         )
     head = (

@@ -127,7 +127,7 @@ def curves_section_html(entries: Sequence[Entry]) -> str:
         }
         title = f"Robust accuracy vs {norm} eps{where}"
         if one_attack:
-            title += f" ({attacks[lines[0].attack]})"
+            title += f": {attacks[lines[0].attack]}"
         parts.append(
             embedded_png(
                 f"accuracy vs eps ({norm}{where})",

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .attack_spec import AttackSpec, describe_attack
+from .attack_spec import AttackSpec, describe_attack, step_size
 
 #: The splits a dataset spec carries in records ("digits/test"); the dataset is before them.
 SPLITS = ("train", "test", "calibration")
@@ -60,6 +60,8 @@ class Entry:
     created: str
     kind: str
     attack: AttackSpec
+    step: str | None  # the step size relative to eps (not part of the configuration: a user's
+    alpha: float | None  # absolute --alpha gives another ratio at every eps)
 
     @property
     def model(self) -> ModelKey:
@@ -117,6 +119,8 @@ def entry(record: Mapping[str, Any]) -> Entry:
         created=str(record.get("created") or ""),
         kind=str(record.get("kind", "eval")),
         attack=describe_attack(record["attack"]),
+        step=step_size(record["attack"]),
+        alpha=_number(record["attack"], "alpha"),
     )
 
 

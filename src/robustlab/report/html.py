@@ -13,7 +13,14 @@ from ..version import __version__
 from .attack_table import attacks_section_html
 from .compress_section import compress_section_html
 from .curves import curves_section_html
-from .entries import Entry, dataset_name, model_key, read_entries, unread_note
+from .entries import (
+    Entry,
+    dataset_name,
+    entry_names,
+    model_key,
+    read_entries,
+    unread_note,
+)
 from .exit_plots import sloth_section_html
 from .leaderboard import SORT_JS, leaderboard_section_html
 from .msa_section import msa_section_html
@@ -34,7 +41,7 @@ CSS = (
     + """h3{font-size:1.02em;margin:1.2em 0 .2em} .meta{color:#445;margin:.2em 0}
 nav{font-size:.92em;margin:.6em 0 1em} nav a{color:#2a55a8;text-decoration:none;margin-right:.9em}
 tr.ub td{color:#667;font-style:italic} tr.group td{background:#f7f7fa;color:#445;font-size:.9em}
-.nw{white-space:nowrap} .tag{font-size:.78em;background:#e3ecfb;color:#234;border-radius:3px;padding:0 .35em}
+.nw,td:not(.l){white-space:nowrap} .tag{white-space:nowrap;font-size:.78em;background:#e3ecfb;color:#234;border-radius:3px;padding:0 .35em}
 table.js th{cursor:pointer;user-select:none} table.js th:hover{background:#e4e8f2}
 th[aria-sort=ascending]::after{content:" \\25B2";font-size:.7em}
 th[aria-sort=descending]::after{content:" \\25BC";font-size:.7em}
@@ -102,10 +109,26 @@ def _timing_table(timings: list[dict[str, Any]]) -> str:
 Section = tuple[str, str, str]  # (anchor, title in the contents, HTML)
 
 
-def _title(record: dict[str, Any], heading: str, default_label: str) -> str:
-    """A stored record's section heading, with its store label unless that is the default."""
+def _title(record: dict[str, Any], heading: str, default_label: str, known: dict[str, str]) -> str:
+    """A stored record's section heading, with its store label unless that is the default,
+    else with the name its model has in the rest of the report (``known``: by weights hash)."""
     label = record.get("label")
-    return f"{heading}: {label}" if label and label != default_label else heading
+    if label and label != default_label:
+        return f"{heading}: {label}"
+    model = record.get("model")
+    name = known.get(str(model.get("sha256") or "")) if isinstance(model, dict) else None
+    return f"{heading}: {name}" if name else heading
+
+
+def _known_models(entries: list[Entry], trains: list[dict[str, Any]]) -> dict[str, str]:
+    """Weights hash -> the model's name in the report (from evaluations, else training)."""
+    known = {
+        str((r.get("weights") or {}).get("sha256") or ""): str(r.get("label") or "") for r in trains
+    }
+    names = entry_names(entries)
+    known.update({e.sha: names[e.model] for e in entries if e.sha and not e.variant})
+    known.pop("", None)
+    return known
 
 
 def _leaderboard(entries: list[Entry], trains: list[dict[str, Any]]) -> list[Section]:
@@ -178,7 +201,8 @@ def _header(
         facts.append(f"{len(models)} model{'s' if len(models) != 1 else ''}")
     if entries:
         graded = sum(1 for e in entries if e.attack.grade)
-        facts.append(f"{len(entries)} robust-accuracy evaluations ({graded} AutoAttack or MSA)")
+        by = f"{graded} by AutoAttack or MSA" if graded else "none by AutoAttack or MSA"
+        facts.append(f"{len(entries)} robust-accuracy evaluations ({by})")
     dates = sorted(e.date for e in entries if e.date)
     if dates:
         facts.append(dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}")
@@ -207,6 +231,7 @@ def render_report(
     compresses = store.records(kind="compress")
     uaps = store.records(kind="uap")
     entries, failed = read_entries(evals + msas)
+    known = _known_models(entries, trains)
     sections: list[Section] = []
     if entries:
         sections += _section("eval", _leaderboard, entries, trains)
@@ -219,22 +244,22 @@ def render_report(
     if msas:
         sections += _section("msa", _one, "msa", "MSA", msa_section_html, msas)
     for i, record in enumerate(transfers):
-        heading = _title(record, "Transfer matrix", "transfer")
+        heading = _title(record, "Transfer matrix", "transfer", known)
         sections += _section(
             "transfer", _one, f"transfer-{i}", heading, transfer_section_html, record, title=heading
         )
     for i, record in enumerate(sloths):
-        heading = _title(record, "DeepSloth", "sloth")
+        heading = _title(record, "DeepSloth", "sloth", known)
         sections += _section(
             "sloth", _one, f"sloth-{i}", heading, sloth_section_html, record, title=heading
         )
     for i, record in enumerate(compresses):
-        heading = _title(record, "Compressibility", "")
+        heading = _title(record, "Compressibility", "", known)
         sections += _section(
             "compress", _one, f"compress-{i}", heading, compress_section_html, record, title=heading
         )
     for i, record in enumerate(uaps):
-        heading = _title(record, "Universal perturbation", "uap")
+        heading = _title(record, "Universal perturbation", "uap", known)
         sections += _section(
             "uap", _one, f"uap-{i}", heading, uap_section_html, record, title=heading
         )

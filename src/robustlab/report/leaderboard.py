@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .attack_spec import AttackSpec, attack_labels
-from .entries import Entry, ModelKey, entry_names, norm_eps, threat_order
+from .entries import Entry, ModelKey, entry_names, format_eps, norm_eps, threat_order
 
 Threat = tuple[str, str, float]  # (dataset, norm, eps)
 
@@ -39,6 +39,8 @@ def leaderboards(entries: Sequence[Entry]) -> tuple[list[Board], list[Threat]]:
     any attack (the tightest upper bound)."""
     by_threat: dict[Threat, dict[ModelKey, list[Entry]]] = {}
     for e in entries:
+        if e.eps <= 0:  # clean accuracy: no threat model to rank under
+            continue
         by_threat.setdefault((e.data, e.norm, e.eps), {}).setdefault(e.model, []).append(e)
     boards, weaker_only = [], []
     for threat in sorted(by_threat, key=lambda t: threat_order(*t)):
@@ -56,6 +58,18 @@ def leaderboards(entries: Sequence[Entry]) -> tuple[list[Board], list[Threat]]:
         else:
             weaker_only.append(threat)
     return boards, weaker_only
+
+
+def threat_list(threats: Sequence[Threat], with_data: bool) -> str:
+    """Threat models in one line, eps grouped per norm: 'linf eps 0.1, 0.2; l2 eps 0.5'."""
+    grouped: dict[tuple[str, str], list[float]] = {}
+    for data, norm, eps in threats:
+        grouped.setdefault((data, norm), []).append(eps)
+    return "; ".join(
+        f"{norm} eps {', '.join(format_eps(e) for e in sorted(eps))}"
+        + (f" ({data})" if with_data and data else "")
+        for (data, norm), eps in grouped.items()
+    )
 
 
 def _training(trains: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -173,12 +187,7 @@ def leaderboard_section_html(
     if boards:
         parts.append(NOTE)
     if weaker_only:
-        listed = html.escape(
-            "; ".join(
-                norm_eps(norm, eps) + (f" ({data})" if len(datasets) > 1 and data else "")
-                for data, norm, eps in weaker_only
-            )
-        )
+        listed = html.escape(threat_list(weaker_only, len(datasets) > 1))
         command = "<code>robustlab eval --attack autoattack --eps E --store DB</code>"
         if boards:
             parts.append(

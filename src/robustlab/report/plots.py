@@ -106,7 +106,7 @@ def robustness_curve(
     entries = len(curves)
     columns = 1 if entries <= 3 else 2
     legend_rows = -(-entries // columns)
-    fig, ax = plt.subplots(figsize=(7.2, 4.4 + 0.24 * legend_rows), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.4, 4.6 + 0.24 * legend_rows), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, points) in enumerate(curves.items()):
         colour, dash = (styles or {}).get(label, (i, 0))
