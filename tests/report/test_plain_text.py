@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from robustlab.errors import RobustlabError
-from robustlab.report import curves
-from robustlab.report import render_report
+from robustlab.report import curves, render_report
 from robustlab.report.exit_plots import efficacy_curves, exit_histogram
 from robustlab.report.plots import is_robustlab_png, plot, robustness_curve
 from robustlab.report.transfer_plots import gamma_sweep_plot, transfer_heatmap
