@@ -195,8 +195,6 @@ def _header(
         for r in trains
     }
     facts = []
-    if datasets:
-        facts.append(f"data: {', '.join(datasets)}")
     if models:
         facts.append(f"{len(models)} model{'s' if len(models) != 1 else ''}")
     if entries:
@@ -210,6 +208,8 @@ def _header(
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if intro:
         parts.append(f"<p>{html.escape(intro)}</p>")
+    if datasets:
+        parts.append(f"<p class=muted>data: {html.escape(', '.join(datasets))}</p>")
     parts.append(f"<p class=meta>{html.escape(' · '.join(facts))}</p>")
     if len(sections) > 1:
         links = "".join(f"<a href='#{a}'>{html.escape(t)}</a>" for a, t, _ in sections)
