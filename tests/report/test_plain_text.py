@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from robustlab.errors import RobustlabError
-from robustlab.report import html as report_html
-from robustlab.report import render_report
+from robustlab.report import curves, render_report
 from robustlab.report.exit_plots import efficacy_curves, exit_histogram
 from robustlab.report.plots import is_robustlab_png, plot, robustness_curve
 from robustlab.report.transfer_plots import gamma_sweep_plot, transfer_heatmap
@@ -77,14 +76,14 @@ def test_a_plot_that_fails_leaves_a_note_and_the_report_is_written(
     def broken(*_: Any, **__: Any) -> Path:
         raise OverflowError("cannot draw this")
 
-    monkeypatch.setattr(report_html, "robustness_curve", broken)
+    monkeypatch.setattr(curves, "robustness_curve", broken)
     store = ResultStore(tmp_path / "s.sqlite")
     store.add(
         {"kind": "eval", "threat_model": {"norm": "linf", "eps": 0.1}}
         | {"robust_accuracy": 0.5, "attack": {"name": "pgd"}, "n": 4}
     )
     page = render_report(store, tmp_path / "r.html").read_text()
-    assert "accuracy vs eps not shown: could not draw the broken plot" in page
+    assert "accuracy vs eps (linf) not shown: could not draw the broken plot" in page
     assert "50.0 %" in page  # the table is still there
     with pytest.raises(RobustlabError, match="could not draw the broken plot .OverflowError"):
         broken({}, tmp_path / "x.png")
@@ -93,7 +92,13 @@ def test_a_plot_that_fails_leaves_a_note_and_the_report_is_written(
 def test_a_stored_record_the_report_cannot_read_leaves_a_note(tmp_path: Path) -> None:
     store = ResultStore(tmp_path / "s.sqlite")
     store.add({"kind": "eval"}, label="hand-made")  # no threat model, no accuracy
+    store.add(
+        {"kind": "eval", "threat_model": {"norm": "linf", "eps": 0.1}}
+        | {"robust_accuracy": 0.25, "attack": {"name": "pgd"}, "n": 4},
+        label="readable",
+    )
     store.add({"kind": "timing", "step": "train", "seconds": 3.0})
     page = render_report(store, tmp_path / "r.html").read_text()
-    assert "stored eval records that could not be shown: KeyError" in page
+    assert "1 stored eval record that could not be shown: KeyError" in page
+    assert "<td class=l>readable</td>" in page and "25.0 %" in page  # the others are shown
     assert "<td class=l>train</td><td>3.0 s</td>" in page

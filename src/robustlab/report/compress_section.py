@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from .plots import embedded_png, plot, save_figure
 
@@ -30,14 +31,20 @@ def compress_plot(record: Mapping[str, Any], path: str | Path) -> Path:
         ("spectral_compressibility", "spectral", "s"),
     ):
         left.plot(idx, [m[key][kappa] for m in layers], marker=marker, label=label)
-    left.set_xlabel("layer (module order)")
+    if len(layers) <= 16:  # the layers by name; more would overlap, so numbers (as the table)
+        left.set_xticks(idx, [str(m["name"]) for m in layers], rotation=45, ha="right", fontsize=7)
+    else:
+        left.xaxis.set_major_locator(MaxNLocator(integer=True))
+        left.set_xlabel("layer (module order, as in the table)")
     left.set_ylabel(f"best-k relative error, kappa={kappa}")
     left.set_ylim(0, 1.02)
     left.legend(loc="best", fontsize=8)
     reps = record["representations"]
     for norm in record["gap"]:
         right.plot(range(len(reps)), [r["shift"][norm] for r in reps], marker="o", label=norm)
-    right.set_xticks(range(len(reps)), [r["name"] for r in reps], rotation=45, fontsize=7)
+    right.set_xticks(
+        range(len(reps)), [r["name"] for r in reps], rotation=45, ha="right", fontsize=7
+    )
     right.set_ylabel("||z_adv - z|| / ||z||")
     right.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,25 @@ from typing import Any
 from ..io import atomic_write_text
 from ..store import ResultStore
 from ..version import __version__
+from .attack_table import attacks_section_html
 from .compress_section import compress_section_html
+from .curves import curves_section_html
+from .entries import (
+    Entry,
+    dataset_name,
+    entry_names,
+    model_key,
+    read_entries,
+    unread_note,
+)
 from .exit_plots import sloth_section_html
+from .leaderboard import SORT_JS, leaderboard_section_html
 from .msa_section import msa_section_html
-from .plots import embedded_png, robustness_curve
 from .transfer_plots import transfer_section_html
 from .uap_section import uap_section_html
 
-CSS = """
+#: The style sheet of the reports written before the generator tag (how they are recognised).
+LEGACY_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:960px;margin:2em auto;
 padding:0 1em;color:#1d2430;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #dde;padding-bottom:.2em}
@@ -26,6 +36,17 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px s
 th{background:#f1f3f8} td.l,th.l{text-align:left} .muted{color:#667;font-size:.9em}
 img{max-width:100%;border:1px solid #eee}
 """
+CSS = (
+    LEGACY_CSS
+    + """h3{font-size:1.02em;margin:1.2em 0 .2em} .meta{color:#445;margin:.2em 0}
+nav{font-size:.92em;margin:.6em 0 1em} nav a{color:#2a55a8;text-decoration:none;margin-right:.9em}
+tr.ub td{color:#667;font-style:italic} tr.group td{background:#f7f7fa;color:#445;font-size:.9em}
+.nw,td:not(.l){white-space:nowrap} .tag{white-space:nowrap;font-size:.78em;background:#e3ecfb;color:#234;border-radius:3px;padding:0 .35em}
+table.js th{cursor:pointer;user-select:none} table.js th:hover{background:#e4e8f2}
+th[aria-sort=ascending]::after{content:" \\25B2";font-size:.7em}
+th[aria-sort=descending]::after{content:" \\25BC";font-size:.7em}
+"""
+)
 
 
 GENERATOR = b'<meta name=generator content="robustlab'  # the marker of a report we wrote
@@ -42,20 +63,12 @@ def is_robustlab_report(path: Path) -> bool:
         return False
     if GENERATOR in head:
         return True
-    return head.startswith(LEGACY_HEAD) and f"</title><style>{CSS}</style>".encode() in head
+    return head.startswith(LEGACY_HEAD) and f"</title><style>{LEGACY_CSS}</style>".encode() in head
 
 
 def _pct(v: Any) -> str:
+    """A fraction as a percentage ('–' when missing)."""
     return f"{100 * float(v):.1f} %" if isinstance(v, (int, float)) else "–"
-
-
-def _curves(evals: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Per model label: (eps, robust accuracy) points; the latest record wins per eps."""
-    latest: dict[str, dict[float, float]] = defaultdict(dict)
-    for r in evals:
-        eps = float(r["threat_model"]["eps"])
-        latest[r.get("label") or "model"][eps] = float(r["robust_accuracy"])
-    return {label: sorted(points.items()) for label, points in latest.items()}
 
 
 def _models_table(trains: list[dict[str, Any]]) -> str:
@@ -71,7 +84,7 @@ def _models_table(trains: list[dict[str, Any]]) -> str:
             f"<td>{html.escape(str(t.get('epochs', '')))}</td>"
             f"<td>{_pct(r.get('metrics', {}).get('clean_accuracy'))}"
             f" <span class=muted>({r.get('metrics', {}).get('test_samples', '?')} pts)</span></td>"
-            f"<td>{float(r.get('train_time_s', 0)):.0f} s</td>"
+            f"<td>{float(r.get('train_time_s', 0)):.3g} s</td>"
             f"<td class=l><code>{html.escape(str(r.get('weights', {}).get('sha256', ''))[:12])}</code></td>"
             "</tr>"
         )
@@ -81,42 +94,6 @@ def _models_table(trains: list[dict[str, Any]]) -> str:
         "<th class=l>weights sha256</th></tr>"
     )
     return f"<table>{head}{''.join(rows)}</table>"
-
-
-def _eval_table(evals: list[dict[str, Any]]) -> str:
-    curves = _curves(evals)
-    eps_all = sorted({e for pts in curves.values() for e, _ in pts})
-    head = "<tr><th class=l>model</th>" + "".join(f"<th>eps {e:g}</th>" for e in eps_all) + "</tr>"
-    body = []
-    for label, pts in curves.items():
-        got = dict(pts)
-        cells = "".join(f"<td>{_pct(got.get(e))}</td>" for e in eps_all)
-        body.append(f"<tr><td class=l>{html.escape(label)}</td>{cells}</tr>")
-    return f"<table>{head}{''.join(body)}</table>"
-
-
-def _attack_note(evals: list[dict[str, Any]]) -> str:
-    if not evals:
-        return ""
-    per_eps = ("eps", "alpha")  # these change along a curve by design
-    configs = {
-        str(sorted((k, str(v)) for k, v in r["attack"].items() if k not in per_eps)) for r in evals
-    }
-    a = evals[-1]["attack"]
-    desc = ", ".join(f"{k}={v}" for k, v in a.items() if k not in per_eps)
-    more = "" if len(configs) == 1 else f" ({len(configs)} different attack configurations)"
-    steps = {
-        f"{float(r['attack']['alpha']) / float(r['attack']['eps']):.3g}·eps"
-        for r in evals
-        if r["attack"].get("alpha") and r["attack"].get("eps")
-    }
-    step_note = f"; step size {', '.join(sorted(steps))}" if steps else ""
-    n = evals[-1].get("n")
-    return (
-        f"<p class=muted>Attack: {html.escape(desc)}{more}{step_note}; "
-        f"{n} test points; a point is robust only if classified correctly clean and under attack, "
-        "and a point broken at a smaller eps counts as broken at every larger one.</p>"
-    )
 
 
 def _timing_table(timings: list[dict[str, Any]]) -> str:
@@ -129,49 +106,122 @@ def _timing_table(timings: list[dict[str, Any]]) -> str:
     return f"<h2>Time per step</h2><table><tr><th class=l>step</th><th>time</th></tr>{rows}</table>"
 
 
-def _title(record: dict[str, Any], heading: str, default_label: str) -> str:
-    """A stored record's section heading, with its store label unless that is the default."""
+Section = tuple[str, str, str]  # (anchor, title in the contents, HTML)
+
+
+def _title(record: dict[str, Any], heading: str, default_label: str, known: dict[str, str]) -> str:
+    """A stored record's section heading, with its store label unless that is the default,
+    else with the name its model has in the rest of the report (``known``: by weights hash)."""
     label = record.get("label")
-    return f"{heading}: {label}" if label and label != default_label else heading
+    if label and label != default_label:
+        return f"{heading}: {label}"
+    model = record.get("model")
+    name = known.get(str(model.get("sha256") or "")) if isinstance(model, dict) else None
+    return f"{heading}: {name}" if name else heading
 
 
-def _evals_section(evals: list[dict[str, Any]]) -> str:
-    """The robustness curve, its table and the attack note of the stored evaluations."""
-    return "\n".join(
-        [
-            "<h2>Robustness curve</h2>",
-            embedded_png(
-                "accuracy vs eps",
-                robustness_curve,
-                _curves(evals),
-                xlabel=f"{evals[-1]['threat_model']['norm']} eps",
-            ),
-            _eval_table(evals),
-            _attack_note(evals),
-        ]
-    )
+def _known_models(entries: list[Entry], trains: list[dict[str, Any]]) -> dict[str, str]:
+    """Weights hash -> the model's name in the report (from evaluations, else training)."""
+    known = {
+        str((r.get("weights") or {}).get("sha256") or ""): str(r.get("label") or "") for r in trains
+    }
+    names = entry_names(entries)
+    known.update({e.sha: names[e.model] for e in entries if e.sha and not e.variant})
+    known.pop("", None)
+    return known
 
 
-def _models_section(trains: list[dict[str, Any]]) -> str:
-    """The table of trained models."""
-    return "<h2>Models</h2>" + _models_table(trains)
+def _leaderboard(entries: list[Entry], trains: list[dict[str, Any]]) -> list[Section]:
+    """The leaderboard of the stored evaluations."""
+    return [("leaderboard", "Leaderboard", leaderboard_section_html(entries, trains))]
 
 
-def _section(kind: str, render: Callable[..., str], *args: Any, **kw: Any) -> str:
-    """A section of the report; a stored record it cannot read gives a note, not a crash."""
+def _curves(entries: list[Entry]) -> list[Section]:
+    """The robustness curves of the stored evaluations and the attacks they ran."""
+    return [
+        ("curves", "Robustness curves", curves_section_html(entries)),
+        ("attacks", "Attack configurations", attacks_section_html(entries)),
+    ]
+
+
+def _models(trains: list[dict[str, Any]]) -> list[Section]:
+    """The section of trained models."""
+    return [("models", "Models", "<h2>Models</h2>" + _models_table(trains))]
+
+
+def _one(
+    anchor: str, heading: str, render: Callable[..., str], *args: Any, **kw: Any
+) -> list[Section]:
+    """A section drawn by one of the section modules."""
+    return [(anchor, heading, render(*args, **kw))]
+
+
+def _section(
+    kind: str, build: Callable[..., list[Section]], *args: Any, **kw: Any
+) -> list[Section]:
+    """Sections of the report; stored records they cannot read give a note, not a crash."""
     try:
-        return render(*args, **kw)
+        return build(*args, **kw)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        return (
+        note = (
             f"<p class=muted>(stored {html.escape(kind)} records that could not be shown: "
             f"{html.escape(type(exc).__name__)} {html.escape(str(exc)[:200])})</p>"
         )
+        return [(f"unread-{kind}", f"Unread {kind} records", note)]
+
+
+def _datasets(measured: list[dict[str, Any]], trains: list[dict[str, Any]]) -> list[str]:
+    """Every dataset the stored records name, each once (splits dropped)."""
+    names = {dataset_name(r["data"]) for r in measured if r.get("data")}
+    for r in trains:
+        data = (r.get("training") or {}).get("data") or (r.get("dataset") or {}).get("name")
+        if data:
+            names.add(dataset_name(data))
+    return sorted(names)
+
+
+def _header(
+    title: str,
+    intro: str,
+    datasets: list[str],
+    entries: list[Entry],
+    trains: list[dict[str, Any]],
+    sections: list[Section],
+) -> str:
+    """The title, the introduction, one line of what the store holds (each dataset named
+    once) and the contents."""
+    models = {e.model for e in entries} | {
+        model_key(str(r.get("label") or "model"), str((r.get("weights") or {}).get("sha256") or ""))
+        for r in trains
+    }
+    facts = []
+    if models:
+        facts.append(f"{len(models)} model{'s' if len(models) != 1 else ''}")
+    if entries:
+        graded = sum(1 for e in entries if e.attack.grade)
+        by = f"{graded} by AutoAttack or MSA" if graded else "none by AutoAttack or MSA"
+        facts.append(f"{len(entries)} robust-accuracy evaluations ({by})")
+    dates = sorted(e.date for e in entries if e.date)
+    if dates:
+        facts.append(dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}")
+    facts.append(f"robustlab {__version__}")
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if intro:
+        parts.append(f"<p>{html.escape(intro)}</p>")
+    if datasets:
+        parts.append(f"<p class=muted>data: {html.escape(', '.join(datasets))}</p>")
+    parts.append(f"<p class=meta>{html.escape(' · '.join(facts))}</p>")
+    if len(sections) > 1:
+        links = "".join(f"<a href='#{a}'>{html.escape(t)}</a>" for a, t, _ in sections)
+        parts.append(f"<nav>{links}</nav>")
+    return "\n".join(parts)
 
 
 def render_report(
     store: ResultStore, out: str | Path, *, title: str = "robustlab report", intro: str = ""
 ) -> Path:
-    """Write a self-contained HTML report (plots embedded) of everything in the store."""
+    """Write a self-contained HTML report (plots and script embedded, nothing fetched) of
+    everything in the store."""
     evals = store.records(kind="eval")
     trains = store.records(kind="train")
     timings = store.records(kind="timing")
@@ -180,40 +230,54 @@ def render_report(
     sloths = store.records(kind="sloth")
     compresses = store.records(kind="compress")
     uaps = store.records(kind="uap")
-    out_path = Path(out)
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    if intro:
-        parts.append(f"<p>{html.escape(intro)}</p>")
-    measured = evals + msas + transfers + sloths + compresses + uaps
-    # each dataset once: a record of a split ("digits/test") names its dataset ("digits")
-    data_names = sorted({str(r["data"]).split("/")[0] for r in measured if r.get("data")})
-    if data_names:
-        parts.append(f"<p class=muted>data: {html.escape(', '.join(data_names))}</p>")
+    entries, failed = read_entries(evals + msas)
+    known = _known_models(entries, trains)
+    sections: list[Section] = []
+    if entries:
+        sections += _section("eval", _leaderboard, entries, trains)
     if trains:
-        parts.append(_section("train", _models_section, trains))
-    if evals:
-        parts.append(_section("eval", _evals_section, evals))
+        sections += _section("train", _models, trains)
+    if entries:
+        sections += _section("eval", _curves, entries)
+    if failed:
+        sections.append(("unread", "Unread records", unread_note("eval", failed)))
     if msas:
-        parts.append(_section("msa", msa_section_html, msas))
-    for record in transfers:
-        title = _title(record, "Transfer matrix", "transfer")
-        parts.append(_section("transfer", transfer_section_html, record, title=title))
-    for record in sloths:
-        title = _title(record, "DeepSloth", "sloth")
-        parts.append(_section("sloth", sloth_section_html, record, title=title))
-    for record in compresses:
-        title = _title(record, "Compressibility", "")
-        parts.append(_section("compress", compress_section_html, record, title=title))
-    for record in uaps:
-        title = _title(record, "Universal perturbation", "uap")
-        parts.append(_section("uap", uap_section_html, record, title=title))
-    parts.append(_section("timing", _timing_table, timings))
+        sections += _section("msa", _one, "msa", "MSA", msa_section_html, msas)
+    for i, record in enumerate(transfers):
+        heading = _title(record, "Transfer matrix", "transfer", known)
+        sections += _section(
+            "transfer", _one, f"transfer-{i}", heading, transfer_section_html, record, title=heading
+        )
+    for i, record in enumerate(sloths):
+        heading = _title(record, "DeepSloth", "sloth", known)
+        sections += _section(
+            "sloth", _one, f"sloth-{i}", heading, sloth_section_html, record, title=heading
+        )
+    for i, record in enumerate(compresses):
+        heading = _title(record, "Compressibility", "", known)
+        sections += _section(
+            "compress", _one, f"compress-{i}", heading, compress_section_html, record, title=heading
+        )
+    for i, record in enumerate(uaps):
+        heading = _title(record, "Universal perturbation", "uap", known)
+        sections += _section(
+            "uap", _one, f"uap-{i}", heading, uap_section_html, record, title=heading
+        )
+    if timings:
+        sections += _section("timing", _one, "timing", "Time per step", _timing_table, timings)
+    measured = evals + msas + transfers + sloths + compresses + uaps
+    header = _header(title, intro, _datasets(measured, trains), entries, trains, sections)
+    body = "\n".join(f"<section id={a}>\n{h}\n</section>" for a, _, h in sections)
+    script = f"<script>{SORT_JS}</script>" if "class=sortable" in body else ""
     doc = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f'<meta name=generator content="robustlab {__version__}">'
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
-        + "\n".join(parts)
+        + header
+        + "\n"
+        + body
+        + script
         + "</body></html>\n"
     )
-    atomic_write_text(out_path, doc)
-    return out_path
+    atomic_write_text(Path(out), doc)
+    return Path(out)

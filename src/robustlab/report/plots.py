@@ -85,6 +85,11 @@ def embedded_png(alt: str, draw: Callable[..., Path], data: Any, **kw: Any) -> s
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
+#: Line styles and markers telling attack configurations apart (colours tell models apart).
+DASHES = ("-", "--", ":", "-.")
+MARKERS = "osD^v<>p"
+
+
 @plot
 def robustness_curve(
     curves: Mapping[str, Sequence[tuple[float, float]]],
@@ -92,24 +97,43 @@ def robustness_curve(
     *,
     title: str = "Robust accuracy vs perturbation budget",
     xlabel: str = "eps",
+    styles: Mapping[str, tuple[int, int]] | None = None,
 ) -> Path:
-    """Plot accuracy (in %) against eps, one line per model, and save it as a PNG."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    markers = "osD^v<>p"
+    """Plot accuracy (in %) against eps, one line per entry of ``curves`` (its points sorted
+    by eps), and save it as a PNG. ``styles``: per line, (colour, dash) indices, so that lines
+    of one model share a colour and lines of one attack a dash; by default each line its own.
+    The legend sits under the axes, where it hides no point."""
+    entries = len(curves)
+    columns = 1 if entries <= 3 else 2
+    legend_rows = -(-entries // columns)
+    fig, ax = plt.subplots(figsize=(8.4, 4.6 + 0.24 * legend_rows), dpi=110)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, points) in enumerate(curves.items()):
+        colour, dash = (styles or {}).get(label, (i, 0))
         pts = sorted(points)
         ax.plot(
             [e for e, _ in pts],
             [100 * a for _, a in pts],
-            marker=markers[i % len(markers)],
+            color=colours[colour % len(colours)],
+            linestyle=DASHES[dash % len(DASHES)],
+            marker=MARKERS[(dash if styles else i) % len(MARKERS)],
             label=label,
             linewidth=2,
+            markersize=6,
         )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
+    ax.set_xlim(left=0)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
+    if entries:
+        ax.legend(
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.14),
+            ncol=columns,
+            fontsize="small",
+            frameon=False,
+        )
     fig.tight_layout()
     return save_figure(fig, path)

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .attack_table import parameter_table  # noqa: E402
 from .plots import embedded_png, plot, save_figure  # noqa: E402
 
 
@@ -70,21 +71,23 @@ def uap_section_html(record: Mapping[str, Any], *, title: str = "Universal pertu
     per_class = bool(record.get("per_class"))
     norms = record["norm_of_v"]
     norm_text = f"{min(norms):.4g} - {max(norms):.4g}" if per_class else f"{float(norms):.4g}"
-    options = ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in attack.items()
-        if k not in ("name", "norm", "xi", "method")
-    )
+    options = [
+        ("method", attack["method"]),
+        ("norm", tm["norm"]),
+        ("eps", tm["eps"]),
+        *((k, v) for k, v in attack.items() if k not in ("name", "norm", "xi", "method", "eps")),
+    ]
     parts = [
         f"<h2>{html.escape(title)}</h2>",
         f"<p>{'Class-universal perturbations' if per_class else 'A universal perturbation'} "
-        f"by the {html.escape(str(attack['method']))} method ({html.escape(options)}), "
+        f"by the {html.escape(str(attack['method']))} method (configuration below), "
         f"{html.escape(str(tm['norm']))} eps={html.escape(str(tm['eps']))}, on "
         f"{html.escape(str(record.get('data', '')))}: crafted on {int(record['n_craft'])} "
         f"training points, measured on {int(record['n_eval'])} held-out test points. Fooling "
         "rate: the prediction on clip(x + v) differs from the prediction on x (the model's "
         "own, not the label); accuracy: predictions against the labels. Random: noise of the "
         "same norm (linf random signs, l2 a Gaussian direction) on the same points.</p>",
+        parameter_table(options),
         embedded_png(
             "universal perturbation",
             uap_image,
