@@ -215,15 +215,29 @@ class ResultStore:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.read_only = read_only
+        #: The file's schema version as last read (older than SCHEMA_VERSION only read-only).
+        self.version = SCHEMA_VERSION
         if read_only or self.path.exists() or self.path.is_symlink():
             check_regular(self.path, "results store")
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect(opening=True) as db:
+        with self._transaction(opening=True):
+            pass
+
+    @property
+    def has_samples(self) -> bool:
+        """Whether the store's schema keeps per-sample outcomes (version 2 on)."""
+        return self.version >= 2
+
+    @contextmanager
+    def _transaction(self, *, opening: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction on a store checked (and, opened for writing, migrated) inside it:
+        the version is read again each time, as another process may have migrated the file."""
+        with self._connect(opening=opening) as db:
             version = _version(db, self.path)
-            if read_only and version == 0 and not _has_results(db):
+            if self.read_only and version == 0 and not _has_results(db):
                 raise RobustlabError(f"{self.path} is an empty file, not a results store")
-            if not read_only and version < SCHEMA_VERSION:
+            if not self.read_only and version < SCHEMA_VERSION:
                 try:
                     _migrate(db, version)
                 except sqlite3.DatabaseError as exc:
@@ -232,13 +246,8 @@ class ResultStore:
                         f"{max(version, 1)} to {SCHEMA_VERSION} ({exc}); it is left as it was"
                     ) from None
                 version = SCHEMA_VERSION
-        #: The schema version of the file (older than SCHEMA_VERSION only when read-only).
-        self.version = max(version, 1)
-
-    @property
-    def has_samples(self) -> bool:
-        """Whether this store's schema keeps per-sample outcomes (version 2 on)."""
-        return self.version >= 2
+            self.version = max(version, 1)
+            yield db
 
     @contextmanager
     def _connect(self, *, opening: bool = False) -> Iterator[sqlite3.Connection]:
@@ -291,7 +300,7 @@ class ResultStore:
             raise RobustlabError(f"results store {self.path} was opened read-only")
         prepared = [_prepared(record) for record in records]
         ids: list[int] = []
-        with self._connect() as db:
+        with self._transaction() as db:
             for columns, samples in prepared:
                 cur = db.execute(
                     "INSERT INTO results (kind, created, model, label, data, attack, norm, eps,"
@@ -316,6 +325,17 @@ class ResultStore:
     ) -> list[Stored]:
         """Stored records with their ids, runs and per-sample counts (optionally of one kind,
         label, or of the given record ids), oldest first, read in one transaction."""
+        with self._transaction() as db:
+            return self._entries(db, kind, label, ids)
+
+    def _entries(
+        self,
+        db: sqlite3.Connection,
+        kind: str | None = None,
+        label: str | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> list[Stored]:
+        """``entries`` within the caller's transaction."""
         if self.has_samples:
             query = (
                 "SELECT r.id, (SELECT MIN(o.id) FROM results o WHERE o.run = r.run), r.label,"
@@ -335,8 +355,7 @@ class ResultStore:
             args.extend(int(i) for i in ids)
         if conds:
             query += " WHERE " + " AND ".join(conds)
-        with self._connect() as db:
-            rows = db.execute(query + " ORDER BY r.id", args).fetchall()
+        rows = db.execute(query + " ORDER BY r.id", args).fetchall()
         return [
             Stored(int(rid), int(run if run is not None else rid), lab, self._json(rec), int(n))
             for rid, run, lab, rec, n in rows
@@ -345,24 +364,27 @@ class ResultStore:
     def run_of(self, record_id: int) -> list[Stored]:
         """Every record of the run a record belongs to (the eps of one curve), oldest first;
         empty if the store has no record of that id."""
-        if not self.has_samples:
-            return self.entries(ids=[record_id])
-        with self._connect() as db:
+        with self._transaction() as db:
+            if not self.has_samples:
+                return self._entries(db, ids=[record_id])
             found = db.execute("SELECT run FROM results WHERE id = ?", (record_id,)).fetchone()
-            if found is None or found[0] is None:
-                ids = [record_id] if found is not None else []
-            else:
-                ids = [int(r[0]) for r in db.execute("SELECT id FROM results WHERE run = ?", found)]
-        return self.entries(ids=ids) if ids else []
+            if found is None:
+                return []
+            if found[0] is None:
+                return self._entries(db, ids=[record_id])
+            ids = [int(r[0]) for r in db.execute("SELECT id FROM results WHERE run = ?", found)]
+            return self._entries(db, ids=ids)
 
     def samples(self, record_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
         """The per-sample outcomes of records, by record id, ordered by point (an empty list
         for a record without them), read in one transaction."""
         out: dict[int, list[dict[str, Any]]] = {int(i): [] for i in record_ids}
-        if not self.has_samples or not out:
+        if not out:
             return out
         marks = ", ".join("?" * len(out))
-        with self._connect() as db:
+        with self._transaction() as db:
+            if not self.has_samples:
+                return out
             rows = db.execute(
                 "SELECT result, eps, point, label, clean_pred, final_pred, robust, broken_by,"
                 f" perturbation_norm FROM samples WHERE result IN ({marks})"
