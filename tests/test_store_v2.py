@@ -19,8 +19,24 @@ from robustlab import store as store_module
 from robustlab.errors import RobustlabError
 from robustlab.store import APPLICATION_ID, SCHEMA_VERSION, ResultStore
 
+#: Two records as version 1 stored them (its ``add`` kept each record's JSON, and a few of its
+#: fields as columns).
+OLD_RECORDS: list[dict[str, Any]] = [
+    {
+        "kind": "eval",
+        "created": "2024-05-01T10:00:00+00:00",
+        "model": {"sha256": "abc" * 21 + "d", "arch": "mlp", "path": "old"},
+        "data": "digits/test",
+        "attack": {"name": "pgd"},
+        "threat_model": {"norm": "linf", "eps": 0.1},
+        "n": 20,
+        "clean_accuracy": 0.9,
+        "robust_accuracy": 0.5,
+    },
+    {"kind": "train", "created": "2024-05-01T09:00:00+00:00"},
+]
 #: Version 1 of the store exactly as robustlab wrote it (store.py before schema 2): its tables,
-#: then the marker and the version, with two records as its ``add`` stored them.
+#: then the marker and the version, and the two records.
 V1_STORE = f"""
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -38,10 +54,10 @@ CREATE INDEX IF NOT EXISTS results_kind ON results(kind, label);
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = 1;
 INSERT INTO results (kind, created, model, label, data, attack, norm, eps, record) VALUES
-    ('eval', '2024-05-01T10:00:00+00:00', 'abc', 'old model', 'digits/test', 'pgd', 'linf', 0.1,
-     '{{"kind": "eval", "robust_accuracy": 0.5, "threat_model": {{"eps": 0.1, "norm": "linf"}}}}'),
+    ('eval', '2024-05-01T10:00:00+00:00', '{"abc" * 21 + "d"}', 'old model', 'digits/test',
+     'pgd', 'linf', 0.1, '{json.dumps(OLD_RECORDS[0], sort_keys=True)}'),
     ('train', '2024-05-01T09:00:00+00:00', '', 'old model', '', '', '', NULL,
-     '{{"kind": "train"}}');
+     '{json.dumps(OLD_RECORDS[1], sort_keys=True)}');
 """
 LEGACY_STORE = """
 CREATE TABLE results (
@@ -50,15 +66,6 @@ CREATE TABLE results (
 );
 INSERT INTO results (kind, created, label, record) VALUES ('eval', 'then', 'older', '{"kind": "eval"}');
 """
-OLD_RECORDS = [
-    {
-        "kind": "eval",
-        "robust_accuracy": 0.5,
-        "threat_model": {"eps": 0.1, "norm": "linf"},
-        "label": "old model",
-    },
-    {"kind": "train", "label": "old model"},
-]
 
 
 def made_with(path: Path, script: str) -> Path:
@@ -119,7 +126,7 @@ def test_a_version_1_store_is_read_as_it_is_when_opened_read_only(tmp_path: Path
     before = digest(path)
     store = ResultStore(path, read_only=True)
     assert store.version == 1 and not store.has_samples
-    assert store.records() == OLD_RECORDS
+    assert store.records() == [{**r, "label": "old model"} for r in OLD_RECORDS]
     assert [(e.id, e.run, e.samples) for e in store.entries()] == [(1, 1, 0), (2, 2, 0)]
     assert store.samples([1]) == {1: []}
     assert digest(path) == before
@@ -135,7 +142,7 @@ def test_a_version_1_store_opened_for_writing_is_migrated_keeping_its_records(
     assert "samples" in tables and "run" in columns
     new = store.add(evaluation(30), label="new model")
     assert new == 3  # ids go on after the old records
-    assert store.records()[:2] == OLD_RECORDS
+    assert store.records()[:2] == [{**r, "label": "old model"} for r in OLD_RECORDS]
     assert [e.samples for e in store.entries()] == [0, 0, 30]
     again = ResultStore(path, read_only=True)
     assert again.version == 2 and len(again.samples([new])[new]) == 30
@@ -352,3 +359,32 @@ def test_a_lock_held_past_the_busy_timeout_gives_one_sentence(
         holder.execute("ROLLBACK")
         holder.close()
     assert store.add({"kind": "eval"}) == 1  # nothing half-written was left behind
+
+
+# -- the commands on an older store -------------------------------------------------------------
+
+
+def test_runs_and_compare_read_a_version_1_store_and_refuse_its_records_for_compare(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from robustlab.cli import main
+
+    path = made_with(tmp_path / "v1.sqlite", V1_STORE)
+    before = digest(path)
+    assert main(["runs", "--store", str(path)]) == 0
+    assert "old model abcabcab" in capsys.readouterr().out  # listed, read as it is
+    assert main(["compare", "1", "1", "--store", str(path)]) == 2
+    assert "schema version 1, which kept no per-sample outcomes" in capsys.readouterr().err
+    assert digest(path) == before
+
+    model = tmp_path / "mlp"
+    train = ["train", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--no-progress"]
+    assert main([*train, "--out", str(model)]) == 0
+    evaluate = ["eval", "--model", str(model), "--data", "digits", "--eps", "0.1", "--n", "20"]
+    assert main([*evaluate, "--steps", "2", "--engine", "torch", "--store", str(path)]) == 0
+    assert header(path)[1] == 2  # migrated by the command that wrote into it
+    capsys.readouterr()
+    assert main(["compare", "1", "3", "--store", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "run 1 has no per-sample outcomes (it was stored before the store kept them)" in err
+    assert [e.samples for e in ResultStore(path, read_only=True).entries()] == [0, 0, 20]
