@@ -404,9 +404,9 @@ def compare_runs(
     if not same_points:
         notes.append(
             f"{a.name} evaluated points {spans(pa)} and {b.name} points {spans(pb)}: compared on "
-            f"the {len(shared)} points both evaluated ({spans(shared)}), which is sound because "
-            "each point's outcome is its own; the numbers below are on those points, the numbers "
-            "after each attack (stored over each run's own points) are left out"
+            f"the {len(shared)} points both evaluated, which is sound as each point's outcome is "
+            "its own; the numbers after each attack, stored over each run's own points, are left "
+            "out"
         )
     ca = [pa[i]["clean_pred"] == pa[i]["label"] for i in shared]
     cb = [pb[i]["clean_pred"] == pb[i]["label"] for i in shared]
@@ -550,10 +550,11 @@ def comparison_text(c: Comparison) -> str:
 
     lines = [f"A = {about(c.a)}", f"B = {about(c.b)}"]
     lines.append(f"on {len(c.points)} {c.data} points ({spans(c.points)})")
+    lines += [f"note: {note}" for note in c.notes]
     rows = [_moved(c.clean)]
     for e in c.per_eps:
         rows += [[f"eps {e.eps:g}: {r[0]}", *r[1:]] for r in map(_moved, e.numbers)]
-    lines += ["", _table(("number", "A %", "B %", "B - A"), rows, right={1, 2, 3})]
+    lines += ["", _table(("number", "A %", "B %", "B - A (pp)"), rows, right={1, 2, 3})]
     lines += [
         "",
         f"misclassified without attack by A, not by B: {len(c.wrong_in_a_only)}"
@@ -570,5 +571,4 @@ def comparison_text(c: Comparison) -> str:
             f"eps {e.eps:g}: broken in both: {e.broken_in_both}, robust in both: "
             f"{e.robust_in_both}",
         ]
-    lines += [f"note: {note}" for note in c.notes]
     return "\n".join(lines)

@@ -39,10 +39,10 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> History:
     l2 eps 0.5), 5 (std, apgd-ce at 0.1 on 40 points), 6 (std on its own adversarial examples)."""
     root = tmp_path_factory.mktemp("history")
     std, at, store = root / "std", root / "at", root / "s.sqlite"
-    train = ["train", "--arch", "mlp", "--data", "digits", "--epochs", "3", "--no-progress"]
-    cli(*train, "--out", std)
-    cli(*train, "--method", "pgd-at", "--eps", "0.1", "--out", at)
-    common = ["eval", *QUICK, "--store", store]
+    train: list[str | Path] = ["train", "--arch", "mlp", "--data", "digits", "--no-progress"]
+    cli(*train, "--epochs", "3", "--out", std)
+    cli(*train, "--epochs", "3", "--method", "pgd-at", "--eps", "0.1", "--out", at)
+    common: list[str | Path] = ["eval", *QUICK, "--store", store]
     cli(*common, "--model", std, "--eps", "0.05,0.1", "--n", "60", "--label", "std", "--json",
         root / "e1.json")  # fmt: skip
     cli(*common, "--model", at, "--eps", "0.1", "--n", "60", "--label", "at", "--json",
