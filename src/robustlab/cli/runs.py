@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..errors import RobustlabError
 from ..io import write_json
 from .common import add_command, add_common, checked_outputs, json_output
 
@@ -53,12 +54,16 @@ def register(sub: Any) -> None:
 
 
 def _checkpoint_sha(model: str | None) -> tuple[str, ...]:
-    """The weights' SHA-256 of --model when it names an existing checkpoint path."""
+    """The weights' SHA-256 of --model when it names an existing checkpoint (any other path
+    that exists, a folder of the same name as a label, say, is matched as a label alone)."""
     if model is None or not Path(model).expanduser().exists():
         return ()
     from ..models.checkpoint import checkpoint_files, file_sha256
 
-    return (file_sha256(checkpoint_files(model)[-1]),)
+    try:
+        return (file_sha256(checkpoint_files(model)[-1]),)
+    except RobustlabError:
+        return ()
 
 
 def run(args: argparse.Namespace) -> int:
