@@ -9,6 +9,8 @@ import hashlib
 import json
 import multiprocessing as mp
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -388,3 +390,28 @@ def test_runs_and_compare_read_a_version_1_store_and_refuse_its_records_for_comp
     err = capsys.readouterr().err
     assert "run 1 has no per-sample outcomes (it was stored before the store kept them)" in err
     assert [e.samples for e in ResultStore(path, read_only=True).entries()] == [0, 0, 20]
+
+
+def test_a_writer_killed_mid_write_leaves_no_half_record(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    ResultStore(path).add(record(0, 0), label="committed")
+    # a real process killed in the middle of its transaction: its pages spill to the file,
+    # its journal (the undo) stays behind
+    killed = (
+        "import os, sqlite3\n"
+        f"db = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+        "db.execute('PRAGMA cache_size = 1')\n"
+        "db.execute('BEGIN IMMEDIATE')\n"
+        "for i in range(3000):\n"
+        "    db.execute(\"INSERT INTO results (kind, created, record) VALUES ('eval', '', ?)\","
+        " ('x' * 500,))\n"
+        "os._exit(1)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == 1
+    assert Path(f"{path}-journal").exists()
+    with pytest.raises(RobustlabError, match="unfinished write of a process that stopped"):
+        ResultStore(path, read_only=True)
+    store = ResultStore(path)  # a writer undoes it
+    assert [e.label for e in store.entries()] == ["committed"]
+    assert not Path(f"{path}-journal").exists()
+    assert ResultStore(path, read_only=True).entries()[0].samples == record(0, 0)["n"]

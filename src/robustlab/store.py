@@ -25,7 +25,9 @@ schema than this code knows is refused, read or write, with one sentence.
 write is one ``BEGIN IMMEDIATE`` transaction (the writer takes the write lock before it reads
 anything, so two writers queue instead of failing on a lock upgrade), every read is one
 transaction (a consistent snapshot), and a process waits up to ``BUSY_TIMEOUT_S`` for another's
-lock before it gives up with one sentence. The store keeps SQLite's default rollback journal
+lock before it gives up with one sentence. A writer killed mid-write leaves its undo journal
+beside the file; the next writer rolls it back (a read-only reader may not, and says so). The
+store keeps SQLite's default rollback journal
 and ``synchronous=FULL``, not WAL: WAL needs shared memory beside the file, so it does not work
 on network filesystems (where a shared store is likely to live), a read-only open of a WAL file
 needs write access to its folder (or a ``-shm`` file left behind), and a store copied without
@@ -276,6 +278,12 @@ class ResultStore:
                 raise RobustlabError(
                     f"results store {self.path} stayed locked by another process for "
                     f"{BUSY_TIMEOUT_S:g} s; try again once it has finished writing"
+                ) from None
+            if self.read_only and "readonly" in str(exc):  # a hot journal: recovery writes
+                raise RobustlabError(
+                    f"results store {self.path} holds the unfinished write of a process that "
+                    f"stopped mid-write (in {self.path.name}-journal), which a read-only reader "
+                    "may not undo: the next robustlab command that writes to the store undoes it"
                 ) from None
             raise self._damaged(exc, opening) from None
         except sqlite3.DatabaseError as exc:
