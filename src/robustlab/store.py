@@ -26,14 +26,15 @@ write is one ``BEGIN IMMEDIATE`` transaction (the writer takes the write lock be
 anything, so two writers queue instead of failing on a lock upgrade), every read is one
 transaction (a consistent snapshot), and a process waits up to ``BUSY_TIMEOUT_S`` for another's
 lock before it gives up with one sentence. A writer killed mid-write leaves its undo journal
-beside the file; the next writer rolls it back (a read-only reader may not, and says so). The
-store keeps SQLite's default rollback journal
-and ``synchronous=FULL``, not WAL: WAL needs shared memory beside the file, so it does not work
-on network filesystems (where a shared store is likely to live), a read-only open of a WAL file
-needs write access to its folder (or a ``-shm`` file left behind), and a store copied without
-its ``-wal`` file silently loses its last records. WAL's gain, readers that do not wait for a
-writer, is worth little here: a write is one evaluation's rows, milliseconds long. Over a
-network filesystem the store is as safe as that filesystem's file locks (SQLite's own caveat).
+beside the file; the next writer rolls it back (a read-only reader may not, and says so).
+
+The store keeps SQLite's default rollback journal and ``synchronous=FULL``, not WAL: WAL needs
+shared memory beside the file, so it does not work on network filesystems (where a shared store
+is likely to live), a read-only open of a WAL file needs write access to its folder (or a
+``-shm`` file left behind), and a store copied without its ``-wal`` file silently loses its last
+records. WAL's gain, readers that do not wait for a writer, is worth little here: a write is
+one evaluation's rows, tens of milliseconds. Over a network filesystem the store is as safe as
+that filesystem's file locks (SQLite's own caveat).
 """
 
 from __future__ import annotations

@@ -98,6 +98,7 @@ def test_runs_lists_each_run_with_its_numbers(
 
 def test_runs_filters_by_model_kind_threat_model_attack_and_date(history: History) -> None:
     def ids(*args: str | Path) -> list[int]:
+        """The ids of the runs listed with these filters."""
         return [r["id"] for r in listed(history, *args)]
 
     assert ids("--model", "at") == [3]  # a label
