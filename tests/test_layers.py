@@ -42,6 +42,7 @@ GROUPS = {
     "monitor": "monitor",
     "store": "store",
     "report": "report",
+    "history": "report",  # like the report, it reads stored results
     "cli": "top",
     "demo": "top",
     "__main__": "top",

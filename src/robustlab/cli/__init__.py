@@ -19,6 +19,7 @@ from ..errors import RobustlabError, RunStopped, StatedByRankZero
 from ..version import __version__
 from . import (
     attack,
+    compare,
     compress,
     demo,
     eval,
@@ -28,6 +29,7 @@ from . import (
     prune,
     quantize,
     report,
+    runs,
     sloth,
     train,
     transfer,
@@ -38,7 +40,7 @@ from .common import HelpFormatter, check_seeds
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (
     demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
-    uap, report,
+    uap, report, runs, compare,
 )  # fmt: skip
 
 

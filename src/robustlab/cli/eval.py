@@ -114,7 +114,8 @@ def _outputs(args: argparse.Namespace, samples: Path | None, progress: Path | No
 
 
 def _write(args: argparse.Namespace, records: list[Any], samples: Path | None) -> None:
-    """Write the records' per-sample CSV, their JSON and their rows in the store."""
+    """Write the records' per-sample CSV, their JSON, and their rows and per-sample outcomes
+    in the store."""
     from ..evaluate.robust import samples_csv
     from ..store import ResultStore
 
@@ -126,10 +127,9 @@ def _write(args: argparse.Namespace, records: list[Any], samples: Path | None) -
         atomic_write_text(samples, samples_csv(records))
     if args.json:
         write_json(args.json, dicts[0] if len(dicts) == 1 else {"records": dicts})
-    if args.store:
-        store = ResultStore(args.store)
-        for d in dicts:
-            store.add(d, label=args.label or Path(args.model).name)
+    if args.store:  # every eps of the run with its per-sample outcomes, in one transaction
+        stored = [{**d, "samples": r.samples} for d, r in zip(dicts, records, strict=True)]
+        ResultStore(args.store).add_many(stored, label=args.label or Path(args.model).name)
 
 
 def _loaded(args: argparse.Namespace, device: str) -> tuple[Any, Any, dict[str, object]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -68,12 +69,16 @@ class EvalRecord:
     )
     robustlab_version: str = __version__
     kind: str = "eval"
+    # the run this record belongs to: the records of one robustness curve share it
+    run: str = field(default_factory=lambda: uuid.uuid4().hex)
     samples: list[dict[str, object]] = field(default_factory=list, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (without the per-sample table, which is written beside it)."""
+    def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
+        """JSON-able form; without the per-sample table (written beside it) unless ``samples``
+        (what the results store takes: ``ResultStore.add`` stores it in its own table)."""
         d = asdict(self)
-        d.pop("samples")
+        if not samples:
+            d.pop("samples")
         return d
 
 
@@ -375,6 +380,7 @@ def _records(
     warnings: list[str],
 ) -> list[EvalRecord]:
     records = []
+    run = uuid.uuid4().hex  # one key for the records of this curve
     for i, attack in enumerate(attacks):
         rows = [r for s in sorted(done) for r in done[s]["per_eps"][str(i)]["rows"]]
         clean = sum(r["clean_pred"] == r["label"] for r in rows)
@@ -428,6 +434,7 @@ def _records(
                 seed=seed,
                 per_attack=per_attack,
                 warnings=notes,
+                run=run,
                 samples=rows,
             )
         )
