@@ -8,7 +8,7 @@ from typing import Any
 
 from .evals import RobustRow
 from .records import Matched
-from .text import Rows, span, threat_text
+from .text import Rows, eps_text, span
 
 #: Below this many points an evaluation's sampling error is named (RobustBench uses 10,000 on
 #: CIFAR-10, mnist5k has 1,000 test points).
@@ -37,7 +37,10 @@ def _robustness_limits(rows: list[RobustRow], manifest: dict[str, Any], suggest:
         graded = {(r.norm, r.eps) for r in rows if r.autoattack_grade}
         loose = sorted({(r.norm, r.eps) for r in weak} - graded)
         if loose:
-            where = ", ".join(threat_text(n, e) for n, e in loose)
+            where = "; ".join(
+                f"{norm} eps " + ", ".join(eps_text(e) for n, e in loose if n == norm)
+                for norm in dict.fromkeys(n for n, _ in loose)
+            )
             out.append(
                 f"At {where} only weaker attacks were run: those robust accuracies are upper "
                 "bounds (lower bounds on attack success), not AutoAttack-grade numbers."
@@ -54,11 +57,15 @@ def _robustness_limits(rows: list[RobustRow], manifest: dict[str, Any], suggest:
         widest = max(few, key=lambda r: r.interval[1] - r.interval[0])
         half = 100 * (widest.interval[1] - widest.interval[0]) / 2
         test_size = (manifest.get("dataset") or {}).get("test_size")
-        of = f" of {test_size}" if isinstance(test_size, int) else ""
         sizes = ", ".join(str(n) for n in sorted({r.n for r in few}))
+        if {r.n for r in few} == {test_size}:
+            what = f"The test set has only {test_size} points"
+        else:
+            of = f" of {test_size}" if isinstance(test_size, int) else ""
+            what = f"Some evaluations ran on few points ({sizes}{of})"
         out.append(
-            f"Some evaluations ran on few points ({sizes}{of}): their 95 % intervals reach "
-            f"+/- {half:.1f} points ({widest.id}); compare models on the same points only."
+            f"{what}: 95 % intervals reach +/- {half:.1f} points ({widest.id}); a difference "
+            "smaller than that between two models may be chance; compare on the same points."
         )
     trained_on = (manifest.get("dataset") or {}).get("name")
     other = sorted({r.data.split("/")[0] for r in rows} - {str(trained_on)})

@@ -172,8 +172,13 @@ def stated(manifest: dict[str, Any]) -> Rows:
         return []
     rows: Rows = []
     for name, value in flat_items(metrics, ("early_exit_test", *RECIPE_SKIP)):
-        is_rate = "accuracy" in name and isinstance(value, float)
-        rows.append((setting_name(name), pct(value) if is_rate else value_text(value)))
+        if "accuracy" in name and isinstance(value, float):
+            shown = pct(value)
+        elif "accuracy" in name and isinstance(value, list) and len(value) <= 8:
+            shown = ", ".join(pct(v) for v in value)  # per exit
+        else:
+            shown = value_text(value)
+        rows.append((setting_name(name), shown))
     return rows
 
 

@@ -89,12 +89,12 @@ SHORT = 28
 def _kv(rows: Sequence[tuple[str, str]], header: tuple[str, str] = ("", "")) -> Table:
     """A key/value table; a long one of short values as two pairs per line (read down the
     first pair, then the second) so it does not run down the page."""
-    if len(rows) <= KV_FOLD or any(len(v) > SHORT for _, v in rows) or any(header):
+    if len(rows) <= KV_FOLD or any(len(v) > SHORT for _, v in rows):
         return Table(header, [tuple(r) for r in rows], left=2, keys=1)
     half = (len(rows) + 1) // 2
     left, right = rows[:half], [*rows[half:], ("", "")]
     lines = [(*a, *b) for a, b in zip(left, right, strict=False)]
-    return Table(("", "", "", ""), lines, left=4, keys=2)
+    return Table((*header, *header), lines, left=4, keys=2)
 
 
 def _intro(card: ModelCard) -> list[Block]:
@@ -246,6 +246,8 @@ def _robust(card: ModelCard) -> list[Block]:
     """Every stored robust accuracy, its protocol in full, per-stage numbers."""
     blocks: list[Block] = [Heading("Robust accuracy", 2)]
     if not card.robust:
+        if not card.matched:  # the note under the title already says how to produce them
+            return blocks + [Para("None stored.", "muted")]
         return blocks + [Para(f"None stored. Produce one with `{card.suggest}`.", "note")]
     header = (
         "row", "threat model", "attack", "grade", "protocol", "points", "clean", "robust",
