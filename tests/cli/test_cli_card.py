@@ -31,6 +31,7 @@ class Runs:
 
     mlp: Path
     other: Path
+    int8: Path  # mlp quantized: it keeps mlp's float weights, so their hash
     prob: list[str]  # --model and its options for the python: model
     store: Path
 
@@ -65,6 +66,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
          "--label", "mlp", *common])  # fmt: skip
     _ok(["transfer", "--sources", str(other), "--targets", str(mlp), "--attacks", "pgd",
          "--eps", "0.1", "--steps", "5", "--n", "50", *common])  # fmt: skip
+    int8 = root / "int8"
+    _ok(["quantize", "--model", str(mlp), "--data", "digits", "--out", str(int8)])
+    _ok(["eval", "--model", str(int8), "--eps", "0.1", "--steps", "5", "--n", "50", *common])
     (root / "prob.py").write_text(PROB_PY)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax(dim=1))
@@ -73,7 +77,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         "--model", f"python:{root / 'prob.py'}:make", "--weights", str(root / "prob.safetensors"),
         "--mean", "0", "--std", "1", "--input-size", "1,8,8",
     ]  # fmt: skip
-    return Runs(mlp, other, prob, store)
+    return Runs(mlp, other, int8, prob, store)
 
 
 def _card(runs: Runs, out: Path, *extra: str, model: list[str] | None = None) -> dict[str, Any]:
@@ -92,10 +96,12 @@ def _sha(path: Path) -> str:
 
 
 def _evals_of(runs: Runs, path: Path) -> list[dict[str, Any]]:
-    """The store's eval records of one checkpoint, by its hash."""
-    sha = _sha(path)
+    """The store's eval records of one checkpoint, by its hash and by how it was run
+    (an int8 model's records say it was attacked through its float model)."""
+    sha, int8 = _sha(path), path == runs.int8
     return [r for r in ResultStore(runs.store, read_only=True).records("eval")
-            if r["model"]["sha256"] == sha]  # fmt: skip
+            if r["model"]["sha256"] == sha
+            and bool(r["model"].get("attacked_through")) == int8]  # fmt: skip
 
 
 def _pct(x: float) -> str:
@@ -134,6 +140,17 @@ def test_card_numbers_are_the_stored_records_of_this_model_only(runs: Runs, tmp_
         ]
     other = _evals_of(runs, runs.other)[0]
     assert facts["sha256"] == _sha(runs.mlp) and other["model"]["sha256"] != facts["sha256"]
+
+
+def test_an_int8_model_and_its_float_model_each_get_their_own_records(
+    runs: Runs, tmp_path: Path
+) -> None:
+    assert _sha(runs.int8) == _sha(runs.mlp)  # the int8 checkpoint keeps the float weights
+    (rec,) = _evals_of(runs, runs.int8)
+    facts = _card(runs, tmp_path / "int8.md", model=["--model", str(runs.int8)])
+    assert [r["robust_accuracy"] for r in facts["robust"]] == [rec["robust_accuracy"]]
+    assert dict(facts["protocols"][0]["settings"])["attacked through"]
+    assert len(_card(runs, tmp_path / "float.md")["robust"]) == 5
 
 
 def test_card_states_each_protocol_in_full(runs: Runs, tmp_path: Path) -> None:

@@ -130,3 +130,10 @@ def test_a_card_without_results_renders_in_both_formats() -> None:
     md, page = render_markdown(card), render_html(card)
     assert "No results of this model are stored" in md
     assert "No results of this model are stored" in page and "<h2>Summary</h2>" not in page
+
+
+def test_a_stored_train_manifest_is_matched_by_its_weights_hash() -> None:
+    stored = {**MANIFEST, "kind": "train", "label": "net"}  # as robustlab demo stores it
+    elsewhere = {**MANIFEST, "kind": "train", "weights": {"sha256": "cd" * 32}}
+    card = _card([stored, elsewhere])
+    assert card.matched == {"train": 1} and card.labels == ["net"]

@@ -70,7 +70,7 @@ def build_card(
     the card suggests); ``store``: the store's path; ``parameters``: its parameter count
     (from the loaded model); ``title``: else the records' one label, else ``model``."""
     sha = (manifest.get("weights") or {}).get("sha256") or None
-    matched = match_records(records, sha)
+    matched = match_records(records, sha, int8=isinstance(manifest.get("quantization"), dict))
     robust, protocols = robust_rows(matched.evals)
     transfer = transfer_rows(matched.transfers)
     suggest = suggested_command(model, store, manifest)

@@ -70,6 +70,14 @@ def identity(manifest: dict[str, Any], model: str, parameters: int | None) -> Ro
         made = f"written {manifest.get('created', '?')} by robustlab {manifest.get('robustlab_version', '?')}"
         rows.append(("source", f"robustlab checkpoint, {made}"))
     rows.append(("weights SHA-256", sha or "none: no stored record can be tied to this model"))
+    observers = (quant or {}).get("observers") if isinstance(quant, dict) else None
+    if isinstance(observers, dict) and observers.get("sha256"):
+        rows.append(
+            (
+                "int8 observers SHA-256",
+                f"{observers['sha256']} (the hash above is of the float weights it keeps)",
+            )
+        )
     of = (manifest.get("weights") or {}).get("sha256_of")
     if of:
         rows.append(("hash taken of", str(of)))

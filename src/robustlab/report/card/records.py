@@ -1,12 +1,28 @@
 """Which stored records are a model's: those that carry its weights SHA-256 (``eval``,
 ``msa``, ``compress``, ``uap`` and ``sloth`` under ``model``, ``transfer`` under ``models``,
-a stored ``train`` manifest under ``weights``)."""
+a stored ``train`` manifest under ``weights``).
+
+An int8 checkpoint keeps its float model's weights (and hash) beside its observers, so the
+hash alone does not tell an int8 model's records from its float model's: a record of an int8
+model says how it was attacked (``attacked_through``, a stored train manifest its
+``quantization``), and only records that agree with the model on being int8 are its own.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def is_int8(record: dict[str, Any]) -> bool:
+    """Whether a record (or a transfer record's model entry, or a manifest) is of an int8
+    model."""
+    if record.get("kind") == "train" or "weights" in record:
+        return isinstance(record.get("quantization"), dict)
+    model = record.get("model")
+    info: dict[str, Any] = model if isinstance(model, dict) else record
+    return bool(info.get("attacked_through"))
 
 
 def record_sha(record: dict[str, Any]) -> str | None:
@@ -16,12 +32,17 @@ def record_sha(record: dict[str, Any]) -> str | None:
     return str(sha) if sha else None
 
 
-def transfer_names(record: dict[str, Any], sha: str) -> list[str]:
-    """The names a transfer record gives the model with this hash (source, target or both)."""
+def transfer_names(record: dict[str, Any], sha: str, int8: bool = False) -> list[str]:
+    """The names a transfer record gives the model with this hash (source, target or both);
+    ``int8``: the model is an int8 one (see the module's docstring)."""
     models = record.get("models")
     if not isinstance(models, dict):
         return []
-    return [n for n, info in models.items() if isinstance(info, dict) and info.get("sha256") == sha]
+    return [
+        name
+        for name, info in models.items()
+        if isinstance(info, dict) and info.get("sha256") == sha and is_int8(info) == int8
+    ]
 
 
 @dataclass
@@ -48,8 +69,11 @@ class Matched:
         return out
 
 
-def match_records(records: Iterable[dict[str, Any]], sha: str | None) -> Matched:
-    """The records that carry this weights SHA-256 (none when the model has no hash)."""
+def match_records(
+    records: Iterable[dict[str, Any]], sha: str | None, *, int8: bool = False
+) -> Matched:
+    """The records that carry this weights SHA-256 (none when the model has no hash); of
+    an int8 model (``int8``) or of a float one, as the model is."""
     found = Matched()
     if not sha:
         return found
@@ -62,10 +86,10 @@ def match_records(records: Iterable[dict[str, Any]], sha: str | None) -> Matched
     for r in records:
         kind = r.get("kind")
         if kind == "transfer":
-            names = transfer_names(r, sha)
+            names = transfer_names(r, sha, int8)
             if names:
                 found.transfers.append((r, names))
-        elif record_sha(r) != sha:
+        elif record_sha(r) != sha or is_int8(r) != int8:
             continue
         elif kind in ("eval", "msa"):
             if isinstance(r.get("threat_model"), dict) and "eps" in r["threat_model"]:
