@@ -94,7 +94,12 @@ def known_limits(
         out.append("A multi-exit model, but no slowdown (DeepSloth) attack on it is stored.")
     if not matched.compresses:
         out.append("No compressibility measurement is stored.")
-    if manifest.get("format") != "robustlab-checkpoint":
+    if manifest.get("format") == "legacy-pt":
+        out.append(
+            "A legacy weights file without a manifest: how it was trained, and on what, is "
+            "not known to robustlab."
+        )
+    elif manifest.get("format") != "robustlab-checkpoint":
         out.append(
             "A foreign model: its manifest says what was loaded, not how it was trained, so "
             "its recipe is not known to robustlab."

@@ -66,6 +66,8 @@ def identity(manifest: dict[str, Any], model: str, parameters: int | None) -> Ro
     source = manifest.get("source")
     if isinstance(source, dict):
         rows.append(("source", value_text({k: v for k, v in source.items() if k != "sha256"})))
+    elif manifest.get("format") == "legacy-pt":
+        rows.append(("source", "a legacy .pt/.pth weights file, without a manifest"))
     elif manifest.get("format") == "robustlab-checkpoint":
         made = f"written {manifest.get('created', '?')} by robustlab {manifest.get('robustlab_version', '?')}"
         rows.append(("source", f"robustlab checkpoint, {made}"))

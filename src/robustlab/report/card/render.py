@@ -327,7 +327,7 @@ def _transfer(card: ModelCard) -> list[Block]:
         for t in card.transfer
     ]
     header = (
-        "", "this model is", "other model", "attack", "threat model", "points",
+        "row", "this model is", "other model", "attack", "threat model", "points",
         "success rate", "target accuracy on the examples", "date",
     )  # fmt: skip
     return [
