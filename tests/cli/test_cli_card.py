@@ -207,7 +207,11 @@ def test_card_shows_transfer_with_this_model_as_target(runs: Runs, tmp_path: Pat
     (t,) = facts["transfer"]
     assert (t["role"], t["other"]) == ("target", str(runs.other))
     assert t["success_rate"] == cell["success_rate"] and t["n"] == cell["n"]
-    assert _pct(cell["success_rate"]) + f" of {cell['n']}" in (tmp_path / "card.md").read_text()
+    text = (tmp_path / "card.md").read_text()
+    assert _pct(cell["success_rate"]) + f" of {cell['n']}" in text
+    # the transfer record carries its command line too, and the card lists it
+    assert record["command"].startswith("robustlab transfer --sources ")
+    assert [record["command"], "transfer"] in facts["commands"] and record["command"] in text
     of_other = _card(runs, tmp_path / "other.md", model=["--model", str(runs.other)])
     assert [x["role"] for x in of_other["transfer"]] == ["source"]
 
@@ -290,3 +294,35 @@ def test_card_refuses_an_unknown_format_and_a_file_it_did_not_write(
     assert notes.read_text() == "# my notes\n"
     _ok([*base, str(notes), "--overwrite"])
     assert notes.read_text().startswith("<!-- robustlab model card")
+
+
+def test_card_shows_slowdown_and_compressibility_results(runs: Runs, tmp_path: Path) -> None:
+    exits, store = tmp_path / "exits", tmp_path / "more.sqlite"
+    _ok(["exits", "--model", str(runs.mlp), "--data", "digits", "--out", str(exits),
+         "--epochs", "1", "--latency-samples", "0", "--no-progress"])  # fmt: skip
+    _ok(["sloth", "--model", str(exits), "--data", "digits", "--eps", "0.1", "--steps", "5",
+         "--n", "30", "--latency-samples", "0", "--store", str(store), "--no-progress"])  # fmt: skip
+    _ok(["compress", "--model", str(runs.mlp), "--data", "digits", "--n", "30", "--steps", "5",
+         "--store", str(store), "--no-progress"])  # fmt: skip
+    stored = ResultStore(store, read_only=True)
+    (sloth,) = stored.records("sloth")
+    (compress,) = stored.records("compress")
+    out = tmp_path / "exits.md"
+    _ok(["card", "--model", str(exits), "--store", str(store), "--out", str(out)])
+    text = out.read_text()
+    manifest = json.loads((exits / "manifest.json").read_text())
+    for drop, res in manifest["metrics"]["early_exit_test"].items():
+        assert _table_row(text, drop)[3] == _pct(res["accuracy_early_exit"])
+    cells = _table_row(text, sloth["variant"])
+    assert cells[4] == f"{_pct(sloth['clean']['flops_saving'])} → " + _pct(
+        sloth["attacked"]["flops_saving"]
+    )
+    assert sloth["command"].startswith("robustlab sloth ") and sloth["command"] in text
+    assert "No compressibility measurement is stored." in text  # compress ran on the backbone
+    backbone = tmp_path / "backbone.json"
+    _ok(["card", "--model", str(runs.mlp), "--store", str(store), "--out",
+         str(tmp_path / "backbone.md"), "--json", str(backbone)])  # fmt: skip
+    facts = json.loads(backbone.read_text())
+    assert [(c["norm"], c["bound"]) for c in facts["compress"]] == [
+        (norm, compress["bound"][norm]["bound"]) for norm in compress["gap"]
+    ]
