@@ -23,13 +23,13 @@ from .text import pct, plural, span, threat_text, value_text
 #: The first line of every Markdown card robustlab writes (how a card is recognised as ours).
 MARKDOWN_MARKER = "<!-- robustlab model card"
 is_markdown_card = starts_with(MARKDOWN_MARKER.encode())
-FORMATS = ("md", "html")
 CARD_CSS = """
-body{max-width:1100px} td{vertical-align:top} td.n{white-space:nowrap} .warn{background:#fff6e6;border-left:4px solid #e0a030;margin:.4em 0;
-padding:.35em .8em;list-style:none} ul.warns{padding-left:0}
+body{max-width:1100px} td{vertical-align:top} td.n{white-space:nowrap}
+td.l{overflow-wrap:break-word} td.k{color:#445;background:#fafbfd}
+h3{font-size:1.02em;margin-top:1.3em} code{font-size:.92em}
 pre{background:#f4f6fa;border:1px solid #dde;padding:.6em .8em;overflow-x:auto;font-size:.86em}
-code{font-size:.92em} h3{font-size:1.02em;margin-top:1.3em} td.l{overflow-wrap:break-word}
-td.k{color:#445;background:#fafbfd}
+ul.warns{padding-left:0} .warn{background:#fff6e6;border-left:4px solid #e0a030;margin:.4em 0;
+padding:.35em .8em;list-style:none}
 .note{background:#eef4ff;border-left:4px solid #5b8def;padding:.35em .8em}
 """
 
