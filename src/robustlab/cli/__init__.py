@@ -19,6 +19,7 @@ from ..errors import RobustlabError, RunStopped, StatedByRankZero
 from ..version import __version__
 from . import (
     attack,
+    card,
     compare,
     compress,
     demo,
@@ -40,7 +41,7 @@ from .common import HelpFormatter, check_seeds
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (
     demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
-    uap, report, runs, compare,
+    uap, report, card, runs, compare,
 )  # fmt: skip
 
 
@@ -87,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a command; user errors print one sentence and exit non-zero."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the command line as typed, which every record carries (common.finished_record)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     rank, world = _torchrun_process()
     started = False
     try:

@@ -1,10 +1,13 @@
 """Argument helpers every command shares: common options, list parsing, the declaration of
-a command's outputs and inputs for ``io.check_outputs``, loading checkpoints, messages."""
+a command's outputs and inputs for ``io.check_outputs``, loading checkpoints, what every
+record says of how it was made, messages."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shlex
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 
 from ..errors import RobustlabError
 from ..io import Output, check_outputs, is_robustlab_json
+from ..version import __version__
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N or mps"
 DATA_HELP = "data: mnist5k, digits, npz:PATH, folder:PATH or torchvision:NAME"
@@ -210,6 +214,40 @@ def draw_plots(plots: Iterable[Callable[[], Path]]) -> list[Path]:
         which = "this plot" if len(failed) == 1 else "these plots"
         raise RobustlabError(f"{'; '.join(failed)}; the records were written, without {which}")
     return drawn
+
+
+def provenance(args: argparse.Namespace) -> dict[str, Any]:
+    """How a record was made: the command line as typed (``command``, when the command ran
+    through ``robustlab.cli.main``, which keeps it in ``args.command_line``) and the versions
+    of Python, torch and numpy (``environment``), for a model card's reproducibility block."""
+    import numpy
+    import torch
+
+    out: dict[str, Any] = {
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "platform": platform.platform(terse=True),
+        }
+    }
+    argv = getattr(args, "command_line", None)
+    if argv is not None:
+        out["command"] = shlex.join(["robustlab", *argv])
+    return out
+
+
+def finished_record(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, Any]:
+    """A command's record as it is written (JSON and store): with when and by which robustlab
+    it was made where it does not say so itself, and how (``provenance``). Every command that
+    writes records passes them through here, the one place that says how a record was made."""
+    from datetime import datetime, timezone
+
+    made = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "robustlab_version": __version__,
+    }
+    return {**made, **record, **provenance(args)}
 
 
 def say(msg: str) -> None:

@@ -17,6 +17,7 @@ from .common import (
     add_store,
     add_trust_unhashed,
     checked_outputs,
+    finished_record,
     floats,
     json_output,
     load_model_and_data,
@@ -181,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         else args.alignment_points,
     )
     record = {"kind": record.pop("kind"), "data": splits.name, "model": info, **record}
+    record = finished_record(args, record)
     print_record(record)
     if args.json:
         write_json(args.json, record)

@@ -22,6 +22,7 @@ from .common import (
     add_store,
     attack_options,
     checked_outputs,
+    finished_record,
     floats,
     json_output,
     load_model_and_data,
@@ -119,7 +120,7 @@ def _write(args: argparse.Namespace, records: list[Any], samples: Path | None) -
     from ..evaluate.robust import samples_csv
     from ..store import ResultStore
 
-    dicts = [r.to_dict() for r in records]
+    dicts = [finished_record(args, r.to_dict()) for r in records]
     if samples is not None:
         if args.json:
             for d in dicts:

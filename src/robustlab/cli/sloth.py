@@ -27,6 +27,7 @@ from .common import (
     check_fit,
     checked_outputs,
     draw_plots,
+    finished_record,
     json_output,
     model_info,
     plot_outputs,
@@ -237,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         f"{clean.latency_ms:.2f} -> {attacked.latency_ms:.2f} ms per input, final-exit accuracy "
         f"{100 * attacked.accuracy_final:.1f} %"
     )
+    record = finished_record(args, record)
     # the records first: a plot that cannot be drawn never costs one
     if args.json:
         write_json(args.json, record)

@@ -33,6 +33,7 @@ from .common import (
     cache_output,
     checked_outputs,
     draw_plots,
+    finished_record,
     floats,
     is_foreign,
     json_output,
@@ -368,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         f"cost: {result.generations} attack generations and {result.target_forwards} target "
         f"passes over the points, {result.elapsed_s:.1f} s"
     )
-    record = result.to_dict()
+    record = finished_record(args, result.to_dict())
     sweep = bool(gammas and len(gammas) > 1 and any(not c.white_box for c in result.cells))
     drawn = [HEATMAP, SWEEP] if sweep else [HEATMAP]
     if args.plots:

@@ -25,6 +25,7 @@ from .common import (
     add_store,
     add_trust_unhashed,
     checked_outputs,
+    finished_record,
     json_output,
     load_model_and_data,
     plot_outputs,
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         **result.to_dict(),
         "files": {"array": ARRAY, "image": IMAGE, "folder": str(out)},
     }
+    record = finished_record(args, record)
     v = result.v.detach().cpu().numpy().astype(np.float32)
 
     def write_array(tmp: Path) -> None:
