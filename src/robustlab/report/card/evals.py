@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..attack_spec import describe_attack
 from .text import Rows, eps_text, span, value_text, wilson
 
-#: The members of AutoAttack's standard version: an ensemble holding them all is AutoAttack-grade.
-AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 #: Attacks that only query the model's outputs (no gradient).
 BLACK_BOX = ("square",)
 #: Readable names of attack options; options not named here are shown with spaces for "_".
@@ -141,17 +140,19 @@ def attack_title(config: dict[str, Any]) -> str:
 
 
 def grade(config: dict[str, Any]) -> tuple[str, bool]:
-    """How far an evaluation can be trusted: (its grade in words, AutoAttack-grade)."""
-    name = config.get("name")
-    full = set(AUTOATTACK_STANDARD) <= set(members(config))
-    if name == "msa":
-        return ("MSA, full AutoAttack", True) if full else ("MSA, part of AutoAttack", False)
-    if name == "autoattack":
-        if config.get("version") == "rand":
-            return "AutoAttack rand (EOT, for randomised defences)", True
-        if full:
-            return f"AutoAttack {config.get('version')}", True
-        return "part of AutoAttack", False
+    """How far an evaluation can be trusted: (its grade in words, AutoAttack-grade); the grade
+    is the report's (``describe_attack``), so card and leaderboard agree on what counts."""
+    spec = describe_attack(config)
+    if spec.grade is not None:
+        version = config.get("version") or (config.get("autoattack") or {}).get("version")
+        words = "MSA, full AutoAttack" if spec.grade == "MSA" else spec.name
+        if version == "rand":
+            words += " (EOT, for randomised defences)"
+        return words, True
+    if config.get("name") in ("msa", "autoattack"):
+        return (
+            "MSA, part of AutoAttack" if config.get("name") == "msa" else "part of AutoAttack"
+        ), False
     return "single attack", False
 
 
