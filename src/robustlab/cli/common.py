@@ -189,13 +189,14 @@ def checked_outputs(
     from ..data.datasets import source_path
     from ..models.checkpoint import checkpoint_files
     from ..models.foreign import foreign_inputs
+    from ..models.pretrained import resolve as resolve_zoo
 
     read: list[str | Path | None] = list(inputs)
     for model in models:
         if model is not None and is_foreign(model):  # its code, archive and weights files
             read.extend(foreign_inputs(model, getattr(args, "weights", None)))
         elif model is not None:  # a path that does not exist is said by the loader
-            path = Path(model).expanduser()
+            path = Path(resolve_zoo(model)).expanduser()
             read.extend(checkpoint_files(path) if path.exists() else [path])
     read.extend(source_path(spec) for spec in data if spec)
     check_outputs(outputs, read, overwrite=bool(getattr(args, "overwrite", False)))
@@ -307,8 +308,8 @@ def key_values(items: list[str]) -> dict[str, Any]:
 
 
 MODEL_HELP = (
-    "the model: a robustlab checkpoint (folder, manifest.json or legacy .pt/.pth), "
-    "torchvision:NAME, timm:NAME, robustbench:NAME, python:FILE.py:FACTORY or a TorchScript "
+    "the model: a robustlab checkpoint (folder, manifest.json or legacy .pt/.pth), a shipped "
+    "model zoo:NAME (robustlab models --pretrained), torchvision:NAME, timm:NAME, robustbench:NAME, python:FILE.py:FACTORY or a TorchScript "
     "file (see README, 'Your own model')"
 )
 

@@ -9,12 +9,21 @@ from ..errors import RobustlabError
 from ..io import write_json
 from .common import add_command, add_common, checked_outputs, json_output
 
-DESCRIPTION = "list the registered architectures with their parameter counts"
+DESCRIPTION = (
+    "list the registered architectures with their parameter counts, or (--pretrained) the "
+    "shipped models with their recorded accuracy"
+)
 
 
 def register(sub: Any) -> None:
     """Add the models command."""
     p = add_command(sub, "models", DESCRIPTION)
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="list the shipped pretrained models (use one as --model zoo:NAME) with the clean "
+        "and AutoAttack accuracy their cards record, instead of the architectures",
+    )
     p.add_argument(
         "--in-channels", type=int, default=1, help="input channels the models are built for"
     )
@@ -49,11 +58,61 @@ def _count(name: str, args: argparse.Namespace) -> int:
         return count_parameters(build_model(name, *shape))
 
 
+def _pretrained(args: argparse.Namespace) -> int:
+    """Print the shipped models with their recipes' methods and recorded numbers."""
+    from ..models.pretrained import zoo_entries
+
+    rows: list[dict[str, Any]] = []
+    for entry in zoo_entries():
+        card = entry.card
+        aa = card["autoattack"]
+        rows.append(
+            {
+                "model": entry.spec,
+                "title": card["title"],
+                "data": card["data"],
+                "clean_accuracy": card["clean_accuracy"],
+                "autoattack": {k: aa[k] for k in AA_KEYS if k in aa},
+                "size_bytes": card["size_bytes"],
+                "train_command": card["recipe"]["command"],
+            }
+        )
+    threats = [
+        f"{r['autoattack']['norm']} {r['autoattack']['eps']:g}, n={r['autoattack']['n']}"
+        for r in rows
+    ]
+    width = max([len(r["model"]) for r in rows] + [5])
+    tw = max([len(t) for t in threats] + [12])
+    print(
+        f"{'model':<{width}}  {'clean':>7}  {'AutoAttack':>10}  {'threat model':<{tw}}  what it is"
+    )
+    for r, threat in zip(rows, threats, strict=True):
+        print(
+            f"{r['model']:<{width}}  {100 * r['clean_accuracy']:>6.1f}%  "
+            f"{100 * r['autoattack']['robust_accuracy']:>9.1f}%  {threat:<{tw}}  {r['title']}"
+        )
+    print(
+        "AutoAttack: the standard version on all mnist5k test points; each card "
+        "(robustlab/pretrained/NAME/card.json) has the commands that reproduce the model and "
+        "its numbers"
+    )
+    if args.json:
+        write_json(args.json, rows)
+    return 0
+
+
+#: What ``models --pretrained`` shows of a card's AutoAttack run.
+AA_KEYS = ("version", "norm", "eps", "n", "seed", "robust_accuracy", "command")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Build every architecture at the given shape and print its parameter count."""
+    """Build every architecture at the given shape and print its parameter count (or list
+    the shipped models)."""
     from ..models import ARCHITECTURES
 
     checked_outputs(args, [json_output(args.json)])
+    if args.pretrained:
+        return _pretrained(args)
     rows: list[dict[str, Any]] = []
     for name in sorted(ARCHITECTURES):
         row: dict[str, Any] = {"arch": name, "description": ARCHITECTURES[name].description}

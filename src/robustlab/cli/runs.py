@@ -56,9 +56,13 @@ def register(sub: Any) -> None:
 def _checkpoint_sha(model: str | None) -> tuple[str, ...]:
     """The weights' SHA-256 of --model when it names an existing checkpoint (any other path
     that exists, a folder of the same name as a label, say, is matched as a label alone)."""
-    if model is None or not Path(model).expanduser().exists():
+    if model is None:
         return ()
     from ..models.checkpoint import checkpoint_files, file_sha256
+    from ..models.pretrained import is_zoo
+
+    if not (is_zoo(model) or Path(model).expanduser().exists()):
+        return ()
 
     try:
         return (file_sha256(checkpoint_files(model)[-1]),)

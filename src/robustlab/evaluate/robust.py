@@ -323,7 +323,7 @@ def _attack_batch(
         t1 = time.perf_counter()
         seconds: dict[str, float] = {}
         idx = alive.nonzero().flatten()
-        if len(idx):
+        if len(idx) and attack.threat.eps > 0:  # an eps-0 ball holds the input alone
             adv, names, seconds = _run(attack, model, x[idx], y[idx])
             for k, (j, who) in enumerate(zip(idx.tolist(), names, strict=True)):
                 if who is not None:

@@ -29,6 +29,7 @@ from .blocks import Normalize
 from .foreign import DataShape, ForeignOptions, foreign_kind, load_foreign
 from .hpm import HPMClassifier, HPMConfig
 from .multiexit import MultiExitNetwork
+from .pretrained import resolve as resolve_zoo
 from .quantized import OBSERVERS, QuantizedModel, rebuild
 from .registry import build_model, shapes_only
 from .registry import model_config as model_config  # re-exported: callers import it here
@@ -154,8 +155,9 @@ def checkpoint_outputs(directory: str | Path, option: str = "--out") -> list[Out
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The files a checkpoint path stands for: [manifest, weights], or [file] for a legacy
-    .pt/.pth (the inputs ``io.check_outputs`` must never write over)."""
-    p = Path(path).expanduser()
+    .pt/.pth (the inputs ``io.check_outputs`` must never write over); ``zoo:NAME`` stands
+    for the shipped model's folder."""
+    p = Path(resolve_zoo(path)).expanduser()
     if p.suffix in (".pt", ".pth", ".bin"):
         return [p]
     if p.is_dir():
@@ -254,8 +256,8 @@ def load_checkpoint(
     data: DataShape | None = None,
     **legacy: Any,
 ) -> Checkpoint:
-    """Rebuild a model from a checkpoint folder, its manifest or weights file, or a legacy .pt;
-    or load a foreign model (``torchvision:NAME``, ``timm:NAME``, ``robustbench:NAME``,
+    """Rebuild a model from a checkpoint folder, its manifest or weights file, a shipped model
+    (``zoo:NAME``, ``models.pretrained``), or a legacy .pt; or load a foreign model (``torchvision:NAME``, ``timm:NAME``, ``robustbench:NAME``,
     ``python:FILE.py:FACTORY``, a TorchScript file) with ``foreign`` options (``models.foreign``),
     ``data`` giving the input shape and classes where neither the options nor the model do.
 
@@ -277,7 +279,7 @@ def load_checkpoint(
             "normalisation; --weights, --mean, --std, --input-size, --num-classes, --dataset "
             "and --threat-model only apply to foreign models"
         )
-    p = Path(path)
+    p = Path(resolve_zoo(path))  # zoo:NAME, a shipped model, is a checkpoint like any other
     if not p.exists():
         raise RobustlabError(f"checkpoint {p} does not exist")
     files = checkpoint_files(p)
