@@ -136,3 +136,29 @@ def test_the_standard_recipe_with_one_thread_gives_the_shipped_weights_bit_for_b
     finally:
         torch.set_num_threads(threads)
     assert result.manifest["weights"]["sha256"] == zoo_entry("resnet8-standard").card["sha256"]
+
+
+def test_a_card_of_a_shipped_model_states_the_zoos_autoattack_run(tmp_path: Path) -> None:
+    from robustlab.cli import main
+    from robustlab.store import ResultStore
+
+    ResultStore(tmp_path / "empty.sqlite")
+    out = tmp_path / "card.md"
+    assert (
+        main(
+            [
+                "card",
+                "--model",
+                "zoo:resnet8-standard",
+                "--store",
+                str(tmp_path / "empty.sqlite"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = out.read_text()
+    aa = zoo_entry("resnet8-standard").card["autoattack"]
+    assert "in robustlab's zoo" in text and aa["command"] in text
+    assert "robustlab train --arch resnet8 --method standard --calibration 500" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...models.pretrained import is_zoo, zoo_entry
 from .text import Rows, flat_items, pct, setting_name, value_text
 
 #: Training settings shown first, in this order, under these names.
@@ -71,6 +72,8 @@ def identity(manifest: dict[str, Any], model: str, parameters: int | None) -> Ro
     elif manifest.get("format") == "robustlab-checkpoint":
         made = f"written {manifest.get('created', '?')} by robustlab {manifest.get('robustlab_version', '?')}"
         rows.append(("source", f"robustlab checkpoint, {made}"))
+    if is_zoo(model):
+        rows.append(("shipped", shipped(model)))
     rows.append(("weights SHA-256", sha or "none: no stored record can be tied to this model"))
     observers = (quant or {}).get("observers") if isinstance(quant, dict) else None
     if isinstance(observers, dict) and observers.get("sha256"):
@@ -84,6 +87,18 @@ def identity(manifest: dict[str, Any], model: str, parameters: int | None) -> Ro
     if of:
         rows.append(("hash taken of", str(of)))
     return rows
+
+
+def shipped(model: str) -> str:
+    """What robustlab's zoo states of a shipped model: its AutoAttack run and its recipe."""
+    card = zoo_entry(model).card
+    aa = card["autoattack"]
+    return (
+        f"in robustlab's zoo; its card records AutoAttack {aa['version']} at {aa['norm']} eps "
+        f"{aa['eps']:g} on {aa['n']} test points: {pct(aa['robust_accuracy'])} robust, "
+        f"{pct(aa['clean_accuracy'])} clean ({aa['date']}: {aa['command']}); trained by: "
+        f"{card['recipe']['command']}"
+    )
 
 
 def derived_from(manifest: dict[str, Any]) -> Rows:
