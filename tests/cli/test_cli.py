@@ -470,3 +470,44 @@ def test_models_lists_the_architectures_that_fit_a_small_size(
     assert rows["vit"]["parameters"] is None and "patch size" in rows["vit"]["error"]
     assert rows["mlp"]["parameters"] > 0 and "error" not in rows["mlp"]
     assert "not at this size" in capsys.readouterr().out
+
+
+def test_demo_loads_the_shipped_models_and_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --retrain the demo evaluates the zoo's standard and PGD-AT models as shipped."""
+    from robustlab.models.pretrained import zoo_entry
+
+    run = demo(
+        tmp_path / "out",
+        cache=tmp_path / "cache",
+        eps_grid=(0.0, 0.3),
+        n=20,
+        steps=2,
+        progress=False,
+    )
+    said = capsys.readouterr().err
+    assert "load standard resnet8 (zoo:resnet8-standard)" in said and "train " not in said
+    assert not (tmp_path / "cache").exists()
+    evals = [r for r in run.records if r["kind"] == "eval"]
+    shas = {r["model"]["path"]: r["model"]["sha256"] for r in evals}
+    assert shas == {
+        f"zoo:{name}": zoo_entry(name).card["sha256"]
+        for name in ("resnet8-standard", "resnet8-pgd-at")
+    }
+    at_zero = [r for r in evals if r["threat_model"]["eps"] == 0.0]
+    assert all(r["robust_accuracy"] == r["clean_accuracy"] for r in at_zero)
+    assert all(len(r["samples"]) == 20 for r in evals)  # stored per sample, for compare
+
+
+def test_demo_retrain_trains_the_recipes_the_cards_state() -> None:
+    """--retrain trains each shipped demo model's own recipe (the config its manifest ran)."""
+    from robustlab.demo import zoo_models
+    from robustlab.models.checkpoint import load_checkpoint
+
+    for model in zoo_models():
+        manifest = load_checkpoint(f"zoo:{model.zoo}").manifest
+        assert model.config.resolved().record() == {
+            k: v for k, v in manifest["training"].items() if k in model.config.resolved().record()
+        }
+        assert model.calibration == manifest["dataset"]["calibration_size"]

@@ -14,7 +14,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_robustlab_demo_from_a_cold_cache(tmp_path: Path) -> None:
+def test_robustlab_demo_from_a_cold_cache_loads_the_shipped_models(tmp_path: Path) -> None:
     exe = shutil.which("robustlab", path=str(Path(sys.executable).parent))
     assert exe is not None
     env = {**os.environ, "ROBUSTLAB_CACHE": str(tmp_path / "cache")}
@@ -30,7 +30,8 @@ def test_robustlab_demo_from_a_cold_cache(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     match = re.search(r"report: (.+\.html)", run.stdout)
     assert match and Path(match.group(1)).exists()
-    assert "train standard resnet8" in run.stderr and "total:" in run.stderr
+    assert "load standard resnet8 (zoo:resnet8-standard)" in run.stderr and "total:" in run.stderr
+    assert "train " not in run.stderr and not (tmp_path / "cache" / "demo").exists()
     with sqlite3.connect(tmp_path / "demo" / "results.sqlite") as db:
         rows = dict(
             db.execute(
