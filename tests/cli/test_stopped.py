@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -57,10 +57,11 @@ def test_an_error_on_a_process_other_than_rank_0_ends_it_quietly(
 
 
 def _stopped_by_sigterm(
-    args: list[str], started: Callable[[], bool]
+    args: list[str], started: Callable[[], bool], launcher: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """``robustlab ARGS`` as one process, sent SIGTERM once ``started()`` holds."""
-    command = [sys.executable, "-m", "robustlab", *args]
+    """``robustlab ARGS`` as one process (or under ``launcher``, a module run with python's
+    ``-m``), sent SIGTERM once ``started()`` holds."""
+    command = [sys.executable, *launcher, "-m", "robustlab", *args]
     proc = subprocess.Popen(
         command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -125,3 +126,20 @@ def test_sigterm_stops_training_and_evaluation_alike_and_both_resume(tmp_path: P
     assert main(evaluate) == 0
     assert json.loads(record.read_text())["resumed_batches"] == finished
     assert not progress.exists()
+
+
+@pytest.mark.slow  # ~30 s: a torchrun run of 2 processes
+def test_sigterm_to_torchrun_stops_every_process_and_is_said_once(tmp_path: Path) -> None:
+    """torchrun passes SIGTERM on to both processes: each stops, rank 0 claims the run's voice
+    and the other, finding it claimed, says nothing."""
+    out = tmp_path / "mlp"
+    train = ["train", "--no-progress", *MLP, "--method", "pgd-at", "--eps", "0.1"]
+    train += ["--steps", "10", "--epochs", "20", "--out", str(out)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = _stopped_by_sigterm(train, (out / "resume.pt").exists, launcher)
+    state = torch.load(out / "resume.pt", weights_only=True)
+    assert done.returncode != 0 and 1 <= state["epoch"] < 20
+    assert _said(done) == [
+        f"robustlab: stopped: {STOPPED_UNDER_TORCHRUN}; the state after epoch {state['epoch']} "
+        f"stays in {out / 'resume.pt'}; {RESUME}"
+    ]
