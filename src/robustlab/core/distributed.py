@@ -20,14 +20,15 @@ not wrap themselves), the same for one process as for many.
   end. ``cli.main`` turns SIGTERM into it for every command (torchrun sends SIGTERM to the
   other processes when one fails; schedulers when they cancel a job), and an exchange broken
   because another process of the run went away (:func:`peer_failed`: gloo's and NCCL's
-  errors) is one too: :func:`broadcast` and :func:`all_gather` raise it at once, and
-  ``cli.main`` translates such an error wherever else it surfaces (DDP's gradient exchange).
-  A command that resumes raises it again with what it kept (``RunStopped(kept)``: training
-  its last epoch's state, evaluation its progress files); ``cli.main`` says
-  ``robustlab: stopped: WHY; KEPT; run the same command again to resume`` and exits with
-  130, as after an interrupt. Under torchrun WHY is one sentence whether this process saw
-  SIGTERM or a broken exchange (which comes first is a race): another process failed or the
-  run was stopped, and torchrun's report names the process.
+  errors) is one too: :func:`broadcast` and :func:`all_gather` raise it at once, training
+  turns DDP's broken gradient exchange into it, and ``cli.main`` translates such an error
+  wherever else it surfaces. A command that resumes raises it again with what it kept
+  (``RunStopped(kept)``: training its last epoch's state, evaluation its progress files);
+  ``cli.main`` says ``robustlab: stopped: WHY; KEPT; run the same command again to resume``
+  (``robustlab: stopped: WHY`` when nothing was kept) and exits with 130, as after an
+  interrupt (Ctrl-C). WHY is that the process received SIGTERM; under torchrun it is one
+  sentence whether this process saw SIGTERM or a broken exchange (which comes first is a
+  race): another process failed or the run was stopped, and torchrun's report names which.
 - **Who speaks** for a stop or an interrupt: the process that claims the run's voice first
   (:func:`claim_voice`, a counter in torchrun's store, which lives in the launcher). Rank 0
   claims at once, the others after :data:`VOICE_GRACE_S`, so a stop is said once, by rank 0,
