@@ -1,8 +1,10 @@
-"""The one error type a user can cause: its message is a single clear sentence.
+"""How a command ends early, in two types: an error the user can cause, whose message is a
+single clear sentence, and a run stopped before its end, which keeps what it finished.
 
-Two companions serve runs of several processes (torchrun): an error another process states
-for the whole run, and a run stopped from outside (SIGTERM, as torchrun stops the other
-processes when one of them fails).
+Both are said once (``cli.main``, the rule in :mod:`robustlab.core.distributed`): under
+torchrun an error is said by rank 0 alone, since every process meets the same checks (on the
+other processes it ends the process quietly, with the same exit status), and a stop by rank 0,
+or by a surviving process when rank 0 died.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ class RobustlabError(Exception):
     """A problem with what the user handed in (path, shape, range, name, value)."""
 
 
-class StatedByRankZero(RobustlabError):
-    """The run failed and its rank-0 process states why: this process exits without a word."""
-
-
 class RunStopped(KeyboardInterrupt):
-    """The process was told to stop (SIGTERM): another process of its run failed, or the
-    run was stopped; like an interrupt, what was finished is kept."""
+    """The run was stopped before its end: SIGTERM (torchrun stopping the other processes when
+    one failed, a scheduler cancelling a job), or another process of its torchrun run went
+    away. Like an interrupt (an ``except Exception`` lets it through), what was finished is
+    kept; ``kept`` says what and where, for a command that resumes (None: it says nothing)."""
+
+    def __init__(self, kept: str | None = None) -> None:
+        super().__init__(*([kept] if kept else []))
+        self.kept = kept

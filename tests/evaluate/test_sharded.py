@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from _torchrun import TIMEOUT_S, environment, free_port, torchrun, torchrun_command
-from robustlab.cli import main
+from robustlab.cli import STOPPED_UNDER_TORCHRUN, main
 
 #: AutoAttack's APGD members (random starts; at this eps each point's rows depend on them)
 #: on 100 digits points in 5 batches: process 0 attacks batches 0, 2 and 4, process 1 the
@@ -128,13 +128,16 @@ def worker_of_rank(launcher: subprocess.Popen[str], rank: int) -> int | None:
     return None
 
 
+@pytest.mark.parametrize(
+    "killed", [1, pytest.param(0, marks=pytest.mark.slow)], ids=["rank-1", "rank-0"]
+)
 def test_killed_rank_stops_the_run_and_the_resume_equals_one_process(
-    ckpt: Path, tmp_path: Path
+    ckpt: Path, tmp_path: Path, killed: int
 ) -> None:
-    """AutoAttack on 2 processes: process 1 killed with SIGKILL after its first batch; the run
-    stops with one message and both progress files keep their finished batches; one process
-    may not resume them; 2 processes resume them, and the merged table equals one process's
-    sample for sample."""
+    """AutoAttack on 2 processes: one process killed with SIGKILL after its first batch; the
+    run stops with one message (rank 0's, or the survivor's when rank 0 died) and both
+    progress files keep their finished batches; one process may not resume them; 2 processes
+    resume them, and the merged table equals one process's sample for sample."""
     single = tmp_path / "single.json"
     assert main(eval_args(ckpt, AUTOATTACK, single)) == 0
     sharded = tmp_path / "sharded.json"
@@ -146,12 +149,12 @@ def test_killed_rank_stops_the_run_and_the_resume_equals_one_process(
         stderr=subprocess.PIPE,
         text=True,
     )
-    rank1 = tmp_path / "sharded.json.progress.rank1-of-2.jsonl"
+    own = tmp_path / f"sharded.json.progress.rank{killed}-of-2.jsonl"
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline and launcher.poll() is None:
-            if batch_lines(rank1) >= 1:
-                pid = worker_of_rank(launcher, 1)
+            if batch_lines(own) >= 1:
+                pid = worker_of_rank(launcher, killed)
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
                 break
@@ -163,14 +166,18 @@ def test_killed_rank_stops_the_run_and_the_resume_equals_one_process(
             launcher.wait()
     assert launcher.returncode != 0 and not sharded.exists(), "the run ended before the kill"
     said = [line for line in err.splitlines() if line.startswith("robustlab:")]
-    assert len(said) == 1 and said[0].startswith("robustlab: stopped:") and out == ""
+    assert out == "" and said == [
+        f"robustlab: stopped: {STOPPED_UNDER_TORCHRUN}; the finished batches stay in "
+        f"{tmp_path / 'sharded.json.progress.rank*-of-2.jsonl'}; run the same command again to "
+        "resume"
+    ]
     files = progress_files(sharded)
     assert [f.name.split(".progress.")[1] for f in files] == [
         "rank0-of-2.jsonl",
         "rank1-of-2.jsonl",
     ]
     finished = sum(batch_lines(f) for f in files)
-    assert batch_lines(rank1) >= 1
+    assert batch_lines(own) >= 1
     # the world size changed: one process refuses progress two processes wrote
     assert main(args) == 2
     assert [f.read_bytes() for f in files] == [f.read_bytes() for f in progress_files(sharded)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -23,11 +24,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from _torchrun import TIMEOUT_S, environment, free_port, torchrun, torchrun_command
-from robustlab.cli import main
-from robustlab.core.distributed import Processes, one_voice
+from robustlab.cli import STOPPED_UNDER_TORCHRUN, main, stop_on_sigterm
+from robustlab.core.distributed import Processes
 from robustlab.core.threat import ThreatModel
 from robustlab.data import DataSplits
-from robustlab.errors import RobustlabError
+from robustlab.errors import RobustlabError, RunStopped
 from robustlab.models import build_model
 from robustlab.train import Hook, Step, TrainConfig, train
 from robustlab.train.distributed import (
@@ -157,14 +158,15 @@ def _worker(launcher: subprocess.Popen[str], rank: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "method",
-    [["--method", "pgd-at", "--steps", "10"], ["--method", "free-at", "--replays", "2"]],
-    ids=["pgd-at", "free-at"],
+    ("method", "killed"),
+    [(["--method", "pgd-at", "--steps", "10"], 1), (["--method", "free-at", "--replays", "2"], 0)],
+    ids=["pgd-at-rank-1-killed", "free-at-rank-0-killed"],
 )
 def test_a_killed_process_stops_the_run_with_one_sentence_and_the_run_resumes(
-    tmp_path: Path, digits: DataSplits, one_thread: None, method: list[str]
+    tmp_path: Path, digits: DataSplits, one_thread: None, method: list[str], killed: int
 ) -> None:
-    """free-at: the resumed processes carry on with the perturbation the run carried."""
+    """The sentence is said once: by rank 0, or by the surviving process when rank 0 died.
+    free-at: the resumed processes carry on with the perturbation the run carried."""
     out = tmp_path / "two"
     args = [*MLP, *method, "--eps", "0.1", "--epochs", "6"]
     launcher = subprocess.Popen(
@@ -182,13 +184,19 @@ def test_a_killed_process_stops_the_run_with_one_sentence_and_the_run_resumes(
         while not (out / "resume.pt").exists():  # the first epoch is saved
             assert launcher.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
-        os.kill(_worker(launcher, 1), signal.SIGKILL)
+        os.kill(_worker(launcher, killed), signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=TIMEOUT_S)
     finally:
         launcher.kill()
     assert launcher.returncode != 0
-    errors = _errors(stderr)
-    assert len(errors) == 1 and "stopped" in errors[0], stderr
+    said = [line for line in stderr.splitlines() if line.startswith("robustlab:")]
+    assert len(said) == 1, stderr
+    kept = said[0].removeprefix(f"robustlab: stopped: {STOPPED_UNDER_TORCHRUN}; the state after ")
+    assert re.fullmatch(
+        rf"epoch \d+ stays in {re.escape(str(out / 'resume.pt'))}; run the same command again "
+        "to resume",
+        kept,
+    ), said
     assert not (out / "manifest.json").exists()
     state = torch.load(out / "resume.pt", weights_only=True)
     assert 1 <= state["epoch"] < 6 and state["processes"]["world_size"] == 2
@@ -368,47 +376,13 @@ class _SigtermAt(Hook):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_stops_training_with_one_sentence_and_keeps_the_finished_epochs(
+def test_sigterm_stops_training_and_says_which_epoch_it_kept(
     tmp_path: Path, digits: DataSplits
 ) -> None:
     cfg = TrainConfig("mlp", "digits", epochs=3, arch_options={"width": 8}, channels_last=False)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(RobustlabError) as stopped, one_voice():
+    with pytest.raises(RunStopped) as stopped, stop_on_sigterm():
         train(cfg, tmp_path, splits=digits, progress=False, hooks=[_SigtermAt(30)])  # epoch 2
-    assert str(stopped.value) == (
-        "stopped by SIGTERM (torchrun sends it to every process when one of them fails; job "
-        f"schedulers when they cancel a job); the state after epoch 1 stays in "
-        f"{tmp_path / 'resume.pt'}; run the same command to resume"
-    )
+    assert stopped.value.kept == f"the state after epoch 1 stays in {tmp_path / 'resume.pt'}"
     assert signal.getsignal(signal.SIGTERM) == before
     assert torch.load(tmp_path / "resume.pt", weights_only=True)["epoch"] == 1
-
-
-def test_only_rank_0_speaks_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    variables = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}
-    for name, value in {**variables, "MASTER_PORT": "29500"}.items():
-        monkeypatch.setenv(name, value)
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        monkeypatch.setenv("RANK", "1")
-        with pytest.raises(SystemExit) as quiet, one_voice():
-            raise RobustlabError("the same check fails on every rank")
-        assert quiet.value.code == 2  # the exit code the CLI gives, without the message
-        with pytest.raises(SystemExit) as interrupted, one_voice():
-            raise KeyboardInterrupt
-        assert interrupted.value.code == 130
-        lost = RuntimeError("[gloo/transport/tcp/pair.cc:537] Connection closed by peer")
-        with pytest.raises(SystemExit) as peer, one_voice():
-            raise lost
-        assert peer.value.code == 2
-        monkeypatch.setenv("RANK", "0")
-        with pytest.raises(RobustlabError, match="the same check"), one_voice():
-            raise RobustlabError("the same check fails on every rank")
-        with pytest.raises(RobustlabError) as said, one_voice():
-            raise lost
-        assert (
-            str(said.value)
-            == "another process of this torchrun run failed, so this one stopped too"
-        )
-    finally:
-        signal.signal(signal.SIGTERM, before)

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RobustlabError
+from ..errors import RobustlabError, RunStopped
 from ..io import Output, atomic_write_text, resume_state, write_json
 from .common import (
     add_attack_options,
@@ -151,17 +151,33 @@ def _loaded(args: argparse.Namespace, device: str) -> tuple[Any, Any, dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Join torchrun's processes (if it started this one), then evaluate with the protocol."""
+    """Join torchrun's processes (if it started this one), then evaluate with the protocol; a
+    stopped run says where its finished batches stay."""
     from ..core.device import resolve_device
-    from ..core.distributed import processes_of_run, stop_on_sigterm
+    from ..core.distributed import processes_of_run
 
-    with (
-        processes_of_run(resolve_device(args.device), WAIT_S) as (processes, device),
-        stop_on_sigterm(processes),
-    ):
-        if args.protocol == "msa":
-            return run_msa(args, processes, device)
-        return run_plain(args, processes, device)
+    with processes_of_run(resolve_device(args.device), WAIT_S) as (processes, device):
+        try:
+            if args.protocol == "msa":
+                return run_msa(args, processes, device)
+            return run_plain(args, processes, device)
+        except RunStopped:
+            kept = _kept(_progress_path(args), processes)
+            if kept is None:
+                raise
+            raise RunStopped(kept) from None
+
+
+def _kept(progress: Path | None, processes: Processes) -> str | None:
+    """Where a stopped run's finished batches stay (None: in no file)."""
+    from ..core.distributed import shard_path
+
+    if progress is None or not shard_path(progress, processes).exists():
+        return None
+    if not processes.distributed:
+        return f"the finished batches stay in {progress}"
+    files = progress.with_name(f"{progress.stem}.rank*-of-{processes.world_size}{progress.suffix}")
+    return f"the finished batches stay in {files}"
 
 
 def _prepared(

@@ -150,12 +150,11 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Under torchrun, join the run's processes (rank 0 alone speaks); then check, train, say
-    how it went."""
+    """Under torchrun, join the run's processes; then check, train, say how it went."""
     from ..core.device import resolve_device
-    from ..core.distributed import one_voice, processes_of_run
+    from ..core.distributed import processes_of_run
 
-    with one_voice(), processes_of_run(resolve_device(args.device)) as (processes, device):
+    with processes_of_run(resolve_device(args.device)) as (processes, device):
         return _run(args, processes, device)
 
 

@@ -1,10 +1,40 @@
-"""torchrun: which process this is, its process group (gloo on CPU, NCCL on CUDA), and which
-share of a run's work is its own.
+"""torchrun: which process this is, its process group (gloo on CPU, NCCL on CUDA), which
+share of a run's work is its own, and how a run of several processes ends early.
 
 ``torchrun --nproc_per_node N -m robustlab CMD ...`` starts N copies of a command with
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in their
 environment; :func:`start` reads them and joins the group. Without them (a plain
 ``robustlab CMD``) the run is one process: rank 0 of a world of 1, no process group.
+
+How a run ends early: one design for every command, applied by ``cli.main`` (so commands do
+not wrap themselves), the same for one process as for many.
+
+- **An error** (:class:`~robustlab.errors.RobustlabError`) ends the command with exit status
+  2 and one sentence. Under torchrun rank 0 alone says it: every process runs the same checks
+  on the same input, so the others would repeat it; on them an error is the quiet signal,
+  ending the process with status 2 and no word. A check that one process alone can fail (its
+  own files, its own shard) runs in a :func:`together` block, which makes its failure every
+  process's: each raises the run's error, rank 0's naming the process it happened on.
+- **A stop** (:class:`~robustlab.errors.RunStopped`, one type, a ``KeyboardInterrupt`` so
+  that ``except Exception`` blocks let it through) is a run ended from outside before its
+  end. ``cli.main`` turns SIGTERM into it for every command (torchrun sends SIGTERM to the
+  other processes when one fails; schedulers when they cancel a job), and an exchange broken
+  because another process of the run went away (:func:`peer_failed`: gloo's and NCCL's
+  errors) is one too: :func:`broadcast` and :func:`all_gather` raise it at once, training
+  turns DDP's broken gradient exchange into it, and ``cli.main`` translates such an error
+  wherever else it surfaces. A command that resumes raises it again with what it kept
+  (``RunStopped(kept)``: training its last epoch's state, evaluation its progress files);
+  ``cli.main`` says ``robustlab: stopped: WHY; KEPT; run the same command again to resume``
+  (``robustlab: stopped: WHY`` when nothing was kept) and exits with 130, as after an
+  interrupt (Ctrl-C). WHY is that the process received SIGTERM; under torchrun it is one
+  sentence whether this process saw SIGTERM or a broken exchange (which comes first is a
+  race): another process failed or the run was stopped, and torchrun's report names which.
+- **Who speaks** for a stop or an interrupt: the process that claims the run's voice first
+  (:func:`claim_voice`, a counter in torchrun's store, which lives in the launcher). Rank 0
+  claims at once, the others after :data:`VOICE_GRACE_S`, so a stop is said once, by rank 0,
+  or by a surviving process when rank 0 died without a word. Rank 0 claims the voice before
+  it says an error too, so the processes stopped after it add nothing.
+- One process (no torchrun) always speaks, and joins no store.
 """
 
 from __future__ import annotations
@@ -12,21 +42,19 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 import struct
-import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
-from ..errors import RobustlabError, RunStopped, StatedByRankZero
+from ..errors import RobustlabError, RunStopped
 
 #: The environment variables torchrun sets for every process it starts.
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -124,12 +152,14 @@ def processes_of_run(device: str, timeout_s: float = 1800.0) -> Iterator[tuple[P
 
 @contextmanager
 def _exchange() -> Iterator[None]:
-    """An exchange between processes: one that breaks means another process is gone (it
-    failed, or the run is being stopped), which ends this one as a stop does."""
+    """An exchange between processes: one that breaks because another process went away (it
+    failed, or the run is being stopped) stops this one too."""
     try:
         yield
     except RuntimeError as exc:  # torch's DistBackendError and gloo's lost connections
-        raise RunStopped(str(exc)) from exc
+        if peer_failed(exc):
+            raise RunStopped from exc
+        raise
 
 
 def broadcast(processes: Processes, obj: T) -> T:
@@ -154,9 +184,10 @@ def all_gather(processes: Processes, obj: T) -> list[T]:
 
 @contextmanager
 def together(processes: Processes) -> Iterator[None]:
-    """A block every process of the run runs: when it fails on any of them, it fails on all,
-    and one sentence says why (rank 0 prints it, naming the process where it failed; the
-    others exit silently). The block must not itself exchange anything between processes."""
+    """A block every process of the run runs: when it fails on any of them, it fails on all
+    with the same error (rank 0's names the process where it failed; on the others it is
+    quiet, see the module's design). The block must not itself exchange anything between
+    processes."""
     if not processes.distributed:
         yield
         return
@@ -171,34 +202,10 @@ def together(processes: Processes) -> Iterator[None]:
     failed = [(rank, text) for rank, text in enumerate(all_gather(processes, said)) if text]
     if not failed:
         return
-    if failure is not None and not isinstance(failure, RobustlabError):
+    if failure is not None:
         raise failure  # a bug: its traceback, from the process it happened on
     rank, text = failed[0]
-    if processes.main and failure is not None:
-        raise failure
-    if processes.main:
-        raise RobustlabError(f"process {rank} of {processes.world_size}: {text}")
-    raise StatedByRankZero(text) from failure
-
-
-@contextmanager
-def stop_on_sigterm(processes: Processes) -> Iterator[None]:
-    """Within the block, SIGTERM (torchrun stopping the run's processes because one failed)
-    raises :class:`RunStopped`, so the run ends as after an interrupt (finished work kept,
-    one message) instead of vanishing; one process is left as it is."""
-    if not processes.distributed:
-        yield
-        return
-
-    def stopped(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop; its message is being said
-        raise RunStopped
-
-    before = signal.signal(signal.SIGTERM, stopped)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    raise RobustlabError(f"process {rank} of {processes.world_size}: {text}")
 
 
 def check_share(processes: Processes, items: int, names: tuple[str, str], advice: str) -> None:
@@ -261,26 +268,6 @@ def everyone(processes: Processes, flag: bool) -> bool:
     return all(all_gather(processes, flag))
 
 
-class Stopped(RobustlabError):
-    """This process was asked to stop (SIGTERM): torchrun sends it to every process of a run when
-    one of them fails, and job schedulers when they cancel or preempt a job."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "stopped by SIGTERM (torchrun sends it to every process when one of them fails; job "
-            "schedulers when they cancel a job)"
-        )
-
-
-def _raise_stopped(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM handler: stop with :class:`Stopped` where the process is, unwinding cleanly."""
-    raise Stopped()
-
-
-#: What a process says when a collective failed because another process of the run went away.
-PEER_FAILED = "another process of this torchrun run failed, so this one stopped too"
-
-
 def peer_failed(exc: BaseException) -> bool:
     """Whether an error came from a collective whose other side went away (another process of
     the run died or was stopped): gloo's and NCCL's errors, as torch raises them."""
@@ -292,36 +279,32 @@ def peer_failed(exc: BaseException) -> bool:
     )
 
 
-def quiet_rank() -> bool:
-    """Whether this process is one of torchrun's processes other than rank 0."""
-    return launched_by_torchrun() and os.environ.get("RANK", "0").strip() != "0"
+#: Seconds a process other than rank 0 leaves rank 0 to say why the run ended, before it
+#: claims the run's voice itself (torchrun waits 30 s before it kills stopped processes).
+VOICE_GRACE_S = 2.0
 
 
-@contextmanager
-def one_voice() -> Iterator[None]:
-    """For a command's block: SIGTERM raises :class:`Stopped` (so a torn-down run unwinds, keeps
-    its resume state and says why), and under torchrun only rank 0 speaks: on the other ranks a
-    robustlab error or an interruption ends the process with the same exit code but silently,
-    since every rank meets the same checks and rank 0 says them once. A collective that failed
-    because another process went away becomes one sentence (``PEER_FAILED``). A torchrun
-    process leaving the block with an error ignores further SIGTERMs (torchrun sends them to
-    every process when one fails), so its one message gets out before it exits."""
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+def claim_voice(rank: int) -> bool:
+    """Whether this process says why the run ended: the first process to claim the run's voice
+    in torchrun's store does. Rank 0 claims at once, the others after ``VOICE_GRACE_S``, so
+    they speak only when rank 0 died without a word. A store that cannot be reached went with
+    the process that held it (rank 0, or the first node's launcher): then this process speaks.
+    One process (no torchrun) always speaks."""
+    if not launched_by_torchrun():
+        return True
+    if rank != 0:
+        time.sleep(VOICE_GRACE_S)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted run speaks again
     try:
-        yield
-    except BaseException as exc:
-        torchrun = launched_by_torchrun()
-        if previous is not None and torchrun:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            previous = None
-        peer = torchrun and peer_failed(exc)
-        if quiet_rank() and (peer or isinstance(exc, (RobustlabError, KeyboardInterrupt))):
-            raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 2) from None
-        if peer:
-            raise RobustlabError(PEER_FAILED) from None
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        # a client of the store torchrun's processes joined (torch re-exports TCPStore
+        # without declaring it)
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=5),
+            wait_for_workers=False,
+        )
+        return int(store.add(f"robustlab/voice/{attempt}", 1)) == 1
+    except (RuntimeError, ValueError, OSError):  # torch's DistStoreError is a RuntimeError
+        return True

@@ -21,18 +21,10 @@ from tqdm import tqdm
 
 from ..core.checks import check_batch_size
 from ..core.device import resolve_device
-from ..core.distributed import (
-    PEER_FAILED,
-    Processes,
-    Stopped,
-    all_gather,
-    broadcast,
-    everyone,
-    peer_failed,
-)
+from ..core.distributed import Processes, all_gather, broadcast, everyone, peer_failed
 from ..core.guard import evaluating
 from ..data import Dataset, DataSplits, load_data
-from ..errors import RobustlabError
+from ..errors import RobustlabError, RunStopped
 from ..io import atomic_write
 from ..models import build_model
 from ..models.checkpoint import MANIFEST, model_config, read_torch_file, save_checkpoint
@@ -657,14 +649,10 @@ def train(
         raise RobustlabError(
             f"{exc}; no checkpoint was written and {writer.kept()}; try a lower learning rate"
         ) from None
-    except Stopped as exc:
-        raise RobustlabError(f"{exc}; {writer.kept()}; run the same command to resume") from None
-    except RuntimeError as exc:
-        if not (procs.distributed and peer_failed(exc)):
+    except (RunStopped, RuntimeError) as exc:  # stopped, or another process went away
+        if isinstance(exc, RuntimeError) and not (procs.distributed and peer_failed(exc)):
             raise
-        raise RobustlabError(
-            f"{PEER_FAILED}; {writer.kept()}; run the same command to resume"
-        ) from None
+        raise RunStopped(writer.kept()) from None
     model.eval()
     ran = start_epoch + len(history)
     if ran == end_epoch < cfg.epochs:
