@@ -84,9 +84,14 @@ def register(sub: Any) -> None:
         "--shift-start", type=int, default=0, help="first shifted batch (to see the alarm onset)"
     )
     p.add_argument(
-        "--out", required=True, metavar="FILE.jsonl", help="JSON lines: one per batch, then the summary"
+        "--out",
+        required=True,
+        metavar="FILE.jsonl",
+        help="JSON lines: one per batch, then the summary",
     )
-    p.add_argument("--plot", metavar="FILE.png", help="draw the alarms over the batches here (default: none)")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="draw the alarms over the batches here (default: none)"
+    )
     add_store(p, "drift")
     add_common(p, json_help="write the summary record as JSON here (default: not written)")
     add_trust_unhashed(p)
@@ -196,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
             f.flush()
             if not args.no_progress:
                 said = "ALARM " + ", ".join(checked.alarms) if checked.alarm else "ok"
-                say(f"batch {batch.index + 1}/{count}{' (shifted)' if batch.shifted else ''}: {said}")
+                say(
+                    f"batch {batch.index + 1}/{count}{' (shifted)' if batch.shifted else ''}: {said}"
+                )
         record = finished_record(
             args,
             {
@@ -221,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
                 "files": {"lines": str(out)},
             },
         )
-        f.write(json.dumps({JSON_MARKER: record["robustlab_version"], **record}, sort_keys=True) + "\n")
+        f.write(
+            json.dumps({JSON_MARKER: record["robustlab_version"], **record}, sort_keys=True) + "\n"
+        )
     if args.json:
         write_json(args.json, record)
     if args.store:
@@ -251,7 +260,11 @@ def _report(record: dict[str, Any]) -> None:
         delay = record["delay_batches"]
         print(
             f"shift {record['shift']} from batch {record['shift_start']}: "
-            + ("no alarm after its onset" if delay is None else f"first alarm {delay} batches after its onset")
+            + (
+                "no alarm after its onset"
+                if delay is None
+                else f"first alarm {delay} batches after its onset"
+            )
         )
     for name, s in record["per_statistic"].items():
         print(

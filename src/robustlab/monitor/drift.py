@@ -155,7 +155,8 @@ def profile(
                 "monitored score gives one number per input"
             )
         scored[name] = value
-    return Profile(*cols, scores=scored)
+    mean, std, hist, confidence, predicted, features = cols
+    return Profile(mean, std, hist, confidence, predicted, features, scored)
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,9 @@ class DriftMonitor:
                 f"{'x'.join(map(str, self.input_shape))}: a monitor compares inputs of one shape"
             )
 
-    def check(self, x: torch.Tensor, index: int = 0, labels: torch.Tensor | None = None) -> BatchCheck:
+    def check(
+        self, x: torch.Tensor, index: int = 0, labels: torch.Tensor | None = None
+    ) -> BatchCheck:
         """Test one batch against the reference window (``index``: its place in the stream,
         which seeds its permutations; ``labels``: only to report the batch's accuracy)."""
         self.check_shape(x)
@@ -287,7 +290,11 @@ class DriftMonitor:
         for j, (name, (test, _)) in enumerate(self.statistics.items()):
             adjusted = float(tested.adjusted[j])
             results[name] = StatResult(
-                test, float(tested.values[j]), float(tested.p_values[j]), adjusted, adjusted <= cfg.alpha
+                test,
+                float(tested.values[j]),
+                float(tested.p_values[j]),
+                adjusted,
+                adjusted <= cfg.alpha,
             )
         accuracy = None
         if labels is not None:
@@ -307,7 +314,7 @@ def drift_summary(
 
     def share(flags: Sequence[bool], among: Sequence[bool]) -> float | None:
         """The share of the batches in ``among`` whose flag is set (None if there are none)."""
-        picked = [f for f, a in zip(flags, among) if a]
+        picked = [f for f, a in zip(flags, among, strict=True) if a]
         return sum(picked) / len(picked) if picked else None
 
     clean = [not s for s in shifted]

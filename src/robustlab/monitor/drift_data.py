@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..data import DataSplits, Dataset, load_data
+from ..data import Dataset, DataSplits, load_data
 from ..data.datasets import same_source
 from ..errors import RobustlabError
 

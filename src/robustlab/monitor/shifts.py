@@ -149,7 +149,9 @@ def _check_value(name: str, value: float, options: dict[str, Any], classes: int 
         cls = options.get("class", 0)
         if not isinstance(cls, int) or cls < 0 or (classes is not None and cls >= classes):
             upto = f" 0..{classes - 1}" if classes else ""
-            raise RobustlabError(f"the prior shift's class must be one of the classes{upto}, got {cls}")
+            raise RobustlabError(
+                f"the prior shift's class must be one of the classes{upto}, got {cls}"
+            )
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def drift_plot(record: Mapping[str, Any], path: str | Path, *, title: str = "") 
     alpha = float(record["alpha"])
     floor = 1.0 / (int(record["permutations"]) + 1)
     fig, ax = plt.subplots(figsize=(8.4, 4.8), dpi=110)
-    for b, shifted in zip(batches, series["shifted"]):
+    for b, shifted in zip(batches, series["shifted"], strict=True):
         if shifted:
             ax.axvspan(b - 0.5, b + 0.5, color="#f6d8b8", linewidth=0)
     for i, (name, values) in enumerate(series["adjusted_p"].items()):
@@ -40,16 +40,20 @@ def drift_plot(record: Mapping[str, Any], path: str | Path, *, title: str = "") 
         )
     top = -math.log10(floor)
     ax.axhline(-math.log10(alpha), color="black", linewidth=1, linestyle="--")
-    alarmed = [b for b, a in zip(batches, series["alarm"]) if a]
+    alarmed = [b for b, a in zip(batches, series["alarm"], strict=True) if a]
     ax.plot(alarmed, [top * 1.04] * len(alarmed), "v", color="#c0392b", markersize=5)
     ax.set_xlabel("batch of the stream (shaded: shifted)")
     ax.set_ylabel("-log10 adjusted p-value")
     ax.set_ylim(0, top * 1.1)
     shift = record.get("shift")
     head = title or f"Drift alarms (alpha={alpha:g} per batch; triangles: alarmed batches)"
-    ax.set_title(head + (f"\nshift {shift} from batch {record.get('shift_start')}" if shift else ""))
+    ax.set_title(
+        head + (f"\nshift {shift} from batch {record.get('shift_start')}" if shift else "")
+    )
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize="small", frameon=False)
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize="small", frameon=False
+    )
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -12,8 +12,8 @@ from ..store import ResultStore
 from ..version import __version__
 from .attack_table import attacks_section_html
 from .compress_section import compress_section_html
-from .drift_section import drift_section_html
 from .curves import curves_section_html
+from .drift_section import drift_section_html
 from .entries import (
     Entry,
     dataset_name,
