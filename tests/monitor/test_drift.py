@@ -109,7 +109,8 @@ def test_a_plugged_in_per_input_score_is_one_more_statistic_in_the_correction(
     def margin(x: torch.Tensor) -> torch.Tensor:
         """The logit margin (top minus runner-up), a detector's kind of per-input score."""
         with torch.no_grad():
-            top2 = model(x).topk(2, dim=1).values
+            logits: torch.Tensor = model(x)
+        top2 = logits.topk(2, dim=1).values
         return top2[:, 0] - top2[:, 1]
 
     monitor = DriftMonitor(
