@@ -89,3 +89,18 @@ def test_adjusted_p_values_are_at_least_the_raw_ones() -> None:
     tested = min_p_adjusted(table)
     assert tested.p_values[1] == pytest.approx(1 / 50)
     assert torch.all(tested.adjusted >= tested.p_values)
+
+
+def test_random_tie_breaking_gives_discrete_statistics_the_stated_rate() -> None:
+    """Two statistics with five values each (many ties): counting ties as extreme alarms at
+    less than alpha; breaking them at random at alpha itself. 3000 tables, alpha = 0.1."""
+    gen = torch.Generator().manual_seed(7)
+    alpha, tables = 0.1, 3000
+    exact = conservative = 0
+    for _ in range(tables):
+        table = torch.randint(0, 5, (100, 2), generator=gen).double()
+        exact += int(min_p_adjusted(table, gen).adjusted.min() <= alpha)
+        conservative += int(min_p_adjusted(table).adjusted.min() <= alpha)
+    margin = 3.5 * (alpha * (1 - alpha) / tables) ** 0.5
+    assert abs(exact / tables - alpha) < margin
+    assert conservative / tables < alpha - margin

@@ -285,7 +285,7 @@ class DriftMonitor:
             ks_max(pooled.features, member),
             *(ks_distance(pooled.scores[k], member) for k in self.scores),
         ]
-        tested = min_p_adjusted(torch.stack(columns, dim=1))
+        tested = min_p_adjusted(torch.stack(columns, dim=1), gen)
         results = {}
         for j, (name, (test, _)) in enumerate(self.statistics.items()):
             adjusted = float(tested.adjusted[j])

@@ -123,17 +123,39 @@ class Tested:
     adjusted: torch.Tensor  # (k,)
 
 
-def min_p_adjusted(table: torch.Tensor) -> Tested:
+def _tail_shares(values: torch.Tensor, tiebreak: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the share of rows at least as extreme (values >= its own); with ``tiebreak``
+    (one uniform number per row) tied rows are ordered by it, so the shares are exactly
+    1/R, 2/R, ..., 1 (a randomised test, of exact size), else ties count as extreme."""
+    rows = values.shape[0]
+    if tiebreak is None:
+        below = torch.searchsorted(values.sort().values, values.contiguous(), right=False)
+        return (rows - below).to(torch.float64) / rows
+    by_tiebreak = tiebreak.argsort()
+    order = by_tiebreak[values[by_tiebreak].argsort(stable=True)]  # ascending (value, tiebreak)
+    rank = torch.empty(rows, dtype=torch.float64)
+    rank[order] = torch.arange(rows, dtype=torch.float64)
+    return (rows - rank) / rows
+
+
+def min_p_adjusted(table: torch.Tensor, gen: torch.Generator | None = None) -> Tested:
     """Raw and Westfall-Young min-P adjusted p-values from a (1 + P, k) table of statistics
-    (row 0 observed, larger is more extreme): ``adjusted[j] = #{rows r: min_i p[r, i] <=
-    p[0, j]} / (1 + P)``, so that P(any adjusted p <= alpha) <= alpha under exchangeability."""
-    rows = table.shape[0]
-    p = torch.empty_like(table, dtype=torch.float64)
-    for j in range(table.shape[1]):
-        col = table[:, j].contiguous()
-        ordered = col.sort().values
-        below = torch.searchsorted(ordered, col, right=False)  # rows strictly smaller
-        p[:, j] = (rows - below).to(torch.float64) / rows
+    (row 0 observed, larger is more extreme): ``p[r, j]`` is the share of rows whose statistic
+    j is at least row r's, and ``adjusted[j]`` the share of rows whose smallest p-value is at
+    most ``p[0, j]``, so that P(any adjusted p <= alpha) <= alpha under exchangeability.
+
+    With ``gen``, ties (discrete statistics: KS distances, class counts) are broken at random,
+    one uniform number per row and statistic, and between the rows' smallest p-values: the
+    rate of any alarm is then alpha itself (up to the grid 1/(1 + P)), not less."""
+    rows, k = table.shape
+    draw = (lambda: torch.rand(rows, generator=gen, dtype=torch.float64)) if gen else None
+    p = torch.stack([_tail_shares(table[:, j], draw() if draw else None) for j in range(k)], 1)
     min_p = p.amin(dim=1)
-    adjusted = (min_p[:, None] <= p[0][None, :]).sum(dim=0).to(torch.float64) / rows
+    if draw is None:
+        adjusted = (min_p[:, None] <= p[0][None, :]).sum(dim=0).to(torch.float64) / rows
+    else:
+        u = draw()
+        below = min_p[:, None] < p[0][None, :]
+        tied = (min_p[:, None] == p[0][None, :]) & (u[:, None] <= u[0])
+        adjusted = (below | tied).sum(dim=0).to(torch.float64) / rows
     return Tested(table[0].to(torch.float64), p[0], adjusted)
