@@ -185,3 +185,12 @@ def test_a_stream_of_another_input_shape_is_refused_before_any_work(
 ) -> None:
     with pytest.raises(RobustlabError, match="stream digits has 1x8x8 inputs but the reference"):
         held_out_windows("mnist5k", "digits", trained[1])
+
+
+def test_a_larger_reference_window_is_cut_to_max_reference_inputs(
+    trained: tuple[nn.Module, dict[str, Any]], windows: Windows
+) -> None:
+    monitor = _monitor(trained, windows, permutations=100, max_reference=120)
+    assert len(monitor.reference) == 120
+    batch = next(stream_batches(windows.stream, 40))
+    assert monitor.check(batch.x).size == 40

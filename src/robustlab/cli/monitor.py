@@ -79,6 +79,12 @@ def register(sub: Any) -> None:
         "--permutations", type=int, default=500, help="random permutations per batch and test"
     )
     p.add_argument("--bins", type=int, default=16, help="bins of the intensity histogram")
+    p.add_argument(
+        "--max-reference",
+        type=int,
+        default=1000,
+        help="most reference inputs kept (a seeded random subset of a larger window)",
+    )
     p.add_argument("--shift", help=SHIFT_HELP)
     p.add_argument(
         "--shift-start", type=int, default=0, help="first shifted batch (to see the alarm onset)"
@@ -138,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
     from ..report.drift_section import drift_plot
 
     config = DriftConfig(
-        alpha=args.alpha, permutations=args.permutations, bins=args.bins, seed=args.seed
+        alpha=args.alpha,
+        permutations=args.permutations,
+        bins=args.bins,
+        seed=args.seed,
+        max_reference=args.max_reference,
     )
     shift = parse_shift(args.shift) if args.shift else None
     stream_spec = args.stream or args.reference
@@ -217,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
                 "alpha": config.alpha,
                 "permutations": config.permutations,
                 "bins": config.bins,
+                "reference_used": len(monitor.reference),
                 "seed": config.seed,
                 "correction": "Westfall-Young single-step min-P over the statistics, from the "
                 "same permutations: P(any alarm | no drift) <= alpha per batch",
@@ -228,9 +239,7 @@ def run(args: argparse.Namespace) -> int:
                 "files": {"lines": str(out)},
             },
         )
-        f.write(
-            json.dumps({JSON_MARKER: record["robustlab_version"], **record}, sort_keys=True) + "\n"
-        )
+        f.write(json.dumps(record, sort_keys=True) + "\n")
     if args.json:
         write_json(args.json, record)
     if args.store:

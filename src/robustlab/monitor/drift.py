@@ -55,14 +55,16 @@ SCORE_PREFIX = "score:"  # the name of a plugged-in per-input score in records
 @dataclass(frozen=True)
 class DriftConfig:
     """How batches are tested: alpha (the per-batch probability of any alarm on a batch from
-    the reference's distribution), permutations per batch, histogram bins, seed, and how many
-    inputs one forward pass takes."""
+    the reference's distribution), permutations per batch, histogram bins, seed, how many
+    inputs one forward pass takes, and the most reference inputs kept (a seeded random subset
+    of a larger window: the MMD's kernel matrix grows with its square)."""
 
     alpha: float = 0.05
     permutations: int = 500
     bins: int = 16
     seed: int = 0
     chunk: int = 256
+    max_reference: int = 1000
 
     def __post_init__(self) -> None:
         """Refuse settings under which the stated false-alarm rate means nothing."""
@@ -79,6 +81,10 @@ class DriftConfig:
             )
         if self.bins < 2:
             raise RobustlabError(f"the intensity histogram needs at least 2 bins, got {self.bins}")
+        if self.max_reference < 2:
+            raise RobustlabError(
+                f"the reference window needs at least 2 inputs, max_reference is {self.max_reference}"
+            )
         if self.chunk < 1:
             raise RobustlabError(f"chunk must be at least 1 input, got {self.chunk}")
 
@@ -240,6 +246,10 @@ class DriftMonitor:
         self.model = model
         self.input_shape = tuple(int(s) for s in reference.shape[1:])
         self.scores = dict(scores or {})
+        if reference.shape[0] > self.config.max_reference:
+            gen = torch.Generator().manual_seed(self.config.seed)
+            keep = torch.randperm(reference.shape[0], generator=gen)[: self.config.max_reference]
+            reference = reference[keep.sort().values]
         self.reference = profile(
             model, reference, bins=self.config.bins, scores=self.scores, chunk=self.config.chunk
         )
