@@ -9,8 +9,9 @@ the reference's distribution, so each p-value ``#{rows >= observed} / (P + 1)`` 
 (exact, Monte Carlo) permutation p-value. The correction across statistics takes, per row,
 the smallest p-value over the statistics and compares the observed one with that null
 distribution (Westfall & Young 1993, single-step min-P): the probability that a batch from
-the reference's distribution raises any alarm is then at most alpha, and close to it (not the
-loose bound of Bonferroni, which ignores that the statistics are correlated).
+the reference's distribution raises any alarm is then at most alpha, and with ties broken at
+random (``min_p_adjusted(..., gen)``) alpha itself up to the grid 1/(1 + P), not the loose
+bound of Bonferroni, which ignores that the statistics are correlated.
 """
 
 from __future__ import annotations
