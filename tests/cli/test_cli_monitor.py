@@ -72,6 +72,7 @@ def test_monitor_writes_a_line_per_batch_then_the_summary_into_store_and_report(
             "the batch size 5000 is larger than the stream (1000 held-out inputs)",
         ),
         (["--shift", "fog:1"], "shift 'fog:1' is not one of"),
+        (["--shift-start", "3"], "--shift-start says when --shift begins; give --shift as well"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_code_2(

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import RobustlabError
 from ..io import JSON_MARKER, Output, read_head
 from ..version import __version__
 from .common import (
@@ -151,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         max_reference=args.max_reference,
     )
     shift = parse_shift(args.shift) if args.shift else None
+    if shift is None and args.shift_start:
+        raise RobustlabError("--shift-start says when --shift begins; give --shift as well")
     stream_spec = args.stream or args.reference
     out = Path(args.out)
     checked_outputs(
