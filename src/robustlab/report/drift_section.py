@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .attack_table import parameter_table  # noqa: E402
 from .plots import DASHES, embedded_png, plot, save_figure  # noqa: E402
@@ -42,6 +43,7 @@ def drift_plot(record: Mapping[str, Any], path: str | Path, *, title: str = "") 
     ax.axhline(-math.log10(alpha), color="black", linewidth=1, linestyle="--")
     alarmed = [b for b, a in zip(batches, series["alarm"], strict=True) if a]
     ax.plot(alarmed, [top * 1.04] * len(alarmed), "v", color="#c0392b", markersize=5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("batch of the stream (shaded: shifted)")
     ax.set_ylabel("-log10 adjusted p-value")
     ax.set_ylim(0, top * 1.1)
