@@ -84,3 +84,16 @@ def test_bad_input_is_one_sentence_and_exit_code_2(
     assert err.startswith("robustlab: error: ") and len(err.splitlines()) == 1
     assert message in err
     assert not out.exists()
+
+
+def test_out_replaces_its_own_lines_but_not_a_file_robustlab_did_not_write(
+    net: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "drift.jsonl"
+    run = _monitor(net, out, "--batches", "2", "--permutations", "20")
+    assert main(run) == 0 and main(run) == 0  # a rerun replaces its own lines
+    assert len(out.read_text().splitlines()) == 3
+    other = tmp_path / "notes.jsonl"
+    other.write_text('{"mine": 1}\n')
+    assert main(_monitor(net, other, "--batches", "2", "--permutations", "20")) == 2
+    assert "--out" in capsys.readouterr().err and other.read_text() == '{"mine": 1}\n'
