@@ -23,6 +23,7 @@ COMPUTING = (
     "prune",
     "quantize",
     "uap",
+    "monitor",
 )
 
 

@@ -31,6 +31,7 @@ from . import (
     exits,
     hpm,
     models,
+    monitor,
     prune,
     quantize,
     report,
@@ -45,7 +46,7 @@ from .common import HelpFormatter, check_seeds
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (
     demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
-    uap, report, card, runs, compare,
+    uap, monitor, report, card, runs, compare,
 )  # fmt: skip
 
 
