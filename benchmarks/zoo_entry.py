@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -56,21 +57,28 @@ def recipe(manifest: dict[str, Any]) -> dict[str, Any]:
 ROBUST, BROKEN, MISCLASSIFIED = "r", "b", "x"
 
 
-def outcome(samples: Path) -> str:
-    """Per test point: robust, broken by the attack, or misclassified clean (one letter each)."""
+def outcome(samples: Path) -> tuple[str, dict[str, list[int]]]:
+    """Per test point: robust, broken by the attack, or misclassified clean (one letter
+    each); and per sub-attack, the points it broke."""
     letters: dict[int, str] = {}
+    broken_by: dict[str, list[int]] = {}
     with samples.open() as f:
         for row in csv.DictReader(f):
+            i = int(row["index"])
             if row["clean_pred"] != row["label"]:
-                letters[int(row["index"])] = MISCLASSIFIED
+                letters[i] = MISCLASSIFIED
+            elif row["robust"] == "True":
+                letters[i] = ROBUST
             else:
-                letters[int(row["index"])] = ROBUST if row["robust"] == "True" else BROKEN
-    return "".join(letters[i] for i in range(len(letters)))
+                letters[i] = BROKEN
+                broken_by.setdefault(row["broken_by"], []).append(i)
+    return "".join(letters[i] for i in range(len(letters))), broken_by
 
 
 def autoattack(record: dict[str, Any], name: str) -> dict[str, Any]:
     """What the card says of the AutoAttack run: protocol, numbers, command, outcome."""
     attack, threat = record["attack"], record["threat_model"]
+    letters, broken_by = outcome(Path(record["samples_file"]))
     command = (
         f"robustlab eval --model {PREFIX}{name} --attack autoattack --version "
         f"{attack['version']} --norm {threat['norm']} --eps {threat['eps']:g} --n {record['n']} "
@@ -92,7 +100,8 @@ def autoattack(record: dict[str, Any], name: str) -> dict[str, Any]:
         "date": record["created"][:10],
         "robustlab_version": record["robustlab_version"],
         "environment": record.get("environment", {}),
-        "outcome": outcome(Path(record["samples_file"])),
+        "outcome": letters,
+        "broken_by": broken_by,
         "outcome_letters": {ROBUST: "robust", BROKEN: "broken", MISCLASSIFIED: "misclassified"},
     }
 
@@ -139,7 +148,9 @@ def main() -> None:
             drop: {k: v[k] for k in ("accuracy_early_exit", "accuracy_final", "flops_saving")}
             for drop, v in exits.items()
         }
-    (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    text = json.dumps(card, indent=2)  # lists of numbers on one line each
+    text = re.sub(r"\[([\d,\s]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    (out / CARD).write_text(text + "\n")
     print(f"{PREFIX}{a.name}: {out} ({card['size_bytes']:,} bytes)")
 
 

@@ -1,9 +1,11 @@
 """The shipped models (``zoo:NAME``): each loads, is small, and still has the clean and
 AutoAttack accuracy its card states, point for point.
 
-The default tests replay the card's AutoAttack run on a prefix of its first batch (the same
-seed, so the same random starts for those points), which must break exactly the points the
-card says; the slow test replays the whole run on all 1,000 points.
+AutoAttack's random starts are drawn per batch, so the card's run is replayed exactly on a
+prefix of its first batch. The default tests replay its first member (APGD-CE) on 100 points
+of every model, which must break exactly the points the card says it broke there, and the
+whole of AutoAttack on the standard models (cheap: everything falls at once); the slow tests
+replay the whole run on all 1,000 points.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from robustlab.models.pretrained import zoo_entries, zoo_entry, zoo_names
 
 #: What the issue asks the zoo to hold: standard, PGD-AT, TRADES and the multi-exit model.
 EXPECTED = {"resnet8-standard", "resnet8-pgd-at", "resnet8-trades", "resnet8-standard-sdn"}
-#: Points of the first AutoAttack batch replayed by the default tests, per model: the
-#: standard models fall to APGD-CE in seconds, the robust ones cost AutoAttack in full.
-PREFIX = {"resnet8-standard": 100, "resnet8-standard-sdn": 100}
-ROBUST_PREFIX = 12
+#: Points of the first AutoAttack batch replayed by the default tests.
+PREFIX = 100
+#: The models whose whole AutoAttack run the default tests replay on that prefix.
+CHEAP = ("resnet8-standard", "resnet8-standard-sdn")
 
 
 def _outcome(record: dict[str, Any]) -> str:
@@ -41,12 +43,17 @@ def _outcome(record: dict[str, Any]) -> str:
     return "".join(letters)
 
 
-def _replay(name: str, mnist: DataSplits, n: int) -> dict[str, Any]:
-    """The card's AutoAttack run on the first ``n`` test points, as one batch."""
+def _replay(name: str, mnist: DataSplits, n: int, members: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The card's AutoAttack run (or its first ``members``) on the first ``n`` test points,
+    as one batch."""
     card = zoo_entry(name).card["autoattack"]
     assert n <= card["batch_size"]  # a prefix of the card's first batch: same random starts
     attack = AutoAttack(
-        norm=card["norm"], eps=card["eps"], version=card["version"], seed=card["seed"]
+        norm=card["norm"],
+        eps=card["eps"],
+        version=card["version"],
+        attacks=members,
+        seed=card["seed"],
     )
     model = load_checkpoint(f"zoo:{name}").model
     record = evaluate(
@@ -81,19 +88,35 @@ def test_shipped_model_misclassifies_exactly_the_points_its_card_says(
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_apgd_ce_breaks_exactly_the_points_the_card_says_it_broke_on_a_prefix(
+    name: str, mnist: DataSplits
+) -> None:
+    card = zoo_entry(name).card["autoattack"]
+    first = card["per_attack"][0]["attack"]
+    record = _replay(name, mnist, PREFIX, (first,))
+    broken = {
+        r["index"] for r in record["samples"] if r["clean_pred"] == r["label"] and not r["robust"]
+    }
+    assert broken == {i for i in card["broken_by"].get(first, []) if i < PREFIX}
+    assert broken  # the prefix holds points the attack breaks, so a no-op attack fails here
+
+
+@pytest.mark.parametrize("name", CHEAP)
 def test_autoattack_breaks_the_points_the_card_says_on_a_prefix(
     name: str, mnist: DataSplits
 ) -> None:
-    n = PREFIX.get(name, ROBUST_PREFIX)
-    got = _outcome(_replay(name, mnist, n))
-    want = zoo_entry(name).card["autoattack"]["outcome"][:n]
-    assert got == want
+    got = _outcome(_replay(name, mnist, PREFIX))
+    assert got == zoo_entry(name).card["autoattack"]["outcome"][:PREFIX]
 
 
-def test_cards_robust_accuracy_is_its_outcome() -> None:
+def test_cards_robust_accuracy_and_per_stage_counts_are_its_outcome() -> None:
     for entry in zoo_entries():
         aa = entry.card["autoattack"]
         assert aa["robust_accuracy"] == pytest.approx(aa["outcome"].count("r") / aa["n"])
+        by = sorted(i for broken in aa["broken_by"].values() for i in broken)
+        assert by == [i for i, c in enumerate(aa["outcome"]) if c == "b"]
+        for stage in aa["per_attack"]:
+            assert len(aa["broken_by"].get(stage["attack"], [])) == stage["broken"]
         assert aa["clean_accuracy"] == entry.card["clean_accuracy"]
 
 
