@@ -27,10 +27,12 @@ from . import (
     exits,
     hpm,
     models,
+    poison,
     prune,
     quantize,
     report,
     runs,
+    scan,
     sloth,
     train,
     transfer,
@@ -41,7 +43,7 @@ from .common import HelpFormatter, check_seeds
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (
     demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
-    uap, report, card, runs, compare,
+    uap, poison, scan, report, card, runs, compare,
 )  # fmt: skip
 
 

@@ -38,6 +38,17 @@ TRIGGERS = ("patch", "blend")
 PATCH_MARGIN = 1  # pixels between the patch and the bottom-right corner
 
 
+def check_rate(rate: object) -> None:
+    """A poisoning rate must be a share strictly between 0 and 1; one sentence if not."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise RobustlabError(f"the poisoning rate must be a number, got {rate!r}")
+    if not (0.0 < float(rate) < 1.0):  # also refuses NaN
+        raise RobustlabError(
+            "the poisoning rate must be a share strictly between 0 and 1 (e.g. 0.05 for 5 % of "
+            f"the training split), got {rate}"
+        )
+
+
 @dataclass(frozen=True)
 class PoisonConfig:
     """What to poison: target class, source class (None: every other class), rate, trigger."""
@@ -52,13 +63,7 @@ class PoisonConfig:
 
     def check(self, num_classes: int, image_size: int) -> None:
         """Refuse, in one sentence, a setting that cannot make a poisoned split of this data."""
-        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)):
-            raise RobustlabError(f"the poisoning rate must be a number, got {self.rate!r}")
-        if not (0.0 < float(self.rate) < 1.0):  # also refuses NaN
-            raise RobustlabError(
-                "the poisoning rate must be a share strictly between 0 and 1 (e.g. 0.05 for "
-                f"5 % of the training split), got {self.rate}"
-            )
+        check_rate(self.rate)
         for what, value in (("target", self.target), ("source", self.source)):
             if value is None:
                 continue
@@ -153,10 +158,14 @@ def choose_poisoned(train: Dataset, config: PoisonConfig) -> torch.Tensor:
         )
     pool = source_pool(train.y, config)
     if count > len(pool):
-        where = "the non-target classes" if config.source is None else f"class {config.source}"
+        where = (
+            "the non-target classes hold"
+            if config.source is None
+            else f"class {config.source} holds"
+        )
         raise RobustlabError(
             f"a poisoning rate of {config.rate} needs {count} training samples but {where} "
-            f"hold only {len(pool)}: lower --rate or use --source-class all"
+            f"only {len(pool)}: lower the rate or use every non-target class as the source"
         )
     rng = np.random.default_rng([config.seed, 18])
     picked = rng.choice(len(pool), size=count, replace=False)
