@@ -24,6 +24,7 @@ from .entries import (
 from .exit_plots import sloth_section_html
 from .leaderboard import SORT_JS, leaderboard_section_html
 from .msa_section import msa_section_html
+from .scan_section import scan_section_html
 from .transfer_plots import transfer_section_html
 from .uap_section import uap_section_html
 
@@ -230,6 +231,7 @@ def render_report(
     sloths = store.records(kind="sloth")
     compresses = store.records(kind="compress")
     uaps = store.records(kind="uap")
+    scans = store.records(kind="scan")
     entries, failed = read_entries(evals + msas)
     known = _known_models(entries, trains)
     sections: list[Section] = []
@@ -263,9 +265,14 @@ def render_report(
         sections += _section(
             "uap", _one, f"uap-{i}", heading, uap_section_html, record, title=heading
         )
+    for i, record in enumerate(scans):
+        heading = _title(record, "Backdoor scan", "scan", known)
+        sections += _section(
+            "scan", _one, f"scan-{i}", heading, scan_section_html, record, title=heading
+        )
     if timings:
         sections += _section("timing", _one, "timing", "Time per step", _timing_table, timings)
-    measured = evals + msas + transfers + sloths + compresses + uaps
+    measured = evals + msas + transfers + sloths + compresses + uaps + scans
     header = _header(title, intro, _datasets(measured, trains), entries, trains, sections)
     body = "\n".join(f"<section id={a}>\n{h}\n</section>" for a, _, h in sections)
     script = f"<script>{SORT_JS}</script>" if "class=sortable" in body else ""
