@@ -23,6 +23,7 @@ COMPUTING = (
     "prune",
     "quantize",
     "uap",
+    "scan",
 )
 
 
@@ -35,7 +36,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_has_a_plain_one_line_description() -> None:
     commands = _commands()
-    assert set(commands) == {*COMPUTING, "models", "report", "card", "runs", "compare"}
+    assert set(commands) == {*COMPUTING, "models", "report", "card", "runs", "compare", "poison"}
     for name, p in commands.items():
         text = p.description or ""
         assert text and "\n" not in text.strip() and "`" not in text, name

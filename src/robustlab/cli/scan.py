@@ -89,14 +89,11 @@ def _manifest(args: argparse.Namespace, n: int) -> tuple[dict[str, Any] | None, 
         manifest = read_manifest(args.manifest)
         where = str(args.manifest)
         digest = manifest.get("poisoned_sha256")
-        if (
-            data_file is not None
-            and data_file.is_file()
-            and digest
-            and digest != sha256_of(data_file)
-        ):
+        if data_file is None or not data_file.is_file() or digest != sha256_of(data_file):
+            named = (manifest.get("files") or {}).get("poisoned", "poisoned.npz")
             raise RobustlabError(
-                f"the poison manifest {where} was written for another file than {data_file}"
+                f"the poison manifest {where} describes the {named} it was written with, not "
+                f"{args.data}: scan that file (--data npz:PATH/{named})"
             )
     elif data_file is not None and data_file.is_file():
         manifest = manifest_for(data_file)
