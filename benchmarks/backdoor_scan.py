@@ -11,7 +11,8 @@ with the same recipe and seed, and measure again. Rate 0 is the clean reference:
 trained on clean mnist5k, and how often the trigger alone sends its inputs to the target.
 
 Resumable: one JSON line per rate in --results; a rate already there is skipped, and the
-trained checkpoints under --out are reused by train().
+finished checkpoints under --out are loaded, not retrained. ``--rounds 2`` scans the kept
+split again with the retrained model, removes what it flags and retrains once more.
 
     OMP_NUM_THREADS=1 python benchmarks/backdoor_scan.py --out runs/backdoor \\
         [--rates 0,0.01,0.05,0.1] [--trigger patch] [--epochs 20] \\
@@ -31,13 +32,17 @@ from typing import Any
 import torch
 
 from robustlab.data import DataSplits, load_data
+from robustlab.models.checkpoint import MANIFEST, load_checkpoint
 from robustlab.monitor.poison import POISONED, PoisonConfig, poison_splits, write_poisoned
 from robustlab.monitor.scan import ScanConfig, scan
 from robustlab.train import TrainConfig, accuracy, train
 
 
 def _train(splits: DataSplits, data: str, out: Path, epochs: int | None, seed: int) -> Any:
-    """A resnet8 with the standard recipe on these splits (reused from out when finished)."""
+    """A resnet8 with the standard recipe on these splits (a finished checkpoint in out is
+    loaded instead: train() itself only resumes unfinished runs)."""
+    if (out / MANIFEST).exists():
+        return load_checkpoint(out).model
     cfg = TrainConfig(arch="resnet8", data=data, epochs=epochs, seed=seed)
     return train(cfg, out, splits=splits, progress=False).model
 
@@ -94,6 +99,21 @@ def run_rate(rate: float, args: argparse.Namespace) -> dict[str, Any]:
         kept, spec + " (flagged removed)", folder / "retrained", args.epochs, args.seed
     )
     rec["after"] = _measure(retrained, splits.test, poisoned.triggered)
+    for r in range(2, args.rounds + 1):  # scan the kept split again with the retrained model
+        left = torch.nonzero(keep).flatten()  # kept position -> index in the poisoned split
+        again = scan(retrained, kept.train, ScanConfig(expected_rate=rate, seed=args.seed))
+        newly = [int(left[i]) for i in again.flagged]
+        keep[torch.tensor(newly, dtype=torch.int64)] = False
+        kept = dataclasses.replace(splits, train=splits.train.subset(keep))
+        out = folder / f"retrained{r}"
+        retrained = _train(kept, spec + f" (round {r})", out, args.epochs, args.seed)
+        rec[f"round{r}"] = {
+            "flagged_count": len(newly),
+            "poison_flagged": len(set(newly) & set(truth)),
+            "removed_total": int((~keep).sum()),
+            "poison_left": len(set(truth) - set(torch.nonzero(~keep).flatten().tolist())),
+            "after": _measure(retrained, splits.test, poisoned.triggered),
+        }
     rec["seconds"] = time.perf_counter() - start
     return rec
 
@@ -108,6 +128,12 @@ def main() -> None:
     p.add_argument("--trigger", default="patch")
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's 20")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="scan-remove-retrain rounds (2: the retrained model scans what was kept)",
+    )
     p.add_argument("--results", type=Path, default=Path("benchmarks/results_backdoor_scan.jsonl"))
     args = p.parse_args()
     done: set[float] = set()
