@@ -105,8 +105,9 @@ def run_rate(rate: float, args: argparse.Namespace) -> dict[str, Any]:
         newly = [int(left[i]) for i in again.flagged]
         keep[torch.tensor(newly, dtype=torch.int64)] = False
         kept = dataclasses.replace(splits, train=splits.train.subset(keep))
-        out = folder / f"retrained{r}"
-        retrained = _train(kept, spec + f" (round {r})", out, args.epochs, args.seed)
+        if newly:  # else the kept split, and so the retrained model, stay the same
+            out = folder / f"retrained{r}"
+            retrained = _train(kept, spec + f" (round {r})", out, args.epochs, args.seed)
         rec[f"round{r}"] = {
             "flagged_count": len(newly),
             "poison_flagged": len(set(newly) & set(truth)),
