@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     splits = load_data(args.data)
     poisoned = poison_splits(splits, config)
     manifest = finished_record(args, write_poisoned(poisoned, out, splits.name))
+    write_json(out / MANIFEST, manifest)  # with how it was made (the command line, versions)
     if args.json:
         write_json(args.json, manifest)
     n, k = len(poisoned.train), len(poisoned.indices)
