@@ -38,7 +38,11 @@ METHOD_NAMES = {"ac": "activation_clustering", "spectral": "spectral_signatures"
 def register(sub: Any) -> None:
     """Add the scan command."""
     p = add_command(sub, "scan", DESCRIPTION)
-    add_model_options(p, "the model trained on the data (a checkpoint or any model --model takes)")
+    add_model_options(
+        p,
+        "the model trained on the data: a robustlab checkpoint or any model the other "
+        "commands take (see README, 'Your own model')",
+    )
     p.add_argument("--data", default="mnist5k", help=f"{DATA_HELP}; its training split is scanned")
     p.add_argument(
         "--manifest",
