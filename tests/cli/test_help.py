@@ -24,6 +24,7 @@ COMPUTING = (
     "quantize",
     "uap",
     "monitor",
+    "scan",
 )
 
 
@@ -36,7 +37,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_has_a_plain_one_line_description() -> None:
     commands = _commands()
-    assert set(commands) == {*COMPUTING, "models", "report", "card", "runs", "compare"}
+    assert set(commands) == {*COMPUTING, "models", "report", "card", "runs", "compare", "poison"}
     for name, p in commands.items():
         text = p.description or ""
         assert text and "\n" not in text.strip() and "`" not in text, name

@@ -32,10 +32,12 @@ from . import (
     hpm,
     models,
     monitor,
+    poison,
     prune,
     quantize,
     report,
     runs,
+    scan,
     sloth,
     train,
     transfer,
@@ -46,7 +48,7 @@ from .common import HelpFormatter, check_seeds
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (
     demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
-    uap, monitor, report, card, runs, compare,
+    uap, monitor, poison, scan, report, card, runs, compare,
 )  # fmt: skip
 
 

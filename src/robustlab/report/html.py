@@ -25,6 +25,7 @@ from .entries import (
 from .exit_plots import sloth_section_html
 from .leaderboard import SORT_JS, leaderboard_section_html
 from .msa_section import msa_section_html
+from .scan_section import scan_section_html
 from .transfer_plots import transfer_section_html
 from .uap_section import uap_section_html
 
@@ -108,6 +109,18 @@ def _timing_table(timings: list[dict[str, Any]]) -> str:
 
 
 Section = tuple[str, str, str]  # (anchor, title in the contents, HTML)
+
+
+#: The records shown one section each, in the report's order: kind -> (heading, the store
+#: label that goes unsaid, renderer).
+PER_RECORD: dict[str, tuple[str, str, Callable[..., str]]] = {
+    "transfer": ("Transfer matrix", "transfer", transfer_section_html),
+    "sloth": ("DeepSloth", "sloth", sloth_section_html),
+    "compress": ("Compressibility", "", compress_section_html),
+    "uap": ("Universal perturbation", "uap", uap_section_html),
+    "drift": ("Drift monitoring", "drift", drift_section_html),
+    "scan": ("Backdoor scan", "scan", scan_section_html),
+}
 
 
 def _title(record: dict[str, Any], heading: str, default_label: str, known: dict[str, str]) -> str:
@@ -227,11 +240,6 @@ def render_report(
     trains = store.records(kind="train")
     timings = store.records(kind="timing")
     msas = store.records(kind="msa")
-    transfers = store.records(kind="transfer")
-    sloths = store.records(kind="sloth")
-    compresses = store.records(kind="compress")
-    uaps = store.records(kind="uap")
-    drifts = store.records(kind="drift")
     entries, failed = read_entries(evals + msas)
     known = _known_models(entries, trains)
     sections: list[Section] = []
@@ -245,34 +253,15 @@ def render_report(
         sections.append(("unread", "Unread records", unread_note("eval", failed)))
     if msas:
         sections += _section("msa", _one, "msa", "MSA", msa_section_html, msas)
-    for i, record in enumerate(transfers):
-        heading = _title(record, "Transfer matrix", "transfer", known)
-        sections += _section(
-            "transfer", _one, f"transfer-{i}", heading, transfer_section_html, record, title=heading
-        )
-    for i, record in enumerate(sloths):
-        heading = _title(record, "DeepSloth", "sloth", known)
-        sections += _section(
-            "sloth", _one, f"sloth-{i}", heading, sloth_section_html, record, title=heading
-        )
-    for i, record in enumerate(compresses):
-        heading = _title(record, "Compressibility", "", known)
-        sections += _section(
-            "compress", _one, f"compress-{i}", heading, compress_section_html, record, title=heading
-        )
-    for i, record in enumerate(uaps):
-        heading = _title(record, "Universal perturbation", "uap", known)
-        sections += _section(
-            "uap", _one, f"uap-{i}", heading, uap_section_html, record, title=heading
-        )
-    for i, record in enumerate(drifts):
-        heading = _title(record, "Drift monitoring", "drift", known)
-        sections += _section(
-            "drift", _one, f"drift-{i}", heading, drift_section_html, record, title=heading
-        )
+    per_record = [(kind, store.records(kind=kind)) for kind in PER_RECORD]
+    for kind, records in per_record:
+        word, anchor, render = PER_RECORD[kind]
+        for i, record in enumerate(records):
+            heading = _title(record, word, anchor, known)
+            sections += _section(kind, _one, f"{kind}-{i}", heading, render, record, title=heading)
     if timings:
         sections += _section("timing", _one, "timing", "Time per step", _timing_table, timings)
-    measured = evals + msas + transfers + sloths + compresses + uaps + drifts
+    measured = evals + msas + [r for _, records in per_record for r in records]
     header = _header(title, intro, _datasets(measured, trains), entries, trains, sections)
     body = "\n".join(f"<section id={a}>\n{h}\n</section>" for a, _, h in sections)
     script = f"<script>{SORT_JS}</script>" if "class=sortable" in body else ""
