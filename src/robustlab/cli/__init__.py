@@ -23,6 +23,7 @@ from . import (
     compare,
     compress,
     demo,
+    detect,
     eval,
     exits,
     hpm,
@@ -41,7 +42,7 @@ from .common import HelpFormatter, check_seeds
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (
     demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
-    uap, report, card, runs, compare,
+    uap, detect, report, card, runs, compare,
 )  # fmt: skip
 
 

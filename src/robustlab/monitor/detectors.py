@@ -102,7 +102,7 @@ def fit_logistic(
         """The penalised mean log loss."""
         opt.zero_grad()
         loss = F.binary_cross_entropy_with_logits(u @ w + b, target) + l2 * (w * w).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         return loss
 
     opt.step(closure)  # type: ignore[no-untyped-call]
@@ -241,7 +241,7 @@ class Mahalanobis(Detector):
         self.means, self.precisions = [], []
         for f in feats:
             f = f.detach().double()
-            present = [int(c) for c in data.y.unique()]
+            present = sorted({int(c) for c in data.y.tolist()})
             mu = torch.zeros(data.num_classes, f.shape[1], dtype=torch.float64)
             for c in present:
                 mu[c] = f[data.y == c].mean(0)
@@ -379,7 +379,8 @@ def bit_depth(x: torch.Tensor, bits: int) -> torch.Tensor:
     backward pass (BPDA: rounding has no useful gradient)."""
     levels = 2**bits - 1
     squeezed = torch.round(x * levels) / levels
-    return x + (squeezed - x).detach()
+    out: torch.Tensor = x + (squeezed - x).detach()
+    return out
 
 
 def median_filter(x: torch.Tensor, size: int = 2) -> torch.Tensor:
@@ -428,7 +429,7 @@ class Margin(Detector):
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """-(z_top1 - z_top2)."""
-        top = model(x).topk(2, dim=1).values
+        top: torch.Tensor = model(x).topk(2, dim=1).values
         return top[:, 1] - top[:, 0]
 
     def config(self) -> dict[str, Any]:
@@ -469,7 +470,10 @@ def samples_needed(
     if "lid" in names:
         n = LID_BATCH + max(LID_K, 10)
         if n > need:
-            need, why = n, f"LID needs at least {n} ({LID_BATCH} as its reference batch, the rest for its regression)"
+            need, why = (
+                n,
+                f"LID needs at least {n} ({LID_BATCH} as its reference batch, the rest for its regression)",
+            )
     return need, why
 
 

@@ -173,7 +173,9 @@ class DetectorSuite:
         detectors: dict[str, Detector] = {}
         for name, entry in meta["detectors"].items():
             det = make_detector(name, entry["config"])
-            det.load({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}/")})
+            det.load(
+                {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}/")}
+            )
             detectors[name] = det
         info = {
             k: v
