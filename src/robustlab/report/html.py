@@ -13,6 +13,7 @@ from ..version import __version__
 from .attack_table import attacks_section_html
 from .compress_section import compress_section_html
 from .curves import curves_section_html
+from .detect_section import detect_section_html
 from .entries import (
     Entry,
     dataset_name,
@@ -230,6 +231,7 @@ def render_report(
     sloths = store.records(kind="sloth")
     compresses = store.records(kind="compress")
     uaps = store.records(kind="uap")
+    detects = store.records(kind="detect")
     entries, failed = read_entries(evals + msas)
     known = _known_models(entries, trains)
     sections: list[Section] = []
@@ -263,9 +265,14 @@ def render_report(
         sections += _section(
             "uap", _one, f"uap-{i}", heading, uap_section_html, record, title=heading
         )
+    for i, record in enumerate(detects):
+        heading = _title(record, "Adversarial-input detectors", "detect", known)
+        sections += _section(
+            "detect", _one, f"detect-{i}", heading, detect_section_html, record, title=heading
+        )
     if timings:
         sections += _section("timing", _one, "timing", "Time per step", _timing_table, timings)
-    measured = evals + msas + transfers + sloths + compresses + uaps
+    measured = evals + msas + transfers + sloths + compresses + uaps + detects
     header = _header(title, intro, _datasets(measured, trains), entries, trains, sections)
     body = "\n".join(f"<section id={a}>\n{h}\n</section>" for a, _, h in sections)
     script = f"<script>{SORT_JS}</script>" if "class=sortable" in body else ""
