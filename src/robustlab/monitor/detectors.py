@@ -252,8 +252,8 @@ class Mahalanobis(Detector):
             cov = centred.T @ centred / len(f)
             ridge = 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12))
             prec = torch.linalg.inv(cov + ridge * torch.eye(len(cov), dtype=torch.float64))
-            self.means.append(mu.float())
-            self.precisions.append(prec.float())
+            self.means.append(mu.float().contiguous())
+            self.precisions.append(prec.float().contiguous())
         with torch.no_grad() if self.noise == 0 else torch.enable_grad():
             clean = torch.cat(
                 [

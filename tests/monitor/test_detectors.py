@@ -1,0 +1,216 @@
+"""Adversarial-input detectors on a small resnet trained on digits with a held-out split:
+what they separate, their thresholds, their artifact, the adaptive attack, the bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import median_filter as scipy_median
+from torch import nn
+
+from robustlab.attacks.registry import make_attack
+from robustlab.data import DataSplits, load_data
+from robustlab.errors import RobustlabError
+from robustlab.monitor.detectors import lid_estimate, median_filter
+from robustlab.monitor.detectors_eval import (
+    AttackSpec,
+    adaptive_attack,
+    auroc,
+    detection_metrics,
+    evaluate_detectors,
+    joint_margin,
+)
+from robustlab.monitor.detectors_suite import (
+    JSON_FILE,
+    TENSOR_FILE,
+    DetectorSuite,
+    fit_suite,
+)
+from robustlab.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def held() -> DataSplits:
+    """digits with 500 training samples held out of training."""
+    return load_data("digits", calibration=500)
+
+
+@pytest.fixture(scope="module")
+def net(held: DataSplits, tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
+    """A width-8 resnet8 trained 4 epochs on the rest of digits' training split."""
+    cfg = TrainConfig(arch="resnet8", data="digits", epochs=4, arch_options={"width": 8})
+    out = tmp_path_factory.mktemp("detect-net")
+    return train(cfg, out, splits=held, progress=False).model.eval()
+
+
+@pytest.fixture(scope="module")
+def suite(net: nn.Module, held: DataSplits) -> DetectorSuite:
+    """Every detector fitted on the held-out split."""
+    assert held.calibration is not None
+    return fit_suite(net, held.calibration.x, held.calibration.y, 10)
+
+
+def test_mahalanobis_flags_inputs_far_from_the_data_and_passes_clean_ones(
+    net: nn.Module, held: DataSplits
+) -> None:
+    assert held.calibration is not None
+    only = fit_suite(net, held.calibration.x, held.calibration.y, 10, names=["mahalanobis"])
+    clean = held.test.x[:200]
+    far = torch.rand(200, *clean.shape[1:], generator=torch.Generator().manual_seed(1))
+    s_clean = only.score(net, clean)["mahalanobis"]
+    s_far = only.score(net, far)["mahalanobis"]
+    assert auroc(s_clean, s_far) > 0.95
+    flags_far = only.flags({"mahalanobis": s_far})["mahalanobis"]
+    flags_clean = only.flags({"mahalanobis": s_clean})["mahalanobis"]
+    assert float(flags_far.double().mean()) > 0.9
+    assert float(flags_clean.double().mean()) < 0.15
+
+
+def test_thresholds_flag_about_5_percent_of_unseen_clean_inputs(
+    suite: DetectorSuite, net: nn.Module, held: DataSplits
+) -> None:
+    """The thresholds come from held-out inputs the detectors were not fitted on; on the test
+    split (359 inputs, never seen) each flags close to 5 % (binomial std ~1.2 points)."""
+    assert set(suite.detectors) == {"mahalanobis", "lid", "squeeze", "margin"}
+    assert all(
+        v == pytest.approx(0.05, abs=0.006)
+        for v in suite.info["fit"]["fpr_threshold_split"].values()
+    )
+    flags = suite.flags(suite.score(net, held.test.x))
+    for name, f in flags.items():
+        assert float(f.double().mean()) <= 0.1, name
+
+
+def test_the_artifact_round_trips_bit_exactly_as_safetensors_and_json(
+    suite: DetectorSuite, net: nn.Module, held: DataSplits, tmp_path: Path
+) -> None:
+    suite.save(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([JSON_FILE, TENSOR_FILE])
+    raw = (tmp_path / "a" / TENSOR_FILE).read_bytes()
+    header = int.from_bytes(raw[:8], "little")  # safetensors: header length, then JSON
+    json.loads(raw[8 : 8 + header])
+    meta = json.loads((tmp_path / "a" / JSON_FILE).read_text())
+    assert meta["model_fingerprint"] == suite.fingerprint
+    back = DetectorSuite.load(tmp_path / "a")
+    back.save(tmp_path / "b")
+    assert (tmp_path / "b" / TENSOR_FILE).read_bytes() == raw
+    assert back.thresholds == suite.thresholds and back.scales == suite.scales
+    x = held.test.x[:50]
+    first, again = suite.score(net, x), back.score(net, x)
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+
+
+def test_a_changed_artifact_is_refused(suite: DetectorSuite, tmp_path: Path) -> None:
+    suite.save(tmp_path)
+    raw = bytearray((tmp_path / TENSOR_FILE).read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / TENSOR_FILE).write_bytes(bytes(raw))
+    with pytest.raises(RobustlabError, match="does not match its manifest"):
+        DetectorSuite.load(tmp_path)
+
+
+def test_scoring_with_another_model_is_refused_in_one_sentence(
+    suite: DetectorSuite, net: nn.Module, held: DataSplits
+) -> None:
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        next(other.parameters()).mul_(1.01)
+    with pytest.raises(RobustlabError, match="was fitted on .* cannot score") as exc:
+        suite.check_model(other)
+    assert str(exc.value).count(". ") == 0
+    suite.check_model(copy.deepcopy(net))  # the same weights: accepted
+
+
+def test_inputs_of_another_shape_are_refused(suite: DetectorSuite, net: nn.Module) -> None:
+    with pytest.raises(
+        RobustlabError, match="takes 1x8x8 inputs but was given inputs of shape 1x28x28"
+    ):
+        suite.score(net, torch.zeros(2, 1, 28, 28))
+
+
+def test_too_few_samples_for_the_feature_dimension_says_how_many(
+    net: nn.Module, held: DataSplits
+) -> None:
+    assert held.calibration is not None
+    x, y = held.calibration.x[:40], held.calibration.y[:40]
+    # width-8 resnet8: its widest layer has 32 features; 32 + 10 classes + 1 = 43 to fit, 60 %
+    with pytest.raises(
+        RobustlabError, match=r"Mahalanobis needs at least 43 .* at least 72 are needed"
+    ):
+        fit_suite(net, x, y, 10, names=["mahalanobis"])
+
+
+def test_median_filter_matches_scipy_for_the_2x2_window() -> None:
+    x = torch.rand(3, 2, 9, 7, generator=torch.Generator().manual_seed(0))
+    want = scipy_median(x.numpy(), size=(1, 1, 2, 2))
+    assert np.allclose(median_filter(x, 2).numpy(), want)
+
+
+def test_lid_of_points_on_a_plane_is_about_two() -> None:
+    g = torch.Generator().manual_seed(0)
+    plane = torch.zeros(2000, 10)
+    plane[:, :2] = torch.rand(2000, 2, generator=g)
+    queries = plane[:50].clone()
+    queries[:, :2] = 0.25 + 0.5 * queries[:, :2]  # inside the plane, away from its edges
+    est = lid_estimate(queries, plane[50:], k=20)
+    assert float(est.median()) == pytest.approx(2.0, abs=0.5)
+
+
+def test_system_robust_accuracy_counts_correct_or_flagged_inputs() -> None:
+    y = torch.tensor([0, 1, 2, 3, 4])
+    clean_pred = torch.tensor([0, 1, 2, 3, 0])  # point 4 wrong already
+    adv_pred = torch.tensor([0, 2, 2, 0, 0])  # 1 and 3 broken by the attack
+    adv_scores = torch.tensor([0.0, 5.0, 0.0, 0.5, 2.0])  # threshold 1: flags 1 and 4
+    clean_scores = torch.tensor([0.2, 0.4, 0.6, 0.8, 9.0])
+    m = detection_metrics(clean_scores, clean_pred, adv_scores, adv_pred, y, threshold=1.0)
+    assert m["system_robust_accuracy"] == pytest.approx(4 / 5)  # 0, 1 (flag), 2, 4 (flag)
+    assert m["robust_accuracy"] == pytest.approx(2 / 5)  # 0 and 2
+    assert m["successful"] == 2 and m["tpr_at_threshold"] == pytest.approx(1 / 2)
+    # successful examples score 5.0 and 0.5 against clean 0.2, 0.4, 0.6, 0.8 (point 4 excluded)
+    assert m["auroc"] == pytest.approx((4 + 2) / 8)
+
+
+def test_the_joint_margin_is_positive_exactly_when_misclassified_and_not_flagged() -> None:
+    # columns: 3 classes, then the detector's logit; y = 0 for every row
+    logits = torch.tensor(
+        [
+            [1.0, 3.0, 0.0, 2.0],  # misclassified, not flagged: positive
+            [1.0, 3.0, 0.0, 4.0],  # misclassified, flagged: negative
+            [3.0, 1.0, 0.0, 2.0],  # correct, not flagged: negative
+            [3.0, 1.0, 0.0, 5.0],  # correct, flagged: negative
+        ]
+    )
+    loss = joint_margin(logits, torch.zeros(4, dtype=torch.long), None)
+    assert loss.tolist() == [1.0, -1.0, -2.0, -4.0]
+
+
+def test_the_adaptive_attack_lowers_the_detection_rate_on_the_same_points(
+    suite: DetectorSuite, net: nn.Module, held: DataSplits
+) -> None:
+    """Same points, same budget: PGD that ignores the detector is caught by Mahalanobis (on
+    this digits net ~85 % of its successful examples); the joint attack evades it (an
+    adaptive attack ignoring the detector would be caught as often)."""
+    small = DetectorSuite(
+        suite.fingerprint,
+        suite.input_shape,
+        suite.num_classes,
+        {"mahalanobis": suite.detectors["mahalanobis"]},
+        suite.thresholds,
+        suite.scales,
+        suite.info,
+    )
+    x, y = held.test.x[:60], held.test.y[:60]
+    pgd = AttackSpec("pgd", make_attack("pgd", "linf", 0.3, steps=20))
+    rec = evaluate_detectors(net, small, x, y, [pgd], adaptive=adaptive_attack("linf", 0.3, 40, 0))
+    plain, adaptive = rec["side_by_side"]["mahalanobis"].values()
+    assert plain["attack"] == "pgd" and adaptive["attack"] == "adaptive"
+    assert plain["tpr_at_threshold"] > 0.7
+    assert adaptive["tpr_at_threshold"] < plain["tpr_at_threshold"] - 0.4
+    assert adaptive["system_robust_accuracy"] < plain["system_robust_accuracy"] - 0.3
+    assert rec["adaptive"]["attack"]["steps"] == 40
