@@ -40,7 +40,12 @@ def artifact(nets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 def test_fit_uses_the_split_the_model_held_out(artifact: Path) -> None:
     meta: dict[str, Any] = json.loads((artifact / "detector.json").read_text())
-    assert meta["held_out"] == {"size": 500, "seed": 0, "seen_by_model": False}
+    assert meta["held_out"] == {
+        "split": "calibration",
+        "size": 500,
+        "seed": 0,
+        "seen_by_model": False,
+    }
     assert meta["fit"]["samples"] == 300 and meta["fit"]["threshold_samples"] == 200
     assert set(meta["detectors"]) == {"mahalanobis", "lid", "squeeze", "margin"}
 
@@ -157,3 +162,17 @@ def test_transfer_without_a_source_is_refused(
     ]
     err = _error([*args, "--attacks", "pgd,transfer", "--eps", "0.1"], capsys)
     assert "needs --source" in err
+
+
+def test_test_tail_fits_on_the_last_test_points_and_keeps_them_out_of_scoring(
+    nets: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "d"
+    args = ["detect", "fit", "--model", str(nets[0]), "--data", "digits", "--out", str(out)]
+    assert main([*args, "--test-tail", "250", "--detectors", "mahalanobis,margin"]) == 0
+    meta = json.loads((out / "detector.json").read_text())
+    assert meta["held_out"] == {"split": "test", "first": 109, "size": 250, "seen_by_model": False}
+    score = ["detect", "score", "--model", str(nets[0]), "--detector", str(out), "--data", "digits"]
+    assert main([*score, "--n", "109"]) == 0
+    err = _error([*score, "--n", "110"], capsys)
+    assert "--n must be between 1 and 109 (the test points the detectors were not fitted on)" in err

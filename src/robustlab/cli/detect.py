@@ -78,6 +78,12 @@ def _register_fit(inner: Any) -> None:
     p.add_argument(
         "--data-seed", type=int, help="seed of the held-out split (default: the model's, else 0)"
     )
+    p.add_argument(
+        "--test-tail",
+        type=int,
+        help="fit on the last N test points instead, for a model trained without a held-out "
+        "split; score and eval then use only the test points before them (default: none)",
+    )
     p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the thresholds")
     p.add_argument(
         "--noise",
@@ -155,6 +161,58 @@ def _held_out(manifest: dict[str, Any], data: str) -> tuple[int, int] | None:
     return int(dataset.get("calibration_size", 0) or 0), int(dataset.get("seed", 0) or 0)
 
 
+def _fit_points(
+    args: argparse.Namespace, manifest: dict[str, Any]
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The clean inputs to fit on (x, y), the data splits, and what the record says of them:
+    the held-out split the model's training kept out, else one held out now (noted: the model
+    may have seen it), or with --test-tail the last test points."""
+    from ..data import load_data
+
+    if args.test_tail is not None:
+        if args.calibration is not None:
+            raise RobustlabError(
+                "--test-tail and --calibration are two ways to choose the fitting data: give one"
+            )
+        splits = load_data(args.data, test_only=True)
+        total = len(splits.test)
+        if not 1 <= args.test_tail < total:
+            raise RobustlabError(
+                f"--test-tail must be between 1 and {total - 1}, got {args.test_tail}"
+            )
+        check_fit(manifest, splits)
+        first = total - args.test_tail
+        info = {"split": "test", "first": first, "size": args.test_tail, "seen_by_model": False}
+        return splits.test.x[first:], splits.test.y[first:], splits, info
+    held = _held_out(manifest, args.data.strip())
+    held_size, held_seed = held or (0, 0)
+    size = args.calibration if args.calibration is not None else (held_size or 500)
+    seed = args.data_seed if args.data_seed is not None else held_seed
+    if size < 1:
+        raise RobustlabError(
+            "the held-out split is empty: pass --calibration N with N >= 1 samples "
+            "(detectors are never fitted on the test set)"
+        )
+    splits = load_data(args.data, calibration=size, seed=seed)
+    check_fit(manifest, splits)
+    assert splits.calibration is not None
+    seen = held is not None and held != (size, seed)
+    if seen:
+        say(
+            "  note: the model was trained on other samples of this training split than the "
+            f"{size} held out now (seed {seed}), so it saw some of them and the thresholds may "
+            "be optimistic; train it with robustlab train --calibration N, or use --test-tail N"
+        )
+    info = {"split": "calibration", "size": size, "seed": seed, "seen_by_model": seen}
+    return splits.calibration.x, splits.calibration.y, splits, info
+
+
+def _unseen_points(suite: Any, total: int) -> int:
+    """How many test points (from the first) the detectors were not fitted on."""
+    held = suite.info.get("held_out") or {}
+    return int(held["first"]) if held.get("split") == "test" else total
+
+
 def run_fit(args: argparse.Namespace) -> int:
     """Fit the detectors on the held-out split and write the artifact."""
     import torch
@@ -188,33 +246,15 @@ def run_fit(args: argparse.Namespace) -> int:
         trust_unhashed=args.trust_unhashed,
         options=model_options(args),
     )
-    held = _held_out(ckpt.manifest, args.data.strip())
-    held_size, held_seed = held or (0, 0)
-    size = args.calibration if args.calibration is not None else (held_size or 500)
-    seed = args.data_seed if args.data_seed is not None else held_seed
-    if size < 1:
-        raise RobustlabError(
-            "the held-out split is empty: pass --calibration N with N >= 1 samples "
-            "(detectors are never fitted on the test set)"
-        )
-    splits = load_data(args.data, calibration=size, seed=seed)
-    check_fit(ckpt.manifest, splits)
-    assert splits.calibration is not None
-    seen = held is not None and held != (size, seed)
-    if seen:
-        say(
-            "  note: the model was trained on other samples of this training split than the "
-            f"{size} held out now (seed {seed}), so it saw some of them and the thresholds may "
-            "be optimistic; train it with robustlab train --calibration N to avoid this"
-        )
+    x, y, splits, held_out = _fit_points(args, ckpt.manifest)
     model = ckpt.model.to(device).eval()
     torch.manual_seed(args.seed)
     info = model_info(ckpt.manifest, ckpt.path)
-    say(f"fitting {', '.join(chosen)} on {len(splits.calibration)} held-out {splits.name} samples")
+    say(f"fitting {', '.join(chosen)} on {len(x)} held-out {splits.name} samples")
     suite = fit_suite(
         model,
-        splits.calibration.x.to(device),
-        splits.calibration.y.to(device),
+        x.to(device),
+        y.to(device),
         int(ckpt.manifest["model"]["num_classes"]),
         names=chosen,
         fpr=args.fpr,
@@ -223,7 +263,7 @@ def run_fit(args: argparse.Namespace) -> int:
         info={
             "model": info,
             "data": splits.name,
-            "held_out": {"size": size, "seed": seed, "seen_by_model": seen},
+            "held_out": held_out,
         },
     )
     suite.save(out)
@@ -257,9 +297,13 @@ def run_score(args: argparse.Namespace) -> int:
     model, splits, device, info = load_model_and_data(args, test_only=True)
     suite.check_model(model, args.model)
     test = splits.test
-    n = len(test) if args.n is None else args.n
-    if not 1 <= n <= len(test):
-        raise RobustlabError(f"--n must be between 1 and {len(test)}, got {n}")
+    limit = _unseen_points(suite, len(test))
+    n = limit if args.n is None else args.n
+    if not 1 <= n <= limit:
+        raise RobustlabError(
+            f"--n must be between 1 and {limit} (the test points the detectors were not fitted "
+            f"on), got {n}"
+        )
     x = test.x[:n].to(device)
     suite.check_inputs(x)
     scores = suite.score(model, x)
@@ -361,8 +405,12 @@ def run_eval(args: argparse.Namespace) -> int:
     model.eval()
     suite.check_model(model, args.model)
     test = splits.test
-    if not 1 <= args.n <= len(test):
-        raise RobustlabError(f"--n must be between 1 and {len(test)}, got {args.n}")
+    limit = _unseen_points(suite, len(test))
+    if not 1 <= args.n <= limit:
+        raise RobustlabError(
+            f"--n must be between 1 and {limit} (the test points the detectors were not fitted "
+            f"on), got {args.n}"
+        )
     specs = _attack_specs(args, splits, device)
     adaptive = (
         adaptive_attack(args.norm, args.eps, args.adaptive_steps, args.seed)
