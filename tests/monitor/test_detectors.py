@@ -19,11 +19,12 @@ from robustlab.errors import RobustlabError
 from robustlab.monitor.detectors import lid_estimate, median_filter
 from robustlab.monitor.detectors_eval import (
     AttackSpec,
+    WithDetector,
     adaptive_attack,
+    adaptive_targets,
     auroc,
     detection_metrics,
     evaluate_detectors,
-    joint_margin,
 )
 from robustlab.monitor.detectors_suite import (
     JSON_FILE,
@@ -177,18 +178,34 @@ def test_system_robust_accuracy_counts_correct_or_flagged_inputs() -> None:
     assert m["auroc"] == pytest.approx((4 + 2) / 8)
 
 
-def test_the_joint_margin_is_positive_exactly_when_misclassified_and_not_flagged() -> None:
-    # columns: 3 classes, then the detector's logit; y = 0 for every row
-    logits = torch.tensor(
-        [
-            [1.0, 3.0, 0.0, 2.0],  # misclassified, not flagged: positive
-            [1.0, 3.0, 0.0, 4.0],  # misclassified, flagged: negative
-            [3.0, 1.0, 0.0, 2.0],  # correct, not flagged: negative
-            [3.0, 1.0, 0.0, 5.0],  # correct, flagged: negative
-        ]
-    )
-    loss = joint_margin(logits, torch.zeros(4, dtype=torch.long), None)
-    assert loss.tolist() == [1.0, -1.0, -2.0, -4.0]
+def test_the_extended_classifier_predicts_the_extra_class_exactly_when_flagged(
+    suite: DetectorSuite, net: nn.Module, held: DataSplits
+) -> None:
+    x = torch.cat([held.test.x[:40], torch.rand(20, 1, 8, 8)])  # some flagged, some not
+    for name, det in suite.detectors.items():
+        joint = WithDetector(net, det, suite.thresholds[name], suite.scales[name]).eval()
+        with torch.no_grad():
+            g, z = joint(x), net(x)
+        flagged = suite.flags(suite.score(net, x))[name]
+        assert 0 < int(flagged.sum()) < len(x), name
+        assert torch.equal(g.argmax(1) == 10, flagged), name
+        assert torch.equal(g[:, :10], z), name
+        assert torch.equal(g.argmax(1)[~flagged], z.argmax(1)[~flagged]), name
+
+
+def test_the_adaptive_target_is_the_class_the_plain_attack_reached_else_the_runner_up(
+    net: nn.Module, held: DataSplits
+) -> None:
+    x, y = held.test.x[:6], held.test.y[:6]
+    with torch.no_grad():
+        z = net(x)
+    runner_up = z.scatter(1, y[:, None], float("-inf")).argmax(1)
+    reached = (y + 3) % 10
+    base = torch.where(torch.arange(6) % 2 == 0, reached, y)  # even points broken
+    targets = adaptive_targets(net, x, y, base)
+    assert torch.equal(targets[::2], reached[::2])
+    assert torch.equal(targets[1::2], runner_up[1::2])
+    assert bool((targets != y).all())
 
 
 def test_the_adaptive_attack_lowers_the_detection_rate_on_the_same_points(

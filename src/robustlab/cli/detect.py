@@ -296,6 +296,7 @@ def run_score(args: argparse.Namespace) -> int:
     suite = DetectorSuite.load(args.detector)
     model, splits, device, info = load_model_and_data(args, test_only=True)
     suite.check_model(model, args.model)
+    suite.to(device)
     test = splits.test
     limit = _unseen_points(suite, len(test))
     n = limit if args.n is None else args.n
@@ -404,6 +405,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model, splits, device, info = load_model_and_data(args, test_only=True)
     model.eval()
     suite.check_model(model, args.model)
+    suite.to(device)
     test = splits.test
     limit = _unseen_points(suite, len(test))
     if not 1 <= args.n <= limit:

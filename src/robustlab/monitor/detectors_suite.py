@@ -76,6 +76,12 @@ class DetectorSuite:
     scales: dict[str, float]  # std of the clean threshold-split scores (adaptive attacks)
     info: dict[str, Any] = field(default_factory=dict)
 
+    def to(self, device: str | torch.device) -> DetectorSuite:
+        """The detectors' tensors moved to ``device`` (in place; returns the suite)."""
+        for det in self.detectors.values():
+            det.load({k: v.to(device) for k, v in det.tensors().items()})
+        return self
+
     def check_model(self, model: nn.Module, what: str = "this model") -> None:
         """Refuse a model other than the one the detectors were fitted on."""
         have = model_fingerprint(model)
