@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> None:
         ev += ["--attacks", "pgd,apgd-ce,cw,square,transfer", "--source", str(source)]
         ev += ["--n", str(args.n), "--queries", str(args.queries), "--no-progress"]
         ev += ["--adaptive-steps", str(args.adaptive_steps), "--json", str(out / f"{name}.json")]
+        ev += ["--adaptive-restarts", str(args.adaptive_restarts)]
         ev += ["--overwrite"]
         if args.store:
             ev += ["--store", args.store, "--label", f"resnet8-{name}"]
@@ -117,7 +118,8 @@ def cli() -> None:
     p.add_argument("--eps", type=float, default=0.3, help="linf budget")
     p.add_argument("--n", type=int, default=200, help="test points attacked")
     p.add_argument("--queries", type=int, default=1000, help="Square's query budget")
-    p.add_argument("--adaptive-steps", type=int, default=100, help="steps of the adaptive attack")
+    p.add_argument("--adaptive-steps", type=int, default=200, help="steps of the adaptive attack")
+    p.add_argument("--adaptive-restarts", type=int, default=3, help="its random restarts")
     p.add_argument("--store", help="also append the records to this results store")
     p.add_argument("--table", action="store_true", help="print the Markdown table of --out")
     args = p.parse_args()

@@ -142,6 +142,12 @@ def _register_eval(inner: Any) -> None:
         default=100,
         help="steps of the adaptive attack on classifier + detector (0: none)",
     )
+    p.add_argument(
+        "--adaptive-restarts",
+        type=int,
+        default=1,
+        help="random restarts of the adaptive attack (each on the points not yet broken)",
+    )
     p.add_argument("--batch-size", type=int, default=100, help="points attacked at once")
     add_trust_unhashed(p)
     add_store(p, "detect")
@@ -399,6 +405,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise RobustlabError(f"--eps must be > 0, got {args.eps}")
     if args.adaptive_steps < 0:
         raise RobustlabError(f"--adaptive-steps must be >= 0, got {args.adaptive_steps}")
+    if args.adaptive_restarts < 1:
+        raise RobustlabError(f"--adaptive-restarts must be >= 1, got {args.adaptive_restarts}")
     if args.batch_size < 1:
         raise RobustlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     suite = DetectorSuite.load(args.detector)
@@ -415,7 +423,7 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     specs = _attack_specs(args, splits, device)
     adaptive = (
-        adaptive_attack(args.norm, args.eps, args.adaptive_steps, args.seed)
+        adaptive_attack(args.norm, args.eps, args.adaptive_steps, args.seed, args.adaptive_restarts)
         if args.adaptive_steps
         else None
     )
