@@ -172,6 +172,8 @@ def test_test_tail_fits_on_the_last_test_points_and_keeps_them_out_of_scoring(
     assert main([*args, "--test-tail", "250", "--detectors", "mahalanobis,margin"]) == 0
     meta = json.loads((out / "detector.json").read_text())
     assert meta["held_out"] == {"split": "test", "first": 109, "size": 250, "seen_by_model": False}
+    assert main([*args, "--test-tail", "250", "--detectors", "margin"]) == 0  # refit, same folder
+    assert list(json.loads((out / "detector.json").read_text())["detectors"]) == ["margin"]
     score = ["detect", "score", "--model", str(nets[0]), "--detector", str(out), "--data", "digits"]
     assert main([*score, "--n", "109"]) == 0
     err = _error([*score, "--n", "110"], capsys)
