@@ -16,7 +16,9 @@ from torch import nn
 from robustlab.attacks.registry import make_attack
 from robustlab.data import DataSplits, load_data
 from robustlab.errors import RobustlabError
-from robustlab.monitor.detectors import lid_estimate, median_filter
+from robustlab.models import build_model
+from robustlab.models.structure import declare_features
+from robustlab.monitor.detectors import layer_features, layer_names, lid_estimate, median_filter
 from robustlab.monitor.detectors_eval import (
     AttackSpec,
     WithDetector,
@@ -232,3 +234,31 @@ def test_the_adaptive_attack_lowers_the_detection_rate_on_the_same_points(
     assert adaptive["tpr_at_threshold"] < plain["tpr_at_threshold"] - 0.4
     assert adaptive["system_robust_accuracy"] < plain["system_robust_accuracy"] - 0.3
     assert rec["adaptive"]["attack"]["steps"] == 40
+
+
+class _Plain(nn.Module):
+    """A model that declares no units, only its classifier head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU())
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        out: torch.Tensor = self.fc(self.body(x))
+        return out
+
+
+def test_a_model_without_units_gives_its_penultimate_features(held: DataSplits) -> None:
+    undo = declare_features(_Plain, "fc")
+    try:
+        model = _Plain().eval()
+        assert layer_names(model) == ["penultimate"]
+        feats, logits = layer_features(model, held.test.x[:5])
+        assert [tuple(f.shape) for f in feats] == [(5, 12)]
+        assert torch.equal(logits, model(held.test.x[:5]))
+        vit = build_model("vit", in_channels=1, image_size=8, num_classes=10).eval()
+        assert all(f.dim() == 2 for f in layer_features(vit, held.test.x[:5])[0])  # tokens averaged
+    finally:
+        undo()

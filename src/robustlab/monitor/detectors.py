@@ -60,8 +60,11 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def _pooled(h: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) features averaged over space to (N, C); flat features flattened."""
-    return h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)
+    """Features averaged over space: (N, C, H, W) to (N, C), a transformer's (N, tokens, D)
+    over its tokens to (N, D); flat features as they are."""
+    if h.dim() == 4:
+        return h.mean(dim=(2, 3))
+    return h.mean(dim=1) if h.dim() == 3 else h.flatten(1)
 
 
 def layer_features(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
