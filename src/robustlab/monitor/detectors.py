@@ -151,6 +151,13 @@ class Detector:
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Per-input scores, differentiable where the class says so."""
+        return self.score_and_logits(model, x)[0]
+
+    def score_and_logits(
+        self, model: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores and the model's logits of ``x``, sharing the model's pass where the
+        detector can (what an adaptive attack evaluates at every step)."""
         raise NotImplementedError
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -216,8 +223,15 @@ class Mahalanobis(Detector):
 
     def _layer_scores(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(N, layers) confidence scores, after the optional input step (per layer, as Lee et al.)."""
+        return self._scores_logits(model, x)[0]
+
+    def _scores_logits(
+        self, model: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (N, layers) confidence scores and the logits of ``x``."""
+        feats, logits = layer_features(model, x)
         if self.noise == 0:
-            return self._confidences(layer_features(model, x)[0])
+            return self._confidences(feats), logits
         cols = []
         for layer in range(len(self.means)):
             with torch.enable_grad():
@@ -227,7 +241,7 @@ class Mahalanobis(Detector):
             step = (x.detach() + self.noise * grad.sign()).clamp(0, 1) - x.detach()
             moved = x + step  # identity in the backward pass (BPDA), the step in the forward
             cols.append(self._confidences(layer_features(model, moved)[0])[:, layer])
-        return torch.stack(cols, dim=1)
+        return torch.stack(cols, dim=1), logits
 
     def fit(self, model: nn.Module, data: FitData) -> None:
         """Class means and tied covariances per layer, then the clean-vs-FGSM regression."""
@@ -272,9 +286,12 @@ class Mahalanobis(Detector):
             )
         self.lr = _combine(clean, adv)
 
-    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The regression's logit over the layers' confidence scores."""
-        return logistic_score(self._layer_scores(model, x), self.lr)
+    def score_and_logits(
+        self, model: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The regression's logit over the layers' confidence scores, and the logits."""
+        scores, logits = self._scores_logits(model, x)
+        return logistic_score(scores, self.lr), logits
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Means and precisions per layer, and the regression."""
@@ -332,9 +349,13 @@ class LID(Detector):
 
     def _lids(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(N, layers + 1) LID estimates against the reference batch."""
+        return self._lids_logits(model, x)[0]
+
+    def _lids_logits(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (N, layers + 1) LID estimates and the logits of ``x``."""
         feats = self._features(model, x)
         cols = [lid_estimate(f, r, self.k) for f, r in zip(feats, self.reference, strict=True)]
-        return torch.stack(cols, dim=1)
+        return torch.stack(cols, dim=1), feats[-1]
 
     def fit(self, model: nn.Module, data: FitData) -> None:
         """The first ``batch`` fitting inputs are the reference; the regression is fitted on
@@ -346,9 +367,12 @@ class LID(Detector):
             adv = _batched(lambda v: self._lids(model, v), data.x_fgsm[rest])
         self.lr = _combine(clean, adv)
 
-    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The regression's logit over the per-layer LIDs."""
-        return logistic_score(self._lids(model, x), self.lr)
+    def score_and_logits(
+        self, model: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The regression's logit over the per-layer LIDs, and the logits."""
+        lids, logits = self._lids_logits(model, x)
+        return logistic_score(lids, self.lr), logits
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The reference batch's features per layer, and the regression."""
@@ -411,14 +435,17 @@ class Squeeze(Detector):
     def __init__(self, bits: int = 1, median: int = 2) -> None:
         self.bits, self.median = int(bits), int(median)
 
-    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """max(|p(x) - p(bits(x))|_1, |p(x) - p(median(x))|_1)."""
-        p = F.softmax(model(x), dim=1)
+    def score_and_logits(
+        self, model: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """max(|p(x) - p(bits(x))|_1, |p(x) - p(median(x))|_1), and the logits of ``x``."""
+        logits = model(x)
+        p = F.softmax(logits, dim=1)
         dists = [
             (p - F.softmax(model(sq), dim=1)).abs().sum(dim=1)
             for sq in (bit_depth(x, self.bits), median_filter(x, self.median))
         ]
-        return torch.stack(dists, dim=1).amax(dim=1)
+        return torch.stack(dists, dim=1).amax(dim=1), logits
 
     def config(self) -> dict[str, Any]:
         """The squeezers."""
@@ -430,10 +457,13 @@ class Margin(Detector):
 
     name: ClassVar[str] = "margin"
 
-    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """-(z_top1 - z_top2)."""
-        top: torch.Tensor = model(x).topk(2, dim=1).values
-        return top[:, 1] - top[:, 0]
+    def score_and_logits(
+        self, model: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-(z_top1 - z_top2), and the logits."""
+        logits: torch.Tensor = model(x)
+        top = logits.topk(2, dim=1).values
+        return top[:, 1] - top[:, 0], logits
 
     def config(self) -> dict[str, Any]:
         """What the score is."""

@@ -89,8 +89,7 @@ class WithDetector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits and the detector's."""
-        z = self.model(x)
-        s = self.detector.score(self.model, x)
+        s, z = self.detector.score_and_logits(self.model, x)
         extra = z.amax(dim=1) + (s - self.threshold) / self.scale
         return torch.cat([z, extra[:, None]], dim=1)
 
