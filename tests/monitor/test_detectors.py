@@ -110,7 +110,11 @@ def test_the_artifact_round_trips_bit_exactly_as_safetensors_and_json(
         assert torch.equal(first[name], again[name]), name
 
 
-def test_a_changed_artifact_is_refused(suite: DetectorSuite, tmp_path: Path) -> None:
+def test_a_changed_artifact_or_another_folder_is_refused(
+    suite: DetectorSuite, tmp_path: Path
+) -> None:
+    with pytest.raises(RobustlabError, match="is not a detector artifact"):
+        DetectorSuite.load(tmp_path)
     suite.save(tmp_path)
     raw = bytearray((tmp_path / TENSOR_FILE).read_bytes())
     raw[-1] ^= 1
