@@ -80,7 +80,7 @@ def test_eval_records_both_columns_and_the_report_shows_them(
         (d, a) for d in record["detectors"] for a in ("pgd", "square", "transfer", "adaptive")
     }
     for both in record["side_by_side"].values():
-        assert set(both) == {"non_adaptive", "adaptive"}
+        assert set(both) == {"non_adaptive", "adaptive", "system_robust_accuracy_all_attacks"}
     assert record["adaptive"]["attack"]["steps"] == 10
     assert "command" in record
     report = tmp_path / "r.html"

@@ -176,6 +176,7 @@ def evaluate_detectors(
             for n, s in clean.items()
         }
         fallback: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        survived: dict[str, torch.Tensor] = {}  # per detector: defended under every attack
         for spec in attacks:
             t0 = time.perf_counter()
             crafted_on = spec.source if spec.source is not None else model
@@ -200,6 +201,8 @@ def evaluate_detectors(
                 m = detection_metrics(
                     clean[name], clean_pred, scores[name], pred, y, suite.thresholds[name]
                 )
+                held = defended(pred, y, scores[name] > suite.thresholds[name])
+                survived[name] = survived.get(name, held) & held
                 results.append({"detector": name, "attack": spec.name, "adaptive": False, **m})
             say(f"  {spec.name}: robust accuracy {100 * attack_rows[-1]['robust_accuracy']:.1f} %")
         adaptive_rows = []
@@ -226,6 +229,7 @@ def evaluate_detectors(
                 else:
                     kept_base = 0
                 m = detection_metrics(clean[name], clean_pred, s, pred, y, suite.thresholds[name])
+                survived[name] = survived[name] & defended(pred, y, s > suite.thresholds[name])
                 results.append(
                     {
                         "detector": name,
@@ -261,6 +265,10 @@ def evaluate_detectors(
         "results": results,
         "side_by_side": side_by_side(results),
     }
+    for name, held in survived.items():  # per sample, the worst case over every attack
+        record["side_by_side"][name]["system_robust_accuracy_all_attacks"] = float(
+            held.double().mean()
+        )
     if adaptive is not None:
         record["adaptive"] = {
             "attack": adaptive.config(),
@@ -282,7 +290,8 @@ def evaluate_detectors(
 
 def side_by_side(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per detector: the non-adaptive attack that leaves the system the lowest robust accuracy,
-    and the adaptive attack, with their AUROC, TPR and system robust accuracy."""
+    and the adaptive attack, with their AUROC, TPR and system robust accuracy (the evaluation
+    adds the per-sample worst case over all of them, ``system_robust_accuracy_all_attacks``)."""
     out: dict[str, dict[str, Any]] = {}
     keys = ("auroc", "tpr_at_threshold", "system_robust_accuracy")
     for r in results:

@@ -22,7 +22,8 @@ def _side_by_side(record: dict[str, Any]) -> str:
     head = (
         "<tr><th class=l rowspan=2>detector</th><th rowspan=2>threshold</th>"
         "<th rowspan=2>clean FPR (test)</th><th colspan=4>attack ignoring the detector "
-        "(strongest)</th><th colspan=3>adaptive attack</th></tr>"
+        "(strongest)</th><th colspan=3>adaptive attack</th>"
+        "<th rowspan=2>system robust acc., every attack (per input)</th></tr>"
         "<tr><th class=l>attack</th><th>AUROC</th><th>TPR</th><th>system robust acc.</th>"
         "<th>AUROC</th><th>TPR</th><th>system robust acc.</th></tr>"
     )
@@ -40,6 +41,7 @@ def _side_by_side(record: dict[str, Any]) -> str:
             f"<td><b>{_pct(a.get('system_robust_accuracy'))}</b></td>"
             f"<td>{_auc(b.get('auroc'))}</td><td>{_pct(b.get('tpr_at_threshold'))}</td>"
             f"<td><b>{_pct(b.get('system_robust_accuracy'))}</b></td>"
+            f"<td>{_pct(both.get('system_robust_accuracy_all_attacks'))}</td>"
             "</tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
