@@ -269,3 +269,19 @@ def test_a_model_without_units_gives_its_penultimate_features(held: DataSplits) 
         assert all(f.dim() == 2 for f in layer_features(vit, held.test.x[:5])[0])  # tokens averaged
     finally:
         undo()
+
+
+def test_mahalanobis_with_the_input_step_scores_and_passes_a_gradient(
+    net: nn.Module, held: DataSplits
+) -> None:
+    assert held.calibration is not None
+    cal = held.calibration
+    plain = fit_suite(net, cal.x, cal.y, 10, names=["mahalanobis"])
+    stepped = fit_suite(net, cal.x, cal.y, 10, names=["mahalanobis"], noise=0.01)
+    x = held.test.x[:20]
+    a, b = plain.score(net, x)["mahalanobis"], stepped.score(net, x)["mahalanobis"]
+    assert bool(torch.isfinite(b).all()) and not torch.equal(a, b)
+    assert stepped.manifest()["detectors"]["mahalanobis"]["config"]["noise"] == 0.01
+    probe = x.clone().requires_grad_(True)
+    stepped.detectors["mahalanobis"].score(net, probe).sum().backward()
+    assert probe.grad is not None and float(probe.grad.abs().sum()) > 0
