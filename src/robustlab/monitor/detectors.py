@@ -93,7 +93,8 @@ def fit_logistic(
 ) -> dict[str, torch.Tensor]:
     """Logistic regression of ``label`` (0 clean, 1 adversarial) on the standardised columns
     of ``z`` (L-BFGS, L2 penalty ``l2``): ``mean``, ``std``, ``weight`` and ``bias``."""
-    z = z.detach().double()
+    device = z.device  # fitted on the CPU, returned where the scores live
+    z, label = z.detach().double().cpu(), label.cpu()
     mean, std = z.mean(0), z.std(0).clamp_min(1e-12)
     u = (z - mean) / std
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
@@ -109,12 +110,13 @@ def fit_logistic(
         return loss
 
     opt.step(closure)  # type: ignore[no-untyped-call]
-    return {
+    fitted = {
         "mean": mean.float(),
         "std": std.float(),
         "weight": w.detach().float(),
         "bias": b.detach().float().reshape(1),
     }
+    return {k: v.to(device) for k, v in fitted.items()}
 
 
 def logistic_score(z: torch.Tensor, lr: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -256,21 +258,23 @@ class Mahalanobis(Detector):
             )
         ]
         self.means, self.precisions = [], []
+        labels = data.y.cpu()
         for f in feats:
-            f = f.detach().double()
-            present = sorted({int(c) for c in data.y.tolist()})
+            device = f.device  # fitted on the CPU in float64, kept where the features live
+            f = f.detach().double().cpu()
+            present = sorted({int(c) for c in labels.tolist()})
             mu = torch.zeros(data.num_classes, f.shape[1], dtype=torch.float64)
             for c in present:
-                mu[c] = f[data.y == c].mean(0)
+                mu[c] = f[labels == c].mean(0)
             if len(present) < data.num_classes:  # a class without samples never is the nearest
                 absent = [c for c in range(data.num_classes) if c not in present]
                 mu[absent] = float("inf")
-            centred = f - mu[data.y]
+            centred = f - mu[labels]
             cov = centred.T @ centred / len(f)
             ridge = 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12))
             prec = torch.linalg.inv(cov + ridge * torch.eye(len(cov), dtype=torch.float64))
-            self.means.append(mu.float().contiguous())
-            self.precisions.append(prec.float().contiguous())
+            self.means.append(mu.float().contiguous().to(device))
+            self.precisions.append(prec.float().contiguous().to(device))
         with torch.no_grad() if self.noise == 0 else torch.enable_grad():
             clean = torch.cat(
                 [
