@@ -25,14 +25,24 @@ COMPUTING = (
     "uap",
     "monitor",
     "scan",
+    "detect fit",
+    "detect score",
+    "detect eval",
 )
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
-    """Each subcommand's parser, by name."""
+    """Each subcommand's parser, by name; a command with steps (detect) by each step's name."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
+    out: dict[str, argparse.ArgumentParser] = {}
+    for name, p in sub.choices.items():
+        steps = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        for step in steps:
+            out.update({f"{name} {s}": q for s, q in step.choices.items()})
+        if not steps:
+            out[name] = p
+    return out
 
 
 def test_every_command_has_a_plain_one_line_description() -> None:

@@ -27,6 +27,7 @@ from . import (
     compare,
     compress,
     demo,
+    detect,
     eval,
     exits,
     hpm,
@@ -48,7 +49,7 @@ from .common import HelpFormatter, check_seeds
 #: The commands in the order ``robustlab --help`` lists them.
 COMMANDS = (
     demo, models, train, eval, attack, transfer, exits, hpm, sloth, compress, prune, quantize,
-    uap, monitor, poison, scan, report, card, runs, compare,
+    uap, detect, monitor, poison, scan, report, card, runs, compare,
 )  # fmt: skip
 
 

@@ -1,6 +1,9 @@
-"""After deployment: drift monitoring of incoming batches, poisoning test cases and
-backdoor scans of training data."""
+"""After deployment: adversarial-input detectors, drift monitoring of incoming batches,
+poisoning test cases and backdoor scans of training data."""
 
+from .detectors import DETECTORS, layer_features
+from .detectors_eval import evaluate_detectors
+from .detectors_suite import DetectorSuite, fit_suite
 from .drift import BUILTIN, DriftConfig, DriftMonitor, InputScore, drift_summary
 from .drift_data import held_out_windows
 from .poison import PoisonConfig, Poisoned, poison_splits, stamp, write_poisoned
@@ -9,6 +12,8 @@ from .shifts import Shift, parse_shift, stream_batches
 
 __all__ = [
     "BUILTIN",
+    "DETECTORS",
+    "DetectorSuite",
     "DriftConfig",
     "DriftMonitor",
     "InputScore",
@@ -18,7 +23,10 @@ __all__ = [
     "ScanResult",
     "Shift",
     "drift_summary",
+    "evaluate_detectors",
+    "fit_suite",
     "held_out_windows",
+    "layer_features",
     "parse_shift",
     "poison_splits",
     "scan",

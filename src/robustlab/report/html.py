@@ -13,6 +13,7 @@ from ..version import __version__
 from .attack_table import attacks_section_html
 from .compress_section import compress_section_html
 from .curves import curves_section_html
+from .detect_section import detect_section_html
 from .drift_section import drift_section_html
 from .entries import (
     Entry,
@@ -118,6 +119,7 @@ PER_RECORD: dict[str, tuple[str, str, Callable[..., str]]] = {
     "sloth": ("DeepSloth", "sloth", sloth_section_html),
     "compress": ("Compressibility", "", compress_section_html),
     "uap": ("Universal perturbation", "uap", uap_section_html),
+    "detect": ("Adversarial-input detectors", "detect", detect_section_html),
     "drift": ("Drift monitoring", "drift", drift_section_html),
     "scan": ("Backdoor scan", "scan", scan_section_html),
 }
