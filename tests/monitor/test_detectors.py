@@ -285,3 +285,14 @@ def test_mahalanobis_with_the_input_step_scores_and_passes_a_gradient(
     probe = x.clone().requires_grad_(True)
     stepped.detectors["mahalanobis"].score(net, probe).sum().backward()
     assert probe.grad is not None and float(probe.grad.abs().sum()) > 0
+
+
+def test_squeezing_takes_xu_et_als_bit_depth_for_grey_and_colour_inputs() -> None:
+    """1 bit for grey-scale inputs (their MNIST setting), 5 bits for colour (CIFAR-10)."""
+    torch.manual_seed(0)
+    for channels, bits in ((1, 1), (3, 5)):
+        model = build_model("mlp", channels, 10, 8).eval()
+        x = torch.rand(60, channels, 8, 8)
+        y = torch.randint(0, 10, (60,))
+        suite = fit_suite(model, x, y, 10, names=("squeeze",))
+        assert suite.detectors["squeeze"].config()["bit_depth"] == bits

@@ -218,6 +218,16 @@ def check_names(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def _settings(name: str, noise: float, channels: int) -> dict[str, Any] | None:
+    """A detector's settings for these inputs: Mahalanobis' noise step; squeezing's bit depth,
+    Xu et al.'s for the data (1 bit for grey-scale MNIST, 5 bits for colour CIFAR-10)."""
+    if name == "mahalanobis":
+        return {"noise": noise}
+    if name == "squeeze":
+        return {"bit_depth": 1 if channels == 1 else 5}
+    return None
+
+
 def fit_suite(
     model: nn.Module,
     x: torch.Tensor,
@@ -261,7 +271,7 @@ def fit_suite(
         data = FitData(xf, yf, x_fgsm.detach(), num_classes)
         detectors: dict[str, Detector] = {}
         for name in names:
-            det = make_detector(name, {"noise": noise} if name == "mahalanobis" else None)
+            det = make_detector(name, _settings(name, noise, x.shape[1]))
             det.fit(model, data)
             detectors[name] = det
         held = x[n_fit:]
