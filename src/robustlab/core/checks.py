@@ -31,3 +31,11 @@ def check_batch_size(size: int | None) -> int:
     if size is None or isinstance(size, bool) or size < 1:
         raise RobustlabError(f"batch size must be >= 1, got {size}")
     return size
+
+
+def check_whole(value: object, what: str, least: int = 1) -> int:
+    """A whole number of at least ``least`` (bools refused), or one clear sentence naming
+    ``what`` it is."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise RobustlabError(f"{what} must be a whole number >= {least}, got {value!r}")
+    return value

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.checks import check_whole
 from ..core.guard import evaluating
 from ..data.dataset import Dataset
 from ..errors import RobustlabError
@@ -81,10 +82,7 @@ class ScanConfig:
 
     def check(self) -> None:
         """Refuse, in one sentence, a setting the scans cannot run with."""
-        if isinstance(self.dims, bool) or not isinstance(self.dims, int) or self.dims < 1:
-            raise RobustlabError(
-                f"the reduced dimensions must be a whole number >= 1, got {self.dims!r}"
-            )
+        check_whole(self.dims, "the reduced dimensions")
         if not 0.0 < float(self.max_share) <= 0.5:
             raise RobustlabError(
                 f"the cluster share that flags must be in (0, 0.5] (the smaller of two clusters "
@@ -95,14 +93,7 @@ class ScanConfig:
                 "the expected poisoning rate must be a share strictly between 0 and 1 of the "
                 f"training split, got {self.expected_rate}"
             )
-        if (
-            isinstance(self.neighbours, bool)
-            or not isinstance(self.neighbours, int)
-            or self.neighbours < 1
-        ):
-            raise RobustlabError(
-                f"the number of neighbours must be a whole number >= 1, got {self.neighbours!r}"
-            )
+        check_whole(self.neighbours, "the number of neighbours")
         if not 0.0 < float(self.min_agreement) <= 1.0:
             raise RobustlabError(
                 f"the label agreement that clears a cluster must be in (0, 1], got {self.min_agreement}"
@@ -115,14 +106,7 @@ class ScanConfig:
                 f"unknown scan method {', '.join(unknown) or '(none given)'}; use "
                 f"{' and/or '.join(METHODS)}"
             )
-        if (
-            isinstance(self.batch_size, bool)
-            or not isinstance(self.batch_size, int)
-            or self.batch_size < 1
-        ):
-            raise RobustlabError(
-                f"the batch size must be a whole number >= 1, got {self.batch_size!r}"
-            )
+        check_whole(self.batch_size, "the batch size")
 
 
 def training_features(
