@@ -97,3 +97,35 @@ def test_out_replaces_its_own_lines_but_not_a_file_robustlab_did_not_write(
     other.write_text('{"mine": 1}\n')
     assert main(_monitor(net, other, "--batches", "2", "--permutations", "20")) == 2
     assert "--out" in capsys.readouterr().err and other.read_text() == '{"mine": 1}\n'
+
+
+def test_a_fitted_detector_adds_its_scores_to_the_monitored_statistics(
+    net: Path, tmp_path: Path
+) -> None:
+    """monitor --detector: each detector of the artifact is one more statistic per batch."""
+    det = tmp_path / "det"
+    fit = ["detect", "fit", "--model", str(net), "--data", "mnist5k", "--detectors"]
+    assert main([*fit, "margin,squeeze", "--out", str(det), "--no-progress"]) == 0
+    out = tmp_path / "drift.jsonl"
+    extra = ["--detector", str(det), "--shift", "noise:0.3", "--batch-size", "100"]
+    assert main(_monitor(net, out, *extra, "--batches", "3")) == 0
+    lines = [json.loads(t) for t in out.read_text().splitlines()]
+    for b in lines[:-1]:
+        assert set(b["statistics"]) == {*BUILTIN, "score:margin", "score:squeeze"}
+    assert lines[-1]["detector"] == str(det)
+    assert any(b["statistics"]["score:squeeze"]["alarm"] for b in lines[:-1])
+
+
+def test_a_detector_fitted_on_another_model_is_refused(
+    net: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    args = ["train", "--arch", "mlp", "--data", "mnist5k", "--epochs", "1", "--calibration"]
+    args += ["500", "--arch-option", "width=16", "--arch-option", "depth=1", "--out", str(other)]
+    assert main([*args, "--no-progress"]) == 0
+    det = tmp_path / "det"
+    fit = ["detect", "fit", "--model", str(other), "--data", "mnist5k", "--detectors"]
+    assert main([*fit, "margin", "--out", str(det), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(_monitor(net, tmp_path / "d.jsonl", "--detector", str(det))) == 2
+    assert "cannot score" in capsys.readouterr().err

@@ -86,6 +86,13 @@ def register(sub: Any) -> None:
         default=1000,
         help="most reference inputs kept (a seeded random subset of a larger window)",
     )
+    p.add_argument(
+        "--detector",
+        metavar="ARTIFACT",
+        help="a detector artifact fitted on this model (robustlab detect fit): each of its "
+        "detectors' per-input scores is one more monitored statistic, inside the same "
+        "false-alarm correction (default: none)",
+    )
     p.add_argument("--shift", help=SHIFT_HELP)
     p.add_argument(
         "--shift-start", type=int, default=0, help="first shifted batch (to see the alarm onset)"
@@ -166,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         models=[args.model],
         data=[args.reference, stream_spec],
+        inputs=[args.detector],
     )
     ckpt = _load(args)
     windows = held_out_windows(args.reference, stream_spec, ckpt.manifest)
@@ -185,8 +193,17 @@ def run(args: argparse.Namespace) -> int:
         f"{stream_spec} points, {count} batches of {args.batch_size}"
         + (f", shifted by {shift.spec} from batch {args.shift_start}" if shift else "")
     )
+    scores = None
+    if args.detector:
+        from ..monitor.detectors_suite import DetectorSuite
+
+        scores = DetectorSuite.load(args.detector).to(device).input_scores(model)
     monitor = DriftMonitor(
-        model, windows.reference.x, config, num_classes=int(ckpt.manifest["model"]["num_classes"])
+        model,
+        windows.reference.x,
+        config,
+        num_classes=int(ckpt.manifest["model"]["num_classes"]),
+        scores=scores,
     )
     statistics = list(monitor.statistics)
     lines: list[dict[str, Any]] = []
@@ -232,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
                 "bins": config.bins,
                 "reference_used": len(monitor.reference),
                 "seed": config.seed,
+                "detector": args.detector,
                 "correction": "Westfall-Young single-step min-P over the statistics, from the "
                 "same permutations: P(any alarm | no drift) <= alpha per batch",
                 "statistics": {

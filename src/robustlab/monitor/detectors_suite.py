@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,12 @@ class DetectorSuite:
         self.check_inputs(x)
         with evaluating(model):
             return {n: scores_of(d, model, x) for n, d in self.detectors.items()}
+
+    def input_scores(self, model: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Per detector, its per-input score on ``model`` as a function of the inputs: what the
+        drift monitor takes as more statistics (``monitor --detector``); the model is checked."""
+        self.check_model(model)
+        return {n: partial(scores_of, d, model) for n, d in self.detectors.items()}
 
     def flags(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per detector, which inputs it flags (score above its threshold)."""
