@@ -175,6 +175,11 @@ def run(args: argparse.Namespace) -> int:
         data=[args.reference, stream_spec],
         inputs=[args.detector],
     )
+    suite = None
+    if args.detector:  # read before any work: a wrong artifact is said at once
+        from ..monitor.detectors_suite import DetectorSuite
+
+        suite = DetectorSuite.load(args.detector)
     ckpt = _load(args)
     windows = held_out_windows(args.reference, stream_spec, ckpt.manifest)
     check_fit(ckpt.manifest, windows.splits)
@@ -193,11 +198,7 @@ def run(args: argparse.Namespace) -> int:
         f"{stream_spec} points, {count} batches of {args.batch_size}"
         + (f", shifted by {shift.spec} from batch {args.shift_start}" if shift else "")
     )
-    scores = None
-    if args.detector:
-        from ..monitor.detectors_suite import DetectorSuite
-
-        scores = DetectorSuite.load(args.detector).to(device).input_scores(model)
+    scores = suite.to(device).input_scores(model) if suite is not None else None
     monitor = DriftMonitor(
         model,
         windows.reference.x,
