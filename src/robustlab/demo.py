@@ -18,7 +18,7 @@ from .core.device import resolve_device
 from .data import DataSplits, load_data
 from .evaluate import evaluate_curve
 from .models.checkpoint import load_checkpoint
-from .models.pretrained import zoo_entry
+from .models.pretrained import is_zoo, zoo_entry
 from .report import render_report
 from .store import ResultStore
 from .train import TrainConfig
@@ -112,15 +112,16 @@ def _source(model: DemoModel, cache: Path | None, retrain: bool) -> tuple[str, s
 
 def _obtain(
     model: DemoModel,
+    where: str,
     cache: Path | None,
-    retrain: bool,
     splits: DataSplits,
     dev: str,
     progress: bool,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A demo model and its manifest: the shipped one, else reused from the cache or trained."""
-    if model.zoo is not None and not retrain:
-        ckpt = load_checkpoint(f"zoo:{model.zoo}")
+    """A demo model and its manifest from where ``_source`` says: the shipped one, else
+    reused from the cache or trained."""
+    if is_zoo(where):
+        ckpt = load_checkpoint(where)
         return ckpt.model, ckpt.manifest
     got = obtain(
         model.config,
@@ -170,7 +171,7 @@ def demo(
             demo_model = replace(demo_model, config=replace(demo_model.config, seed=seed))
             what, where = _source(demo_model, cache, retrain)
             with _step(rec, what):
-                model, manifest = _obtain(demo_model, cache, retrain, splits, dev, progress)
+                model, manifest = _obtain(demo_model, where, cache, splits, dev, progress)
                 model = model.to(dev)
             rec.add({**manifest, "kind": "train", "source": where}, label=label)
             sha, arch = manifest["weights"]["sha256"], manifest["model"]["arch"]

@@ -58,6 +58,10 @@ def _count(name: str, args: argparse.Namespace) -> int:
         return count_parameters(build_model(name, *shape))
 
 
+#: What ``models --pretrained`` shows of a card's AutoAttack run.
+AA_KEYS = ("version", "norm", "eps", "n", "seed", "robust_accuracy", "command")
+
+
 def _pretrained(args: argparse.Namespace) -> int:
     """Print the shipped models with their recipes' methods and recorded numbers."""
     from ..models.pretrained import zoo_entries
@@ -99,10 +103,6 @@ def _pretrained(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, rows)
     return 0
-
-
-#: What ``models --pretrained`` shows of a card's AutoAttack run.
-AA_KEYS = ("version", "norm", "eps", "n", "seed", "robust_accuracy", "command")
 
 
 def run(args: argparse.Namespace) -> int:
