@@ -11,6 +11,7 @@ replay the whole run on all 1,000 points.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,14 @@ def test_a_card_of_a_shipped_model_states_the_zoos_autoattack_run(tmp_path: Path
     aa = zoo_entry("resnet8-standard").card["autoattack"]
     assert "in robustlab's zoo" in text and aa["command"] in text
     assert "robustlab train --arch resnet8 --method standard --calibration 500" in text
+
+
+def test_records_name_a_shipped_model_as_zoo_name_not_its_install_folder(tmp_path: Path) -> None:
+    from robustlab.cli import main
+
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", "zoo:resnet8-standard", "--eps", "0.1", "--steps", "1", "--n", "8"]
+    assert main([*args, "--json", str(out), "--no-progress"]) == 0
+    record = json.loads(out.read_text())
+    assert record["model"]["path"] == "zoo:resnet8-standard"
+    assert record["model"]["sha256"] == zoo_entry("resnet8-standard").card["sha256"]

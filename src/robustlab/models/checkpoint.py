@@ -29,6 +29,7 @@ from .blocks import Normalize
 from .foreign import DataShape, ForeignOptions, foreign_kind, load_foreign
 from .hpm import HPMClassifier, HPMConfig
 from .multiexit import MultiExitNetwork
+from .pretrained import is_zoo
 from .pretrained import resolve as resolve_zoo
 from .quantized import OBSERVERS, QuantizedModel, rebuild
 from .registry import build_model, shapes_only
@@ -308,7 +309,9 @@ def load_checkpoint(
     model.eval()
     if "quantization" in manifest:  # int8: the float model above, requantized
         model = _requantized(model, manifest, weights_path.parent)
-    return Checkpoint(model, manifest, weights_path.parent)
+    # a shipped model is named as the user named it (as a foreign one is), not by its folder
+    where = Path(str(path).strip()) if is_zoo(path) else weights_path.parent
+    return Checkpoint(model, manifest, where)
 
 
 def save_quantized_checkpoint(
