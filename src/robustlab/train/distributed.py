@@ -92,34 +92,44 @@ def processes_record(
 
 
 class _Summed(torch.autograd.Function):
-    """A tensor summed over every process; its gradient is summed back the same way (each
-    process's input feeds every process's output)."""
+    """A tensor summed over every process of a group; its gradient is summed back the same way
+    (each process's input feeds every process's output)."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
         """The sum over the processes (a new tensor)."""
+        ctx.group = group
         total = t.clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         """The output's gradient summed over the processes."""
         total = grad.clone()
-        dist.all_reduce(total)
-        return total
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
 
 
-def _summed(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over every process, differentiably."""
-    out: torch.Tensor = _Summed.apply(t)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+def _summed(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """``t`` summed over every process of ``group`` (None: all), differentiably."""
+    out: torch.Tensor = _Summed.apply(t, group)  # type: ignore[no-untyped-call]  # torch leaves it untyped
     return out
 
 
 class SyncedBatchNorm(_BatchNorm):
     """BatchNorm whose training-mode statistics are those of the whole global batch, summed over
     every process with differentiable all-reduces; on any device and backend (torch's
-    ``SyncBatchNorm`` refuses CPU tensors). Eval mode, or one process, is plain BatchNorm."""
+    ``SyncBatchNorm`` refuses CPU tensors). Eval mode, or one process, is plain BatchNorm.
+
+    One all-reduce per forward pass (and one in the backward pass), over ``group`` (a process
+    group of its own, so that it does not queue behind DDP's gradient buckets): the count, the
+    sum and the sum of squares of the input shifted by the running mean, which every process
+    holds alike, so the one-pass variance has no cancellation to speak of. The sums are taken
+    in the input's precision as BatchNorm's own are (float64 sums round differently from one
+    process, and training runs amplify such differences), then combined in float64."""
+
+    group: Any = None  # the process group the statistics are summed over (None: the default)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         """Any batch of at least two dimensions (samples, channels, ...)."""
@@ -131,19 +141,34 @@ class SyncedBatchNorm(_BatchNorm):
         statistics as BatchNorm does (unbiased variance, momentum or cumulative average)."""
         self._check_input_dim(input)
         synced = self.training and dist.is_available() and dist.is_initialized()
-        if not synced or dist.get_world_size() == 1:
+        if not synced or dist.get_world_size(self.group) == 1:
             return super().forward(input)
         dims = [0, *range(2, input.dim())]
-        local = torch.tensor(
-            [input.numel() // input.shape[1]], dtype=input.dtype, device=input.device
-        )
-        totals = _summed(torch.cat([input.sum(dims), local]))
-        count = totals[-1].detach()
         shape = [1, -1, *[1] * (input.dim() - 2)]
-        mean = totals[:-1] / count
-        centred = input - mean.view(shape)
-        var = _summed((centred * centred).sum(dims)) / count
-        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        features = input.shape[1]
+        shift = (
+            self.running_mean.detach().to(input.dtype)
+            if self.running_mean is not None
+            else input.new_zeros(features)
+        )
+        moved = input - shift.view(shape)
+        local = torch.full(
+            (1,), input.numel() // features, dtype=torch.float64, device=input.device
+        )
+        sums = torch.cat(
+            [
+                moved.sum(dims).double(),
+                (moved * moved).sum(dims).double(),
+                local,
+            ]
+        )
+        totals = _summed(sums, self.group)
+        count = totals[-1].detach()
+        offset = totals[:features] / count
+        var = (totals[features : 2 * features] / count - offset * offset).clamp_min(0)
+        mean = (shift.to(torch.float64) + offset).to(input.dtype)
+        var = var.to(input.dtype)
+        out = (input - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats and self.running_mean is not None:
@@ -179,15 +204,24 @@ def _synced_copy(norm: _BatchNorm, device: torch.device) -> _BatchNorm:
 def synchronised_batchnorm(model: nn.Module) -> Iterator[int]:
     """For the block, every BatchNorm layer of ``model`` is replaced by a synchronised one that
     shares its weights and running statistics; the original layers are put back afterwards,
-    also on errors. Yields how many layers were replaced."""
+    also on errors. Yields how many layers were replaced. Under torchrun off CUDA, the layers
+    sum their statistics over a process group of their own, made here on every process alike
+    and destroyed on the way out."""
     swapped: list[tuple[nn.Module, str, _BatchNorm, _BatchNorm]] = []
     device = next(model.parameters()).device
+    group = (
+        dist.new_group(backend="gloo")
+        if device.type != "cuda" and dist.is_available() and dist.is_initialized()
+        else None
+    )
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _BatchNorm) and not isinstance(
                 child, (nn.SyncBatchNorm, SyncedBatchNorm)
             ):
                 synced = _synced_copy(child, device)
+                if isinstance(synced, SyncedBatchNorm):
+                    synced.group = group
                 setattr(parent, name, synced)
                 swapped.append((parent, name, child, synced))
     try:
@@ -196,6 +230,8 @@ def synchronised_batchnorm(model: nn.Module) -> Iterator[int]:
         for parent, name, original, synced in swapped:
             original.train(synced.training)
             setattr(parent, name, original)
+        if group is not None:
+            dist.destroy_process_group(group)
 
 
 @dataclass
@@ -271,8 +307,11 @@ def replicate(
         return
     device = next(model.parameters()).device
     with synchronised_batchnorm(model) if sync_bn else _nothing():
+        # synchronised statistics are alike on every process: no broadcast of buffers per pass
         wrapped = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=not sync_bn,
         )
         yield Replicas(model, cast(nn.Module, wrapped), processes)
         for buffer in model.buffers():
