@@ -45,7 +45,7 @@ from robustlab.models.structure import (
 from robustlab.models.weights import weight_name
 from robustlab.train.hpm import clean_accuracies
 from robustlab.train.loop import accuracy
-from robustlab.train.prune import prunable_layers, sparsity_of
+from robustlab.train.prune import PruneSpec, prunable_layers, prune, sparsity_of
 
 
 def _library(name: str) -> Any:
@@ -513,6 +513,35 @@ def test_prune_on_a_torchvision_resnet_keeps_its_masks_through_finetuning_and_re
     assert accuracy(model, digits.test) == manifest["metrics"]["clean_accuracy"]
     stem = dict(model.named_parameters())["net.conv1.weight"]  # the first layer is not pruned
     assert bool((stem != 0).all())
+
+
+def test_structured_pruning_of_a_torchvision_block_silences_its_batchnorm_channels(
+    trained: Path, digits: DataSplits
+) -> None:
+    model = robustlab.load(trained).eval()
+    pruned = prune(model, PruneSpec(sparsity=0.3, scope="layer", structured=True))
+    assert "net.layer1.0.bn1.weight" in pruned.masks and "net.layer1.0.bn2.bias" in pruned.masks
+    outputs: dict[str, torch.Tensor] = {}
+    blocks = ("layer1.0", "layer3.1")
+    handles = [
+        model.get_submodule(f"net.{b}.{bn}").register_forward_hook(
+            lambda _m, _a, out, key=f"{b}.{bn}": outputs.__setitem__(key, out.detach().clone())
+        )
+        for b in blocks
+        for bn in ("bn1", "bn2")
+    ]
+    try:
+        with torch.no_grad():
+            model(digits.test.x[:16])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for b in blocks:  # a removed filter's channel is zero after its BatchNorm (trained shifts)
+        for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+            weight = dict(model.named_parameters())[f"net.{b}.{conv}.weight"]
+            gone = (weight == 0).flatten(1).all(dim=1)
+            assert 0 < int(gone.sum()) < len(gone)
+            assert bool((outputs[f"{b}.{bn}"][:, gone] == 0).all()), f"{b}.{bn}"
 
 
 def test_quantize_on_a_torchvision_resnet_rebuilds_the_same_int8_model(

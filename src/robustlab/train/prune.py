@@ -11,8 +11,9 @@ Our choices, where the paper is silent:
   Unstructured pruning zeroes weights; structured pruning removes whole output filters (rows
   of ``C_out x C_in*kh*kw``; of an attention's ``3E x E`` input projection, one query, key or
   value unit each), with their bias and, when a BatchNorm directly follows the layer in an
-  ``nn.Sequential``, that channel's BatchNorm scale and shift, so the channel outputs zero as
-  if the filter were removed). Sparsities are over the pruned layers; ``sparsity_of`` gives the whole model's.
+  ``nn.Sequential`` or in a residual branch's declared chain (torchvision's and timm's ResNet
+  blocks), that channel's BatchNorm scale and shift, so the channel outputs zero as if the
+  filter were removed). Sparsities are over the pruned layers; ``sparsity_of`` gives the whole model's.
 - **How many.** A sparsity ``S`` in (0, 1) zeroes ``round(S * n)`` weights: of all ranked weights
   (global) or of each layer's (per layer). Structured, ``S`` is the fraction of filters removed;
   globally, filters of layers of different fan-in are ranked by their root-mean-square weight
@@ -40,7 +41,7 @@ from ..core.device import resolve_device
 from ..data import Dataset, DataSplits
 from ..errors import RobustlabError
 from ..models.checkpoint import MANIFEST, save_checkpoint
-from ..models.structure import weight_layers
+from ..models.structure import find_residual_sites, weight_layers
 from ..models.weights import (
     as_matrix,
     best_k_error,
@@ -199,11 +200,14 @@ def _structured(layers: list[tuple[str, nn.Module]], spec: PruneSpec) -> dict[st
 
 def following_batchnorms(model: nn.Module) -> dict[int, str]:
     """For each layer (by id) directly followed by an affine BatchNorm inside an
-    ``nn.Sequential``, that BatchNorm's name."""
+    ``nn.Sequential`` or in a residual branch's declared chain (a torchvision or timm
+    ResNet block's ``conv1, bn1, ...``: ``models.structure.find_residual_sites``), that
+    BatchNorm's name."""
     names = {id(m): n for n, m in model.named_modules()}
+    runs = [list(m) for m in model.modules() if isinstance(m, nn.Sequential)]
+    runs += [list(site.chain) for site in find_residual_sites(model)]
     found: dict[int, str] = {}
-    for seq in (m for m in model.modules() if isinstance(m, nn.Sequential)):
-        layers = list(seq)
+    for layers in runs:
         for a, b in zip(layers, layers[1:], strict=False):
             if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.affine:
                 found[id(a)] = names[id(b)]
