@@ -3,8 +3,10 @@ need another torch build than the CPU one robustlab is developed on; run them wi
 ``pytest -m foreign`` in a venv that has both, see README.md). The real libraries only:
 their models load with the user's weights, SGM and LinBP act on their ResNets and ViTs as on
 the robustlab equivalent, exits attach to torchvision ResNets, the HPM head's features and
-compressibility's layers are found, ``robustlab train`` trains them, and bad names, weights
-and offline hub requests are one sentence each."""
+compressibility's layers are found, ``robustlab train`` trains them, ``hpm``, ``prune``,
+``quantize`` and ``compress`` run on a torchvision ResNet (and ``compress`` on a torchvision
+ViT, whose attention is an ``nn.MultiheadAttention``) and write what reloads to the numbers
+they report, and bad names, weights and offline hub requests are one sentence each."""
 
 from __future__ import annotations
 
@@ -25,18 +27,25 @@ from torch import nn
 import robustlab
 from robustlab.attacks.transforms import find_residual_sites, linbp, skip_gradient
 from robustlab.cli import main
+from robustlab.data import DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
 from robustlab.models.blocks import Normalize, ResidualBlock
 from robustlab.models.checkpoint import load_checkpoint
 from robustlab.models.foreign import ForeignOptions
+from robustlab.models.hpm import HPMClassifier
 from robustlab.models.multiexit import MultiExitNetwork, attach_exits
+from robustlab.models.quantized import QuantizedModel
 from robustlab.models.structure import (
     classifier_head,
     features_and_output,
     plan_for,
     weight_layers,
 )
+from robustlab.models.weights import weight_name
+from robustlab.train.hpm import clean_accuracies
+from robustlab.train.loop import accuracy
+from robustlab.train.prune import PruneSpec, prunable_layers, prune, sparsity_of
 
 
 def _library(name: str) -> Any:
@@ -454,3 +463,163 @@ def test_robustbench_names_and_its_own_loader(
         ckpt.manifest["model"]["mean"] == [0.0] * 3 and ckpt.manifest["model"]["std"] == [1.0] * 3
     )
     assert ckpt.manifest["source"]["sha256"] is not None
+
+
+# ---- hpm, prune, quantize and compress on library models ----------------------------------
+
+FAST = ["--data", "digits", "--device", "cpu", "--no-progress"]
+
+
+def test_hpm_on_a_torchvision_resnet_writes_a_checkpoint_that_reloads_its_numbers(
+    trained: Path, digits: DataSplits, tmp_path: Path
+) -> None:
+    out = tmp_path / "hpm"
+    args = ["hpm", "--model", str(trained), "--out", str(out), "--eps", "0.1", "--steps", "1"]
+    assert main([*args, "--epochs", "1", "--eval-batch-size", "200", *FAST]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["arch"] == "torchvision:resnet18"
+    assert manifest["model"]["hpm"]["feature_dim"] == 512  # resnet18's fc reads 512 features
+    model = robustlab.load(out)
+    assert isinstance(model, HPMClassifier)
+    assert isinstance(model.base.get_submodule("net"), tv_models.ResNet)
+    assert not torch.equal(model.prototypes, torch.zeros_like(model.prototypes))
+    # the reloaded head gives the accuracies the command measured before saving it
+    acc = clean_accuracies(model, digits.test, 200)
+    metrics = manifest["metrics"]
+    assert (acc["fc"], acc["hpm_mix"], acc["hpm_ema"]) == (
+        metrics["clean_accuracy_fc"],
+        metrics["clean_accuracy_hpm_mix"],
+        metrics["clean_accuracy_hpm_ema"],
+    )
+    assert metrics["clean_accuracy_hpm_ema"] > 0.3
+
+
+def test_prune_on_a_torchvision_resnet_keeps_its_masks_through_finetuning_and_reload(
+    trained: Path, digits: DataSplits, tmp_path: Path
+) -> None:
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(trained), "--sparsity", "0.7", "--out", str(out)]
+    assert main([*args, "--finetune-epochs", "1", *FAST]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["pruning"]
+    base = robustlab.load(trained)
+    names = [n for n, _ in prunable_layers(base)]
+    assert [e["name"] for e in record["layers"]] == names and len(names) == 19
+    assert names[0] == "net.layer1.0.conv1" and "net.layer2.0.downsample.0" in names
+    model = robustlab.load(out)
+    assert isinstance(model, nn.Sequential) and isinstance(model[1], tv_models.ResNet)
+    assert sparsity_of(model, names) == pytest.approx(0.7, abs=1e-3)
+    assert record["sparsity_after_finetune"] == pytest.approx(0.7, abs=1e-3)
+    assert accuracy(model, digits.test) == manifest["metrics"]["clean_accuracy"]
+    stem = dict(model.named_parameters())["net.conv1.weight"]  # the first layer is not pruned
+    assert bool((stem != 0).all())
+
+
+def test_structured_pruning_of_a_torchvision_block_silences_its_batchnorm_channels(
+    trained: Path, digits: DataSplits
+) -> None:
+    model = robustlab.load(trained).eval()
+    pruned = prune(model, PruneSpec(sparsity=0.3, scope="layer", structured=True))
+    assert "net.layer1.0.bn1.weight" in pruned.masks and "net.layer1.0.bn2.bias" in pruned.masks
+    outputs: dict[str, torch.Tensor] = {}
+    blocks = ("layer1.0", "layer3.1")
+    handles = [
+        model.get_submodule(f"net.{b}.{bn}").register_forward_hook(
+            lambda _m, _a, out, key=f"{b}.{bn}": outputs.__setitem__(key, out.detach().clone())
+        )
+        for b in blocks
+        for bn in ("bn1", "bn2")
+    ]
+    try:
+        with torch.no_grad():
+            model(digits.test.x[:16])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for b in blocks:  # a removed filter's channel is zero after its BatchNorm (trained shifts)
+        for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+            weight = dict(model.named_parameters())[f"net.{b}.{conv}.weight"]
+            gone = (weight == 0).flatten(1).all(dim=1)
+            assert 0 < int(gone.sum()) < len(gone)
+            assert bool((outputs[f"{b}.{bn}"][:, gone] == 0).all()), f"{b}.{bn}"
+
+
+def test_quantize_on_a_torchvision_resnet_rebuilds_the_same_int8_model(
+    trained: Path, digits: DataSplits, tmp_path: Path
+) -> None:
+    out = tmp_path / "int8"
+    args = ["quantize", "--model", str(trained), "--out", str(out)]
+    assert main([*args, "--calibration-samples", "64", *FAST]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["arch"] == "torchvision:resnet18"
+    assert manifest["quantization"]["calibration"]["samples"] == 64
+    model = robustlab.load(out)
+    assert isinstance(model, QuantizedModel)
+    metrics = manifest["metrics"]
+    assert accuracy(model, digits.test) == metrics["clean_accuracy"]
+    assert metrics["agreement_with_float"] > 0.8
+    assert accuracy(model.float_model, digits.test) == metrics["clean_accuracy_float"]
+
+
+def test_compress_on_a_torchvision_resnet(trained: Path, tmp_path: Path) -> None:
+    record_file = tmp_path / "c.json"
+    args = ["compress", "--model", str(trained), "--n", "40", "--steps", "5"]
+    assert main([*args, "--json", str(record_file), *FAST]) == 0
+    record = json.loads(record_file.read_text())
+    model = robustlab.load(trained)
+    layers = weight_layers(model)
+    assert [m["name"] for m in record["layers"]] == [n for n, _ in layers] and len(layers) == 21
+    state = model.state_dict()
+    for m, (name, layer) in zip(record["layers"], layers, strict=True):
+        weight = state[weight_name(name, layer)].double()
+        assert m["shape"] == list(weight.shape)
+        assert m["frobenius_norm"] == pytest.approx(float(weight.norm()), rel=1e-9)
+    reps = [r["name"] for r in record["representations"]]
+    assert reps == ["stem", *(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))]
+    for norm in ("linf", "l2"):  # the bound follows torchvision's blocks (out += identity)
+        assert record["bound"][norm]["bound"] >= record["gap"][norm]["max"]
+
+
+VIT_FACTORY = """
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+
+def make():
+    vit = VisionTransformer(
+        image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )
+    vit.conv_proj = nn.Conv2d(1, 32, kernel_size=4, stride=4)  # digits: one channel
+    return vit
+"""
+
+
+def test_compress_on_a_torchvision_vit_measures_its_attention(tmp_path: Path) -> None:
+    code = tmp_path / "vit.py"
+    code.write_text(VIT_FACTORY)
+    torch.manual_seed(0)
+    namespace: dict[str, Any] = {}
+    exec(compile(VIT_FACTORY, str(code), "exec"), namespace)
+    net = namespace["make"]()
+    nn.init.normal_(net.heads.head.weight, std=0.1)  # torchvision zeroes it
+    weights = tmp_path / "vit.safetensors"
+    save_file(net.state_dict(), str(weights))
+    record_file = tmp_path / "c.json"
+    args = ["compress", "--model", f"python:{code}:make", "--weights", str(weights)]
+    args += ["--mean", "0", "--std", "1", "--n", "20", "--steps", "3"]
+    assert main([*args, "--json", str(record_file), *FAST]) == 0
+    record = json.loads(record_file.read_text())
+    layers = {m["name"]: m for m in record["layers"]}
+    attention = [m for m in record["layers"] if m["kind"] == "attention"]
+    assert len(attention) == 1 and attention[0]["shape"] == [96, 32]
+    name = attention[0]["name"]
+    assert name.endswith("encoder.layers.encoder_layer_0.self_attention")
+    w = net.encoder.layers[0].self_attention.in_proj_weight.detach().double()
+    assert attention[0]["frobenius_norm"] == pytest.approx(float(w.norm()), rel=1e-9)
+    sv = torch.linalg.svdvals(w)
+    assert attention[0]["spectral_norm"] == pytest.approx(float(sv[0]), rel=1e-9)
+    assert f"{name}.out_proj" in layers and layers[f"{name}.out_proj"]["kind"] == "linear"
+    reps = {r["name"]: r for r in record["representations"]}
+    assert name in reps and reps[name]["width"] == 5 * 32  # 4 patches and the class token
+    assert all("refused" in record["bound"][n] for n in ("linf", "l2"))  # no bound for ViTs

@@ -15,6 +15,7 @@ from robustlab.errors import RobustlabError
 from robustlab.models import ARCHITECTURES, build_model, classifier_head, count_parameters
 from robustlab.models.checkpoint import load_checkpoint, model_config, save_checkpoint
 from robustlab.models.lowrank import LowRank, factorize
+from robustlab.models.structure import declare_features
 from robustlab.train import TrainConfig, train
 
 
@@ -102,3 +103,17 @@ def test_a_rank_the_layers_do_not_allow_gets_a_sentence(rank: object, sentence: 
 def test_a_model_without_conv_or_linear_layers_gets_a_sentence() -> None:
     with pytest.raises(RobustlabError, match="has no conv or linear layer to factorise"):
         factorize(nn.Sequential(nn.Flatten(), nn.ReLU()), 2)
+
+
+def test_transposed_convolutions_are_left_as_they_are() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ConvTranspose2d(4, 4, 3),
+        nn.Conv2d(4, 4, 3),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 10),
+    )
+    declare_features(net, "4")
+    factorize(net, 2)
+    assert type(net[1]) is nn.ConvTranspose2d and isinstance(net[2], LowRank)
+    assert net(torch.rand(2, 1, 8, 8)).shape == (2, 10)

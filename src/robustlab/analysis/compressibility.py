@@ -1,11 +1,14 @@
-"""Compressibility of a network's weights: per conv and linear layer, and for the network.
+"""Compressibility of a network's weights: per weight layer, and for the network.
 
 Definitions (the paper's where it states them, ours where it does not; all ours are marked):
 
 - **Weight matrix.** A linear layer's weight ``W`` (out x in); a convolution's weight reshaped
-  to ``C_out x (C_in/groups * kh * kw)`` (one row per output filter). Layers are found with
-  :func:`robustlab.models.structure.weight_layers`; a layer's name is its module path, which
-  is how its weight is named in the model's state dict (``<name>.weight``).
+  to ``C_out x (C_in/groups * kh * kw)`` (one row per output filter); an
+  ``nn.MultiheadAttention``'s packed input projection ``in_proj_weight`` (``3E x E``, the
+  query, key and value rows stacked; kind ``attention``). Layers are found with
+  :func:`robustlab.models.structure.weight_layers`; a layer's name is its module path, under
+  which its weight is named in the model's state dict (``<name>.weight``; an attention's
+  ``<name>.in_proj_weight``: :func:`robustlab.models.weights.weight_name`).
 - **Best-k relative error** of a vector ``theta`` (Barsbey et al.): ``||theta - theta_k||_q /
   ||theta||_q`` with ``theta_k`` keeping the ``k`` entries of largest magnitude. Small means
   compressible. Ours: ``k = ceil(kappa * len(theta))`` for a fraction ``kappa`` in (0, 1)
@@ -71,8 +74,16 @@ def compressibility(
     return {f"{kappa:g}": best_k_error(theta, best_k(kappa, n), q) for kappa in kappas}
 
 
+def layer_kind(module: nn.Module) -> str:
+    """What a weight layer is, for the record: ``linear``, ``conv`` or ``attention`` (the packed
+    input projection of an ``nn.MultiheadAttention``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
+    return "linear" if isinstance(module, nn.Linear) else "conv"
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """A conv or linear layer's weight as a float64 matrix, one row per output unit/filter."""
+    """A weight layer's weight as a float64 matrix, one row per output unit/filter."""
     return as_matrix(layer_weight(module).detach().to(torch.float64))
 
 
@@ -102,7 +113,7 @@ def near_zero_fraction(t: torch.Tensor, rel: float = NEAR_ZERO) -> float:
 
 @dataclass(frozen=True)
 class LayerMetrics:
-    """The compressibility numbers of one conv or linear layer (see the module docstring)."""
+    """The compressibility numbers of one weight layer (see the module docstring)."""
 
     name: str
     kind: str
@@ -164,7 +175,7 @@ def matrix_metrics(
 def layer_metrics(
     model: nn.Module, kappas: Sequence[float] = DEFAULT_KAPPAS, q: float = 2.0
 ) -> list[LayerMetrics]:
-    """The metrics of every conv and linear layer of a model, in module order."""
+    """The metrics of every weight layer of a model, in module order."""
     kappas = check_kappas(kappas)
     if not (math.isfinite(q) and q > 0):
         raise RobustlabError(f"q must be a positive number, got {q}")
@@ -177,7 +188,7 @@ def layer_metrics(
     return [
         matrix_metrics(
             name,
-            "linear" if isinstance(m, nn.Linear) else "conv",
+            layer_kind(m),
             tuple(layer_weight(m).shape),
             weight_matrix(m),
             kappas,

@@ -3,8 +3,11 @@ adversarial perturbation moves them.
 
 - **Where** (ours): the output of each unit of a zoo model (the units multi-exit networks
   stop after, :func:`robustlab.models.structure.plan_for`: the stem, then each block), named
-  as the units are; for a model that declares no units, the output of each conv and linear
-  layer, named by its module path. Each output is flattened to one row per sample.
+  as the units are; for a model that declares no units, the output of each weight layer
+  (``models.structure.weight_layers``), named by its module path: for an
+  ``nn.MultiheadAttention``, the attention's output (the first of the pair it returns, batch
+  first; its ``out_proj`` is no module call of its own, so it has no entry). Each output is
+  flattened to one row per sample.
 - **Mode**: the model runs in eval mode (BatchNorm on its running statistics). The official
   code collects representations in train mode (batch statistics); we do not.
 - ``stable_rank``: ``||Z||_F^2 / ||Z||_2^2`` of the ``n x d`` batch matrix.
@@ -50,7 +53,7 @@ def _unit_outputs(
         return seen, run_steps(model, plan.head, h)
     handles = [
         m.register_forward_hook(
-            lambda _m, _a, out, name=name: seen.__setitem__(name, out.detach().flatten(1).clone())
+            lambda module, _a, out, name=name: seen.__setitem__(name, _rows(module, out))
         )
         for name, m in weight_layers(model)
     ]
@@ -60,6 +63,17 @@ def _unit_outputs(
         for handle in handles:
             handle.remove()
     return seen, logits
+
+
+def _rows(module: nn.Module, out: Any) -> torch.Tensor:
+    """A weight layer's output as one row per sample (an attention's output, batch first)."""
+    if isinstance(module, nn.MultiheadAttention):
+        out = out[0]  # (attention output, attention weights or None)
+        if not module.batch_first and out.dim() == 3:
+            out = out.transpose(0, 1)
+    if not isinstance(out, torch.Tensor):
+        raise RobustlabError(f"{type(module).__name__} returned no tensor to measure")
+    return out.detach().flatten(1).clone()
 
 
 def representations_and_logits(

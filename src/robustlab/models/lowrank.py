@@ -10,8 +10,9 @@ the same way. Both factors are ordinary layers, so ``structure.weight_layers`` l
 Initialisation (ours): ``V`` has entries of variance ``1 / (C_in*kh*kw)`` and ``U`` of
 ``var(W0) * C_in*kh*kw / r``, where ``W0`` is the layer being replaced as its architecture
 initialised it, so that the composed ``U V`` has the entry variance of ``W0``. Grouped
-convolutions, transposed convolutions and the projections inside ``nn.MultiheadAttention`` (which reads their weights
-directly) are left as they are.
+convolutions, transposed convolutions and an ``nn.MultiheadAttention``'s projections (its
+packed input projection, a weight layer of its own, and its ``out_proj``: the attention reads
+their weights directly, not through a module call) are left as they are.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def low_rank_of(layer: nn.Module, rank: int) -> LowRank:
 
 
 def factorizable(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers ``factorize`` replaces: every conv and linear but the first, the head,
-    grouped convolutions and attention's own projections."""
+    """The layers ``factorize`` replaces: every conv and linear layer but the first weight
+    layer, the head, grouped and transposed convolutions and attention's own projections."""
     layers = weight_layers(net)
     if not layers:
         raise RobustlabError(
@@ -130,7 +131,10 @@ def factorizable(net: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, m)
         for name, m in layers[1:]
-        if m is not head and id(m) not in inside_attention and getattr(m, "groups", 1) == 1
+        if isinstance(m, (nn.Linear, *CONVS))
+        and m is not head
+        and id(m) not in inside_attention
+        and getattr(m, "groups", 1) == 1
     ]
 
 

@@ -3,7 +3,8 @@
 Every other part asks here rather than looking at model classes itself: multi-exit networks
 (units and exit points), SGM and LinBP (residual sites and the SGM power), the per-unit FLOPs,
 transfer's default SGM gamma, the HPM head and compressibility (the final linear layer, the
-penultimate features it reads, the conv and linear layers).
+penultimate features it reads, the weight layers: conv, linear, and attention's packed input
+projection).
 
 - **Units** are the steps a multi-exit network can stop after. Each zoo architecture declares
   them beside its definition with :func:`declare_units` (a function of the network returning
@@ -640,10 +641,24 @@ def feature_shape(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ..
     return tuple(h.shape[1:])
 
 
+def _is_weight_layer(module: nn.Module) -> bool:
+    """A convolution, a linear layer, or an attention whose input projection is one packed weight."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight is not None
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+
+
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every convolution and linear layer, with its path, in module order (for compression)."""
-    kinds = (nn.modules.conv._ConvNd, nn.Linear)
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+    """Every weight layer, with its module path, in module order (for compression, pruning, AWP).
+
+    The weight layers are every convolution and linear layer, and every ``nn.MultiheadAttention``
+    (for its packed input projection ``in_proj_weight``, ``3E x E``, listed under the attention's
+    own path; its ``out_proj`` is a linear layer, listed after it). An attention whose query,
+    key and value have separate weights (``kdim`` or ``vdim`` not ``embed_dim``) is not listed:
+    no one weight matrix stands for its input projection (its ``out_proj`` is). Which tensor a
+    layer's weight is, and its state-dict name: :mod:`robustlab.models.weights`.
+    """
+    return [(name, m) for name, m in model.named_modules() if _is_weight_layer(m)]
 
 
 # ---- surrogates of defended models (for the MSA protocol) --------------------------------

@@ -15,9 +15,11 @@ Between steps, in every resume state and in the checkpoint, the weights carry no
 
 As the official code (csdongxian/AWP) does, read to understand, not copied:
 
-- it perturbs the weights of the convolution and linear layers only (the reference keeps every
-  ``weight`` of more than one dimension), never biases or normalisation layers; layers are
-  found by structure (``models.structure.weight_layers``), weights that do not train are left;
+- it perturbs the weights of the convolution and linear layers and the packed input
+  projection of an ``nn.MultiheadAttention`` (``in_proj_weight``) only (the reference keeps
+  every ``weight`` of more than one dimension), never biases or normalisation layers; layers
+  are found by structure (``models.structure.weight_layers``), weights that do not train are
+  left;
 - the ascent step is one plain SGD step of a proxy copy of the model on ``-loss``, in train
   mode; its size does not matter after the layer-wise rescaling, so ``v`` above is that step.
   Ours computes the gradient on the model itself, in train mode (BatchNorm normalises with the
@@ -73,7 +75,8 @@ def check_awp(method: str, gamma: float, warmup: int) -> None:
 
 
 def perturbed_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The weights AWP perturbs: each trainable convolution and linear weight, once."""
+    """The weights AWP perturbs: each trainable weight layer's weight (convolution, linear,
+    attention's packed input projection), once."""
     found: dict[int, torch.Tensor] = {}
     for _, layer in weight_layers(model):
         weight = layer_weight(layer)

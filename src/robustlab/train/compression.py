@@ -4,7 +4,8 @@ its robustness), as an add-on hook of the training loop.
 Each weight regulariser is a penalty ``strength * sum over its layers of f(W)``, where ``W`` is
 a layer's weight as a matrix (a convolution's ``C_out x C_in*kh*kw``):
 
-- ``l1``: ``sum |W_ij|`` on every convolution and linear weight (head and first layer included);
+- ``l1``: ``sum |W_ij|`` on every weight layer's weight (convolutions, linear layers and an
+  ``nn.MultiheadAttention``'s packed input projection; head and first layer included);
 - ``group-lasso``: ``sum_i ||W_i||_2`` over the rows (a convolution's output filters);
 - ``group-lasso-si``: the scale-invariant variant ``sum_i ||W_i||_2 / ||W||_F`` (ours: the
   l2,1 norm over the Frobenius norm, which rescaling the layer does not change, so it rewards
@@ -124,7 +125,7 @@ class Penalty:
 PENALTIES: dict[str, Penalty] = {
     p.name: p
     for p in (
-        Penalty("l1", _l1, True, "sum |w| over every conv and linear weight"),
+        Penalty("l1", _l1, True, "sum |w| over every conv, linear and attention in_proj weight"),
         Penalty(
             "group-lasso", _group_lasso, False, "sum of row (filter) norms, head and first out"
         ),
@@ -220,7 +221,7 @@ def parse_regularizers(items: list[str]) -> dict[str, float]:
 
 
 def penalized_layers(model: nn.Module, everything: bool) -> list[tuple[str, nn.Module]]:
-    """The conv and linear layers a penalty sees: all, or all but the first and the head."""
+    """The weight layers a penalty sees: all, or all but the first and the head."""
     layers = weight_layers(model)
     if everything:
         return layers

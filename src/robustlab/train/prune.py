@@ -3,13 +3,17 @@ pruning, and fine-tuning with the masks kept fixed in the one training loop.
 
 Our choices, where the paper is silent:
 
-- **Which layers.** Every conv and linear layer but the first layer and the head (the layers
-  the regularisers and the rank option leave out too; pruning the 9-weight filters of a first
-  conv or a 10-row head costs accuracy out of proportion). Unstructured pruning zeroes
-  weights; structured pruning removes whole output filters (rows of ``C_out x C_in*kh*kw``,
-  with their bias and, when a BatchNorm directly follows the layer in an ``nn.Sequential``, that
-  channel's BatchNorm scale and shift, so the channel outputs zero as if the filter were
-  removed). Sparsities are over the pruned layers; ``sparsity_of`` gives the whole model's.
+- **Which layers.** Every weight layer (``models.structure.weight_layers``: conv, linear, and
+  an ``nn.MultiheadAttention``'s packed input projection ``in_proj_weight``) but the first
+  layer and the head (the layers the regularisers and the rank option leave out too; pruning
+  the 9-weight filters of a first conv or a 10-row head costs accuracy out of proportion).
+  Masks are keyed by the parameters' state-dict names (``models.weights.weight_name``).
+  Unstructured pruning zeroes weights; structured pruning removes whole output filters (rows
+  of ``C_out x C_in*kh*kw``; of an attention's ``3E x E`` input projection, one query, key or
+  value unit each), with their bias and, when a BatchNorm directly follows the layer in an
+  ``nn.Sequential`` or in a residual branch's declared chain (torchvision's and timm's ResNet
+  blocks), that channel's BatchNorm scale and shift, so the channel outputs zero as if the
+  filter were removed). Sparsities are over the pruned layers; ``sparsity_of`` gives the whole model's.
 - **How many.** A sparsity ``S`` in (0, 1) zeroes ``round(S * n)`` weights: of all ranked weights
   (global) or of each layer's (per layer). Structured, ``S`` is the fraction of filters removed;
   globally, filters of layers of different fan-in are ranked by their root-mean-square weight
@@ -37,8 +41,16 @@ from ..core.device import resolve_device
 from ..data import Dataset, DataSplits
 from ..errors import RobustlabError
 from ..models.checkpoint import MANIFEST, save_checkpoint
-from ..models.structure import weight_layers
-from ..models.weights import as_matrix, best_k_error, k_for_error, layer_weight
+from ..models.structure import find_residual_sites, weight_layers
+from ..models.weights import (
+    as_matrix,
+    best_k_error,
+    bias_name,
+    k_for_error,
+    layer_bias,
+    layer_weight,
+    weight_name,
+)
 from .compression import penalized_layers
 from .loop import EpochSampler, accuracy, fit
 from .methods import Hook, Method, Step
@@ -102,7 +114,7 @@ class Pruned:
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers pruning considers: every conv and linear but the first and the head."""
+    """The layers pruning considers: every weight layer but the first and the head."""
     layers = penalized_layers(model, everything=False)
     if not layers:
         raise RobustlabError(
@@ -188,11 +200,14 @@ def _structured(layers: list[tuple[str, nn.Module]], spec: PruneSpec) -> dict[st
 
 def following_batchnorms(model: nn.Module) -> dict[int, str]:
     """For each layer (by id) directly followed by an affine BatchNorm inside an
-    ``nn.Sequential``, that BatchNorm's name."""
+    ``nn.Sequential`` or in a residual branch's declared chain (a torchvision or timm
+    ResNet block's ``conv1, bn1, ...``: ``models.structure.find_residual_sites``), that
+    BatchNorm's name."""
     names = {id(m): n for n, m in model.named_modules()}
+    runs = [list(m) for m in model.modules() if isinstance(m, nn.Sequential)]
+    runs += [list(site.chain) for site in find_residual_sites(model)]
     found: dict[int, str] = {}
-    for seq in (m for m in model.modules() if isinstance(m, nn.Sequential)):
-        layers = list(seq)
+    for layers in runs:
         for a, b in zip(layers, layers[1:], strict=False):
             if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.affine:
                 found[id(a)] = names[id(b)]
@@ -222,10 +237,11 @@ def prune(model: nn.Module, spec: PruneSpec) -> Pruned:
         entry: dict[str, Any] = {"name": name, "shape": list(weight.shape)}
         if spec.structured:
             row = rows[name].to(weight.device)
-            masks[f"{name}.weight"] = row.reshape(-1, *[1] * (weight.dim() - 1)).expand_as(weight)
-            bias = getattr(m, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                masks[f"{name}.bias"] = row.clone()
+            masks[weight_name(name, m)] = row.reshape(-1, *[1] * (weight.dim() - 1)).expand_as(
+                weight
+            )
+            if layer_bias(m) is not None:
+                masks[bias_name(name, m)] = row.clone()
             if id(m) in norms:
                 masks[f"{norms[id(m)]}.weight"] = row.clone()
                 masks[f"{norms[id(m)]}.bias"] = row.clone()
@@ -235,7 +251,7 @@ def prune(model: nn.Module, spec: PruneSpec) -> Pruned:
                 scores = _filter_scores(weight)
                 entry["error"] = best_k_error(scores, int(row.sum()))
         else:
-            masks[f"{name}.weight"] = weights[name]
+            masks[weight_name(name, m)] = weights[name]
             if spec.target_error is not None:
                 entry["error"] = best_k_error(weight.detach().flatten(), int(weights[name].sum()))
         report.append(entry)
@@ -338,7 +354,7 @@ def finetune(
 
 
 def sparsity_of(model: nn.Module, names: Iterable[str] | None = None) -> float:
-    """Fraction of zero weights over the named conv and linear layers of a model (all: None)."""
+    """Fraction of zero weights over the named weight layers of a model (all: None)."""
     layers = weight_layers(model)
     if names is not None:
         wanted = set(names)
