@@ -19,6 +19,7 @@ from robustlab.cli import main
 from robustlab.data import DataSplits
 from robustlab.models.blocks import Normalize
 from robustlab.models.checkpoint import model_config, save_checkpoint
+from robustlab.models.resnet import ResNet
 
 FACTORY = """
 from robustlab.models.resnet import ResNet
@@ -124,6 +125,127 @@ def test_transfer_to_a_foreign_target_on_the_users_own_points(
     assert cells[str(files["ckpt"])]["white_box"] and not cells[foreign]["white_box"]
     for key in ("n", "success_rate", "target_clean_accuracy", "target_adversarial_accuracy"):
         assert cells[foreign][key] == cells[str(files["ckpt"])][key], key
+
+
+@pytest.fixture(scope="module")
+def two(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two python: members of one transfer matrix (the same code in two files) and their
+    weights: the trained digits net, in a file whose name has '=' in it, and an untrained
+    net; plus the checkpoint of the trained one (the source)."""
+    root = tmp_path_factory.mktemp("two-members")
+    (root / "net2.py").write_text(FACTORY)
+    trained = root / "x=trained.safetensors"
+    trained.write_bytes(files["weights"].read_bytes())
+    torch.manual_seed(1)
+    save_file(ResNet(1, 10, 8, depth=8, width=8).state_dict(), str(root / "untrained.safetensors"))
+    return {
+        "A": f"python:{files['py']}:make",
+        "B": f"python:{root / 'net2.py'}:make",
+        "trained": str(trained),
+        "untrained": str(root / "untrained.safetensors"),
+        "ckpt": str(files["ckpt"]),
+    }
+
+
+def _transfer(two: dict[str, str], *extra: str) -> list[str]:
+    """A small transfer of PGD from the checkpoint to both python: members on digits."""
+    args = ["transfer", "--sources", two["ckpt"], "--targets", f"{two['A']},{two['B']}"]
+    args += ["--data", "digits", "--n", "60", "--attacks", "pgd", "--steps", "2", "--eps", "0.1"]
+    return [*args, *(e.format(**two) for e in extra), *QUIET]
+
+
+def test_transfer_gives_each_foreign_member_its_own_options(
+    files: dict[str, Path], two: dict[str, str], tmp_path: Path
+) -> None:
+    # A: the bare --weights (a file name with '=' in it) and the bare normalisation;
+    # B: its own weights and normalisation
+    mean, std = str(files["mean"]), str(files["std"])
+    record = tmp_path / "t.json"
+    args = _transfer(
+        two,
+        *["--weights", "{B}={untrained}", "--weights", "{trained}", "--mean", mean],
+        *["--mean", "{B}=0", "--std", "{B}=1", "--std", std, "--json", str(record)],
+    )
+    assert main(args) == 0
+    result = json.loads(record.read_text())
+    a, b = result["models"][two["A"]], result["models"][two["B"]]
+    assert a["source"]["weights"] == two["trained"]
+    assert a["source"]["sha256"] == _sha(Path(two["trained"]))
+    assert b["source"]["weights"] == two["untrained"]
+    assert b["source"]["sha256"] == _sha(Path(two["untrained"]))
+    assert a["options"] == {
+        "weights": two["trained"],
+        "mean": [float(v) for v in mean.split(",")],
+        "std": [float(v) for v in std.split(",")],
+    }
+    assert b["options"] == {"weights": two["untrained"], "mean": [0.0], "std": [1.0]}
+    cells = {c["target"]: c for c in result["cells"]}
+    # A is the source's own network (the same clean accuracy); B is untrained
+    assert cells[two["A"]]["target_clean_accuracy"] > 0.8
+    assert cells[two["B"]]["target_clean_accuracy"] < 0.5
+    assert "options" not in result["models"][two["ckpt"]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--weights", "python:nope.py:make={trained}"],
+            "'python:nope.py:make' in --weights python:nope.py:make=",
+        ),
+        (
+            ["--weights", "{A}={trained}", "--weights", "{A}={untrained}"],
+            "--weights is given twice for",
+        ),
+        (
+            ["--mean", "0", "--mean", "0.5"],
+            "--mean is given twice without a member name (0 and 0.5)",
+        ),
+        (["--std", "{ckpt}=1"], "which is not a foreign model (a zoo architecture or a checkpoint"),
+        (
+            [
+                "--weights",
+                "{A}={trained}",
+                "--weights",
+                "{B}={trained}",
+                "--weights",
+                "{untrained}",
+            ],
+            "so --weights {untrained}, given without a member name, applies to none",
+        ),
+        (["--weights", "{A}="], "--weights {A}= gives {A} no value"),
+        (["--num-classes", "{B}=ten"], "--num-classes must be a whole number, got 'ten'"),
+    ],
+)
+def test_transfer_refuses_bad_member_options_before_any_work(
+    extra: list[str],
+    message: str,
+    two: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    record = tmp_path / "t.json"
+    assert main([*_transfer(two, *extra), "--json", str(record)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.format(**two) in err and err.count("\n") == 0, err
+    assert not record.exists()
+
+
+def test_transfer_refuses_options_for_a_zoo_member_or_without_foreign_ones(
+    two: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    args = ["transfer", "--sources", "mlp", "--targets", two["A"], "--data", "digits"]
+    args += ["--weights", f"mlp={two['trained']}", "--cache", str(cache), *QUIET]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--weights given for mlp, which is not a foreign model" in err and "\n" not in err
+    assert not cache.exists() or not any(cache.iterdir())  # nothing trained
+    args = ["transfer", "--sources", two["ckpt"], "--targets", two["ckpt"], "--mean", "0"]
+    assert main([*args, "--data", "digits", *QUIET]) == 2
+    assert "--mean applies to foreign sources and targets, and there are none" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("command", ["exits", "hpm", "prune", "quantize"])

@@ -152,6 +152,13 @@ def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for flag in ("--sources", "--targets", "--attacks", "--gamma", "--eps", "--json", "--seed"):
         assert flag in out
+    # the foreign-model options, each repeatable as VALUE or MEMBER=VALUE in transfer alone
+    assert "--weights [MEMBER=]FILE" in out and "MEMBER=VALUE only to MEMBER" in " ".join(
+        out.split()
+    )
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--weights FILE" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import robustlab
+from _foreign import library
 from robustlab.attacks.transforms import find_residual_sites, linbp, skip_gradient
 from robustlab.cli import main
 from robustlab.data import DataSplits
@@ -47,22 +48,9 @@ from robustlab.train.hpm import clean_accuracies
 from robustlab.train.loop import accuracy
 from robustlab.train.prune import PruneSpec, prunable_layers, prune, sparsity_of
 
-
-def _library(name: str) -> Any:
-    """The library, or a skip saying why it is not here."""
-    try:
-        return __import__(name)
-    except Exception as exc:  # not installed, or built for another torch
-        pytest.skip(
-            f"{name} does not import here ({type(exc).__name__}): run pytest -m foreign in a "
-            "venv with torchvision and timm (README.md, 'Your own model')",
-            allow_module_level=True,
-        )
-
-
 pytestmark = pytest.mark.foreign
-tv = _library("torchvision")
-timm = _library("timm")
+tv = library("torchvision")
+timm = library("timm")
 tv_models = tv.models
 
 

@@ -183,9 +183,12 @@ def checked_outputs(
     models: Iterable[str | Path | None] = (),
     data: Iterable[str | None] = (),
     inputs: Iterable[str | Path | None] = (),
+    options: dict[str, Any] | None = None,
 ) -> None:
     """Check every output of a command before it does any work (``io.check_outputs``), with
-    the files it reads as inputs: each checkpoint's files and each data source."""
+    the files it reads as inputs: each checkpoint's files, each foreign model's code and
+    weights (its own ``options`` where a command gives each its own, by name as in
+    ``models``; else the command's --weights) and each data source."""
     from ..data.datasets import source_path
     from ..models.checkpoint import checkpoint_files
     from ..models.foreign import foreign_inputs
@@ -194,7 +197,11 @@ def checked_outputs(
     read: list[str | Path | None] = list(inputs)
     for model in models:
         if model is not None and is_foreign(model):  # its code, archive and weights files
-            read.extend(foreign_inputs(model, getattr(args, "weights", None)))
+            if options is None:
+                weights = getattr(args, "weights", None)
+            else:
+                weights = options[str(model)].weights if str(model) in options else None
+            read.extend(foreign_inputs(model, weights))
         elif model is not None:  # a path that does not exist is said by the loader
             path = Path(resolve_zoo(model)).expanduser()
             read.extend(checkpoint_files(path) if path.exists() else [path])
@@ -321,63 +328,180 @@ def add_model_options(p: argparse.ArgumentParser, help_text: str = MODEL_HELP) -
     add_foreign_options(p)
 
 
-def add_foreign_options(p: argparse.ArgumentParser, which: str = "the model") -> None:
+#: The options a foreign model is given: (attribute of the parsed arguments, option).
+FOREIGN_OPTIONS = (
+    ("weights", "--weights"),
+    ("mean", "--mean"),
+    ("std", "--std"),
+    ("input_size", "--input-size"),
+    ("num_classes", "--num-classes"),
+    ("dataset", "--dataset"),
+    ("threat_model", "--threat-model"),
+)
+PER_MEMBER_HELP = (
+    "Each of these options may be repeated: a bare VALUE applies to every foreign source and "
+    "target without a value of its own, MEMBER=VALUE only to MEMBER, a source or target named "
+    "exactly as in --sources/--targets (e.g. --weights python:net.py:make=a.safetensors "
+    "--weights timm:resnet18=b.pth); a value is split at the '=' after such a name only, so a "
+    "file name with '=' in it is a bare value."
+)
+
+
+def add_foreign_options(
+    p: argparse.ArgumentParser, which: str = "the model", *, per_member: bool = False
+) -> None:
     """What a foreign model is given: --weights, --mean, --std, --input-size, --num-classes,
-    and RobustBench's --dataset and --threat-model."""
+    and RobustBench's --dataset and --threat-model; ``per_member`` (transfer, which loads many
+    models) lets each be repeated, as VALUE or MEMBER=VALUE (read by ``member_options``)."""
     group = p.add_argument_group(
-        f"when {which} is foreign (torchvision:, timm:, robustbench:, python:, TorchScript)"
+        f"when {which} is foreign (torchvision:, timm:, robustbench:, python:, TorchScript)",
+        PER_MEMBER_HELP if per_member else None,
     )
-    group.add_argument(
+
+    def option(flag: str, metavar: str | None, help_text: str, **kw: Any) -> None:
+        """One option: single-valued, or repeatable as [MEMBER=]VALUE (values read later)."""
+        if per_member:
+            kw = {"action": "append", "metavar": f"[MEMBER=]{metavar or 'VALUE'}"}
+        elif metavar is not None:
+            kw["metavar"] = metavar
+        group.add_argument(flag, help=help_text, **kw)
+
+    option(
         "--weights",
-        metavar="FILE",
-        help="weights of a torchvision:, timm: or python: model: a safetensors file or a "
+        "FILE",
+        "weights of a torchvision:, timm: or python: model: a safetensors file or a "
         ".pt/.pth state dict (read without running code), or 'hub' (hub:TAG) for the library's "
         "pretrained weights, which needs a network once (default: none)",
     )
-    group.add_argument(
+    option(
         "--mean",
-        help="per-channel mean the model was trained with, e.g. 0.485,0.456,0.406; robustlab "
+        None,
+        "per-channel mean the model was trained with, e.g. 0.485,0.456,0.406; robustlab "
         "puts the normalisation inside the model (default: what the source declares)",
     )
-    group.add_argument(
-        "--std", help="per-channel std to go with --mean (default: what the source declares)"
-    )
-    group.add_argument(
+    option("--std", None, "per-channel std to go with --mean (default: what the source declares)")
+    option(
         "--input-size",
-        metavar="C,H,W",
-        help="input the model takes, e.g. 3,32,32 (default: the model's, else the data's)",
+        "C,H,W",
+        "input the model takes, e.g. 3,32,32 (default: the model's, else the data's)",
     )
-    group.add_argument(
+    option(
         "--num-classes",
+        "N" if per_member else None,
+        "classes the model predicts (default: the weights', else the data's)",
         type=int,
-        help="classes the model predicts (default: the weights', else the data's)",
     )
-    group.add_argument(
+    option(
         "--dataset",
-        help="RobustBench's dataset of a robustbench: model: cifar10, cifar100 or imagenet "
+        None,
+        "RobustBench's dataset of a robustbench: model: cifar10, cifar100 or imagenet "
         "(default: cifar10)",
     )
-    group.add_argument(
+    option(
         "--threat-model",
-        help="RobustBench's threat model of a robustbench: model: Linf, L2 or corruptions "
+        None,
+        "RobustBench's threat model of a robustbench: model: Linf, L2 or corruptions "
         "(default: Linf)",
+    )
+
+
+def _whole(value: int | str, what: str) -> int:
+    """A whole number typed on the command line (argparse has already read a single one)."""
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise RobustlabError(f"{what} must be a whole number, got '{value}'") from None
+
+
+def foreign_options(values: dict[str, Any]) -> Any:
+    """``models.foreign.ForeignOptions`` from the options' values as typed, keyed as in
+    ``FOREIGN_OPTIONS`` (a missing or None value: not given), each checked."""
+    from ..models.foreign import ForeignOptions
+
+    mean, std, size = values.get("mean"), values.get("std"), values.get("input_size")
+    classes = values.get("num_classes")
+    return ForeignOptions.of(
+        weights=values.get("weights"),
+        mean=floats(mean, "--mean") if mean else None,
+        std=floats(std, "--std") if std else None,
+        input_size=ints(size, "--input-size") if size else None,
+        num_classes=None if classes is None else _whole(classes, "--num-classes"),
+        dataset=values.get("dataset"),
+        threat_model=values.get("threat_model"),
     )
 
 
 def model_options(args: argparse.Namespace) -> Any:
     """The foreign-model options a command was given (``models.foreign.ForeignOptions``)."""
-    from ..models.foreign import ForeignOptions
+    return foreign_options({dest: getattr(args, dest, None) for dest, _ in FOREIGN_OPTIONS})
 
-    size = getattr(args, "input_size", None)
-    return ForeignOptions.of(
-        weights=getattr(args, "weights", None),
-        mean=floats(args.mean, "--mean") if getattr(args, "mean", None) else None,
-        std=floats(args.std, "--std") if getattr(args, "std", None) else None,
-        input_size=ints(size, "--input-size") if size else None,
-        num_classes=getattr(args, "num_classes", None),
-        dataset=getattr(args, "dataset", None),
-        threat_model=getattr(args, "threat_model", None),
-    )
+
+def _split_member(text: str, option: str, members: list[str]) -> tuple[str | None, str]:
+    """One value of a repeatable foreign-model option: (MEMBER, VALUE) when it starts with a
+    member's name and '=', else (None, the whole text); a text with '=' that names no member
+    is refused, unless it is an existing --weights file."""
+    named = [m for m in members if text.startswith(f"{m}=")]
+    if named:
+        member = max(named, key=len)  # the longest name, should one name begin another's
+        value = text[len(member) + 1 :]
+        if not value.strip():
+            raise RobustlabError(f"{option} {text} gives {member} no value")
+        return member, value
+    if "=" in text and not (option == "--weights" and Path(text).expanduser().exists()):
+        left = text.partition("=")[0]
+        raise RobustlabError(
+            f"'{left}' in {option} {text} is not a source or target of this command "
+            f"({', '.join(members)}); write MEMBER=VALUE with MEMBER exactly as in "
+            "--sources/--targets"
+        )
+    return None, text
+
+
+def member_options(args: argparse.Namespace, members: list[str]) -> dict[str, Any]:
+    """Each foreign member's options (``models.foreign.ForeignOptions``) when the options may
+    be repeated (``add_foreign_options(per_member=True)``): MEMBER=VALUE gives VALUE to that
+    member, a bare VALUE to every foreign member without a value of its own. Refused: a member
+    given two values of one option, two bare values of one option, options for a member that
+    is not foreign, and bare values that apply to no member."""
+    foreign = [m for m in members if is_foreign(m)]
+    own: dict[str, dict[str, str]] = {m: {} for m in members}
+    bare: dict[str, str] = {}
+    for dest, option in FOREIGN_OPTIONS:
+        for text in getattr(args, dest, None) or []:
+            member, value = _split_member(text, option, members)
+            if member is None and dest in bare:
+                raise RobustlabError(
+                    f"{option} is given twice without a member name ({bare[dest]} and {value}); "
+                    f"give each source or target its own as {option} MEMBER=VALUE"
+                )
+            if member is not None and dest in own[member]:
+                raise RobustlabError(
+                    f"{option} is given twice for {member} ({own[member][dest]} and {value})"
+                )
+            (bare if member is None else own[member])[dest] = value
+    flags = dict(FOREIGN_OPTIONS)
+    for member, values in own.items():
+        if values and member not in foreign:
+            raise RobustlabError(
+                f"{', '.join(flags[d] for d in values)} given for {member}, which is not a "
+                "foreign model (a zoo architecture or a checkpoint, whose weights, shape and "
+                "normalisation robustlab knows)"
+            )
+    if bare and not foreign:
+        verb = "applies" if len(bare) == 1 else "apply"
+        raise RobustlabError(
+            f"{', '.join(flags[d] for d in bare)} {verb} to foreign sources and targets, and "
+            "there are none"
+        )
+    for dest, value in bare.items():
+        if all(dest in own[m] for m in foreign):
+            raise RobustlabError(
+                f"every foreign source and target has its own {flags[dest]}, so {flags[dest]} "
+                f"{value}, given without a member name, applies to none"
+            )
+    return {m: foreign_options({**bare, **own[m]}) for m in foreign}
 
 
 def is_foreign(model: str | Path) -> bool:

@@ -3,13 +3,15 @@
 Sources and targets are architecture names from robustlab models (trained on --data or
 reused from the model cache; NAME:pgd-at is its PGD-adversarially-trained version),
 checkpoint paths or foreign models (torchvision:NAME, timm:NAME, robustbench:NAME,
-python:FILE.py:FACTORY, TorchScript files; --weights, --mean, ... apply to each of them); a
-source A+B is an ensemble of A and B. The test points are --data's test split; a user file
-without one is all test points, unless a zoo model is trained on it here or a checkpoint was
-trained on it (then its held-out 20 %, as in training). Each source's examples are crafted
-once per attack and evaluated on every target. Everything that can fail without training
-(names, budgets, output paths, checkpoint shapes, whether a source has the residual blocks
-SGM and LinBP need) is checked before any model is trained.
+python:FILE.py:FACTORY, TorchScript files); --weights, --mean, ... may be repeated, each
+bare (every foreign model without its own) or as MEMBER=VALUE (that model alone), and the
+record says what each model was given. A source A+B is an ensemble of A and B. The test
+points are --data's test split; a user file without one is all test points, unless a zoo
+model is trained on it here or a checkpoint was trained on it (then its held-out 20 %, as in
+training). Each source's examples are crafted once per attack and evaluated on every target.
+Everything that can fail without training (names, budgets, output paths, checkpoint shapes,
+whether a source has the residual blocks SGM and LinBP need, each model's options) is checked
+before any model is trained.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from .common import (
     is_foreign,
     json_output,
     load_model,
+    member_options,
     model_info,
-    model_options,
     names,
     plot_outputs,
     say,
@@ -72,7 +74,8 @@ def register(sub: Any) -> None:
         "--sources",
         required=True,
         help="comma-separated models to craft on: architecture names (resnet8, densenet, "
-        "vit:pgd-at, ...), checkpoint paths, or ensembles A+B",
+        "vit:pgd-at, ...), checkpoint paths, foreign models (torchvision:NAME, timm:NAME, "
+        "robustbench:NAME, python:FILE.py:FACTORY, TorchScript files), or ensembles A+B",
     )
     p.add_argument(
         "--targets", required=True, help="comma-separated models to evaluate on (as --sources)"
@@ -123,7 +126,7 @@ def register(sub: Any) -> None:
     add_engine(p)
     add_common(p, json_help="write the result record (key 'cells') here (default: not written)")
     add_trust_unhashed(p)
-    add_foreign_options(p, "a source or target")
+    add_foreign_options(p, "a source or target", per_member=True)
     p.set_defaults(func=run)
 
 
@@ -172,16 +175,22 @@ def _train_config(spec: ModelSpec, args: argparse.Namespace) -> Any:
     )
 
 
-def _describe(manifest: dict[str, Any], where: Path, spec: ModelSpec) -> dict[str, Any]:
-    """The record's description of a model: where it is, what it is, how it was trained."""
+def _describe(
+    manifest: dict[str, Any], where: Path, spec: ModelSpec, options: Any = None
+) -> dict[str, Any]:
+    """The record's description of a model: where it is, what it is, how it was trained, and
+    a foreign model's ``options`` (what it was given: ``ForeignOptions.given``)."""
     m = manifest.get("model", {})
-    return {
+    info = {
         **model_info(manifest, where),
         "method": (manifest.get("training") or {}).get("method", spec.method),
         "input_shape": [m.get("in_channels"), m.get("image_size"), m.get("image_size")],
         "clean_accuracy": (manifest.get("metrics") or {}).get("clean_accuracy"),
         "trained_on": (manifest.get("dataset") or {}).get("name"),
     }
+    if options is not None:
+        info["options"] = options.given()
+    return info
 
 
 def _obtain(
@@ -192,10 +201,11 @@ def _obtain(
     cache: Path,
     *,
     trust_unhashed: bool = False,
+    options: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Load a checkpoint (one without a weights hash only if ``trust_unhashed``) or a foreign
-    model (for the data's shape where it has none), or reuse / train a zoo model; returns it
-    and a description."""
+    model (with its ``options``, for the data's shape where it has none), or reuse / train a
+    zoo model; returns it and a description."""
     from ..train.cache import cached_folder, is_cached, obtain
 
     if spec.path is not None or spec.foreign:
@@ -203,9 +213,9 @@ def _obtain(
             spec.name if spec.foreign else str(spec.path),
             splits=splits,
             trust_unhashed=trust_unhashed,
-            options=model_options(args) if spec.foreign else None,
+            options=options,
         )
-        return ckpt.model.to(device).eval(), _describe(ckpt.manifest, ckpt.path, spec)
+        return ckpt.model.to(device).eval(), _describe(ckpt.manifest, ckpt.path, spec, options)
     cfg = _train_config(spec, args)
     where = cached_folder(cfg, cache)
     if is_cached(cfg, cache):
@@ -286,9 +296,9 @@ def run(args: argparse.Namespace) -> int:
         raise RobustlabError(f"--n must be >= 1, got {args.n}")
     check_batch_size(args.batch_size)
     check_engine(args.engine)
-    options = model_options(args)  # checked before any work
     members = {m: parse_model(m) for s in sources for m in s.split("+") if m}
     members.update({t: parse_model(t) for t in targets})
+    options = member_options(args, list(members))  # each foreign model's, checked before any work
     for s in sources:
         if "" in s.split("+"):
             raise RobustlabError(f"source '{s}' has an empty ensemble member")
@@ -297,11 +307,6 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.cache) if args.cache else cache_root()
     trust = args.trust_unhashed
     zoo = any(m.arch is not None for m in members.values())  # trained here or reused from the cache
-    if not any(m.foreign for m in members.values()) and options != type(options)():
-        raise RobustlabError(
-            "--weights, --mean, --std, --input-size, --num-classes, --dataset and "
-            "--threat-model apply to foreign sources and targets, and there are none"
-        )
     checked_outputs(
         args,
         [
@@ -312,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
         models=[m.path or (m.name if m.foreign else None) for m in members.values()],
         data=[args.data],
         inputs=[cache] if zoo else [],
+        options=options,
     )
     device = resolve_device(args.device)
     models: dict[str, Any] = {}
@@ -329,7 +335,9 @@ def run(args: argparse.Namespace) -> int:
     splits = load_data(args.data, test_only=not keep_split)
     for name, member in members.items():  # foreign models take the data's shape if they have none
         if member.foreign:
-            models[name], infos[name] = _obtain(member, args, splits, device, cache)
+            models[name], infos[name] = _obtain(
+                member, args, splits, device, cache, options=options[name]
+            )
     # before any training: the loaded models' shapes, then the sources' structure (zoo models
     # built untrained) against what the attacks' transforms need
     for name in models:

@@ -79,6 +79,14 @@ class ForeignOptions:
             threat_model=given.get("threat_model"),
         )
 
+    def given(self) -> dict[str, Any]:
+        """The options that were given (not left to the model, its weights or the data), as
+        JSON values: what a record says a model was given."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None
+        }
+
 
 @dataclass(frozen=True)
 class DataShape:
