@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
@@ -91,43 +92,66 @@ def processes_record(
     }
 
 
-class _Summed(torch.autograd.Function):
-    """A tensor summed over every process of a group; its gradient is summed back the same way
-    (each process's input feeds every process's output)."""
+class _GlobalNorm(torch.autograd.Function):
+    """``x`` normalised with statistics of the global batch, as BatchNorm's own kernels do it;
+    the backward pass sums its two per-channel reductions over the processes (one all-reduce)
+    and applies BatchNorm's training-mode input gradient with them."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
-        """The sum over the processes (a new tensor)."""
-        ctx.group = group
-        total = t.clone()
-        dist.all_reduce(total, group=group)
-        return total
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        eps: float,
+        count: float,
+        group: Any,
+    ) -> torch.Tensor:
+        """BatchNorm's affine transform of ``x`` with the given mean and (biased) variance."""
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.count, ctx.group = eps, count, group
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """The output's gradient summed over the processes."""
-        total = grad.clone()
-        dist.all_reduce(total, group=ctx.group)
-        return total, None
-
-
-def _summed(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """``t`` summed over every process of ``group`` (None: all), differentiably."""
-    out: torch.Tensor = _Summed.apply(t, group)  # type: ignore[no-untyped-call]  # torch leaves it untyped
-    return out
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients of the input (global reductions), weight and bias (this process's part:
+        DDP sums those)."""
+        (dy,) = grads
+        x, weight, mean, var = ctx.saved_tensors
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1, *[1] * (x.dim() - 2)]
+        features = x.shape[1]
+        invstd = torch.rsqrt(var + ctx.eps)
+        centred = x - mean.view(shape)
+        local = torch.cat([dy.sum(dims), (centred * dy).sum(dims)])
+        sums = local.clone()
+        dist.all_reduce(sums, group=ctx.group)
+        sum_dy, dot = sums[:features], sums[features:]
+        scale = invstd if weight is None else invstd * weight
+        k = dot * invstd * invstd / ctx.count
+        dx = (dy - (sum_dy / ctx.count).view(shape) - centred * k.view(shape)) * scale.view(shape)
+        grad_weight = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = local[features:] * invstd
+        grad_bias = local[:features] if ctx.needs_input_grad[2] else None
+        return dx, grad_weight, grad_bias, None, None, None, None, None
 
 
 class SyncedBatchNorm(_BatchNorm):
     """BatchNorm whose training-mode statistics are those of the whole global batch, summed over
-    every process with differentiable all-reduces; on any device and backend (torch's
-    ``SyncBatchNorm`` refuses CPU tensors). Eval mode, or one process, is plain BatchNorm.
+    every process; on any device and backend (torch's ``SyncBatchNorm`` refuses CPU tensors,
+    whose fused statistics kernels are CUDA-only). Eval mode, or one process, is plain
+    BatchNorm.
 
-    One all-reduce per forward pass (and one in the backward pass), over ``group`` (a process
-    group of its own, so that it does not queue behind DDP's gradient buckets): the count, the
-    sum and the sum of squares of the input shifted by the running mean, which every process
-    holds alike, so the one-pass variance has no cancellation to speak of. The sums are taken
-    in the input's precision as BatchNorm's own are (float64 sums round differently from one
-    process, and training runs amplify such differences), then combined in float64."""
+    One all-reduce per forward pass and one per backward pass, over ``group`` (a process group
+    of its own, so that it does not queue behind DDP's gradient buckets). Forward: the count,
+    the sum and the sum of squares of the input shifted by the running mean (which every
+    process holds alike, so the one-pass variance has no cancellation to speak of), taken in
+    the input's precision as BatchNorm's own sums are and combined in float64; then BatchNorm's
+    own kernel normalises. Backward (:class:`_GlobalNorm`): BatchNorm's input gradient with
+    the global sums of the output gradient and of its product with the centred input."""
 
     group: Any = None  # the process group the statistics are summed over (None: the default)
 
@@ -146,33 +170,32 @@ class SyncedBatchNorm(_BatchNorm):
         dims = [0, *range(2, input.dim())]
         shape = [1, -1, *[1] * (input.dim() - 2)]
         features = input.shape[1]
-        shift = (
-            self.running_mean.detach().to(input.dtype)
-            if self.running_mean is not None
-            else input.new_zeros(features)
+        with torch.no_grad():
+            shift = (
+                self.running_mean.to(input.dtype)
+                if self.running_mean is not None
+                else input.new_zeros(features)
+            )
+            moved = input - shift.view(shape)
+            local = torch.full(
+                (1,), input.numel() // features, dtype=torch.float64, device=input.device
+            )
+            totals = torch.cat(
+                [moved.sum(dims).double(), (moved * moved).sum(dims).double(), local]
+            )
+            dist.all_reduce(totals, group=self.group)
+            count = float(totals[-1])
+            offset = totals[:features] / count
+            var64 = (totals[features : 2 * features] / count - offset * offset).clamp_min(0)
+            mean = (shift.to(torch.float64) + offset).to(input.dtype)
+            var = var64.to(input.dtype)
+        weight = self.weight if self.affine else None
+        bias = self.bias if self.affine else None
+        out: torch.Tensor = _GlobalNorm.apply(  # type: ignore[no-untyped-call]
+            input, weight, bias, mean, var, self.eps, count, self.group
         )
-        moved = input - shift.view(shape)
-        local = torch.full(
-            (1,), input.numel() // features, dtype=torch.float64, device=input.device
-        )
-        sums = torch.cat(
-            [
-                moved.sum(dims).double(),
-                (moved * moved).sum(dims).double(),
-                local,
-            ]
-        )
-        totals = _summed(sums, self.group)
-        count = totals[-1].detach()
-        offset = totals[:features] / count
-        var = (totals[features : 2 * features] / count - offset * offset).clamp_min(0)
-        mean = (shift.to(torch.float64) + offset).to(input.dtype)
-        var = var.to(input.dtype)
-        out = (input - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats and self.running_mean is not None:
-            self._update_running(mean.detach(), var.detach(), float(count))
+            self._update_running(mean, var, count)
         return out
 
     @torch.no_grad()
