@@ -365,6 +365,72 @@ def test_synchronised_batchnorm_shares_the_layers_state_and_puts_them_back() -> 
     assert not any(m.training for m in norms.values())  # the mode set inside carries over
 
 
+def _synced_layer_worker(rank: int, port: int, affine: bool, track: bool, out: str) -> None:
+    """One of 2 gloo processes: its half of a batch through a SyncedBatchNorm, forward and
+    backward; writes its output, input gradient, parameter gradients and running statistics."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x, g, layer = _synced_layer_case(affine, track)
+        model = nn.Sequential(layer)
+        with synchronised_batchnorm(model) as replaced:  # shares the layer's parameters
+            assert replaced == 1
+            part = x.tensor_split(2)[rank].clone().requires_grad_(True)
+            y = model(part)
+            (y * g.tensor_split(2)[rank]).sum().backward()
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        saved = {"y": y.detach(), "dx": part.grad, "grads": grads}
+        torch.save({**saved, "buffers": dict(layer.named_buffers())}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _synced_layer_case(affine: bool, track: bool) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """A batch far from zero mean, an output gradient and a BatchNorm layer with its state."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, 5, 5, generator=gen) * 3 + 5
+    g = torch.randn(12, 3, 5, 5, generator=gen)
+    layer = nn.BatchNorm2d(3, affine=affine, track_running_stats=track)
+    if affine:
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+            layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    if track:
+        assert layer.running_mean is not None
+        layer.running_mean.fill_(4.0)  # the shift the sums are taken about
+    return x, g, layer
+
+
+@pytest.mark.parametrize(("affine", "track"), [(True, True), (False, True), (True, False)])
+def test_synced_batchnorm_on_two_processes_is_batchnorm_on_the_whole_batch(
+    tmp_path: Path, affine: bool, track: bool
+) -> None:
+    """Each process's half of the output and of the input gradient, the sum of the processes'
+    parameter gradients (what DDP averages x 2) and the running statistics equal one
+    BatchNorm's on the whole batch (a layer using its own half's statistics fails)."""
+    from torch.multiprocessing.spawn import spawn
+
+    out = str(tmp_path / "half")
+    spawn(_synced_layer_worker, args=(free_port(), affine, track, out), nprocs=2)  # type: ignore[no-untyped-call]
+    halves = [torch.load(f"{out}.{r}") for r in range(2)]
+    x, g, layer = _synced_layer_case(affine, track)
+    x.requires_grad_(True)
+    y = layer(x)
+    (y * g).sum().backward()
+    assert torch.allclose(torch.cat([h["y"] for h in halves]), y.detach(), atol=1e-5)
+    assert x.grad is not None
+    assert torch.allclose(torch.cat([h["dx"] for h in halves]), x.grad, atol=1e-5)
+    for name, p in layer.named_parameters():
+        assert p.grad is not None
+        assert torch.allclose(
+            halves[0]["grads"][name] + halves[1]["grads"][name], p.grad, atol=1e-4
+        )
+    for name, b in layer.named_buffers():
+        for h in halves:
+            assert torch.allclose(h["buffers"][name].double(), b.double(), atol=1e-5), name
+
+
 class _SigtermAt(Hook):
     """Sends this process SIGTERM after step ``number``, as torchrun does to the survivors."""
 

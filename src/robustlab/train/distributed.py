@@ -231,7 +231,8 @@ def synchronised_batchnorm(model: nn.Module) -> Iterator[int]:
     sum their statistics over a process group of their own, made here on every process alike
     and destroyed on the way out."""
     swapped: list[tuple[nn.Module, str, _BatchNorm, _BatchNorm]] = []
-    device = next(model.parameters()).device
+    state = [*model.parameters(), *model.buffers()]
+    device = state[0].device if state else torch.device("cpu")
     group = (
         dist.new_group(backend="gloo")
         if device.type != "cuda" and dist.is_available() and dist.is_initialized()
