@@ -663,31 +663,40 @@ def load_command_model(args: argparse.Namespace, splits: Any, saves: str) -> Any
     )
 
 
-def load_model_and_data(
-    args: argparse.Namespace, device: str | None = None, *, test_only: bool = False
-) -> tuple[Any, Any, str, dict[str, object]]:
-    """Load the checkpoint and the data, check they fit, pick the device (``device``: the
-    one already picked, e.g. this torchrun process's GPU).
+def load_args_model(
+    args: argparse.Namespace, data: str, *, test_only: bool = False
+) -> tuple[Any, Any]:
+    """``--model`` (with ``--arch`` and the foreign-model options) and the data ``data`` names
+    that it runs on: a checkpoint is read first (a bad path fails before the data), then the
+    data; a legacy file or a foreign model is built for the data's shape where it has none.
 
     ``test_only`` (commands that only evaluate): a user file without its own test split is all
     test points, unless the checkpoint was trained on that very file, whose held-out 20 % it
     then keeps as in training (``data.load_data``).
     """
-    from ..core.device import resolve_device
     from ..data import load_data
     from ..data.datasets import same_source
 
-    device = device or resolve_device(args.device)
     trust = args.trust_unhashed
     options = model_options(args)
-    if args.arch is None and not is_foreign(args.model):  # a bad path fails before the data
+    if args.arch is None and not is_foreign(args.model):
         ckpt = load_model(args.model, trust_unhashed=trust, options=options)
         trained_on = str(ckpt.manifest.get("dataset", {}).get("name", ""))
-        splits = load_data(
-            args.data, test_only=test_only and not same_source(args.data, trained_on)
-        )
-    else:  # a legacy file or a foreign model is built for the data's shape where it has none
-        splits = load_data(args.data, test_only=test_only)
+        splits = load_data(data, test_only=test_only and not same_source(data, trained_on))
+    else:
+        splits = load_data(data, test_only=test_only)
         ckpt = load_model(args.model, args.arch, splits, trust_unhashed=trust, options=options)
+    return ckpt, splits
+
+
+def load_model_and_data(
+    args: argparse.Namespace, device: str | None = None, *, test_only: bool = False
+) -> tuple[Any, Any, str, dict[str, object]]:
+    """Load the checkpoint and ``--data`` (``load_args_model``), check they fit, pick the
+    device (``device``: the one already picked, e.g. this torchrun process's GPU)."""
+    from ..core.device import resolve_device
+
+    device = device or resolve_device(args.device)
+    ckpt, splits = load_args_model(args, args.data, test_only=test_only)
     check_fit(ckpt.manifest, splits)
     return ckpt.model.to(device), splits, device, model_info(ckpt.manifest, ckpt.path)

@@ -27,11 +27,9 @@ from .common import (
     check_fit,
     checked_outputs,
     finished_record,
-    is_foreign,
     json_output,
-    load_model,
+    load_args_model,
     model_info,
-    model_options,
     say,
     store_output,
 )
@@ -129,19 +127,6 @@ def _plot_output(path: str | None) -> Output | None:
     return Output(Path(path), "--plot", ours=is_robustlab_png) if path else None
 
 
-def _load(args: argparse.Namespace) -> Any:
-    """The checkpoint (a legacy file or a foreign model is built for the reference's shape)."""
-    from ..data import load_data
-
-    options = model_options(args)
-    if args.arch is None and not is_foreign(args.model):
-        return load_model(args.model, trust_unhashed=args.trust_unhashed, options=options)
-    shape = load_data(args.reference, test_only=True)
-    return load_model(
-        args.model, args.arch, shape, trust_unhashed=args.trust_unhashed, options=options
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Check options and outputs, load the model and the windows, test every batch."""
     from ..core.device import resolve_device
@@ -180,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         from ..monitor.detectors_suite import DetectorSuite
 
         suite = DetectorSuite.load(args.detector)
-    ckpt = _load(args)
+    ckpt, _ = load_args_model(args, args.reference, test_only=True)  # the reference's shape
     windows = held_out_windows(args.reference, stream_spec, ckpt.manifest)
     check_fit(ckpt.manifest, windows.splits)
     if shift is not None:
