@@ -664,7 +664,7 @@ def load_command_model(args: argparse.Namespace, splits: Any, saves: str) -> Any
 
 
 def load_args_model(
-    args: argparse.Namespace, data: str, *, test_only: bool = False
+    args: argparse.Namespace, data: str, *, test_only: bool = False, read_data: bool = True
 ) -> tuple[Any, Any]:
     """``--model`` (with ``--arch`` and the foreign-model options) and the data ``data`` names
     that it runs on: a checkpoint is read first (a bad path fails before the data), then the
@@ -673,6 +673,9 @@ def load_args_model(
     ``test_only`` (commands that only evaluate): a user file without its own test split is all
     test points, unless the checkpoint was trained on that very file, whose held-out 20 % it
     then keeps as in training (``data.load_data``).
+
+    ``read_data=False`` (callers that read the data their own way): a checkpoint is returned
+    with ``None`` for the data, which only a model built for the data's shape needs read.
     """
     from ..data import load_data
     from ..data.datasets import same_source
@@ -681,6 +684,8 @@ def load_args_model(
     options = model_options(args)
     if args.arch is None and not is_foreign(args.model):
         ckpt = load_model(args.model, trust_unhashed=trust, options=options)
+        if not read_data:
+            return ckpt, None
         trained_on = str(ckpt.manifest.get("dataset", {}).get("name", ""))
         splits = load_data(data, test_only=test_only and not same_source(data, trained_on))
     else:

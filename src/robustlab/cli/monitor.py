@@ -165,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         from ..monitor.detectors_suite import DetectorSuite
 
         suite = DetectorSuite.load(args.detector)
-    ckpt, _ = load_args_model(args, args.reference, test_only=True)  # the reference's shape
+    # a checkpoint is read alone (the windows read the data); a foreign model is built for the
+    # reference's shape
+    ckpt, _ = load_args_model(args, args.reference, test_only=True, read_data=False)
     windows = held_out_windows(args.reference, stream_spec, ckpt.manifest)
     check_fit(ckpt.manifest, windows.splits)
     if shift is not None:
