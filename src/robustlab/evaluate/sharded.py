@@ -61,13 +61,14 @@ class Shard:
         return sum(end - start for start, end in self.batches())
 
 
-def shard_bar(shard: Shard, name: str, progress: bool) -> tqdm[Any]:
-    """The progress bar of this process's share of an evaluation: shown by rank 0 alone
-    (``progress``: shown at all), in points."""
+def shard_bar(shard: Shard, name: str, progress: bool, task: str = "eval") -> tqdm[Any]:
+    """The progress bar of this process's share of an evaluation (``task``: what the bar says
+    it is): shown by rank 0 alone (``progress``: shown at all), in points."""
     processes = shard.processes
+    desc = f"{task} {name}"
     return tqdm(
         total=shard.points(),
-        desc=f"eval {name}" if not processes.distributed else f"eval {name} (rank 0's share)",
+        desc=desc if not processes.distributed else f"{desc} (rank 0's share)",
         disable=not progress or not processes.main,
         file=sys.stderr,
         unit="pt",
