@@ -320,9 +320,10 @@ def _run(args: argparse.Namespace, processes: Processes, device: str) -> int:
     shared among the processes) and report it (rank 0)."""
     from ..analysis.transfer import check_sources, transfer_matrix
     from ..core.checks import check_batch_size
-    from ..core.distributed import together
+    from ..core.distributed import check_share, together
     from ..data import load_data
     from ..data.datasets import same_source
+    from ..evaluate.sharded import BATCH_NAMES
     from ..models.engine import check_engine
     from ..train.cache import cache_root
 
@@ -371,6 +372,9 @@ def _run(args: argparse.Namespace, processes: Processes, device: str) -> int:
                 trained_on.append(infos[name].get("trained_on") or "")
         keep_split = zoo or any(same_source(args.data, t) for t in trained_on if t)
         splits = load_data(args.data, test_only=not keep_split)
+        points = min(args.n, len(splits.test)) if args.n else len(splits.test)
+        batches = -(-points // args.batch_size)  # refused before any training, not after
+        check_share(processes, batches, BATCH_NAMES, "use a smaller batch size")
     quiet = not processes.main  # the other processes reuse what rank 0 says it obtains
 
     def foreign() -> None:
@@ -410,7 +414,7 @@ def _run(args: argparse.Namespace, processes: Processes, device: str) -> int:
         {t: models[t] for t in targets},
         attacks,
         splits.test,
-        n=min(args.n, len(splits.test)) if args.n else None,
+        n=points,
         batch_size=args.batch_size,
         targeted=args.targeted,
         seed=args.seed,

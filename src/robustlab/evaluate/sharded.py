@@ -37,6 +37,8 @@ from .progress import append, open_progress
 
 Batch = dict[str, Any]
 """One finished batch as its progress-file line: ``start``, per-eps rows and timings."""
+#: What a batch is called when there are too few to share (``check_share``): one, several.
+BATCH_NAMES = ("evaluation batch", "evaluation batches")
 
 
 @dataclass
@@ -97,7 +99,7 @@ def open_shard(
         check_share(
             processes,
             batches,
-            ("evaluation batch", "evaluation batches"),
+            BATCH_NAMES,
             "use a smaller batch size",
         )
         mine = key() if resume is not None or processes.distributed else ""
