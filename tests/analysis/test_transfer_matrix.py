@@ -369,9 +369,11 @@ def test_each_batch_is_seeded_by_its_start(
     result = transfer_matrix(
         {"r": source}, {"m": target}, [di], twice, batch_size=20, seed=7, engine="torch"
     )
+    engine = di.attack
+    assert isinstance(engine, IterativeAttack)
     expected = ""
     for start in (0, 20):
-        alone = replace(di, attack=replace(di.attack, seed=7 + start))
+        alone = replace(di, attack=replace(engine, seed=7 + start))
         assert di.for_batch(start) == alone
         x_adv = alone.craft(source, x, y, None)
         with torch.no_grad():
