@@ -12,6 +12,11 @@ training). Each source's examples are crafted once per attack and evaluated on e
 Everything that can fail without training (names, budgets, output paths, checkpoint shapes,
 whether a source has the residual blocks SGM and LinBP need, each model's options) is checked
 before any model is trained.
+
+Under ``torchrun --nproc_per_node N -m robustlab transfer ...`` the matrix's batches are
+shared among the N processes (``analysis.transfer.transfer_matrix``); rank 0 trains the zoo
+models the cache lacks before the others reuse them, and alone prints and writes the record,
+the store row and the plots.
 """
 
 from __future__ import annotations
