@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,7 +24,7 @@ from robustlab.analysis.transfer import (
 from robustlab.attacks.base import Attack
 from robustlab.attacks.iterative import IterativeAttack
 from robustlab.attacks.surrogate import Ensemble
-from robustlab.data import DataSplits
+from robustlab.data import Dataset, DataSplits
 from robustlab.errors import RobustlabError
 from robustlab.models import build_model
 from robustlab.models.blocks import DenseLayer, ResidualBlock
@@ -354,3 +354,30 @@ def test_both_engines_give_the_same_matrix_and_each_model_names_its_engine(
     assert {n: e["engine"] for n, e in b.engines.items()} == dict.fromkeys(
         ("s", "t1", "t2"), "onnxruntime"
     )
+
+
+def test_each_batch_is_seeded_by_its_start(
+    digits: DataSplits, trained: dict[str, nn.Module]
+) -> None:
+    """The same 20 points twice, in two batches: DI's draws come from the attack's seed +
+    the batch's start, so the second batch's examples are not the first's, and every
+    sample's hit equals crafting its batch alone with that seed (which any process can)."""
+    x, y = digits.test.x[:20], digits.test.y[:20]
+    twice = Dataset(torch.cat([x, x]), torch.cat([y, y]), 10, "digits twice")
+    source, target = trained["resnet8"], trained["mlp"]
+    di = parse_attack("di", "linf", 0.2, steps=3, seed=7)
+    result = transfer_matrix(
+        {"r": source}, {"m": target}, [di], twice, batch_size=20, seed=7, engine="torch"
+    )
+    engine = di.attack
+    assert isinstance(engine, IterativeAttack)
+    expected = ""
+    for start in (0, 20):
+        alone = replace(di, attack=replace(engine, seed=7 + start))
+        assert di.for_batch(start) == alone
+        x_adv = alone.craft(source, x, y, None)
+        with torch.no_grad():
+            hits = target(x_adv).argmax(1) != y
+        expected += "".join("1" if h else "0" for h in hits.tolist())
+    assert expected[:20] != expected[20:]  # the seeds make a difference here
+    assert result.cell("r", "m", "di").hits == expected

@@ -248,7 +248,7 @@ def test_commands_that_do_not_share_work_refuse_to_run_as_several_processes(
     assert capsys.readouterr().err == (
         "robustlab: error: robustlab sloth does not share its work among processes, and "
         "torchrun started 2 of them: run it as one process (without torchrun); under torchrun "
-        "run eval or train\n"
+        "run eval or train or transfer\n"
     )
 
 

@@ -15,7 +15,16 @@ Success-rate conventions (both are recorded in every cell):
   attacks: one minus the target's accuracy under attack).
 
 A cell is marked ``white_box`` when the target is the source model itself (or one of the
-members of a source ensemble): the attacker had its gradients.
+members of a source ensemble): the attacker had its gradients. Each cell keeps its per-sample
+outcome (``hits``).
+
+The points are crafted and judged in batches of ``batch_size``, each seeded on its own: the
+global generator with ``seed + start`` and each attack's own generator with its seed +
+``start`` (so the batches of one matrix draw different DI transformations). A batch thus
+gives the same examples whichever process crafts it, and under torchrun process ``r`` of
+``W`` takes the whole batches whose number ``b`` has ``b % W == r``
+(:mod:`robustlab.evaluate.sharded`); the merged matrix equals one process's, sample for
+sample, with the same seed, batch size, engine and thread count.
 """
 
 from __future__ import annotations
@@ -27,11 +36,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..attacks.base import Attack
 from ..attacks.iterative import Preset
@@ -39,12 +47,15 @@ from ..attacks.losses import cross_entropy
 from ..attacks.registry import lookup, make_attack, register
 from ..attacks.transforms import check_gamma, find_residual_sites, linbp, skip_gradient
 from ..core.checks import check_batch_size
+from ..core.distributed import Processes, together
 from ..core.guard import evaluating, frozen_eval
 from ..core.threat import ThreatModel
 from ..data import Dataset
 from ..errors import RobustlabError
+from ..evaluate.progress import run_key
+from ..evaluate.sharded import Batch, attack_batches, merged, open_shard, shard_bar, shared_engine
 from ..models.blocks import DenseLayer, ResidualBlock, residual_blocks
-from ..models.engine import check_engine, infer, inference_engine
+from ..models.engine import check_engine, infer
 
 #: Base attacks (registry names of the gradient engine's presets) and the modifiers that can
 #: be joined to them with "+". A base is resolved through the attack registry (so "bim" is
@@ -117,6 +128,16 @@ class TransferAttack:
             if self.linbp_block is not None:
                 stack.enter_context(linbp(model, self.linbp_block))
             yield
+
+    def for_batch(self, start: int) -> TransferAttack:
+        """This attack for the batch of points beginning at ``start``: its generator seeded by
+        its seed + ``start`` (an attack without a ``seed`` field is itself)."""
+        seed = getattr(self.attack, "seed", None)
+        if not dataclasses.is_dataclass(self.attack) or not isinstance(seed, int):
+            return self
+        if "seed" not in {f.name for f in dataclasses.fields(self.attack)}:
+            return self
+        return replace(self, attack=replace(self.attack, seed=seed + start))
 
     def craft(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None
@@ -256,6 +277,7 @@ class TransferCell:
     source_success_rate: float
     white_box: bool
     convention: str = "over samples the target classifies correctly when clean"
+    hits: str = ""  # per point, in order: "1" the attack succeeded on the target, else "0"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -282,6 +304,7 @@ class TransferMatrix:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: what ran
+    world_size: int = 1  # processes that shared the batches (torchrun)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able record (``kind`` = "transfer"; ``cells`` is one record per cell)."""
@@ -409,46 +432,81 @@ def transfer_matrix(
     white_box: Callable[[str, str], bool] | None = None,
     on_cell: Callable[[TransferCell], None] | None = None,
     engine: str = "auto",
+    processes: Processes | None = None,
 ) -> TransferMatrix:
     """Craft each source's examples once per attack and evaluate them on every target.
 
     Models must already be on ``device``; the data is moved there. The first ``n`` samples
-    of ``data`` (default all) are used. ``white_box(source, target)`` overrides which cells
+    of ``data`` (default all) are used, in batches of ``batch_size``, each seeded on its own
+    (see the module's docstring). ``white_box(source, target)`` overrides which cells
     are white-box (default: the target is the source model or one of its members).
-    ``on_cell`` is called with each cell as soon as it is known. ``engine`` runs the
+    ``on_cell`` is called with each cell once the matrix is known. ``engine`` runs the
     forward-only passes of every model (targets' predictions above all), as for
     :func:`~robustlab.evaluate.evaluate`; the record names the engine per model.
+    ``processes`` (from :func:`robustlab.core.distributed.start`; default one process):
+    the batches shared among torchrun's processes, each process getting the whole matrix.
     """
-    check_engine(engine)
-    if not sources or not targets or not attacks:
-        raise RobustlabError("a transfer matrix needs at least one source, target and attack")
-    check_batch_size(batch_size)
-    total = len(data)
-    count = total if n is None else n
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= total:
-        raise RobustlabError(f"n must be a whole number between 1 and {total}, got {n!r}")
-    norms = {(a.attack.norm, a.attack.eps) for a in attacks}
-    if len(norms) != 1:
-        raise RobustlabError("all attacks of one matrix must share the threat model (norm, eps)")
-    norm, eps = norms.pop()
+    processes = processes or Processes()
     start = time.perf_counter()
-    x = data.x[:count].to(device)
-    y = data.y[:count].to(device)
-    goal = random_targets(y, data.num_classes, seed).to(device) if targeted else None
-    for role, models in (("source", sources), ("target", targets)):
-        for name, model in models.items():
-            _probe(name, role, model, x, data.num_classes)
-    check_sources(attacks, sources)
+    with together(processes):  # bad input stops every process, said once
+        check_engine(engine)
+        if not sources or not targets or not attacks:
+            raise RobustlabError("a transfer matrix needs at least one source, target and attack")
+        check_batch_size(batch_size)
+        total = len(data)
+        count = total if n is None else n
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= total:
+            raise RobustlabError(f"n must be a whole number between 1 and {total}, got {n!r}")
+        norms = {(a.attack.norm, a.attack.eps) for a in attacks}
+        if len(norms) != 1:
+            raise RobustlabError(
+                "all attacks of one matrix must share the threat model (norm, eps)"
+            )
+        norm, eps = norms.pop()
+        x = data.x[:count].to(device)
+        y = data.y[:count].to(device)
+        goal = random_targets(y, data.num_classes, seed).to(device) if targeted else None
+        for role, models in (("source", sources), ("target", targets)):
+            for name, model in models.items():
+                _probe(name, role, model, x, data.num_classes)
+        check_sources(attacks, sources)
+
+    def key() -> str:
+        """What every process must share: every model, the points and the configuration."""
+        everything = nn.ModuleList([*sources.values(), *targets.values()])
+        config = {
+            "sources": list(sources),
+            "targets": list(targets),
+            "attacks": [a.config() for a in attacks],
+            "targeted": targeted,
+        }
+        return run_key([], everything, data, count, batch_size, seed, config)
+
+    shard = open_shard(processes, data, count, batch_size, 1, key, None)
+    jobs = [(s, a) for s in sources for a in attacks]
     with ExitStack() as stack:
         engines = {
-            name: stack.enter_context(inference_engine(model, x[:batch_size], engine)).as_dict()
+            name: stack.enter_context(
+                shared_engine(processes, model, x[:batch_size], engine)
+            ).as_dict()
             for name, model in {**sources, **targets}.items()
         }
-        work = _cells(
-            sources, targets, attacks, x, y, goal, batch_size, white_box, on_cell, progress
-        )
+        bar = stack.enter_context(shard_bar(shard, "matrix", progress, task="transfer"))
+
+        def batch(first: int, end: int) -> Batch:
+            """This batch's per-sample outcomes on every source and target."""
+            part = None if goal is None else goal[first:end]
+            return _batch(sources, targets, jobs, x[first:end], y[first:end], part, first)
+
+        attack_batches(shard, seed, batch, bar.update)
+    done, _ = merged(shard)
+    parts = [done[first] for first in sorted(done)]
+    cells, craft_seconds = _cells(sources, targets, jobs, parts, white_box)
+    if on_cell is not None:
+        for cell in cells:
+            on_cell(cell)
     return TransferMatrix(
-        cells=work.cells,
+        cells=cells,
         sources=list(sources),
         targets=list(targets),
         attacks=[a.config() for a in attacks],
@@ -457,99 +515,118 @@ def transfer_matrix(
         targeted=targeted,
         seed=seed,
         data=data.name,
-        generations=work.generations,
-        target_forwards=work.target_forwards,
-        craft_seconds=work.craft_seconds,
+        generations=len(jobs),
+        target_forwards=len(targets) * (1 + len(jobs)),
+        craft_seconds=craft_seconds,
         elapsed_s=round(time.perf_counter() - start, 3),
         engines=engines,
+        world_size=processes.world_size,
     )
 
 
-class _Work(NamedTuple):
-    """What computing the cells did: the cells and what they cost."""
+Job = tuple[str, TransferAttack]
+"""One generation: a source and an attack, crafted over every point."""
 
-    cells: list[TransferCell]
-    generations: int
-    target_forwards: int
-    craft_seconds: dict[str, float]
+
+def _batch(
+    sources: Mapping[str, nn.Module],
+    targets: Mapping[str, nn.Module],
+    jobs: Sequence[Job],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    goal: torch.Tensor | None,
+    start: int,
+) -> Batch:
+    """Craft one batch (the points from ``start``) with each job, judge it on its source and
+    every target: the per-sample outcomes (on the CPU) and each job's crafting seconds."""
+    size = max(1, len(x))
+    clean = {name: _predict(model, x, size) == y for name, model in targets.items()}
+    own: dict[str, torch.Tensor] = {}
+    for name, model in sources.items():
+        same = name in targets and targets[name] is model
+        own[name] = clean[name] if same else _predict(model, x, size) == y
+    crafted = []
+    for source_name, spec in jobs:
+        model = sources[source_name]
+        t0 = time.perf_counter()
+        x_adv = spec.for_batch(start).craft(model, x, y, goal)
+        seconds = time.perf_counter() - t0
+        preds = {name: _predict(target, x_adv, size) for name, target in targets.items()}
+        crafted.append(
+            {
+                "seconds": seconds,
+                "source_hits": _hits(_predict(model, x_adv, size), y, goal).cpu(),
+                "hits": {name: _hits(p, y, goal).cpu() for name, p in preds.items()},
+                "correct": {name: (p == y).cpu() for name, p in preds.items()},
+            }
+        )
+    return {
+        "start": start,
+        "clean": {name: c.cpu() for name, c in clean.items()},
+        "own": {name: c.cpu() for name, c in own.items()},
+        "jobs": crafted,
+    }
+
+
+def _joined(parts: Sequence[Batch], *path: str | int) -> torch.Tensor:
+    """One per-sample outcome over every batch (in point order): ``part[path[0]][path[1]]...``."""
+    pieces = []
+    for part in parts:
+        found: Any = part
+        for step in path:
+            found = found[step]
+        pieces.append(found)
+    return torch.cat(pieces)
 
 
 def _cells(
     sources: Mapping[str, nn.Module],
     targets: Mapping[str, nn.Module],
-    attacks: Sequence[TransferAttack],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    goal: torch.Tensor | None,
-    batch_size: int,
+    jobs: Sequence[Job],
+    parts: Sequence[Batch],
     white_box: Callable[[str, str], bool] | None,
-    on_cell: Callable[[TransferCell], None] | None,
-    progress: bool,
-) -> _Work:
-    """Craft each source's examples once per attack and judge them on every target."""
-    count = len(x)
-    everyone = torch.ones(count, dtype=torch.bool, device=x.device)
-    clean: dict[str, torch.Tensor] = {}
-    forwards = 0
-    for name, model in targets.items():
-        clean[name] = _predict(model, x, batch_size) == y
-        forwards += 1
-    source_clean = {
-        name: (clean[name] if name in targets and targets[name] is model else None)
-        for name, model in sources.items()
-    }
+) -> tuple[list[TransferCell], dict[str, float]]:
+    """The cells of a matrix from its batches' outcomes (in point order), and the seconds
+    each job's crafting took over every batch (of every process)."""
+    clean = {name: _joined(parts, "clean", name) for name in targets}
+    count = len(next(iter(clean.values())))
+    everyone = torch.ones(count, dtype=torch.bool)
     cells: list[TransferCell] = []
     craft_seconds: dict[str, float] = {}
-    generations = 0
-    jobs = [(s, a) for s in sources for a in attacks]
-    bar = tqdm(jobs, desc="transfer", unit="craft", disable=not progress, leave=False)
-    for source_name, spec in bar:
+    for k, (source_name, spec) in enumerate(jobs):
         model = sources[source_name]
-        bar.set_postfix_str(f"{spec.label} on {source_name}")
-        t0 = time.perf_counter()
-        pieces = []
-        for i in range(0, count, batch_size):
-            t = None if goal is None else goal[i : i + batch_size]
-            pieces.append(spec.craft(model, x[i : i + batch_size], y[i : i + batch_size], t))
-        x_adv = torch.cat(pieces)
         gamma = spec.gamma_for(model)
         key = f"{source_name} | {spec.label}" + ("" if gamma is None else f" | gamma {gamma:g}")
-        craft_seconds[key] = round(time.perf_counter() - t0, 3)
-        generations += 1
-        own = source_clean[source_name]
-        if own is None:
-            own = _predict(model, x, batch_size) == y
-            source_clean[source_name] = own
-        source_hits = _hits(_predict(model, x_adv, batch_size), y, goal)
+        craft_seconds[key] = round(sum(part["jobs"][k]["seconds"] for part in parts), 3)
+        own = _joined(parts, "own", source_name)
+        source_hits = _joined(parts, "jobs", k, "source_hits")
         for target_name, target in targets.items():
-            pred = _predict(target, x_adv, batch_size)
-            forwards += 1
-            hits = _hits(pred, y, goal)
+            hits = _joined(parts, "jobs", k, "hits", target_name)
+            still = _joined(parts, "jobs", k, "correct", target_name)
             correct = clean[target_name]
             is_white = (
                 white_box(source_name, target_name)
                 if white_box is not None
                 else _contains(model, target)
             )
-            cell = TransferCell(
-                source=source_name,
-                target=target_name,
-                attack=spec.label,
-                gamma=gamma,
-                success_rate=_rate(hits, correct),
-                n=int(correct.sum()),
-                success_rate_all=_rate(hits, everyone),
-                n_all=count,
-                target_clean_accuracy=float(correct.float().mean()),
-                target_adversarial_accuracy=float((pred == y).float().mean()),
-                source_success_rate=_rate(source_hits, own),
-                white_box=is_white,
+            cells.append(
+                TransferCell(
+                    source=source_name,
+                    target=target_name,
+                    attack=spec.label,
+                    gamma=gamma,
+                    success_rate=_rate(hits, correct),
+                    n=int(correct.sum()),
+                    success_rate_all=_rate(hits, everyone),
+                    n_all=count,
+                    target_clean_accuracy=float(correct.float().mean()),
+                    target_adversarial_accuracy=float(still.float().mean()),
+                    source_success_rate=_rate(source_hits, own),
+                    white_box=is_white,
+                    hits="".join("1" if h else "0" for h in hits.tolist()),
+                )
             )
-            cells.append(cell)
-            if on_cell is not None:
-                on_cell(cell)
-    bar.close()
-    return _Work(cells, generations, forwards, craft_seconds)
+    return cells, craft_seconds
 
 
 # ---- diagnostics: why a transform helps transfer, or not ----------------------------------

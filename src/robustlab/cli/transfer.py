@@ -12,15 +12,21 @@ training). Each source's examples are crafted once per attack and evaluated on e
 Everything that can fail without training (names, budgets, output paths, checkpoint shapes,
 whether a source has the residual blocks SGM and LinBP need, each model's options) is checked
 before any model is trained.
+
+Under ``torchrun --nproc_per_node N -m robustlab transfer ...`` the matrix's batches are
+shared among the N processes (``analysis.transfer.transfer_matrix``); rank 0 trains the zoo
+models the cache lacks before the others reuse them, and alone prints and writes the record,
+the store row and the plots.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RobustlabError
 from ..io import write_json
@@ -48,11 +54,17 @@ from .common import (
     store_output,
 )
 
+if TYPE_CHECKING:
+    from ..core.distributed import Processes
+
 DESCRIPTION = "transfer matrix: attacks crafted on sources (SGM, MI, DI, ...), evaluated on targets"
 DEFAULT_ATTACKS = "pgd,mi,di,sgm,sgm+mi+di"
 AT_METHODS = ("pgd-at", "trades")
 HEATMAP = "transfer_heatmap.png"
 SWEEP = "gamma_sweep.png"
+#: How long, in seconds, a torchrun process waits for the others (rank 0 may train zoo models
+#: the others then reuse, and processes finish their shares at different times).
+WAIT_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,14 @@ def register(sub: Any) -> None:
         help="LinBP starts at this residual block (negative: counted from the end)",
     )
     p.add_argument("--targeted", action="store_true", help="random target labels (seeded)")
-    p.add_argument("--n", type=int, default=1000, help="test points")
+    p.add_argument(
+        "--n",
+        "--points",
+        type=int,
+        default=1000,
+        help="test points (under torchrun write --points: torchrun takes --n for an "
+        "abbreviation of its own options)",
+    )
     p.add_argument("--batch-size", type=int, default=250, help="points attacked at once")
     p.add_argument(
         "--data", default="mnist5k", help=f"the zoo models train and test on this {DATA_HELP}"
@@ -202,10 +221,12 @@ def _obtain(
     *,
     trust_unhashed: bool = False,
     options: Any = None,
+    quiet: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Load a checkpoint (one without a weights hash only if ``trust_unhashed``) or a foreign
     model (with its ``options``, for the data's shape where it has none), or reuse / train a
-    zoo model; returns it and a description."""
+    zoo model; returns it and a description. ``quiet``: say nothing, show no progress (the
+    processes of a torchrun run other than rank 0)."""
     from ..train.cache import cached_folder, is_cached, obtain
 
     if spec.path is not None or spec.foreign:
@@ -218,11 +239,12 @@ def _obtain(
         return ckpt.model.to(device).eval(), _describe(ckpt.manifest, ckpt.path, spec, options)
     cfg = _train_config(spec, args)
     where = cached_folder(cfg, cache)
-    if is_cached(cfg, cache):
+    if not quiet and is_cached(cfg, cache):
         say(f"reusing {spec.name} from {where}")
-    else:
+    elif not quiet:
         say(f"training {spec.name} ({cfg.method}) on {splits.name}, kept in {where}")
-    got = obtain(cfg, cache, splits=splits, device=device, progress=not args.no_progress)
+    progress = not args.no_progress and not quiet
+    got = obtain(cfg, cache, splits=splits, device=device, progress=progress)
     return got.model.to(device).eval(), _describe(got.manifest, where, spec)
 
 
@@ -279,103 +301,154 @@ def _attacks(args: argparse.Namespace, gammas: list[float] | None) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check everything cheap first, then obtain the models, build and report the matrix."""
+    """Join torchrun's processes (if it started this one), then build and report the matrix."""
+    from ..core.device import resolve_device
+    from ..core.distributed import processes_of_run
+
+    with processes_of_run(resolve_device(args.device), WAIT_S) as (processes, device):
+        return _run(args, processes, device)
+
+
+def _rank_zero_first(processes: Processes, load: Callable[[], None]) -> None:
+    """``load()`` on rank 0, then on the other processes: what rank 0 trains or fetches into
+    the model cache, they reuse. A failure on any process stops every one, said once."""
+    from ..core.distributed import together
+
+    for first in (True, False):
+        with together(processes):
+            if processes.main == first:
+                load()
+
+
+def _run(args: argparse.Namespace, processes: Processes, device: str) -> int:
+    """Check everything cheap first, then obtain the models, build the matrix (its batches
+    shared among the processes) and report it (rank 0)."""
     from ..analysis.transfer import check_sources, transfer_matrix
     from ..core.checks import check_batch_size
-    from ..core.device import resolve_device
+    from ..core.distributed import check_share, together
     from ..data import load_data
     from ..data.datasets import same_source
+    from ..evaluate.sharded import BATCH_NAMES
     from ..models.engine import check_engine
     from ..train.cache import cache_root
 
-    sources = names(args.sources, "--sources")
-    targets = names(args.targets, "--targets")
-    gammas = floats(args.gamma, "--gamma") if args.gamma else None
-    attacks = _attacks(args, gammas)
-    if args.n is not None and args.n < 1:
-        raise RobustlabError(f"--n must be >= 1, got {args.n}")
-    check_batch_size(args.batch_size)
-    check_engine(args.engine)
-    members = {m: parse_model(m) for s in sources for m in s.split("+") if m}
-    members.update({t: parse_model(t) for t in targets})
-    options = member_options(args, list(members))  # each foreign model's, checked before any work
-    for s in sources:
-        if "" in s.split("+"):
-            raise RobustlabError(f"source '{s}' has an empty ensemble member")
-    pngs = [HEATMAP, SWEEP] if gammas and len(gammas) > 1 else [HEATMAP]
-    outputs = [json_output(args.json), store_output(args.store)]
-    cache = Path(args.cache) if args.cache else cache_root()
-    trust = args.trust_unhashed
-    zoo = any(m.arch is not None for m in members.values())  # trained here or reused from the cache
-    checked_outputs(
-        args,
-        [
-            *outputs,
-            *plot_outputs(args.plots, pngs, "--plots"),
-            cache_output(cache) if zoo else None,
-        ],
-        models=[m.path or (m.name if m.foreign else None) for m in members.values()],
-        data=[args.data],
-        inputs=[cache] if zoo else [],
-        options=options,
-    )
-    device = resolve_device(args.device)
-    models: dict[str, Any] = {}
-    infos: dict[str, dict[str, Any]] = {}
-    # checkpoints first: the data a checkpoint was trained on decides whether a user file
-    # without a test split is all test points (as for eval) or keeps its held-out 20 %
-    trained_on = []
-    for name, member in members.items():
-        if member.path is not None:
-            models[name], infos[name] = _obtain(
-                member, args, None, device, cache, trust_unhashed=trust
-            )
-            trained_on.append(infos[name].get("trained_on") or "")
-    keep_split = zoo or any(same_source(args.data, t) for t in trained_on if t)
-    splits = load_data(args.data, test_only=not keep_split)
-    for name, member in members.items():  # foreign models take the data's shape if they have none
-        if member.foreign:
-            models[name], infos[name] = _obtain(
-                member, args, splits, device, cache, options=options[name]
-            )
-    # before any training: the loaded models' shapes, then the sources' structure (zoo models
-    # built untrained) against what the attacks' transforms need
-    for name in models:
-        role = "target" if name in targets else "source"
-        peers = [n for n in (sources if role == "target" else targets) if n != name]
-        other_role = "source" if role == "target" else "target"
-        others = f"the {other_role}s ({', '.join(peers)})"
-        _check_shape(name, role, infos[name], splits, others if peers else "the data's")
-    skeletons = {n: models[n] if n in models else _skeleton(m, splits) for n, m in members.items()}
-    check_sources(attacks, _ensembles(sources, skeletons))
-    for name, member in members.items():
-        if member.arch is not None:
-            models[name], infos[name] = _obtain(
-                member, args, splits, device, cache, trust_unhashed=trust
-            )
+    with together(processes):  # a bad option or output stops every process, said once
+        sources = names(args.sources, "--sources")
+        targets = names(args.targets, "--targets")
+        gammas = floats(args.gamma, "--gamma") if args.gamma else None
+        attacks = _attacks(args, gammas)
+        if args.n is not None and args.n < 1:
+            raise RobustlabError(f"--n must be >= 1, got {args.n}")
+        check_batch_size(args.batch_size)
+        check_engine(args.engine)
+        members = {m: parse_model(m) for s in sources for m in s.split("+") if m}
+        members.update({t: parse_model(t) for t in targets})
+        options = member_options(args, list(members))  # each foreign model's, before any work
+        for s in sources:
+            if "" in s.split("+"):
+                raise RobustlabError(f"source '{s}' has an empty ensemble member")
+        pngs = [HEATMAP, SWEEP] if gammas and len(gammas) > 1 else [HEATMAP]
+        outputs = [json_output(args.json), store_output(args.store)]
+        cache = Path(args.cache) if args.cache else cache_root()
+        trust = args.trust_unhashed
+        zoo = any(m.arch is not None for m in members.values())  # trained here or reused
+        checked_outputs(
+            args,
+            [
+                *outputs,
+                *plot_outputs(args.plots, pngs, "--plots"),
+                cache_output(cache) if zoo else None,
+            ],
+            models=[m.path or (m.name if m.foreign else None) for m in members.values()],
+            data=[args.data],
+            inputs=[cache] if zoo else [],
+            options=options,
+        )
+        models: dict[str, Any] = {}
+        infos: dict[str, dict[str, Any]] = {}
+        # checkpoints first: the data a checkpoint was trained on decides whether a user file
+        # without a test split is all test points (as for eval) or keeps its held-out 20 %
+        trained_on = []
+        for name, member in members.items():
+            if member.path is not None:
+                models[name], infos[name] = _obtain(
+                    member, args, None, device, cache, trust_unhashed=trust
+                )
+                trained_on.append(infos[name].get("trained_on") or "")
+        keep_split = zoo or any(same_source(args.data, t) for t in trained_on if t)
+        splits = load_data(args.data, test_only=not keep_split)
+        points = min(args.n, len(splits.test)) if args.n else len(splits.test)
+        batches = -(-points // args.batch_size)  # refused before any training, not after
+        check_share(processes, batches, BATCH_NAMES, "use a smaller batch size")
+    quiet = not processes.main  # the other processes reuse what rank 0 says it obtains
+
+    def foreign() -> None:
+        """Foreign models, which take the data's shape if they have none."""
+        for name, member in members.items():
+            if member.foreign:
+                models[name], infos[name] = _obtain(
+                    member, args, splits, device, cache, options=options[name], quiet=quiet
+                )
+
+    _rank_zero_first(processes, foreign)
+    with together(processes):
+        # before any training: the loaded models' shapes, then the sources' structure (zoo
+        # models built untrained) against what the attacks' transforms need
+        for name in models:
+            role = "target" if name in targets else "source"
+            peers = [n for n in (sources if role == "target" else targets) if n != name]
+            other_role = "source" if role == "target" else "target"
+            others = f"the {other_role}s ({', '.join(peers)})"
+            _check_shape(name, role, infos[name], splits, others if peers else "the data's")
+        skeletons = {
+            n: models[n] if n in models else _skeleton(m, splits) for n, m in members.items()
+        }
+        check_sources(attacks, _ensembles(sources, skeletons))
+
+    def zoo_models() -> None:
+        """The zoo models, reused from the cache or trained into it."""
+        for name, member in members.items():
+            if member.arch is not None:
+                models[name], infos[name] = _obtain(
+                    member, args, splits, device, cache, trust_unhashed=trust, quiet=quiet
+                )
+
+    _rank_zero_first(processes, zoo_models)
     result = transfer_matrix(
         _ensembles(sources, models),
         {t: models[t] for t in targets},
         attacks,
         splits.test,
-        n=min(args.n, len(splits.test)) if args.n else None,
+        n=points,
         batch_size=args.batch_size,
         targeted=args.targeted,
         seed=args.seed,
         device=device,
         progress=not args.no_progress,
         engine=args.engine,
+        processes=processes,
     )
     result = replace(result, models=infos)
+    with together(processes):
+        if processes.main:
+            _report(args, result, splits.name, gammas)
+    return 0
+
+
+def _report(
+    args: argparse.Namespace, result: Any, data_name: str, gammas: list[float] | None
+) -> None:
+    """Print the matrix, write its record (JSON, store) and draw its plots."""
     kind = "targeted" if args.targeted else "untargeted"
     print(
-        f"{kind} transfer success (%) on {result.n} {splits.name} points, {args.norm} "
+        f"{kind} transfer success (%) on {result.n} {data_name} points, {args.norm} "
         f"eps={args.eps}, over the points each target classifies correctly (* white-box):"
     )
     print(result.table())
+    shared = f", {result.world_size} processes" if result.world_size > 1 else ""
     print(
         f"cost: {result.generations} attack generations and {result.target_forwards} target "
-        f"passes over the points, {result.elapsed_s:.1f} s"
+        f"passes over the points, {result.elapsed_s:.1f} s{shared}"
     )
     record = finished_record(args, result.to_dict())
     sweep = bool(gammas and len(gammas) > 1 and any(not c.white_box for c in result.cells))
@@ -395,4 +468,3 @@ def run(args: argparse.Namespace) -> int:
         draw = {HEATMAP: transfer_heatmap, SWEEP: gamma_sweep_plot}
         draw_plots(partial(draw[name], result, Path(args.plots) / name) for name in drawn)
         print(f"plots: {', '.join(record['plots'])}")
-    return 0

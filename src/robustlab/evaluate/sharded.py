@@ -37,6 +37,8 @@ from .progress import append, open_progress
 
 Batch = dict[str, Any]
 """One finished batch as its progress-file line: ``start``, per-eps rows and timings."""
+#: What a batch is called when there are too few to share (``check_share``): one, several.
+BATCH_NAMES = ("evaluation batch", "evaluation batches")
 
 
 @dataclass
@@ -61,13 +63,14 @@ class Shard:
         return sum(end - start for start, end in self.batches())
 
 
-def shard_bar(shard: Shard, name: str, progress: bool) -> tqdm[Any]:
-    """The progress bar of this process's share of an evaluation: shown by rank 0 alone
-    (``progress``: shown at all), in points."""
+def shard_bar(shard: Shard, name: str, progress: bool, task: str = "eval") -> tqdm[Any]:
+    """The progress bar of this process's share of an evaluation (``task``: what the bar says
+    it is): shown by rank 0 alone (``progress``: shown at all), in points."""
     processes = shard.processes
+    desc = f"{task} {name}"
     return tqdm(
         total=shard.points(),
-        desc=f"eval {name}" if not processes.distributed else f"eval {name} (rank 0's share)",
+        desc=desc if not processes.distributed else f"{desc} (rank 0's share)",
         disable=not progress or not processes.main,
         file=sys.stderr,
         unit="pt",
@@ -96,7 +99,7 @@ def open_shard(
         check_share(
             processes,
             batches,
-            ("evaluation batch", "evaluation batches"),
+            BATCH_NAMES,
             "use a smaller batch size",
         )
         mine = key() if resume is not None or processes.distributed else ""
