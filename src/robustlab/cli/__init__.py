@@ -55,7 +55,7 @@ COMMANDS = (
 
 #: The commands that share their work among the processes torchrun starts; the others refuse
 #: to run as several processes (each would do the whole work and write the same files).
-TORCHRUN_COMMANDS = ("eval", "train")
+TORCHRUN_COMMANDS = ("eval", "train", "sloth")
 
 
 def _torchrun_process() -> tuple[int, int]:
