@@ -331,7 +331,14 @@ def register(sub: Any) -> None:
         type=float,
         help="use the checkpoint's threshold calibrated for this drop (default: the model's)",
     )
-    p.add_argument("--n", type=int, default=500, help="test points")
+    p.add_argument(
+        "--n",
+        "--points",
+        type=int,
+        default=500,
+        help="test points (under torchrun write --points: torchrun takes --n for an "
+        "abbreviation of its own options)",
+    )
     p.add_argument("--batch-size", type=int, default=250, help="points attacked at once")
     p.add_argument("--universal", action="store_true", help="also one perturbation for all")
     p.add_argument("--class-universal", action="store_true", help="also one per class")
