@@ -171,11 +171,14 @@ def run_sloth(args: argparse.Namespace, processes: Processes, device: str) -> in
         "seed": args.seed,
     }
     crafting = splits.train.head(min(args.universal_samples, len(splits.train)))
-    cx, cy = crafting.x.to(device), crafting.y.to(device)
+    if args.universal or args.class_universal:
+        cx, cy = crafting.x.to(device), crafting.y.to(device)
     # each per-sample attack runs batch by batch, each batch seeded by its start
     variants: dict[str, Perturb] = {attack.variant: attack_variant(attack, model)}
     if args.universal:  # optimised over the whole crafting set: crafted by rank 0
-        delta = shared_universal(processes, lambda: universal_perturbation(model, cx, **options))
+        delta = shared_universal(
+            processes, lambda: universal_perturbation(model, cx, **options), device
+        )
         variants["universal"] = lambda x, y, start: apply(x, delta)
     if args.class_universal:  # one per class, each on its class alone: shared by class
         deltas = shared_class_universal(

@@ -94,15 +94,18 @@ def attack_variant(attack: Attack, on: nn.Module) -> Perturb:
     return perturb
 
 
-def shared_universal(processes: Processes, craft: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """A universal perturbation (``craft()``), crafted by rank 0 alone, on every process."""
+def shared_universal(
+    processes: Processes, craft: Callable[[], torch.Tensor], device: torch.device | str
+) -> torch.Tensor:
+    """A universal perturbation (``craft()``), crafted by rank 0 alone, on every process
+    (on ``device``)."""
     delta = None
     with together(processes):
         if processes.main:
             delta = craft()
     found = broadcast(processes, None if delta is None else delta.cpu())
     assert found is not None  # rank 0 crafted it, or stopped the run
-    return found if delta is None else delta
+    return (found if delta is None else delta).to(device)
 
 
 def shared_class_universal(
