@@ -49,6 +49,7 @@ from ..errors import RobustlabError
 from ..models.engine import EngineChoice
 from ..models.multiexit import MultiExitNetwork
 from .progress import run_key
+from .robust import checked_points
 from .sharded import Batch, attack_batches, merged, open_shard, shard_bar, shared_engine
 
 CLEAN = "clean"
@@ -147,8 +148,10 @@ def measure_slowdown(
     the same result.
     """
     processes = processes or Processes()
-    if not variants.keys().isdisjoint({CLEAN}):
-        raise RobustlabError(f"a variant may not be called '{CLEAN}'")
+    with together(processes):
+        total = checked_points(data, total, batch_size)
+        if CLEAN in variants:
+            raise RobustlabError(f"a variant may not be called '{CLEAN}'")
     labels = [CLEAN, *variants]
     device = next(model.parameters()).device
     q, rule = model.threshold, model.rule
