@@ -47,9 +47,10 @@ def test_an_error_on_a_process_other_than_rank_0_ends_it_quietly(
     alone says them."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     missing = str(tmp_path / "missing")
-    for rank, said in (("1", ""), ("0", "robustlab: error: robustlab sloth does not share")):
+    save = str(tmp_path / "a.npz")
+    for rank, said in (("1", ""), ("0", "robustlab: error: robustlab attack does not share")):
         monkeypatch.setenv("RANK", rank)
-        assert main(["sloth", "--model", missing, "--eps", "0.1"]) == 2
+        assert main(["attack", "--model", missing, "--eps", "0.1", "--save", save]) == 2
         assert capsys.readouterr().err.startswith(said)
     monkeypatch.setenv("RANK", "1")
     assert main(["eval", "--model", missing, "--eps", "0.1", "--no-progress"]) == 2

@@ -239,16 +239,20 @@ def test_nodes_given_different_checkpoints_stop_with_one_sentence(
 
 
 def test_commands_that_do_not_share_work_refuse_to_run_as_several_processes(
-    ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ckpt: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
-    """torchrun's variables say this is process 0 of 2: sloth would do the whole work twice."""
+    """torchrun's variables say this is process 0 of 2: attack would do the whole work twice."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["sloth", "--model", str(ckpt), "--eps", "0.1", "--no-progress"]) == 2
+    args = ["attack", "--model", str(ckpt), "--eps", "0.1", "--save", str(tmp_path / "a.npz")]
+    assert main(args) == 2
     assert capsys.readouterr().err == (
-        "robustlab: error: robustlab sloth does not share its work among processes, and "
+        "robustlab: error: robustlab attack does not share its work among processes, and "
         "torchrun started 2 of them: run it as one process (without torchrun); under torchrun "
-        "run eval or train or transfer\n"
+        "run eval, train, transfer or sloth\n"
     )
 
 

@@ -217,6 +217,83 @@ def measure_latency(
     return float(statistics.median(times))
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Wall-clock milliseconds per input of early exit and of the backbone alone, as timed."""
+
+    ms: float = 0.0
+    full_ms: float = 0.0
+    samples: int = 0  # inputs timed (0: not timed)
+    batch_size: int = 1
+
+
+def time_exits(
+    model: MultiExitNetwork,
+    x: torch.Tensor,
+    threshold: float | None = None,
+    rule: str | None = None,
+    *,
+    samples: int = 200,
+    batch_size: int = 1,
+) -> Latency:
+    """The latency of early exit and of the backbone alone on the first ``samples`` inputs of
+    ``x`` (0: nothing is timed), the model in eval mode and restored afterwards."""
+    timed = x[: max(0, samples)]
+    if not len(timed):
+        return Latency(batch_size=batch_size)
+    with evaluating(model):
+        ms = measure_latency(model, timed, threshold, rule, batch_size)
+        full = measure_latency(model, timed, threshold, rule, batch_size, full=True)
+    return Latency(ms, full, len(timed), batch_size)
+
+
+def efficiency_record(
+    model: MultiExitNetwork,
+    early: torch.Tensor,
+    exits: torch.Tensor,
+    finals: torch.Tensor,
+    y: torch.Tensor,
+    threshold: float,
+    rule: str,
+    latency: Latency,
+    engine: EngineChoice | None = None,
+) -> EfficiencyRecord:
+    """The efficiency record of per-input outcomes: each input's early-exit prediction, the
+    exit it takes and its final exit's prediction (:func:`early_exit_all`), and its label."""
+    if len(exits) == 0 or not len(early) == len(exits) == len(finals) == len(y):
+        raise RobustlabError(f"need one outcome per label, got {len(exits)} and {len(y)}")
+    costs = model.exit_costs()
+    backbone = sum(unit_flops(model)) + head_flops(model)
+    exits = exits.cpu()
+    fractions = exit_fractions(exits, model.num_exits)
+    counts = [int(c) for c in torch.bincount(exits, minlength=model.num_exits)]
+    avg = float(sum(f * c for f, c in zip(fractions, costs, strict=True)))
+    y = y.cpu()
+    full = latency.full_ms
+    return EfficiencyRecord(
+        n=len(exits),
+        rule=rule,
+        threshold=threshold,
+        exit_names=model.exit_names(),
+        exit_counts=counts,
+        exit_fractions=fractions,
+        exit_flops=costs,
+        avg_flops=avg,
+        backbone_flops=backbone,
+        flops_saving=1 - avg / backbone,
+        efficacy=efficacy(fractions, costs),
+        efficacy_trapezoid=efficacy(fractions, costs, "trapezoid"),
+        accuracy_final=float((finals.cpu() == y).float().mean()),
+        accuracy_early_exit=float((early.cpu() == y).float().mean()),
+        latency_ms=latency.ms,
+        latency_full_ms=full,
+        latency_saving=1 - latency.ms / full if full > 0 else 0.0,
+        latency_samples=latency.samples,
+        latency_batch_size=latency.batch_size,
+        engine=None if engine is None else engine.as_dict(),
+    )
+
+
 def measure_efficiency(
     model: MultiExitNetwork,
     x: torch.Tensor,
@@ -241,39 +318,8 @@ def measure_efficiency(
     rule = model.rule if rule is None else check_rule(rule)
     with evaluating(model):
         preds, exits, finals, choice = early_exit_all(model, x, q, rule, batch_size, engine)
-        latency = latency_full = 0.0
-        timed = x[: max(0, latency_samples)]
-        if len(timed):
-            latency = measure_latency(model, timed, q, rule, latency_batch_size)
-            latency_full = measure_latency(model, timed, q, rule, latency_batch_size, full=True)
-    costs = model.exit_costs()
-    backbone = sum(unit_flops(model)) + head_flops(model)
-    fractions = exit_fractions(exits, model.num_exits)
-    counts = [int(c) for c in torch.bincount(exits, minlength=model.num_exits)]
-    avg = float(sum(f * c for f, c in zip(fractions, costs, strict=True)))
-    y = y.cpu()
-    return EfficiencyRecord(
-        n=len(x),
-        rule=rule,
-        threshold=q,
-        exit_names=model.exit_names(),
-        exit_counts=counts,
-        exit_fractions=fractions,
-        exit_flops=costs,
-        avg_flops=avg,
-        backbone_flops=backbone,
-        flops_saving=1 - avg / backbone,
-        efficacy=efficacy(fractions, costs),
-        efficacy_trapezoid=efficacy(fractions, costs, "trapezoid"),
-        accuracy_final=float((finals == y).float().mean()),
-        accuracy_early_exit=float((preds == y).float().mean()),
-        latency_ms=latency,
-        latency_full_ms=latency_full,
-        latency_saving=1 - latency / latency_full if latency_full > 0 else 0.0,
-        latency_samples=len(timed),
-        latency_batch_size=latency_batch_size,
-        engine=choice.as_dict(),
-    )
+    latency = time_exits(model, x, q, rule, samples=latency_samples, batch_size=latency_batch_size)
+    return efficiency_record(model, preds, exits, finals, y, q, rule, latency, choice)
 
 
 # -- threshold calibration -----------------------------------------------------------------

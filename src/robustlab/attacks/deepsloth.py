@@ -38,6 +38,7 @@ network, apply to the victim (any example stays in the threat model).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -421,11 +422,18 @@ def apply(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def class_universal_perturbations(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, **options: Any
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    classes: Iterable[int] | None = None,
+    **options: Any,
 ) -> torch.Tensor:
-    """One universal perturbation per class (num_classes, C, H, W), each crafted on its class."""
+    """One universal perturbation per class (num_classes, C, H, W), each crafted on its class
+    alone (so each is the same whichever others are crafted). ``classes``: craft only these
+    (default: every class); the others stay zero."""
     deltas = torch.zeros(num_classes, *x.shape[1:], device=x.device, dtype=x.dtype)
-    for c in range(num_classes):
+    for c in range(num_classes) if classes is None else classes:
         mine = y == c
         if bool(mine.any()):
             deltas[c] = universal_perturbation(model, x[mine], **options)[0]

@@ -55,7 +55,7 @@ COMMANDS = (
 
 #: The commands that share their work among the processes torchrun starts; the others refuse
 #: to run as several processes (each would do the whole work and write the same files).
-TORCHRUN_COMMANDS = ("eval", "train", "transfer")
+TORCHRUN_COMMANDS = ("eval", "train", "transfer", "sloth")
 
 
 def _torchrun_process() -> tuple[int, int]:
@@ -73,7 +73,7 @@ def _check_torchrun(command: str) -> None:
         raise RobustlabError(
             f"robustlab {command} does not share its work among processes, and torchrun "
             f"started {world} of them: run it as one process (without torchrun); under "
-            f"torchrun run {' or '.join(TORCHRUN_COMMANDS)}"
+            f"torchrun run {', '.join(TORCHRUN_COMMANDS[:-1])} or {TORCHRUN_COMMANDS[-1]}"
         )
 
 

@@ -4,13 +4,15 @@ Measures, on test points, the early-exit efficiency of the clean inputs and of t
 DeepSloth examples (efficacy, average FLOPs, exit distribution, final-exit and early-exit
 accuracy, wall-clock latency per input), optionally also for the universal and
 class-universal variants, the PGD baselines, and a black-box transfer from a surrogate.
+
+Under ``torchrun --nproc_per_node N -m robustlab sloth ...`` the test points' batches are
+shared among the N processes (``evaluate.slowdown``); rank 0 alone prints, shows progress
+and writes the record, the store's row and the plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,11 +38,14 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    import torch
+    from ..core.distributed import Processes
 
 DESCRIPTION = "DeepSloth slowdown attack on a multi-exit checkpoint, clean vs attacked"
 HISTOGRAM = "sloth_exit_histogram.png"
 CURVES = "sloth_efficacy_curve.png"
+#: How long, in seconds, a torchrun process waits for the others (rank 0 crafting a
+#: universal perturbation, the slowest process's share).
+WAIT_S = 24 * 3600.0
 
 
 def _summary(label: str, rec: Any, clean: Any) -> str:
@@ -72,132 +77,91 @@ def _load_multi_exit(path: str, device: str, trust_unhashed: bool) -> tuple[Any,
     return ckpt.model.to(device), ckpt.manifest
 
 
-def _craft(
-    attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, batch: int, progress: bool = False
-) -> torch.Tensor:
-    """Run an attack batch by batch, with a progress bar."""
-    import torch
-    from tqdm import tqdm
-
-    parts = []
-    label = getattr(attack, "variant", attack.name)
-    with tqdm(
-        total=len(x), desc=label, disable=not progress, file=sys.stderr, unit="pt", leave=False
-    ) as bar:
-        for i in range(0, len(x), batch):
-            parts.append(attack(model, x[i : i + batch], y[i : i + batch]))
-            bar.update(len(parts[-1]))
-    return torch.cat(parts)
-
-
 def run(args: argparse.Namespace) -> int:
-    """Attack a multi-exit checkpoint with DeepSloth and report clean vs attacked efficiency."""
-    import torch
+    """Join torchrun's processes (if it started this one), then attack and measure."""
+    from ..core.device import resolve_device
+    from ..core.distributed import processes_of_run
 
-    from ..analysis.efficiency import drop_key, measure_efficiency
+    with processes_of_run(resolve_device(args.device), WAIT_S) as (processes, device):
+        return run_sloth(args, processes, device)
+
+
+def run_sloth(args: argparse.Namespace, processes: Processes, device: str) -> int:
+    """Attack a multi-exit checkpoint with DeepSloth and report clean vs attacked efficiency."""
+    from ..analysis.efficiency import drop_key
     from ..attacks.deepsloth import apply, class_universal_perturbations, universal_perturbation
     from ..attacks.registry import make_attack
     from ..core.checks import check_batch_size
-    from ..core.device import resolve_device
+    from ..core.distributed import together
     from ..data import load_data
+    from ..evaluate.slowdown import (
+        Perturb,
+        attack_variant,
+        measure_slowdown,
+        shared_class_universal,
+        shared_universal,
+    )
     from ..models.engine import check_engine
     from ..models.multiexit import check_threshold
 
-    device = resolve_device(args.device)
-    attack: Any = make_attack(
-        "deepsloth",
-        args.norm,
-        args.eps,
-        steps=args.steps,
-        alpha=args.alpha,
-        objective=args.objective,
-        optimizer=args.optimizer,
-        restarts=args.restarts,
-        margin=args.margin,
-        seed=args.seed,
-    )
-    check_batch_size(args.batch_size)
-    check_engine(args.engine)
-    if (args.universal or args.class_universal) and min(
-        args.universal_epochs, args.universal_samples
-    ) < 1:
-        raise RobustlabError("--universal-epochs and --universal-samples must be >= 1")
-    outputs = [json_output(args.json), store_output(args.store)]
-    checked_outputs(
-        args,
-        [*outputs, *plot_outputs(args.plots, [HISTOGRAM, CURVES], "--plots")],
-        models=[args.model, args.surrogate],
-        data=[args.data],
-    )
-    trust = args.trust_unhashed
-    model, manifest = _load_multi_exit(args.model, device, trust)
-    # the surrogate is loaded now, not after the (long) white-box attack
-    surrogate, surrogate_manifest = (
-        _load_multi_exit(args.surrogate, device, trust) if args.surrogate else (None, None)
-    )
-    if args.threshold is not None:
-        model.threshold = check_threshold(args.threshold)
-    elif args.drop is not None:
-        table = manifest.get("calibration", {}).get("thresholds", {})
-        key = drop_key(args.drop)
-        if key not in table:
-            raise RobustlabError(
-                f"the checkpoint has no threshold calibrated for a {key} drop; it has "
-                f"{', '.join(table) or 'none'}"
-            )
-        model.threshold = check_threshold(float(table[key]))
-    splits = load_data(args.data)
-    check_fit(manifest, splits)
-    if surrogate_manifest is not None:  # before the long white-box attack, like the model
-        check_fit(surrogate_manifest, splits)
-    m = manifest["model"]
-    test = splits.test
-    n = len(test) if args.n is None else args.n
-    if not 1 <= n <= len(test):
-        raise RobustlabError(f"n must be between 1 and {len(test)}, got {n}")
-    x, y = test.x[:n].to(device), test.y[:n].to(device)
-    torch.manual_seed(args.seed)
-    progress = not args.no_progress
-
-    def measure(inputs: torch.Tensor) -> Any:
-        """The efficiency record of these inputs on the model."""
-        return measure_efficiency(
-            model,
-            inputs,
-            y,
-            latency_samples=args.latency_samples,
-            engine=args.engine,
-            batch_size=args.batch_size,
+    with together(processes):  # a bad option, output or input stops every process, said once
+        attack: Any = make_attack(
+            "deepsloth",
+            args.norm,
+            args.eps,
+            steps=args.steps,
+            alpha=args.alpha,
+            objective=args.objective,
+            optimizer=args.optimizer,
+            restarts=args.restarts,
+            margin=args.margin,
+            seed=args.seed,
         )
-
-    clean = measure(x)
-    say(
-        f"{n} test points, threshold {model.threshold:.4f} ({model.rule}), "
-        f"{args.norm} eps={args.eps}, {attack.variant}"
-    )
-    say(_summary("clean", clean, clean))
-    t0 = time.perf_counter()
-    x_adv = _craft(attack, model, x, y, args.batch_size, progress)
-    seconds = time.perf_counter() - t0
-    if not bool(attack.threat.contains(x, x_adv).all()):
-        raise RuntimeError("DeepSloth left its threat model: a bug")
-    attacked = measure(x_adv)
-    say(_summary(attack.variant, attacked, clean))
-    record: dict[str, Any] = {
-        "kind": "sloth",
-        "variant": attack.variant,
-        "attack": attack.config(),
-        "threat_model": attack.threat.as_dict(),
-        "model": {**model_info(manifest, args.model), "positions": m["multi_exit"]["positions"]},
-        "data": splits.name,
-        "n": n,
-        "seed": args.seed,
-        "attack_seconds": round(seconds, 2),
-        "clean": clean.to_dict(),
-        "attacked": attacked.to_dict(),
-        "efficacy_drop": _drop(clean.efficacy, attacked.efficacy),
-        "latency_increase": _ratio(attacked.latency_ms, clean.latency_ms),
-    }
+        check_batch_size(args.batch_size)
+        check_engine(args.engine)
+        if (args.universal or args.class_universal) and min(
+            args.universal_epochs, args.universal_samples
+        ) < 1:
+            raise RobustlabError("--universal-epochs and --universal-samples must be >= 1")
+        outputs = [json_output(args.json), store_output(args.store)]
+        checked_outputs(
+            args,
+            [*outputs, *plot_outputs(args.plots, [HISTOGRAM, CURVES], "--plots")],
+            models=[args.model, args.surrogate],
+            data=[args.data],
+        )
+        trust = args.trust_unhashed
+        model, manifest = _load_multi_exit(args.model, device, trust)
+        # the surrogate is loaded now, not after the (long) white-box attack
+        surrogate, surrogate_manifest = (
+            _load_multi_exit(args.surrogate, device, trust) if args.surrogate else (None, None)
+        )
+        if args.threshold is not None:
+            model.threshold = check_threshold(args.threshold)
+        elif args.drop is not None:
+            table = manifest.get("calibration", {}).get("thresholds", {})
+            key = drop_key(args.drop)
+            if key not in table:
+                raise RobustlabError(
+                    f"the checkpoint has no threshold calibrated for a {key} drop; it has "
+                    f"{', '.join(table) or 'none'}"
+                )
+            model.threshold = check_threshold(float(table[key]))
+        splits = load_data(args.data)
+        check_fit(manifest, splits)
+        if surrogate_manifest is not None:  # before the long white-box attack, like the model
+            check_fit(surrogate_manifest, splits)
+        test = splits.test
+        n = len(test) if args.n is None else args.n
+        if not 1 <= n <= len(test):
+            raise RobustlabError(f"n must be between 1 and {len(test)}, got {n}")
+    m = manifest["model"]
+    if processes.main:
+        say(
+            f"{n} test points, threshold {model.threshold:.4f} ({model.rule}), "
+            f"{args.norm} eps={args.eps}, {attack.variant}"
+            + (f", {processes.world_size} processes" if processes.distributed else "")
+        )
     options = {
         "norm": args.norm,
         "eps": args.eps,
@@ -207,33 +171,102 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     crafting = splits.train.head(min(args.universal_samples, len(splits.train)))
-    extra: dict[str, Any] = {}
-    if args.universal:
-        delta = universal_perturbation(model, crafting.x.to(device), **options)
-        extra["universal"] = measure(apply(x, delta))
-    if args.class_universal:
-        deltas = class_universal_perturbations(
-            model, crafting.x.to(device), crafting.y.to(device), splits.num_classes, **options
+    if args.universal or args.class_universal:
+        cx, cy = crafting.x.to(device), crafting.y.to(device)
+    # each per-sample attack runs batch by batch, each batch seeded by its start
+    variants: dict[str, Perturb] = {attack.variant: attack_variant(attack, model)}
+    if args.universal:  # optimised over the whole crafting set: crafted by rank 0
+        delta = shared_universal(
+            processes, lambda: universal_perturbation(model, cx, **options), device
         )
-        extra["class_universal"] = measure(apply(x, deltas[y]))
+        variants["universal"] = lambda x, y, start: apply(x, delta)
+    if args.class_universal:  # one per class, each on its class alone: shared by class
+        deltas = shared_class_universal(
+            processes,
+            lambda classes: class_universal_perturbations(
+                model, cx, cy, splits.num_classes, classes, **options
+            ),
+            splits.num_classes,
+        )
+        variants["class_universal"] = lambda x, y, start: apply(x, deltas[y])
     if args.baselines:
         for target in ("final", "avg", "max"):
-            pgd: Any = make_attack(f"pgd-{target}", args.norm, args.eps, steps=args.steps)
-            extra[pgd.variant] = measure(_craft(pgd, model, x, y, args.batch_size, progress))
+            pgd: Any = make_attack(
+                f"pgd-{target}", args.norm, args.eps, steps=args.steps, seed=args.seed
+            )
+            variants[pgd.variant] = attack_variant(pgd, model)
         paper: Any = make_attack(
-            "deepsloth", args.norm, args.eps, steps=args.steps, objective="uniform", optimizer="pgd"
+            "deepsloth",
+            args.norm,
+            args.eps,
+            steps=args.steps,
+            objective="uniform",
+            optimizer="pgd",
+            seed=args.seed,
         )
-        if paper.variant != attack.variant:
-            extra[paper.variant] = measure(_craft(paper, model, x, y, args.batch_size, progress))
+        variants.setdefault(paper.variant, attack_variant(paper, model))
     if surrogate is not None:
-        extra["black_box"] = measure(_craft(attack, surrogate, x, y, args.batch_size, progress))
+        variants["black_box"] = attack_variant(attack, surrogate)
+    config = {
+        "attack": attack.config(),
+        "universal": options if args.universal or args.class_universal else None,
+        "universal_samples": len(crafting),
+        "baselines": args.baselines,
+    }
+    result = measure_slowdown(
+        model,
+        test,
+        n,
+        variants,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        config=config,
+        others=[] if surrogate is None else [surrogate],
+        latency_samples=args.latency_samples,
+        engine=args.engine,
+        progress=not args.no_progress,
+        processes=processes,
+    )
+    clean, attacked = result.records["clean"], result.records[attack.variant]
+    extra = {label: result.records[label] for label in variants if label != attack.variant}
+    record: dict[str, Any] = {
+        "kind": "sloth",
+        "variant": attack.variant,
+        "attack": attack.config(),
+        "threat_model": attack.threat.as_dict(),
+        "model": {**model_info(manifest, args.model), "positions": m["multi_exit"]["positions"]},
+        "data": splits.name,
+        "n": n,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "world_size": result.world_size,
+        "attack_seconds": round(result.seconds[attack.variant], 2),
+        "clean": clean.to_dict(),
+        "attacked": attacked.to_dict(),
+        "efficacy_drop": _drop(clean.efficacy, attacked.efficacy),
+        "latency_increase": _ratio(attacked.latency_ms, clean.latency_ms),
+    }
+    if surrogate is not None:
         record["surrogate"] = str(args.surrogate)
     for label, rec in extra.items():
-        say(_summary(label, rec, clean))
         record[label] = {**rec.to_dict(), "efficacy_drop": _drop(clean.efficacy, rec.efficacy)}
     record["extras"] = list(extra)
+    record["per_sample"] = {"label": test.y[:n].tolist(), **result.per_sample()}
+    with together(processes):  # rank 0 alone speaks and writes, once
+        if processes.main:
+            _report(args, record, {"clean": clean, attack.variant: attacked, **extra})
+    return 0
+
+
+def _report(args: argparse.Namespace, record: dict[str, Any], shown: dict[str, Any]) -> None:
+    """Print a sloth run's results and write its record, store row and plots."""
+    clean = shown["clean"]
+    for label, rec in shown.items():
+        say(_summary(label, rec, clean))
+    variant = record["variant"]
+    attacked = shown[variant]
     print(
-        f"{attack.variant} at {args.norm} eps={args.eps}: efficacy {clean.efficacy:.3f} -> "
+        f"{variant} at {args.norm} eps={args.eps}: efficacy {clean.efficacy:.3f} -> "
         f"{attacked.efficacy:.3f} ({100 * record['efficacy_drop']:.1f} % drop), latency "
         f"{clean.latency_ms:.2f} -> {attacked.latency_ms:.2f} ms per input, final-exit accuracy "
         f"{100 * attacked.accuracy_final:.1f} %"
@@ -249,7 +282,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plots:
         from ..report.exit_plots import efficacy_curves, exit_histogram
 
-        shown = {"clean": clean, attack.variant: attacked, **extra}
         out = Path(args.plots)
         title = "Where inputs exit"
         draw_plots(
@@ -258,7 +290,6 @@ def run(args: argparse.Namespace) -> int:
                 partial(efficacy_curves, shown, out / CURVES),
             ]
         )
-    return 0
 
 
 def _drop(clean: float, attacked: float) -> float:
@@ -303,7 +334,14 @@ def register(sub: Any) -> None:
         type=float,
         help="use the checkpoint's threshold calibrated for this drop (default: the model's)",
     )
-    p.add_argument("--n", type=int, default=500, help="test points")
+    p.add_argument(
+        "--n",
+        "--points",
+        type=int,
+        default=500,
+        help="test points (under torchrun write --points: torchrun takes --n for an "
+        "abbreviation of its own options)",
+    )
     p.add_argument("--batch-size", type=int, default=250, help="points attacked at once")
     p.add_argument("--universal", action="store_true", help="also one perturbation for all")
     p.add_argument("--class-universal", action="store_true", help="also one per class")
