@@ -6,7 +6,7 @@ accuracy, wall-clock latency per input), optionally also for the universal and
 class-universal variants, the PGD baselines, and a black-box transfer from a surrogate.
 
 Under ``torchrun --nproc_per_node N -m robustlab sloth ...`` the test points' batches are
-shared among the N processes (``evaluate.slowdown``); rank 0 alone prints, shows progress
+shared among the N processes (``analysis.slowdown``); rank 0 alone prints, shows progress
 and writes the record, the store's row and the plots.
 """
 
@@ -89,18 +89,18 @@ def run(args: argparse.Namespace) -> int:
 def run_sloth(args: argparse.Namespace, processes: Processes, device: str) -> int:
     """Attack a multi-exit checkpoint with DeepSloth and report clean vs attacked efficiency."""
     from ..analysis.efficiency import drop_key
-    from ..attacks.deepsloth import apply, class_universal_perturbations, universal_perturbation
-    from ..attacks.registry import make_attack
-    from ..core.checks import check_batch_size
-    from ..core.distributed import together
-    from ..data import load_data
-    from ..evaluate.slowdown import (
+    from ..analysis.slowdown import (
         Perturb,
         attack_variant,
         measure_slowdown,
         shared_class_universal,
         shared_universal,
     )
+    from ..attacks.deepsloth import apply, class_universal_perturbations, universal_perturbation
+    from ..attacks.registry import make_attack
+    from ..core.checks import check_batch_size
+    from ..core.distributed import together
+    from ..data import load_data
     from ..models.engine import check_engine
     from ..models.multiexit import check_threshold
 

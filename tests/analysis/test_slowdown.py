@@ -17,11 +17,11 @@ import pytest
 
 from _torchrun import torchrun
 from robustlab.analysis.efficiency import early_exit_all
+from robustlab.analysis.slowdown import attack_variant, measure_slowdown
 from robustlab.attacks.base import Attack
 from robustlab.attacks.deepsloth import DeepSloth, ExitPGD
 from robustlab.cli import main
 from robustlab.data import DataSplits
-from robustlab.evaluate.slowdown import attack_variant, measure_slowdown
 from robustlab.models.multiexit import MultiExitNetwork
 
 #: 60 digits test points in 3 batches (process 0 takes batches 0 and 2, process 1 batch 1),

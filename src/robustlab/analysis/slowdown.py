@@ -35,22 +35,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.efficiency import (
+from ..attacks.base import Attack
+from ..core.distributed import Processes, all_gather, broadcast, together
+from ..data import Dataset
+from ..errors import RobustlabError
+from ..evaluate.progress import run_key
+from ..evaluate.robust import checked_points
+from ..evaluate.sharded import Batch, attack_batches, merged, open_shard, shard_bar, shared_engine
+from ..models.engine import EngineChoice
+from ..models.multiexit import MultiExitNetwork
+from .efficiency import (
     EfficiencyRecord,
     Latency,
     early_exit_all,
     efficiency_record,
     time_exits,
 )
-from ..attacks.base import Attack
-from ..core.distributed import Processes, all_gather, broadcast, together
-from ..data import Dataset
-from ..errors import RobustlabError
-from ..models.engine import EngineChoice
-from ..models.multiexit import MultiExitNetwork
-from .progress import run_key
-from .robust import checked_points
-from .sharded import Batch, attack_batches, merged, open_shard, shard_bar, shared_engine
 
 CLEAN = "clean"
 """The label of the unperturbed inputs, measured first."""
