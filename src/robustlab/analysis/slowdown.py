@@ -36,12 +36,20 @@ import torch
 from torch import nn
 
 from ..attacks.base import Attack
-from ..core.distributed import Processes, all_gather, broadcast, together
+from ..core.distributed import Processes, all_gather, together
 from ..data import Dataset
 from ..errors import RobustlabError
 from ..evaluate.progress import run_key
 from ..evaluate.robust import checked_points
-from ..evaluate.sharded import Batch, attack_batches, merged, open_shard, shard_bar, shared_engine
+from ..evaluate.sharded import (
+    Batch,
+    attack_batches,
+    merged,
+    on_rank_zero,
+    open_shard,
+    shard_bar,
+    shared_engine,
+)
 from ..models.engine import EngineChoice
 from ..models.multiexit import MultiExitNetwork
 from .efficiency import (
@@ -100,13 +108,8 @@ def shared_universal(
 ) -> torch.Tensor:
     """A universal perturbation (``craft()``), crafted by rank 0 alone, on every process
     (on ``device``)."""
-    delta = None
-    with together(processes):
-        if processes.main:
-            delta = craft()
-    found = broadcast(processes, None if delta is None else delta.cpu())
-    assert found is not None  # rank 0 crafted it, or stopped the run
-    return (found if delta is None else delta).to(device)
+    found: torch.Tensor = on_rank_zero(processes, lambda: craft().cpu())
+    return found.to(device)
 
 
 def shared_class_universal(
@@ -197,12 +200,7 @@ def measure_slowdown(
             found[label] = time_exits(model, timed, q, rule, samples=latency_samples)
         return found
 
-    timed: dict[str, Latency] | None = None
-    with together(processes):
-        if processes.main:
-            timed = latencies()
-    latency = broadcast(processes, timed)
-    assert latency is not None  # rank 0 timed them, or stopped the run
+    latency: dict[str, Latency] = on_rank_zero(processes, latencies)
     y = data.y[:total]
     records = {}
     for label in labels:

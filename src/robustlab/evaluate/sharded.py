@@ -143,8 +143,13 @@ def shared_engine(
 
 
 def on_rank_zero(processes: Processes, compute: Callable[[], Any]) -> Any:
-    """``compute()`` on rank 0, its value on every process (the others do not compute it)."""
-    return broadcast(processes, compute() if processes.main else None)
+    """``compute()`` on rank 0, its value on every process (the others do not compute it); a
+    failure stops every process, said once."""
+    value = None
+    with together(processes):
+        if processes.main:
+            value = compute()
+    return broadcast(processes, value)
 
 
 def attack_batches(
