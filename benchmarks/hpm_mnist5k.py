@@ -12,7 +12,9 @@ Issue 12's table, on the same first ``--n`` test points (linf 0.3, AutoAttack st
   checkpoint: pass it with ``--momentum-hpm``;
 - ``batch``: MSA on + HPM (mix) judged in evaluation batches of ``--batch-sizes``.
 
-Every result is one JSON line appended to ``--out`` as soon as it is measured.
+Every result is one JSON line appended to ``--out`` as soon as it is measured; the table's
+and batch rows also write their per-sample CSV beside it (``OUT.table-base.samples.csv``,
+``OUT.batch-64.samples.csv``, ...).
 
     python benchmarks/hpm_mnist5k.py --base runs/bench/resnet8-pgd-at --hpm runs/hpm/pgdat-hpm \
         --n 250 --parts table --out hpm.jsonl --threads 1
@@ -34,6 +36,7 @@ from torch import nn
 from robustlab.attacks import AutoAttack
 from robustlab.data import Dataset, load_data
 from robustlab.evaluate import evaluate, evaluate_msa
+from robustlab.evaluate.robust import samples_csv
 from robustlab.models.checkpoint import load
 from robustlab.models.hpm import HPMClassifier, with_config
 
@@ -47,14 +50,21 @@ def _emit(out: Path, row: dict[str, Any]) -> None:
 
 
 def _msa(
-    model: nn.Module, test: Dataset, n: int, batch_size: int, members: tuple[str, ...]
+    model: nn.Module,
+    test: Dataset,
+    n: int,
+    batch_size: int,
+    members: tuple[str, ...],
+    samples: Path | None = None,
 ) -> tuple[dict[str, Any], float]:
-    """One MSA run: its summary and CPU seconds."""
+    """One MSA run: its summary and CPU seconds; its per-sample CSV to ``samples`` if given."""
     c0 = time.process_time()
     rec = evaluate_msa(
         model, test, eps=0.3, n=n, batch_size=batch_size, surrogate_attacks=members, progress=False
     )
     spent = time.process_time() - c0
+    if samples is not None:
+        samples.write_text(samples_csv([rec]))
     summary = {
         "clean": rec.clean_accuracy,
         "plain_autoattack": rec.plain_robust_accuracy,
@@ -70,12 +80,14 @@ def _msa(
 
 
 def _autoattack(
-    model: nn.Module, test: Dataset, n: int, batch_size: int
+    model: nn.Module, test: Dataset, n: int, batch_size: int, samples: Path | None = None
 ) -> tuple[dict[str, Any], float]:
-    """AutoAttack standard: clean and robust accuracy, CPU seconds."""
+    """AutoAttack standard: clean and robust accuracy, CPU seconds; per-sample CSV as ``_msa``."""
     c0 = time.process_time()
     rec = evaluate(model, test, AutoAttack(eps=0.3), n=n, batch_size=batch_size, progress=False)
     spent = time.process_time() - c0
+    if samples is not None:
+        samples.write_text(samples_csv([rec]))
     return {
         "clean": rec.clean_accuracy,
         "autoattack": rec.robust_accuracy,
@@ -95,6 +107,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,64,256")
     p.add_argument("--members", default="", help="attacks on each surrogate in the ablations")
     p.add_argument("--parts", default="table,ablations,batch")
+    p.add_argument("--modes", default="mix,ema", help="the HPM modes of the table's MSA rows")
     p.add_argument("--variants", default="", help="run only these ablations (names as printed)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threads", type=int)
@@ -108,11 +121,12 @@ def main() -> None:
     parts = set(args.parts.split(","))
     label = {"base": args.base, "hpm": args.hpm}
     if "table" in parts:
-        row, unit = _autoattack(base, test, args.n, args.batch_size)
+        csv = args.out.with_suffix(".table-{}.samples.csv").as_posix()
+        row, unit = _autoattack(base, test, args.n, args.batch_size, Path(csv.format("base")))
         _emit(args.out, {**label, "part": "table", "model": "base", "n": args.n, **row})
-        for mode in ("mix", "ema"):
+        for mode in args.modes.split(","):
             with with_config(hpm, mode=mode):
-                row, spent = _msa(hpm, test, args.n, args.batch_size, ())
+                row, spent = _msa(hpm, test, args.n, args.batch_size, (), Path(csv.format(mode)))
             _emit(
                 args.out,
                 {**label, "part": "table", "model": f"hpm-{mode}", "n": args.n, **row,
@@ -147,7 +161,8 @@ def main() -> None:
             )  # fmt: skip
     if "batch" in parts:
         for size in (int(s) for s in args.batch_sizes.split(",")):
-            row, _ = _msa(hpm, test, args.ablation_n, size, members)
+            csv = args.out.with_suffix(f".batch-{size}.samples.csv")
+            row, _ = _msa(hpm, test, args.ablation_n, size, members, csv)
             _emit(
                 args.out,
                 {**label, "part": "batch", "batch_size": size, "n": args.ablation_n, **row},
