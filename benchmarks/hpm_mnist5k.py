@@ -36,7 +36,8 @@ from torch import nn
 from robustlab.attacks import AutoAttack
 from robustlab.data import Dataset, load_data
 from robustlab.evaluate import evaluate, evaluate_msa
-from robustlab.evaluate.robust import samples_csv
+from robustlab.evaluate.robust import EvalRecord, samples_csv
+from robustlab.io import atomic_write_text
 from robustlab.models.checkpoint import load
 from robustlab.models.hpm import HPMClassifier, with_config
 
@@ -47,6 +48,17 @@ def _emit(out: Path, row: dict[str, Any]) -> None:
     print(line, flush=True)
     with open(out, "a") as f:
         f.write(line + "\n")
+
+
+def _samples_path(out: Path, tag: str) -> Path:
+    """Where a row's per-sample CSV goes: beside ``--out``, named by its part and setting."""
+    return out.with_suffix(f".{tag}.samples.csv")
+
+
+def _write_samples(path: Path | None, rec: EvalRecord) -> None:
+    """Write a run's per-sample CSV to ``path``, if one is asked for."""
+    if path is not None:
+        atomic_write_text(path, samples_csv([rec]))
 
 
 def _msa(
@@ -63,8 +75,7 @@ def _msa(
         model, test, eps=0.3, n=n, batch_size=batch_size, surrogate_attacks=members, progress=False
     )
     spent = time.process_time() - c0
-    if samples is not None:
-        samples.write_text(samples_csv([rec]))
+    _write_samples(samples, rec)
     summary = {
         "clean": rec.clean_accuracy,
         "plain_autoattack": rec.plain_robust_accuracy,
@@ -86,8 +97,7 @@ def _autoattack(
     c0 = time.process_time()
     rec = evaluate(model, test, AutoAttack(eps=0.3), n=n, batch_size=batch_size, progress=False)
     spent = time.process_time() - c0
-    if samples is not None:
-        samples.write_text(samples_csv([rec]))
+    _write_samples(samples, rec)
     return {
         "clean": rec.clean_accuracy,
         "autoattack": rec.robust_accuracy,
@@ -121,12 +131,13 @@ def main() -> None:
     parts = set(args.parts.split(","))
     label = {"base": args.base, "hpm": args.hpm}
     if "table" in parts:
-        csv = args.out.with_suffix(".table-{}.samples.csv").as_posix()
-        row, unit = _autoattack(base, test, args.n, args.batch_size, Path(csv.format("base")))
+        csv = _samples_path(args.out, "table-base")
+        row, unit = _autoattack(base, test, args.n, args.batch_size, csv)
         _emit(args.out, {**label, "part": "table", "model": "base", "n": args.n, **row})
         for mode in args.modes.split(","):
             with with_config(hpm, mode=mode):
-                row, spent = _msa(hpm, test, args.n, args.batch_size, (), Path(csv.format(mode)))
+                csv = _samples_path(args.out, f"table-{mode}")
+                row, spent = _msa(hpm, test, args.n, args.batch_size, (), csv)
             _emit(
                 args.out,
                 {**label, "part": "table", "model": f"hpm-{mode}", "n": args.n, **row,
@@ -161,7 +172,7 @@ def main() -> None:
             )  # fmt: skip
     if "batch" in parts:
         for size in (int(s) for s in args.batch_sizes.split(",")):
-            csv = args.out.with_suffix(f".batch-{size}.samples.csv")
+            csv = _samples_path(args.out, f"batch-{size}")
             row, _ = _msa(hpm, test, args.ablation_n, size, members, csv)
             _emit(
                 args.out,
